@@ -1,0 +1,31 @@
+"""Typed exceptions: every user mistake raises one of these; the CLI prints it as one line."""
+
+from __future__ import annotations
+
+
+class NonsingularError(Exception):
+    """Base class of every error this library raises on bad input."""
+
+
+class ThreatError(NonsingularError, ValueError):
+    """An invalid threat model (negative or NaN budget, unknown mode, ...)."""
+
+
+class InputError(NonsingularError, ValueError):
+    """Inputs or labels that do not fit the model (shape, dtype, label range)."""
+
+
+class UnsupportedLayerError(NonsingularError, TypeError):
+    """The model contains a layer the library cannot attack or bound."""
+
+
+class DataError(NonsingularError, ValueError):
+    """An unknown data set name or a data directory that is missing or malformed."""
+
+
+class CheckpointError(NonsingularError, ValueError):
+    """A checkpoint that is missing, truncated, corrupted or describes an unknown model."""
+
+
+class ConfigError(NonsingularError, ValueError):
+    """An option outside its allowed range (steps, restarts, loss name, batch size, ...)."""

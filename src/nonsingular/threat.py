@@ -1,0 +1,165 @@
+"""The joint threat model: one immutable object holding the input budget and the weight budget.
+
+``eps_x = 0`` or ``eps_w = 0`` give the two singular threats; nothing downstream branches on
+them, the corresponding part of the perturbation simply has zero radius and is left out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from .errors import ThreatError
+
+X_NORMS = ("linf", "l2")
+W_MODES = ("absolute", "relative", "layer")
+W_NORMS = ("linf", "l2")
+SCOPES = ("per-example", "shared")
+
+
+def _check_budget(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ThreatError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise ThreatError(f"{name} must be finite, got {value}")
+    if value < 0:
+        raise ThreatError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ThreatError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Threat:
+    """Joint perturbation set S(x): ``x' = x + d`` and ``W_l -> W_l + Delta_l``.
+
+    eps_x:   input budget, ``||d||_{x_norm} <= eps_x``; ``x'`` is clamped into ``bounds``.
+    eps_w:   weight budget per perturbed parameter tensor:
+             ``w_norm="linf"``: ``|Delta[i,j]| <= eps_w`` (absolute), ``eps_w*|W[i,j]|``
+             (relative) or ``eps_w*max|W|`` (layer);
+             ``w_norm="l2"``: ``||Delta||_F <= eps_w`` (absolute) or ``eps_w*||W||_F`` (relative).
+    scope:   ``per-example`` (the adversary picks Delta for each input) or ``shared``
+             (one Delta for the whole batch or data set).
+    layers:  None for every Linear/Conv2d weight, or parameter / module names
+             (``"0.weight"`` or ``"0"``).
+    bias:    also perturb the biases of the chosen layers (same mode, own budget eps_w).
+    """
+
+    eps_x: float = 0.0
+    eps_w: float = 0.0
+    x_norm: str = "linf"
+    w_mode: str = "absolute"
+    w_norm: str = "linf"
+    scope: str = "per-example"
+    layers: tuple[str, ...] | None = None
+    bias: bool = False
+    bounds: tuple[float, float] | None = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalize fields once, here
+        set_(self, "eps_x", _check_budget("eps_x", self.eps_x))
+        set_(self, "eps_w", _check_budget("eps_w", self.eps_w))
+        _check_choice("x_norm", self.x_norm, X_NORMS)
+        _check_choice("w_mode", self.w_mode, W_MODES)
+        _check_choice("w_norm", self.w_norm, W_NORMS)
+        _check_choice("scope", self.scope, SCOPES)
+        if self.w_norm == "l2" and self.w_mode == "layer":
+            raise ThreatError(
+                "w_mode='layer' is defined for w_norm='linf' only; "
+                "use w_mode='absolute' or 'relative' with w_norm='l2'"
+            )
+        if not isinstance(self.bias, bool):
+            raise ThreatError(f"bias must be True or False, got {self.bias!r}")
+        if self.layers is not None:
+            if isinstance(self.layers, str) or not isinstance(self.layers, Iterable):
+                raise ThreatError(f"layers must be None or a list of names, got {self.layers!r}")
+            layers = tuple(self.layers)
+            if not layers or not all(isinstance(n, str) and n for n in layers):
+                raise ThreatError(f"layers must be a non-empty list of names, got {self.layers!r}")
+            set_(self, "layers", layers)
+        if self.bounds is not None:
+            try:
+                lo, hi = (float(b) for b in self.bounds)
+            except (TypeError, ValueError):
+                raise ThreatError(
+                    f"bounds must be (low, high) or None, got {self.bounds!r}"
+                ) from None
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ThreatError(f"bounds must be finite with low < high, got {self.bounds!r}")
+            set_(self, "bounds", (lo, hi))
+
+    @property
+    def perturbs_input(self) -> bool:
+        return self.eps_x > 0
+
+    @property
+    def perturbs_weights(self) -> bool:
+        return self.eps_w > 0
+
+    def replace(self, **changes: object) -> Threat:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        """One human line, e.g. ``eps_x=0.1 (linf) + eps_w=0.002 (absolute linf, per-example)``."""
+        parts = []
+        if self.eps_x > 0:
+            parts.append(f"eps_x={self.eps_x:g} ({self.x_norm})")
+        if self.eps_w > 0:
+            extra = ", +bias" if self.bias else ""
+            where = f", layers={','.join(self.layers)}" if self.layers else ""
+            parts.append(
+                f"eps_w={self.eps_w:g} ({self.w_mode} {self.w_norm}, {self.scope}{extra}{where})"
+            )
+        return " + ".join(parts) if parts else "no perturbation"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "eps_x": self.eps_x,
+            "eps_w": self.eps_w,
+            "x_norm": self.x_norm,
+            "w_mode": self.w_mode,
+            "w_norm": self.w_norm,
+            "scope": self.scope,
+            "layers": list(self.layers) if self.layers is not None else None,
+            "bias": self.bias,
+            "bounds": list(self.bounds) if self.bounds is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Threat:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ThreatError(f"unknown threat fields: {', '.join(sorted(unknown))}")
+        kwargs = dict(data)
+        if kwargs.get("layers") is not None:
+            kwargs["layers"] = tuple(kwargs["layers"])  # type: ignore[arg-type]
+        if kwargs.get("bounds") is not None:
+            kwargs["bounds"] = tuple(kwargs["bounds"])  # type: ignore[arg-type]
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def grid(
+    eps_x: Sequence[float] = (0.0,), eps_w: Sequence[float] = (0.0,), **threat_fields: object
+) -> list[Threat]:
+    """Every ``(eps_x, eps_w)`` pair of the two lists as a Threat, eps_x varying slowest.
+
+    ``threat_fields`` (x_norm, w_mode, scope, ...) apply to every point.
+    """
+    if isinstance(eps_x, (int, float)):
+        eps_x = [eps_x]
+    if isinstance(eps_w, (int, float)):
+        eps_w = [eps_w]
+    if not len(eps_x) or not len(eps_w):
+        raise ThreatError("grid needs at least one eps_x and one eps_w")
+    return [
+        Threat(eps_x=ex, eps_w=ew, **threat_fields)  # type: ignore[arg-type]
+        for ex, ew in itertools.product(eps_x, eps_w)
+    ]

@@ -1,0 +1,6 @@
+"""Training methods for non-singular robustness (``nonsingular.training.train``)."""
+
+from .config import METHODS, TrainConfig
+from .loop import TrainResult, accuracy, build_model, train
+
+__all__ = ["METHODS", "TrainConfig", "TrainResult", "accuracy", "build_model", "train"]

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+
+import nonsingular as ns
+from nonsingular import ConfigError, InputError, Threat
+from nonsingular import evaluation
+from nonsingular.evaluation import EvaluationTable, Row, check, evaluate
+
+
+def test_grid_evaluation_table(mnist, standard_mlp, tmp_path):
+    data = (mnist.x_test[:300], mnist.y_test[:300])
+    g = ns.grid(eps_x=[0, 0.05], eps_w=[0, 1e-3])
+    table = evaluate(standard_mlp, data, g, {"steps": 10}, batch_size=128, progress=False)
+    assert [(r.eps_x, r.eps_w) for r in table.rows] == [(0, 0), (0, 1e-3), (0.05, 0), (0.05, 1e-3)]
+    direct = ns.attack(standard_mlp, *data, Threat(eps_x=0.05, eps_w=1e-3), steps=10)
+    assert table.accuracy(0.05, 1e-3) == pytest.approx(direct.robust_accuracy, abs=0.01)
+    assert all(r.n == 300 and r.attacked <= r.clean for r in table.rows)
+    assert table.rows[0].attacked == table.rows[0].clean
+    assert table.warnings == []
+    xs, ws, cells = table.matrix()
+    assert xs == [0, 0.05] and ws == [0, 1e-3] and cells[1][1] == table.accuracy(0.05, 1e-3)
+    text = str(table)
+    assert "attacked" in text and "eps_x=0.05 (linf) + eps_w=0.001" in text
+    assert "eps_x \\ eps_w" in table.matrix_text()
+    table.save(tmp_path / "t.json")
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["rows"][3]["attacked"] == table.accuracy(0.05, 1e-3)
+    assert saved["attack"]["steps"] == 10
+    assert table.to_markdown().count("\n") == 5
+
+
+def test_shared_scope_uses_one_perturbation_for_the_whole_data(mnist, standard_mlp, monkeypatch):
+    seen = []
+    original = evaluation.attack
+
+    def spy(model, x, *args, **kwargs):
+        seen.append(len(x))
+        return original(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "attack", spy)
+    data = (mnist.x_test[:250], mnist.y_test[:250])
+    evaluate(
+        standard_mlp,
+        data,
+        [Threat(eps_w=1e-3, scope="shared"), Threat(eps_w=1e-3)],
+        {"steps": 2},
+        batch_size=100,
+        progress=False,
+    )
+    assert seen == [250, 100, 100, 50]
+
+
+def row(ex, ew, clean, attacked, moved=True):
+    return Row(Threat(eps_x=ex, eps_w=ew), 1000, clean, attacked, moved)
+
+
+def test_checks_flag_what_looks_broken():
+    table = EvaluationTable(
+        [
+            row(0, 0, 0.9, 0.9),
+            row(0.1, 0, 0.9, 0.5),
+            row(0.2, 0, 0.9, 0.6),
+            row(0, 1e-3, 0.9, 0.95),
+            row(0, 2e-3, 0.9, 0.9, moved=False),
+        ],
+        {},
+    )
+    found = check(table)
+    assert any("rose from 50.0%" in w and "eps_x=0.2" in w for w in found)
+    assert any("above clean" in w for w in found)
+    assert any("never moved" in w and "eps_w=0.002" in w for w in found)
+    healthy = EvaluationTable(
+        [row(0, 0, 0.9, 0.9), row(0.1, 0, 0.9, 0.5), row(0.2, 0, 0.9, 0.502)], {}
+    )
+    assert check(healthy) == []  # within one example's noise
+
+
+def test_bad_arguments(mnist, standard_mlp):
+    data = (mnist.x_test[:10], mnist.y_test[:10])
+    with pytest.raises(ConfigError, match="grid"):
+        evaluate(standard_mlp, data, [], progress=False)
+    with pytest.raises(ConfigError, match="batch_size"):
+        evaluate(standard_mlp, data, [Threat()], batch_size=0, progress=False)
+    with pytest.raises(InputError, match="Dataset or an"):
+        evaluate(standard_mlp, mnist.x_test, [Threat()], progress=False)
+    with pytest.raises(InputError, match="no examples"):
+        evaluate(
+            standard_mlp,
+            (torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)),
+            [Threat()],
+            progress=False,
+        )
