@@ -145,7 +145,7 @@ def test_pgd_is_at_least_as_strong_as_random_noise(mnist, standard_mlp, threat):
     pgd = ns.attack(standard_mlp, x, y, threat, steps=50)
     noise = ns.attack(standard_mlp, x, y, threat, method="noise", samples=50)
     assert pgd.robust_accuracy <= noise.robust_accuracy
-    assert bool((pgd.margins.mean() < noise.margins.mean()))
+    assert bool(pgd.margins.mean() < noise.margins.mean())
 
 
 def test_shared_perturbation_is_weaker_than_per_example(mnist, standard_mlp):

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import nonsingular as ns
-from nonsingular import ConfigError, InputError, Threat
-from nonsingular import evaluation
+from nonsingular import ConfigError, InputError, Threat, evaluation
 from nonsingular.evaluation import EvaluationTable, Row, check, evaluate
 
 
