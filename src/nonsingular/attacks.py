@@ -108,13 +108,12 @@ class _Best:
             self.x_adv = x_adv.detach().clone()
             return torch.ones_like(m, dtype=torch.bool)
         better = m < self.margins[index]
-        if bool(better.any()):
-            rows = index[better]
-            self.margins[rows] = m[better]
-            self.x_adv[rows] = x_adv[better].detach()
-            for key, v in state.items():
-                if self.space.batched[key]:
-                    self.state[key][rows] = v[better].detach()
+        rows = index[better]
+        self.margins[rows] = m[better]
+        self.x_adv[rows] = x_adv[better].detach()
+        for key, v in state.items():
+            if self.space.batched[key]:
+                self.state[key][rows] = v[better].detach()
         return better
 
 

@@ -22,7 +22,7 @@ class Ball(ABC):
     """A norm ball centred at zero."""
 
     def __init__(self, radius: Tensor | float, batch_dims: int = 0) -> None:
-        self.radius = radius
+        self.radius = float(radius) if isinstance(radius, (int, float)) else radius
         self.batch_dims = batch_dims
 
     @abstractmethod
@@ -40,6 +40,10 @@ class Ball(ABC):
     @abstractmethod
     def contains(self, v: Tensor, rtol: float = 1e-5, atol: float = 1e-7) -> bool:
         """Whether ``v`` lies in the ball up to rounding."""
+
+    def ascend(self, v: Tensor, grad: Tensor, alpha: float) -> Tensor:
+        """``project(step(v, grad, alpha))``: one projected ascent step (the PGD update)."""
+        return self.project(self.step(v, grad, alpha))
 
 
 class BoxBall(Ball):
@@ -59,6 +63,11 @@ class BoxBall(Ball):
     def contains(self, v: Tensor, rtol: float = 1e-5, atol: float = 1e-7) -> bool:
         r = _as_tensor(self.radius, v)
         return bool((v.abs() <= r * (1 + rtol) + atol).all())
+
+    def ascend(self, v: Tensor, grad: Tensor, alpha: float) -> Tensor:
+        if isinstance(self.radius, float):  # the hot path of every PGD step: three kernels
+            return v.add(grad.sign(), alpha=alpha * self.radius).clamp_(-self.radius, self.radius)
+        return super().ascend(v, grad, alpha)
 
 
 class L2Ball(Ball):

@@ -13,14 +13,14 @@ from typing import Any
 
 from torch import nn
 
-from .errors import CheckpointError, UnsupportedLayerError
+from .errors import CheckpointError, ConfigError, UnsupportedLayerError
 from .network import Network
 
 
 def _check_shape(in_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(int(s) for s in in_shape)
     if not shape or any(s <= 0 for s in shape):
-        raise ValueError(f"in_shape must be positive sizes like (1, 28, 28), got {in_shape!r}")
+        raise ConfigError(f"in_shape must be positive sizes like (1, 28, 28), got {in_shape!r}")
     return shape
 
 

@@ -150,6 +150,18 @@ class Network:
     def affine_layers(self) -> list[tuple[int, Affine]]:
         return [(k, lay) for k, lay in enumerate(self.layers) if isinstance(lay, Affine)]
 
+    def nonnegative_inputs(self, input_nonnegative: bool) -> set[int]:
+        """Indices of the layers whose input is >= 0 (after a ReLU, or the input itself)."""
+        found, nonneg = set(), input_nonnegative
+        for k, layer in enumerate(self.layers):
+            if nonneg:
+                found.add(k)
+            if isinstance(layer, ReLU):
+                nonneg = True
+            elif isinstance(layer, (Affine, ChannelAffine)):
+                nonneg = False
+        return found
+
     def forward(self, x: Tensor, overrides: Mapping[int, Override] | None = None) -> Tensor:
         """Logits; ``overrides[k](h)`` replaces layer k (this is how perturbations enter)."""
         h = x

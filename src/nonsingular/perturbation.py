@@ -101,10 +101,7 @@ class JointSpace:
 
     def step(self, x: Tensor, state: State, grads: State, alpha: float) -> State:
         """One projected ascent step of every variable."""
-        new = {
-            key: self.balls[key].project(self.balls[key].step(v, grads[key], alpha))
-            for key, v in state.items()
-        }
+        new = {key: self.balls[key].ascend(v, grads[key], alpha) for key, v in state.items()}
         return self.clamp_input(x, new)
 
     def contains(self, state: State, rtol: float = 1e-5) -> bool:

@@ -76,6 +76,18 @@ class LayerBudget:
             r = self.layer.add_bias(r, self.bias_radius)
         return r
 
+    def lemma_output(self, h: Tensor, t: Tensor, nonnegative: bool = False) -> Tensor:
+        """The dense layer's output at ``h: (B, n_in)`` moved by ``lemma_radius(h) * t``.
+
+        ``nonnegative``: ``h >= 0`` is known (a ReLU output), so ``|h| = h`` is skipped.
+        """
+        z = self.layer.forward(h)
+        if self.norm == "linf" and self.weight_radius.dim() == 0 and self.bias_radius is None:
+            # the common case (absolute or layer mode): the attack's hot path, few kernels
+            l1 = h.sum(-1, keepdim=True) if nonnegative else h.abs().sum(-1, keepdim=True)
+            return torch.addcmul(z, l1 * self.weight_radius, t)
+        return z + self.lemma_radius(h) * t
+
     def lemma_radius(self, h: Tensor) -> Tensor:
         """Radius of the exact output ball of a dense layer at ``h: (B, n_in)``.
 
@@ -143,15 +155,16 @@ class ActivationVariables(WeightVariables):
 
     batched = True
 
-    def __init__(self, budget: LayerBudget) -> None:
+    def __init__(self, budget: LayerBudget, nonnegative_input: bool = False) -> None:
         super().__init__(budget)
+        self.nonnegative_input = nonnegative_input
         self.balls = {"t": make_ball(budget.norm, 1.0, batch_dims=1)}
 
     def shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         return {"t": (batch, self.budget.layer.weight.shape[0])}
 
     def apply(self, h: Tensor, v: dict[str, Tensor]) -> Tensor:
-        return self.budget.layer.forward(h) + self.budget.lemma_radius(h) * v["t"]
+        return self.budget.lemma_output(h, v["t"], self.nonnegative_input)
 
     def materialize(self, h: Tensor, v: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.budget.materialize_lemma(h.reshape(-1), v["t"].reshape(-1))
@@ -216,11 +229,12 @@ def perturbed_layers(net: Network, threat: Threat) -> list[tuple[int, LayerBudge
 def weight_variables(net: Network, threat: Threat) -> dict[int, WeightVariables]:
     """The attack parametrization for every perturbed layer of ``net`` under ``threat``."""
     out: dict[int, WeightVariables] = {}
+    nonnegative = net.nonnegative_inputs(threat.bounds is not None and threat.bounds[0] >= 0)
     for k, budget in perturbed_layers(net, threat):
         if threat.scope == "shared":
             out[k] = ParameterVariables(budget, batched=False)
         elif budget.layer.is_conv:  # kernels are shared across positions: no lemma
             out[k] = ParameterVariables(budget, batched=True)
         else:
-            out[k] = ActivationVariables(budget)
+            out[k] = ActivationVariables(budget, nonnegative_input=k in nonnegative)
     return out

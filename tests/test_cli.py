@@ -1,0 +1,175 @@
+"""The command line: readable results, and one line with exit code 2 for every bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nonsingular import checkpoint
+from nonsingular.cli import main
+from nonsingular.models import mlp
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, standard_mlp):
+    return checkpoint.save(standard_mlp, tmp_path_factory.mktemp("ck") / "model.safetensors")
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_evaluate_a_checkpoint_prints_a_table_and_writes_json(capsys, ckpt, tmp_path):
+    out_path = tmp_path / "r.json"
+    code, out, err = run(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        str(ckpt),
+        "--test-size",
+        "200",
+        "--eps-x",
+        "0,0.05",
+        "--eps-w",
+        "0,0.002",
+        "--steps",
+        "5",
+        "--out",
+        str(out_path),
+        "--quiet",
+        "--device",
+        "cpu",
+    )
+    assert code == 0, err
+    assert "attacked accuracy (rows eps_x, columns eps_w)" in out
+    assert "eps_x=0.05 (linf) + eps_w=0.002 (absolute linf, per-example)" in out
+    result = json.loads(out_path.read_text())
+    assert len(result["rows"]) == 4 and result["rows"][0]["n"] == 200
+    assert result["attack"]["steps"] == 5
+    assert result["rows"][3]["attacked"] <= result["rows"][1]["attacked"]
+
+
+def test_train_quick_then_evaluate(capsys):
+    code, out, err = run(
+        capsys,
+        "evaluate",
+        "--train-quick",
+        "--data",
+        "digits",
+        "--eps-x",
+        "0.05",
+        "--eps-w",
+        "0.01",
+        "--steps",
+        "3",
+        "--w-mode",
+        "relative",
+        "--scope",
+        "shared",
+        "--device",
+        "cpu",
+    )
+    assert code == 0, err
+    assert "trained a standard MLP" in err and "clean test accuracy" in err
+    assert "relative linf, shared" in out
+
+
+def save_model(tmp_path, model, name):
+    return str(checkpoint.save(model, tmp_path / f"{name}.safetensors"))
+
+
+def bad_cases(tmp_path):
+    five_classes = save_model(tmp_path, mlp((1, 28, 28), (8,), classes=5), "five")
+    digits_model = save_model(tmp_path, mlp((1, 8, 8), (8,)), "digits")
+    tanh = save_model(tmp_path, mlp((1, 28, 28), (8,)), "tanh")
+    info = json.loads((tmp_path / "tanh.json").read_text())
+    info["model"][2] = {"type": "Tanh"}
+    (tmp_path / "tanh.json").write_text(json.dumps(info))
+    ok = save_model(tmp_path, mlp((1, 28, 28), (8,)), "ok")
+    return {
+        "negative eps": (["--checkpoint", ok, "--eps-x=-0.1"], "eps_x must be >= 0"),
+        "nan eps": (["--checkpoint", ok, "--eps-w", "nan"], "eps_w must be finite"),
+        "not a number": (["--checkpoint", ok, "--eps-w", "abc"], "comma-separated numbers"),
+        "unknown data": (["--checkpoint", ok, "--data", "imagenet"], "imagenet"),
+        "missing checkpoint": (["--checkpoint", str(tmp_path / "no.safetensors")], "not found"),
+        "unsupported layer": (["--checkpoint", tanh], "Tanh"),
+        "label out of range": (["--checkpoint", five_classes], "labels must lie in [0, 4]"),
+        "shape mismatch": (["--checkpoint", digits_model], "does not fit the model"),
+        "no model": (["--eps-x", "0.1"], "one of the arguments --checkpoint --train-quick"),
+        "bad method": (["--checkpoint", ok, "--method", "cw"], "invalid choice: 'cw'"),
+        "zero steps": (["--checkpoint", ok, "--steps", "0"], "steps must be an integer >= 1"),
+        "unwritable out": (
+            ["--checkpoint", ok, "--out", str(tmp_path / "no" / "r.json")],
+            "does not exist",
+        ),
+        "bad device": (["--checkpoint", ok, "--device", "tpu9"], "device"),
+    }
+
+
+def exit_code(args):
+    """main()'s return code, or argparse's exit code for errors it catches itself."""
+    try:
+        return main(args)
+    except SystemExit as stop:
+        return stop.code
+
+
+def test_every_bad_input_is_one_line_with_exit_code_2(capsys, tmp_path):
+    for name, (args, message) in bad_cases(tmp_path).items():
+        code = exit_code(["evaluate", "--quiet", "--test-size", "20", *args])
+        _, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert code == 2, name
+        assert len(lines) == 1, (name, err)
+        assert message in lines[0], (name, lines[0])
+        assert "Traceback" not in err
+
+
+def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nonsingular",
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "missing.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "checkpoint not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    help_ = subprocess.run(
+        [sys.executable, "-m", "nonsingular", "evaluate", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert help_.returncode == 0 and "--eps-w" in help_.stdout and "--scope" in help_.stdout
+
+
+def test_nothing_already_written_is_lost_on_error(capsys, ckpt, tmp_path):
+    out_path = tmp_path / "r.json"
+    out_path.write_text('{"kept": true}')
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(ckpt),
+            "--eps-x",
+            "0.1",
+            "--eps-w",
+            "-1",
+            "--out",
+            str(out_path),
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    assert json.loads(out_path.read_text()) == {"kept": True}
