@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from nonsingular import Threat, ThreatError
 from nonsingular.balls import make_ball
-from nonsingular.network import Affine, Network
+from nonsingular.layers import Affine
+from nonsingular.network import Network
 from nonsingular.weights import LayerBudget, perturbed_layers, weight_variables
 
 MODES = [

@@ -1,4 +1,4 @@
-"""A supported ``nn.Sequential`` read into a flat list of layers we can run functionally.
+"""A supported ``nn.Sequential`` read into a flat list of layers (``layers.py``).
 
 Attacks, certificates and training never call the user's module: they run these layers with
 the model's parameters (or perturbed copies built on the fly), so the model itself is never
@@ -9,132 +9,18 @@ BatchNorm uses its running statistics, whatever mode the model is in.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import InputError, UnsupportedLayerError
+from .layers import Affine, AvgPool, ChannelAffine, Flatten, Identity, Layer, ReLU
 
 SUPPORTED = (
     "Linear, Conv2d, ReLU, Flatten, AvgPool2d, Identity, Dropout, "
     "BatchNorm1d/BatchNorm2d (eval statistics), nested nn.Sequential"
 )
-
-
-class Layer:
-    """One step of the network; ``name`` is its qualified module name in the model."""
-
-    name: str
-
-    def forward(self, h: Tensor) -> Tensor:
-        raise NotImplementedError
-
-
-@dataclass
-class Affine(Layer):
-    """Linear or Conv2d: ``z = op(h, weight) + bias``. The only layers a threat can perturb."""
-
-    name: str
-    weight: Tensor
-    bias: Tensor | None
-    conv: dict[str, object] | None = None  # stride, padding, dilation, groups for Conv2d
-
-    @property
-    def weight_name(self) -> str:
-        return f"{self.name}.weight" if self.name else "weight"
-
-    @property
-    def bias_name(self) -> str:
-        return f"{self.name}.bias" if self.name else "bias"
-
-    @property
-    def is_conv(self) -> bool:
-        return self.conv is not None
-
-    def linear(self, h: Tensor, weight: Tensor) -> Tensor:
-        """The linear part with another weight (no bias): the map that perturbations go through."""
-        if self.conv is None:
-            return F.linear(h, weight)
-        return F.conv2d(h, weight, None, **self.conv)  # type: ignore[arg-type]
-
-    def add_bias(self, z: Tensor, bias: Tensor | None) -> Tensor:
-        """``z + bias`` with ``bias`` of shape (C,) or (B, C), broadcast over channels."""
-        if bias is None:
-            return z
-        return z + bias.reshape(bias.shape + (1,) * (z.dim() - 2))
-
-    def forward(
-        self, h: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
-    ) -> Tensor:
-        w = self.weight if weight is None else weight
-        b = self.bias if bias is None else bias
-        return self.add_bias(self.linear(h, w), b)
-
-    def forward_per_example(self, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """``h: (B, ...)`` through per-example ``weight: (B, *W.shape)`` and ``bias: (B, C)``."""
-        batch = h.shape[0]
-        if self.conv is None:
-            z = torch.bmm(weight, h.unsqueeze(-1)).squeeze(-1)
-        else:  # one grouped convolution runs every example through its own kernel
-            conv = dict(self.conv)
-            conv["groups"] = batch * int(conv["groups"])  # type: ignore[call-overload]
-            z = F.conv2d(
-                h.reshape(1, -1, *h.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None, **conv
-            )
-            z = z.reshape(batch, -1, *z.shape[2:])
-        return self.add_bias(z, bias)
-
-
-@dataclass
-class ChannelAffine(Layer):
-    """Eval-mode BatchNorm: ``h * scale + shift`` per channel (dimension 1)."""
-
-    name: str
-    scale: Tensor
-    shift: Tensor
-
-    def forward(self, h: Tensor) -> Tensor:
-        view = (1, -1) + (1,) * (h.dim() - 2)
-        return h * self.scale.reshape(view) + self.shift.reshape(view)
-
-
-@dataclass
-class ReLU(Layer):
-    name: str
-
-    def forward(self, h: Tensor) -> Tensor:
-        return F.relu(h)
-
-
-@dataclass
-class Flatten(Layer):
-    name: str
-    start_dim: int = 1
-    end_dim: int = -1
-
-    def forward(self, h: Tensor) -> Tensor:
-        return h.flatten(self.start_dim, self.end_dim)
-
-
-@dataclass
-class AvgPool(Layer):
-    name: str
-    options: dict[str, object] = field(default_factory=dict)
-
-    def forward(self, h: Tensor) -> Tensor:
-        return F.avg_pool2d(h, **self.options)  # type: ignore[arg-type]
-
-
-@dataclass
-class Identity(Layer):
-    """Identity and Dropout (the deployed function has no dropout)."""
-
-    name: str
-
-    def forward(self, h: Tensor) -> Tensor:
-        return h
 
 
 Override = Callable[[Tensor], Tensor]
@@ -145,6 +31,10 @@ class Network:
     """The layers of a supported model, in order, holding the model's parameter tensors."""
 
     layers: list[Layer]
+
+    def cast(self, dtype: torch.dtype) -> Network:
+        """A copy computing in ``dtype``."""
+        return Network([layer.cast(dtype) for layer in self.layers])
 
     @property
     def affine_layers(self) -> list[tuple[int, Affine]]:

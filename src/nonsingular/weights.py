@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .balls import Ball, make_ball
 from .errors import ThreatError
-from .network import Affine, Network
+from .layers import Affine
+from .network import Network
 from .threat import Threat
 
 
