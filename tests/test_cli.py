@@ -52,6 +52,59 @@ def test_evaluate_a_checkpoint_prints_a_table_and_writes_json(capsys, ckpt, tmp_
     assert result["rows"][3]["attacked"] <= result["rows"][1]["attacked"]
 
 
+def test_evaluate_with_certified_columns_and_the_certify_command(capsys, ckpt, tmp_path):
+    code, out, err = run(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        str(ckpt),
+        "--test-size",
+        "100",
+        "--eps-x",
+        "0,0.005",
+        "--eps-w",
+        "0,1e-5",
+        "--steps",
+        "5",
+        "--certify",
+        "ibp,crown",
+        "--quiet",
+        "--device",
+        "cpu",
+    )
+    assert code == 0, err
+    assert "cert:crown" in out and "certified (crown) accuracy" in out and "WARNING" not in out
+    out_path = tmp_path / "c.json"
+    code, out, err = run(
+        capsys,
+        "certify",
+        "--checkpoint",
+        str(ckpt),
+        "--test-size",
+        "100",
+        "--eps-x",
+        "0.005",
+        "--eps-w",
+        "1e-5",
+        "--method",
+        "recursive,crown",
+        "--out",
+        str(out_path),
+        "--quiet",
+        "--device",
+        "cpu",
+    )
+    assert code == 0, err
+    result = json.loads(out_path.read_text())
+    assert result["certify"] == ["recursive", "crown"] and result["attack"] is None
+    row = result["rows"][0]
+    assert (
+        row["attacked"] is None and 0 <= row["certified"]["recursive"] <= row["certified"]["crown"]
+    )
+    assert row["certified"]["crown"] > 0.8
+    assert "attacked" not in out and "certified (recursive) accuracy" in out
+
+
 def test_train_quick_then_evaluate(capsys):
     code, out, err = run(
         capsys,
@@ -106,6 +159,7 @@ def bad_cases(tmp_path):
             "does not exist",
         ),
         "bad device": (["--checkpoint", ok, "--device", "tpu9"], "device"),
+        "unknown certificate": (["--checkpoint", ok, "--certify", "lp"], "unknown certificate"),
     }
 
 
@@ -126,6 +180,27 @@ def test_every_bad_input_is_one_line_with_exit_code_2(capsys, tmp_path):
         assert len(lines) == 1, (name, err)
         assert message in lines[0], (name, lines[0])
         assert "Traceback" not in err
+
+
+def test_certify_refuses_a_threat_its_method_cannot_bound(capsys, ckpt):
+    code = exit_code(
+        [
+            "certify",
+            "--checkpoint",
+            str(ckpt),
+            "--method",
+            "closed-form",
+            "--eps-w",
+            "0.1",
+            "--w-norm",
+            "l2",
+            "--quiet",
+            "--test-size",
+            "10",
+        ]
+    )
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "w_norm='l2'" in err
 
 
 def test_the_installed_command_exits_2_without_a_traceback(tmp_path):

@@ -32,13 +32,13 @@ def test_grid_evaluation_table(mnist, standard_mlp, tmp_path):
 
 def test_shared_scope_uses_one_perturbation_for_the_whole_data(mnist, standard_mlp, monkeypatch):
     seen = []
-    original = evaluation.attack
+    original = evaluation.run_attack
 
     def spy(model, x, *args, **kwargs):
         seen.append(len(x))
         return original(model, x, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "attack", spy)
+    monkeypatch.setattr(evaluation, "run_attack", spy)
     data = (mnist.x_test[:250], mnist.y_test[:250])
     evaluate(
         standard_mlp,
@@ -51,8 +51,16 @@ def test_shared_scope_uses_one_perturbation_for_the_whole_data(mnist, standard_m
     assert seen == [250, 100, 100, 50]
 
 
-def row(ex, ew, clean, attacked, moved=True):
-    return Row(Threat(eps_x=ex, eps_w=ew), 1000, clean, attacked, moved)
+def row(ex, ew, clean, attacked, moved=True, unsound=0):
+    return Row(
+        Threat(eps_x=ex, eps_w=ew),
+        1000,
+        clean,
+        attacked,
+        {"crown": 0.1},
+        loss_moved=moved,
+        unsound={"crown": unsound},
+    )
 
 
 def test_checks_flag_what_looks_broken():
@@ -63,6 +71,7 @@ def test_checks_flag_what_looks_broken():
             row(0.2, 0, 0.9, 0.6),
             row(0, 1e-3, 0.9, 0.95),
             row(0, 2e-3, 0.9, 0.9, moved=False),
+            row(0.3, 0, 0.9, 0.1, unsound=2),
         ],
         {},
     )
@@ -70,6 +79,7 @@ def test_checks_flag_what_looks_broken():
     assert any("rose from 50.0%" in w and "eps_x=0.2" in w for w in found)
     assert any("above clean" in w for w in found)
     assert any("never moved" in w and "eps_w=0.002" in w for w in found)
+    assert any("2 examples certified by crown were broken" in w for w in found)
     healthy = EvaluationTable(
         [row(0, 0, 0.9, 0.9), row(0.1, 0, 0.9, 0.5), row(0.2, 0, 0.9, 0.502)], {}
     )
@@ -91,3 +101,25 @@ def test_bad_arguments(mnist, standard_mlp):
             [Threat()],
             progress=False,
         )
+
+
+def test_certified_columns_sit_next_to_the_attacked_ones(mnist, standard_mlp):
+    data = (mnist.x_test[:200], mnist.y_test[:200])
+    g = ns.grid(eps_x=[0, 0.01], eps_w=[0, 1e-4])
+    table = evaluate(standard_mlp, data, g, {"steps": 10}, certify=["ibp", "crown"], progress=False)
+    assert table.methods == ["ibp", "crown"] and table.warnings == []
+    for r in table.rows:
+        assert r.clean >= r.attacked >= r.certified["crown"] >= r.certified["ibp"]
+        assert r.unsound == {"ibp": 0, "crown": 0}
+        assert set(r.seconds) == {"attack", "ibp", "crown"}
+    assert table.rows[0].certified["crown"] == table.rows[0].clean
+    assert "cert:crown" in str(table) and "cert:ibp" in table.to_markdown()
+    assert table.matrix("crown")[2][1][1] == table.accuracy(0.01, 1e-4, "crown")
+    only = evaluate(standard_mlp, data, g, certify=["crown"], attack=False, progress=False)
+    assert only.attack is None and "attacked" not in str(only)
+    assert [r.certified for r in only.rows] == [{"crown": r.certified["crown"]} for r in table.rows]
+    assert only.rows[0].clean == table.rows[0].clean
+    with pytest.raises(ConfigError, match="unknown certificate method 'lp'"):
+        evaluate(standard_mlp, data, g, certify=["lp"], progress=False)
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        evaluate(standard_mlp, data, g, attack=False, progress=False)

@@ -2,6 +2,7 @@
 
 from ._version import __version__
 from .attacks import AttackResult, attack
+from .certificates import CertifyResult, certify
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -17,6 +18,7 @@ from .threat import Threat, grid
 __all__ = [
     "__version__",
     "AttackResult",
+    "CertifyResult",
     "CheckpointError",
     "ConfigError",
     "EvaluationTable",
@@ -27,6 +29,7 @@ __all__ = [
     "ThreatError",
     "UnsupportedLayerError",
     "attack",
+    "certify",
     "evaluate",
     "grid",
 ]

@@ -204,7 +204,9 @@ def attack(
     net = Network.from_module(model)
     device = net.affine_layers[0][1].weight.device
     x, y = x.to(device), y.to(device)
-    clean = margins(check_batch(net, x, y), y)
+    logits = check_batch(net, x, y)
+    y = y.long()
+    clean = margins(logits, y)
     check_domain(x, threat)
     generator = torch.Generator(device=device).manual_seed(seed)
 

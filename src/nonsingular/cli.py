@@ -17,6 +17,8 @@ import torch
 from . import checkpoint
 from ._version import __version__
 from .attacks import LOSSES, METHODS
+from .certificates import METHODS as CERTIFY_METHODS
+from .certificates.crown import INTERMEDIATE
 from .data import NAMES, load
 from .errors import ConfigError, NonsingularError
 from .evaluation import evaluate
@@ -140,6 +142,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
 
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="model.safetensors written by nonsingular (JSON sidecar beside it)",
+    )
+    src.add_argument(
+        "--train-quick",
+        action="store_true",
+        help="train a small standard MLP on the data first (seconds)",
+    )
+
+
 def _model(args: argparse.Namespace, data: Any, device: torch.device) -> torch.nn.Module:
     """The model to evaluate: a checkpoint, or a small standard MLP trained right now."""
     if args.checkpoint is not None:
@@ -163,12 +180,29 @@ def _check_out(path: Path | None) -> None:
         raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace) -> tuple[list, Any, torch.nn.Module, torch.device]:
+    """Validate cheap things first, then load data and the model."""
     _check_out(args.out)
     device = _device(args.device)
-    threats = grid(args.eps_x, args.eps_w, **_threat_fields(args))  # validates before work
+    threats = grid(args.eps_x, args.eps_w, **_threat_fields(args))
     data = load(args.data, test_size=args.test_size, seed=args.seed)
-    model = _model(args, data, device)
+    return threats, data, _model(args, data, device), device
+
+
+def _report(args: argparse.Namespace, table: Any) -> None:
+    if args.out is not None:
+        table.save(args.out)
+    print(table)
+    for column in table.columns():
+        kind = "attacked" if column == "attacked" else f"certified ({column})"
+        print(f"\n{kind} accuracy (rows eps_x, columns eps_w):")
+        print(table.matrix_text(column))
+    if args.out is not None:
+        print(f"\nwrote {args.out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    threats, data, model, device = _prepare(args)
     options = {
         "method": args.method,
         "steps": args.steps,
@@ -184,17 +218,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         (data.x_test.to(device), data.y_test.to(device)),
         threats,
         options,
+        certify=args.certify or (),
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    if args.out is not None:
-        table.save(args.out)
-    print(table)
-    print()
-    print("attacked accuracy (rows eps_x, columns eps_w):")
-    print(table.matrix_text())
-    if args.out is not None:
-        print(f"\nwrote {args.out}")
+    _report(args, table)
+    return 0
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    threats, data, model, device = _prepare(args)
+    table = evaluate(
+        model,
+        (data.x_test.to(device), data.y_test.to(device)),
+        threats,
+        certify=args.method,
+        certify_kwargs={"intermediate": args.intermediate},
+        attack=False,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    _report(args, table)
     return 0
 
 
@@ -211,22 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "evaluate",
-        help="robust accuracy over a grid of joint budgets",
-        description="Clean and attacked accuracy of a model over the product "
-        "grid of --eps-x and --eps-w.",
+        help="clean, attacked (and certified) accuracy over a grid of joint budgets",
+        description="Clean and attacked accuracy of a model over the product grid of --eps-x "
+        "and --eps-w; --certify adds certified accuracy next to it.",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--checkpoint",
-        type=Path,
-        metavar="PATH",
-        help="model.safetensors written by nonsingular (JSON sidecar beside it)",
-    )
-    src.add_argument(
-        "--train-quick",
-        action="store_true",
-        help="train a small standard MLP on the data first (seconds)",
-    )
+    _add_model_source(p)
     _add_common(p)
     _add_threat(p, "0,0.05,0.1", "0,0.001,0.002")
     a = p.add_argument_group("attack")
@@ -242,7 +275,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--samples", type=int, default=100, help="draws for --method noise")
     a.add_argument("--batch-size", type=int, default=1000, help="examples per attack batch")
+    a.add_argument(
+        "--certify",
+        type=_names,
+        default=None,
+        metavar="METHODS",
+        help=f"also certify, e.g. ibp,crown (from {', '.join(CERTIFY_METHODS)})",
+    )
     p.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser(
+        "certify",
+        help="certified accuracy (a lower bound on robust accuracy) over a grid",
+        description="Certified accuracy under the joint threat: every example counted is "
+        "provably robust to every input and weight perturbation of the threat.",
+    )
+    _add_model_source(c)
+    _add_common(c)
+    _add_threat(c, "0,0.005,0.01", "0,1e-05,0.0001")
+    b = c.add_argument_group("certificate")
+    b.add_argument(
+        "--method",
+        type=_names,
+        default=["crown"],
+        metavar="METHODS",
+        help=f"comma-separated, from {', '.join(CERTIFY_METHODS)} (default crown)",
+    )
+    b.add_argument(
+        "--intermediate",
+        choices=INTERMEDIATE,
+        default="crown",
+        help="how crown bounds pre-activations (default crown)",
+    )
+    b.add_argument("--batch-size", type=int, default=1000, help="examples per batch")
+    c.set_defaults(func=cmd_certify)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,9 @@ from typing import Any
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .attacks import attack
+from .attacks import attack as run_attack
+from .certificates import METHODS as CERTIFY_METHODS
+from .certificates import certify as run_certify
 from .data import Dataset
 from .errors import ConfigError, InputError
 from .files import write_json
@@ -27,13 +30,20 @@ Data = Dataset | tuple[Tensor, Tensor]
 
 @dataclass
 class Row:
-    """One grid point: accuracies as fractions of ``n`` examples."""
+    """One grid point: accuracies as fractions of ``n`` examples.
+
+    ``certified`` maps a certificate method to its certified accuracy; ``unsound`` counts,
+    per method, examples it certified that the attack broke (always 0 unless there is a bug).
+    """
 
     threat: Threat
     n: int
     clean: float
-    attacked: float
+    attacked: float | None = None
+    certified: dict[str, float] = field(default_factory=dict)
     loss_moved: bool = True
+    unsound: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def eps_x(self) -> float:
@@ -43,6 +53,12 @@ class Row:
     def eps_w(self) -> float:
         return self.threat.eps_w
 
+    def value(self, column: str) -> float | None:
+        """``"clean"``, ``"attacked"`` or a certificate method's certified accuracy."""
+        if column in ("clean", "attacked"):
+            return getattr(self, column)
+        return self.certified.get(column)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "eps_x": self.eps_x,
@@ -50,6 +66,8 @@ class Row:
             "n": self.n,
             "clean": self.clean,
             "attacked": self.attacked,
+            "certified": dict(self.certified),
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
             "threat": self.threat.to_dict(),
         }
 
@@ -59,20 +77,32 @@ class EvaluationTable:
     """Rows of an evaluation, the attack options used, and the warnings of the checks."""
 
     rows: list[Row]
-    attack: dict[str, Any]
+    attack: dict[str, Any] | None
     warnings: list[str] = field(default_factory=list)
 
-    def accuracy(self, eps_x: float, eps_w: float) -> float:
-        """Attacked accuracy at one grid point."""
+    @property
+    def methods(self) -> list[str]:
+        """The certificate methods evaluated, in order."""
+        return list(self.rows[0].certified) if self.rows else []
+
+    def columns(self) -> list[str]:
+        return (["attacked"] if self.attack is not None else []) + self.methods
+
+    def accuracy(self, eps_x: float, eps_w: float, column: str = "attacked") -> float:
+        """Attacked (or a method's certified) accuracy at one grid point."""
         for row in self.rows:
             if row.eps_x == eps_x and row.eps_w == eps_w:
-                return row.attacked
+                value = row.value(column)
+                if value is None:
+                    raise KeyError(f"no column {column!r} in this evaluation")
+                return value
         raise KeyError(f"no grid point eps_x={eps_x}, eps_w={eps_w}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "rows": [r.to_dict() for r in self.rows],
             "attack": self.attack,
+            "certify": self.methods,
             "warnings": self.warnings,
         }
 
@@ -83,18 +113,18 @@ class EvaluationTable:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def matrix(self) -> tuple[list[float], list[float], list[list[float | None]]]:
-        """Attacked accuracy as a matrix: rows eps_x, columns eps_w (None where absent)."""
+    def matrix(self, column: str = "attacked") -> tuple[list[float], list[float], list[list]]:
+        """One column as a matrix: rows eps_x, columns eps_w (None where absent)."""
         xs = sorted({r.eps_x for r in self.rows})
         ws = sorted({r.eps_w for r in self.rows})
         cells: list[list[float | None]] = [[None] * len(ws) for _ in xs]
         for r in self.rows:
-            cells[xs.index(r.eps_x)][ws.index(r.eps_w)] = r.attacked
+            cells[xs.index(r.eps_x)][ws.index(r.eps_w)] = r.value(column)
         return xs, ws, cells
 
-    def matrix_text(self) -> str:
+    def matrix_text(self, column: str = "attacked") -> str:
         """The matrix as aligned text: what a person reads first."""
-        xs, ws, cells = self.matrix()
+        xs, ws, cells = self.matrix(column)
         head = ["eps_x \\ eps_w"] + [f"{w:g}" for w in ws]
         body = [
             [f"{x:g}"] + ["-" if c is None else f"{c:.1%}" for c in row]
@@ -106,22 +136,27 @@ class EvaluationTable:
         )
 
     def to_markdown(self) -> str:
-        lines = ["| eps_x | eps_w | threat | clean | attacked |", "|---:|---:|---|---:|---:|"]
+        cols = self.columns()
+        lines = [
+            "| eps_x | eps_w | threat | clean | " + " | ".join(_label(c) for c in cols) + " |",
+            "|---:|---:|---|---:|" + "---:|" * len(cols),
+        ]
         for r in self.rows:
+            cells = " | ".join(f"{r.value(c):.1%}" for c in cols)
             lines.append(
-                f"| {r.eps_x:g} | {r.eps_w:g} | {r.threat.describe()} | "
-                f"{r.clean:.1%} | {r.attacked:.1%} |"
+                f"| {r.eps_x:g} | {r.eps_w:g} | {r.threat.describe()} | {r.clean:.1%} | {cells} |"
             )
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        header = ("eps_x", "eps_w", "clean", "attacked", "threat")
+        cols = self.columns()
+        header = ("eps_x", "eps_w", "clean", *(_label(c) for c in cols), "threat")
         body = [
             (
                 f"{r.eps_x:g}",
                 f"{r.eps_w:g}",
                 f"{r.clean:.1%}",
-                f"{r.attacked:.1%}",
+                *(f"{r.value(c):.1%}" for c in cols),
                 r.threat.describe(),
             )
             for r in self.rows
@@ -131,11 +166,18 @@ class EvaluationTable:
         out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         out += [fmt.format(*row) for row in body]
         n = self.rows[0].n if self.rows else 0
-        out.append(
-            f"{n} examples; attack: " + ", ".join(f"{k}={v}" for k, v in self.attack.items())
-        )
+        done = []
+        if self.attack is not None:
+            done.append("attack: " + ", ".join(f"{k}={v}" for k, v in self.attack.items()))
+        if self.methods:
+            done.append("certified by " + ", ".join(self.methods))
+        out.append(f"{n} examples; " + "; ".join(done))
         out += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(out)
+
+
+def _label(column: str) -> str:
+    return column if column == "attacked" else f"cert:{column}"
 
 
 def _tensors(data: Data) -> tuple[Tensor, Tensor]:
@@ -159,20 +201,33 @@ def evaluate(
     grid: Sequence[Threat],
     attack_kwargs: dict[str, Any] | None = None,
     *,
+    certify: Sequence[str] = (),
+    certify_kwargs: dict[str, Any] | None = None,
+    attack: bool = True,
     batch_size: int = 1000,
     progress: bool = True,
 ) -> EvaluationTable:
-    """Clean and attacked accuracy of ``model`` at every threat of ``grid``.
+    """Clean, attacked and certified accuracy of ``model`` at every threat of ``grid``.
 
     data: a Dataset (its test split) or ``(x, y)``. attack_kwargs: options of ``attack``
-    (steps, restarts, loss, method, ...). Shared-scope points attack the whole data set as
-    one batch, so one weight perturbation serves every example.
+    (steps, restarts, loss, method, ...); ``attack=False`` skips attacking. certify: methods
+    of ``nonsingular.certify`` to run too (``"ibp"``, ``"crown"``, ...), with ``certify_kwargs``
+    (intermediate, dtype, batch_size). Shared-scope points
+    attack the whole data set as one batch, so one weight perturbation serves every example.
     """
     grid = list(grid)
     if not grid or not all(isinstance(t, Threat) for t in grid):
         raise ConfigError("grid must be a non-empty list of Threat (see nonsingular.grid)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    methods = list(dict.fromkeys(certify))
+    unknown = [m for m in methods if m not in CERTIFY_METHODS]
+    if unknown:
+        raise ConfigError(
+            f"unknown certificate method {unknown[0]!r}; choose from {', '.join(CERTIFY_METHODS)}"
+        )
+    if not attack and not methods:
+        raise ConfigError("nothing to evaluate: attack=False and no certificate method")
     options = {"method": "pgd", "steps": 50, "restarts": 1, "loss": "ce", **(attack_kwargs or {})}
     x, y = _tensors(data)
     if len(x) == 0:
@@ -182,24 +237,76 @@ def evaluate(
         total=len(grid) * len(x), disable=None if progress else True, unit="ex", desc="evaluate"
     )
     for threat in grid:
-        size = len(x) if threat.scope == "shared" else batch_size
-        clean = attacked = 0
-        moved = False
-        for part in _batches(len(x), size):
-            res = attack(model, x[part], y[part], threat, **options)
-            clean += int((res.clean_margins > 0).sum())
-            attacked += int((~res.success).sum())
-            moved |= bool(
-                res.loss_trace.numel() > 1 and res.loss_trace.max() > res.loss_trace.min()
+        rows.append(
+            _evaluate_point(
+                model,
+                x,
+                y,
+                threat,
+                options if attack else None,
+                methods,
+                certify_kwargs or {},
+                len(x) if threat.scope == "shared" else batch_size,
+                bar,
             )
-            bar.update(part.stop - part.start)
-        perturbs = threat.eps_x > 0 or threat.eps_w > 0
-        rows.append(Row(threat, len(x), clean / len(x), attacked / len(x), moved or not perturbs))
-        bar.set_postfix(attacked=f"{attacked / len(x):.1%}")
+        )
     bar.close()
-    table = EvaluationTable(rows, options)
+    table = EvaluationTable(rows, options if attack else None)
     table.warnings = check(table)
     return table
+
+
+def _evaluate_point(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: Threat,
+    options: dict[str, Any] | None,
+    methods: list[str],
+    certify_kwargs: dict[str, Any],
+    size: int,
+    bar: tqdm,
+) -> Row:
+    clean = attacked = 0
+    moved = False
+    certified = dict.fromkeys(methods, 0)
+    unsound = dict.fromkeys(methods, 0)
+    seconds = dict.fromkeys((["attack"] if options is not None else []) + methods, 0.0)
+    for part in _batches(len(x), size):
+        broken = None
+        if options is not None:
+            start = time.perf_counter()
+            res = run_attack(model, x[part], y[part], threat, **options)
+            seconds["attack"] += time.perf_counter() - start
+            clean += int((res.clean_margins > 0).sum())
+            attacked += int((~res.success).sum())
+            broken = res.success
+            trace = res.loss_trace
+            moved |= bool(trace.numel() > 1 and trace.max() > trace.min())
+        for method in methods:
+            start = time.perf_counter()
+            cert = run_certify(model, x[part], y[part], threat, method, **certify_kwargs)
+            seconds[method] += time.perf_counter() - start
+            certified[method] += int(cert.certified.sum())
+            if broken is not None:
+                unsound[method] += int((cert.certified & broken.to(cert.certified.device)).sum())
+            if options is None and method == methods[0]:  # no attack to count clean ones
+                clean += int((cert.clean_margins > 0).sum())
+        bar.update(part.stop - part.start)
+    n = len(x)
+    perturbs = threat.eps_x > 0 or threat.eps_w > 0
+    row = Row(
+        threat,
+        n,
+        clean / n,
+        None if options is None else attacked / n,
+        {m: c / n for m, c in certified.items()},
+        moved or not perturbs or options is None,
+        unsound,
+        seconds,
+    )
+    bar.set_postfix({c: f"{row.value(c):.1%}" for c in ["attacked", *methods][options is None :]})
+    return row
 
 
 def _same_family(a: Threat, b: Threat) -> bool:
@@ -211,15 +318,23 @@ def check(table: EvaluationTable) -> list[str]:
     found = []
     for r in table.rows:
         where = f"at eps_x={r.eps_x:g}, eps_w={r.eps_w:g}"
-        if r.attacked > r.clean + 1e-12:
+        if r.attacked is not None and r.attacked > r.clean + 1e-12:
             found.append(
                 f"attacked accuracy {r.attacked:.1%} above clean {r.clean:.1%} {where}: "
                 "a bug, please report it"
             )
         if not r.loss_moved and r.attacked == r.clean:
             found.append(f"the attack loss never moved {where}: gradients may be zero or masked")
+        for method, count in r.unsound.items():
+            if count:
+                found.append(
+                    f"{count} examples certified by {method} were broken by the attack {where}: "
+                    "a soundness bug, please report it"
+                )
     for a in table.rows:
         for b in table.rows:
+            if a.attacked is None or b.attacked is None:
+                continue
             bigger = b.eps_x >= a.eps_x and b.eps_w >= a.eps_w and b is not a
             slack = max(1, round(0.005 * a.n)) / a.n
             if bigger and _same_family(a.threat, b.threat) and b.attacked > a.attacked + slack:

@@ -142,9 +142,10 @@ def _layer(name: str, m: nn.Module, detach: bool) -> Layer:
     )
 
 
-def check_batch(net: Network, x: Tensor, y: Tensor | None = None) -> Tensor:
+def check_batch(net: Network, x: Tensor, y: Tensor | None = None, probe: bool = False) -> Tensor:
     """Run ``x`` through ``net`` once and check ``y`` against the logits; return the logits.
 
+    ``probe``: run only the first example (enough to check shapes and the label range).
     Raises InputError for a batch that does not fit the model or labels out of range.
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -156,7 +157,7 @@ def check_batch(net: Network, x: Tensor, y: Tensor | None = None) -> Tensor:
         raise InputError(f"x must have a batch dimension, got shape {tuple(x.shape)}")
     try:
         with torch.no_grad():
-            logits = net.forward(x)
+            logits = net.forward(x[:1] if probe else x)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"x of shape {tuple(x.shape)} does not fit the model: {first}") from None

@@ -24,6 +24,35 @@ from .threat import Threat
 
 
 @dataclass
+class OutputSet:
+    """A set holding every change ``Delta_W h + Delta_b`` of one layer's output ``(B, *out)``.
+
+    The sum of an elementwise box (``box``, broadcastable to the output) and a Euclidean ball
+    over the flattened output (``ball``, shape (B,)). Bounds only need its box radius (IBP)
+    and its support function (CROWN: the largest ``lam . delta`` over the set).
+    """
+
+    box: Tensor | None = None
+    ball: Tensor | None = None
+
+    def radius(self) -> Tensor:
+        """Elementwise radius of a box containing the set."""
+        r = 0.0 if self.box is None else self.box
+        if self.ball is not None:
+            r = r + self.ball.reshape(-1, 1)  # (B, 1): dense outputs only
+        return r  # type: ignore[return-value]
+
+    def support(self, lam: Tensor) -> Tensor:
+        """``max over the set of lam . delta`` for ``lam: (B, K, *out)``, shape (B, K)."""
+        total = lam.new_zeros(lam.shape[:2])
+        if self.box is not None:
+            total = total + (lam.abs() * self.box.unsqueeze(1)).flatten(2).sum(-1)
+        if self.ball is not None:
+            total = total + lam.flatten(2).norm(dim=-1) * self.ball.reshape(-1, 1)
+        return total
+
+
+@dataclass
 class LayerBudget:
     """Which tensors of one layer are perturbed and how far.
 
@@ -76,6 +105,18 @@ class LayerBudget:
         if self.bias_radius is not None:
             r = self.layer.add_bias(r, self.bias_radius)
         return r
+
+    def output_set(self, h_abs: Tensor) -> OutputSet:
+        """The set of output changes over the budget, for every input ``|h| <= h_abs``.
+
+        Dense layers with l2 weights get the exact ball of the lemma, everything else a box.
+        """
+        if self.norm == "l2" and not self.layer.is_conv:
+            ball = self.weight_radius * h_abs.flatten(1).norm(dim=-1)
+            if self.bias_radius is not None:
+                ball = ball + self.bias_radius
+            return OutputSet(ball=ball)
+        return OutputSet(box=self.activation_radius(h_abs))
 
     def lemma_output(self, h: Tensor, t: Tensor, nonnegative: bool = False) -> Tensor:
         """The dense layer's output at ``h: (B, n_in)`` moved by ``lemma_radius(h) * t``.

@@ -1,0 +1,252 @@
+"""Certificates are sound: no attack, random sample or materialized perturbation goes below."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call, vmap
+
+import nonsingular as ns
+from nonsingular import ConfigError, Threat, UnsupportedLayerError
+from nonsingular.certificates import closed_form_terms
+from nonsingular.network import Network
+
+from .conftest import assert_state_equal, state_copy
+
+TOL = 1e-5
+DENSE_MODES = [("absolute", "linf"), ("relative", "linf"), ("layer", "linf")]
+ALL_MODES = DENSE_MODES + [("absolute", "l2"), ("relative", "l2")]
+
+
+@st.composite
+def networks(draw, conv=None):
+    """A random small ReLU network (1-4 weight layers, widths 1-16) and an input batch."""
+    conv = draw(st.booleans()) if conv is None else conv
+    seed = draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    bias = draw(st.booleans())
+    classes = draw(st.integers(2, 5))
+    layers: list[nn.Module] = []
+    if conv:
+        channels, size = draw(st.integers(1, 2)), draw(st.integers(5, 8))
+        shape = (channels, size, size)
+        for _ in range(draw(st.integers(1, 2))):
+            out = draw(st.integers(1, 4))
+            k, stride, pad = (
+                draw(st.integers(2, 3)),
+                draw(st.integers(1, 2)),
+                draw(st.integers(0, 1)),
+            )
+            layers += [nn.Conv2d(channels, out, k, stride, pad, bias=bias), nn.ReLU()]
+            if draw(st.booleans()):
+                bn = nn.BatchNorm2d(out)
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.data.uniform_(-1.5, 1.5)
+                layers.insert(len(layers) - 1, bn)
+            channels, size = out, (size + 2 * pad - k) // stride + 1
+        if size >= 2 and draw(st.booleans()):
+            layers.append(nn.AvgPool2d(2))
+            size //= 2
+        width = channels * size * size
+        layers.append(nn.Flatten())
+    else:
+        width = draw(st.integers(1, 8))
+        shape = (width,)
+    for _ in range(draw(st.integers(0, 2 if conv else 3))):
+        out = draw(st.integers(1, 16))
+        layers += [nn.Linear(width, out, bias=bias), nn.ReLU()]
+        width = out
+    layers.append(nn.Linear(width, classes, bias=bias))
+    model = nn.Sequential(*layers).eval()
+    for p in model.parameters():
+        p.data.mul_(draw(st.sampled_from([1.0, 2.0])))  # larger weights: more unstable ReLUs
+    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(seed))
+    y = torch.randint(0, classes, (3,), generator=torch.Generator().manual_seed(seed + 1))
+    return model, x, y
+
+
+@st.composite
+def threats(draw, modes=ALL_MODES, input_norms=("linf", "l2")):
+    w_mode, w_norm = draw(st.sampled_from(modes))
+    x_norm = draw(st.sampled_from(input_norms))
+    eps_x = draw(st.sampled_from([0.0, 0.01, 0.05, 0.2]))
+    eps_w = draw(st.sampled_from([0.0, 0.01, 0.05, 0.2]))
+    return Threat(
+        eps_x=eps_x * (3 if x_norm == "l2" else 1),
+        eps_w=eps_w,
+        x_norm=x_norm,
+        w_mode=w_mode,
+        w_norm=w_norm,
+        bias=draw(st.booleans()),
+    )
+
+
+def sample_parameters(model, threat, n, generator):
+    """n draws of materialized weights inside the threat's weight ball (half on its boundary)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    net = Network.from_module(model)
+    from nonsingular.weights import perturbed_layers
+
+    drawn = {k: v.expand(n, *v.shape).clone() for k, v in params.items()}
+    for _, budget in perturbed_layers(net, threat):
+        for name, ball in budget.parameter_balls(batch_dims=1).items():
+            key = getattr(budget.layer, f"{name}_name")
+            shape = (n, *params[key].shape)
+            inside = ball.random(torch.empty(shape), generator)
+            edge = ball.project(torch.randn(shape, generator=generator) * 1e3)
+            drawn[key] = drawn[key] + torch.cat([inside[: n // 2], edge[n // 2 :]])
+    return drawn
+
+
+def sample_inputs(x, threat, n, generator):
+    if threat.eps_x == 0:
+        return x.expand(n, *x.shape)
+    if threat.x_norm == "linf":
+        d = (torch.rand((n, *x.shape), generator=generator) * 2 - 1) * threat.eps_x
+        d[n // 2 :] = d[n // 2 :].sign() * threat.eps_x  # corners
+    else:
+        g = torch.randn((n, *x.shape), generator=generator)
+        d = g / g.flatten(1).norm(dim=1).reshape(-1, *[1] * x.dim()) * threat.eps_x
+    return (x + d).clamp(*threat.bounds)
+
+
+def random_margins(model, x, y, threat, n=200, seed=0):
+    """(n, B, K) margins z_y - z_j under n random joint perturbations per example, each run
+    through the unmodified model with its weights materialized."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(len(x)):
+        params = sample_parameters(model, threat, n, g)
+        xs = sample_inputs(x[i], threat, n, g)
+        logits = vmap(lambda p, xi: functional_call(model, p, (xi[None],))[0])(params, xs)
+        out.append(logits[:, y[i] : y[i] + 1] - logits)
+    return torch.stack(out, dim=1)
+
+
+def attacked_margins(model, x, y, threat):
+    """The strongest attack's margins, replayed through the unmodified model."""
+    res = ns.attack(model, x, y, threat, steps=30, restarts=2, loss="both", seed=1)
+    replayed = []
+    for i in range(len(x)):
+        logits = res.replay(model, i)[0]
+        replayed.append(logits[y[i]] - logits.scatter(0, y[i : i + 1], float("-inf")).max())
+    replayed = torch.stack(replayed)
+    torch.testing.assert_close(replayed, res.margins, atol=1e-4, rtol=1e-4)
+    return replayed
+
+
+def check_sound(model, x, y, threat, methods):
+    samples = random_margins(model, x, y, threat)  # (n, B, K)
+    attacked = attacked_margins(model, x, y, threat)
+    for method in methods:
+        cert = ns.certify(model, x, y, threat, method)
+        lower = cert.lower.float().nan_to_num(posinf=float("-inf"))  # skip j = y
+        violation = (lower[None] - samples).max()
+        assert violation <= TOL, f"{method}: a random perturbation went {violation} below"
+        gap = (cert.worst.float() - attacked).max()
+        assert gap <= TOL, f"{method}: the attack went {gap} below the certified margin"
+        assert bool((cert.worst <= cert.clean_margins.double() + TOL).all())
+
+
+@given(case=networks(conv=False), threat=threats(modes=DENSE_MODES))
+def test_every_method_is_sound_on_random_mlps(case, threat):
+    check_sound(*case, threat, ["closed-form", "recursive", "ibp", "crown"])
+
+
+@given(case=networks(), threat=threats())
+def test_ibp_and_crown_are_sound_on_random_dense_and_conv_networks(case, threat):
+    check_sound(*case, threat, ["ibp", "crown"])
+
+
+@given(case=networks(conv=False), threat=threats(modes=DENSE_MODES))
+def test_tighter_methods_are_tighter_where_theory_says_so(case, threat):
+    model, x, y = case
+    bounds = {m: ns.certify(model, x, y, threat, m).lower for m in ns.certificates.METHODS}
+    finite = torch.isfinite(bounds["ibp"])
+    assert bool((bounds["recursive"][finite] >= bounds["closed-form"][finite] - 1e-9).all())
+    assert bool((bounds["crown"][finite] >= bounds["ibp"][finite] - 1e-12).all())
+
+
+@pytest.mark.parametrize("method", ["closed-form", "recursive", "ibp", "crown"])
+def test_zero_budget_certifies_exactly_the_correct_examples(mnist, standard_mlp, method):
+    x, y = mnist.x_test[:300], mnist.y_test[:300]
+    cert = ns.certify(standard_mlp, x, y, Threat(), method)
+    correct = standard_mlp(x).argmax(1) == y
+    assert torch.equal(cert.certified, correct)
+    torch.testing.assert_close(cert.worst.float(), cert.clean_margins, atol=1e-4, rtol=1e-5)
+
+
+def test_on_the_standard_mlp_clean_attacked_certified_are_ordered(mnist, standard_mlp):
+    x, y = mnist.x_test[:300], mnist.y_test[:300]
+    for eps_x, eps_w in [(0.005, 1e-5), (0.01, 0.0), (0.0, 2e-4), (0.02, 1e-4)]:
+        threat = Threat(eps_x=eps_x, eps_w=eps_w)
+        attacked = ns.attack(standard_mlp, x, y, threat, steps=20)
+        acc = {
+            m: ns.certify(standard_mlp, x, y, threat, m).certified_accuracy
+            for m in ns.certificates.METHODS
+        }
+        assert acc["closed-form"] <= acc["recursive"] and acc["ibp"] <= acc["crown"]
+        assert acc["crown"] <= attacked.robust_accuracy <= attacked.clean_accuracy
+    # CROWN keeps its advantage over IBP: far more certified with eps_x alone and jointly
+    for threat in (Threat(eps_x=0.01), Threat(eps_x=0.005, eps_w=1e-5)):
+        crown = ns.certify(standard_mlp, x, y, threat, "crown").certified_accuracy
+        ibp = ns.certify(standard_mlp, x, y, threat, "ibp").certified_accuracy
+        assert crown > ibp + 0.3
+        assert crown > 0.8
+
+
+def test_closed_form_terms_split_the_bound_and_are_differentiable(mnist, standard_mlp):
+    x, y = mnist.x_test[:16], mnist.y_test[:16]
+    net = Network.from_module(standard_mlp, detach=False)
+    terms = closed_form_terms(net, x, y, Threat(eps_x=0.01, eps_w=1e-4))
+    only_input = closed_form_terms(net, x, y, Threat(eps_x=0.01))
+    torch.testing.assert_close(terms.input_term, only_input.input_term)
+    assert bool((only_input.weight_term.abs() < 1e-6).all())
+    wrong = torch.ones_like(terms.weight_term, dtype=torch.bool).scatter(1, y[:, None], False)
+    assert bool((terms.weight_term[wrong] > 0).all()) and bool((terms.input_term[wrong] > 0).all())
+    terms.weight_term.sum().backward()
+    grads = [p.grad for p in standard_mlp.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    standard_mlp.zero_grad(set_to_none=True)
+
+
+def test_methods_refuse_what_they_cannot_bound(mnist, standard_mlp, small_cnn):
+    x, y = mnist.x_test[:4], mnist.y_test[:4]
+    for method in ("closed-form", "recursive"):
+        with pytest.raises(ConfigError, match="w_norm='l2'.*'ibp' or 'crown'"):
+            ns.certify(standard_mlp, x, y, Threat(eps_w=0.1, w_norm="l2"), method)
+        with pytest.raises(UnsupportedLayerError, match="Conv2d"):
+            ns.certify(small_cnn, x, y, Threat(eps_w=0.1), method)
+    with pytest.raises(ConfigError, match="method"):
+        ns.certify(standard_mlp, x, y, Threat(), "lp")
+    with pytest.raises(ConfigError, match="intermediate"):
+        ns.certify(standard_mlp, x, y, Threat(), "crown", intermediate="lp")
+
+
+def test_certify_never_touches_the_model(mnist, small_cnn):
+    x, y = mnist.x_test[:5], mnist.y_test[:5]
+    before = state_copy(small_cnn)
+    small_cnn.train()
+    try:
+        res = ns.certify(small_cnn, x, y, Threat(eps_x=0.01, eps_w=1e-3), "crown")
+        assert res.lower.shape == (5, 10) and bool(
+            torch.isinf(res.lower.gather(1, y[:, None])).all()
+        )
+        assert_state_equal(small_cnn, before)
+        assert small_cnn.training
+    finally:
+        small_cnn.eval()
+
+
+def test_chunking_and_precision_do_not_change_the_bounds(mnist, standard_mlp):
+    x, y = mnist.x_test[:40], mnist.y_test[:40]
+    threat = Threat(eps_x=0.01, eps_w=1e-5)
+    whole = ns.certify(standard_mlp, x, y, threat, "crown", batch_size=40)
+    chunks = ns.certify(standard_mlp, x, y, threat, "crown", batch_size=7)
+    torch.testing.assert_close(whole.lower, chunks.lower)
+    single = ns.certify(standard_mlp, x, y, threat, "crown", dtype=torch.float32)
+    torch.testing.assert_close(single.lower.double(), whole.lower, atol=1e-3, rtol=1e-4)
+    via_ibp = ns.certify(standard_mlp, x, y, threat, "crown", intermediate="ibp")
+    assert bool((via_ibp.worst <= whole.worst + 1e-9).all())
