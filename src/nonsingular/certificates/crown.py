@@ -60,8 +60,9 @@ def crown_bounds(
     """Bounds on the output of every layer: IBP, tightened by CROWN before each ReLU."""
     bounds: Bounds = []
     lower, upper = region.lower, region.upper
+    nonnegative = net.nonnegative_inputs(region.nonnegative)
     for k in range(len(net.layers)):
-        lower, upper = interval_step(net, budgets, k, lower, upper)
+        lower, upper = interval_step(net, budgets, k, lower, upper, k in nonnegative)
         bounds.append((lower, upper))
         feeds_relu = k + 1 < len(net.layers) and isinstance(net.layers[k + 1], ReLU)
         if intermediate == "crown" and feeds_relu and not _interval_is_exact(net, k):

@@ -13,12 +13,19 @@ from .region import InputRegion
 
 
 def interval_step(
-    net: Network, budgets: dict[int, LayerBudget], k: int, lower: Tensor, upper: Tensor
+    net: Network,
+    budgets: dict[int, LayerBudget],
+    k: int,
+    lower: Tensor,
+    upper: Tensor,
+    nonnegative: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Bounds on the output of layer ``k`` from bounds on its input."""
+    """Bounds on the output of layer ``k`` from bounds on its input (``nonnegative``: the
+    input is known to be >= 0, so its magnitude is ``upper``)."""
     out_lower, out_upper = net.layers[k].interval(lower, upper)
     if k in budgets:
-        r = budgets[k].output_set(magnitude(lower, upper)).radius()
+        size = upper if nonnegative else magnitude(lower, upper)
+        r = budgets[k].output_set(size).radius()
         out_lower, out_upper = out_lower - r, out_upper + r
     return out_lower, out_upper
 
@@ -29,8 +36,9 @@ def interval_bounds(
     """Bounds on the output of every layer before ``stop`` (default: all)."""
     bounds: Bounds = []
     lower, upper = region.lower, region.upper
+    nonnegative = net.nonnegative_inputs(region.nonnegative)
     for k in range(len(net.layers) if stop is None else stop):
-        lower, upper = interval_step(net, budgets, k, lower, upper)
+        lower, upper = interval_step(net, budgets, k, lower, upper, k in nonnegative)
         bounds.append((lower, upper))
     return bounds
 

@@ -34,13 +34,15 @@ class InputRegion:
     lower: Tensor
     upper: Tensor
     l2_radius: float | None = None
+    nonnegative: bool = False  # every x' >= 0 (bounds start at 0 or above)
 
     @classmethod
     def from_threat(cls, x: Tensor, threat: Threat) -> InputRegion:
         lower, upper = x - threat.eps_x, x + threat.eps_x
         if threat.bounds is not None:
             lower, upper = lower.clamp(*threat.bounds), upper.clamp(*threat.bounds)
-        return cls(x, lower, upper, threat.eps_x if threat.x_norm == "l2" else None)
+        l2 = threat.eps_x if threat.x_norm == "l2" else None
+        return cls(x, lower, upper, l2, threat.bounds is not None and threat.bounds[0] >= 0)
 
     def minimum(self, lam: Tensor) -> Tensor:
         """``min over the region of lam . x'`` (a sound lower bound), shape (B, K)."""
