@@ -250,3 +250,13 @@ def test_chunking_and_precision_do_not_change_the_bounds(mnist, standard_mlp):
     torch.testing.assert_close(single.lower.double(), whole.lower, atol=1e-3, rtol=1e-4)
     via_ibp = ns.certify(standard_mlp, x, y, threat, "crown", intermediate="ibp")
     assert bool((via_ibp.worst <= whole.worst + 1e-9).all())
+
+
+def test_a_relu_after_the_last_layer_is_bounded_by_ibp_and_crown_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.ReLU()).eval()
+    x, y = torch.rand(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    threat = Threat(eps_x=0.05, eps_w=0.02)
+    with pytest.raises(UnsupportedLayerError, match="follows it"):
+        ns.certify(model, x, y, threat, "recursive")
+    check_sound(model, x, y, threat, ["ibp", "crown"])

@@ -14,6 +14,7 @@ from .errors import (
 )
 from .evaluation import EvaluationTable, evaluate
 from .threat import Threat, grid
+from .training import TrainConfig, TrainResult, train
 
 __all__ = [
     "__version__",
@@ -27,9 +28,12 @@ __all__ = [
     "NonsingularError",
     "Threat",
     "ThreatError",
+    "TrainConfig",
+    "TrainResult",
     "UnsupportedLayerError",
     "attack",
     "certify",
     "evaluate",
     "grid",
+    "train",
 ]

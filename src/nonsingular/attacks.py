@@ -117,6 +117,46 @@ class _Best:
         return better
 
 
+def pgd(
+    space: JointSpace,
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    alpha: float,
+    loss: str = "ce",
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+    on_iterate: Callable[[Tensor, State], None] | None = None,
+) -> tuple[State, Tensor]:
+    """The one PGD loop: ``steps`` projected ascent steps on every variable of ``space``.
+
+    ``on_iterate(logits, state)`` sees every iterate, the start included (evaluation tracks
+    the best of them; training uses only the final state). Returns the final state and the
+    mean loss along the way.
+    """
+    state = space.random(x, generator) if random_start else space.zeros(x)
+    trace = []
+    for it in range(steps + 1):
+        last = it == steps
+        if last and on_iterate is None:  # nobody looks at the final iterate's logits
+            break
+        state = {k: v.detach().requires_grad_(not last) for k, v in state.items()}
+        with torch.set_grad_enabled(not last):
+            logits = space.forward(x, state)
+            per_example = attack_loss(loss, logits, y)
+        trace.append(float(per_example.detach().mean()))
+        if on_iterate is not None:
+            on_iterate(logits.detach(), state)
+        if last:
+            break
+        keys = list(state)
+        grads = torch.autograd.grad(per_example.sum(), [state[k] for k in keys])
+        detached = {k: v.detach() for k, v in state.items()}
+        state = space.step(x, detached, dict(zip(keys, grads, strict=True)), alpha)
+    return {k: v.detach() for k, v in state.items()}, torch.tensor(trace)
+
+
 def _pgd_run(
     space: JointSpace,
     x: Tensor,
@@ -131,27 +171,28 @@ def _pgd_run(
 ) -> Tensor:
     """One PGD run on the rows ``index``, offering every iterate to ``best``; the loss trace."""
     xs, ys = x[index], y[index]
-    state = space.random(xs, generator) if random_start else space.zeros(xs)
-    trace = []
-    for it in range(steps + 1):
-        state = {k: v.detach().requires_grad_(it < steps) for k, v in state.items()}
-        with torch.set_grad_enabled(it < steps):
-            logits = space.forward(xs, state)
-            per_example = attack_loss(loss, logits, ys)
-        trace.append(float(per_example.detach().mean()))
+
+    def offer(logits: Tensor, state: State) -> None:
         x_adv = xs + state["x"] if "x" in state else xs
-        best.offer(index, margins(logits.detach(), ys), state, x_adv)
-        if it == steps:
-            break
-        keys = list(state)
-        grads = torch.autograd.grad(per_example.sum(), [state[k] for k in keys])
-        state = space.step(
-            xs,
-            {k: v.detach() for k, v in state.items()},
-            dict(zip(keys, grads, strict=True)),
-            alpha,
-        )
-    return torch.tensor(trace)
+        best.offer(index, margins(logits, ys), state, x_adv)
+
+    _, trace = pgd(
+        space,
+        xs,
+        ys,
+        steps=steps,
+        alpha=alpha,
+        loss=loss,
+        random_start=random_start,
+        generator=generator,
+        on_iterate=offer,
+    )
+    return trace
+
+
+def default_step_size(steps: int) -> float:
+    """PGD's step as a fraction of each ball's radius: 2.5 radii in all (1 for FGSM)."""
+    return 1.0 if steps == 1 else 2.5 / steps
 
 
 def _check_options(
@@ -217,7 +258,7 @@ def attack(
     best = _Best(space, x, clean, shared=space.shared)
     trace = torch.zeros(1)
     if space.balls:
-        alpha = step_size if step_size is not None else (1.0 if steps == 1 else 2.5 / steps)
+        alpha = step_size if step_size is not None else default_step_size(steps)
         start = steps > 1 if random_start is None else random_start
         runs = ["ce", "margin"] if loss == "both" else [loss]
         all_rows = torch.arange(len(y), device=device)

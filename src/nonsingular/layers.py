@@ -89,7 +89,9 @@ class Affine(Layer):
     ) -> Tensor:
         w = self.weight if weight is None else weight
         b = self.bias if bias is None else bias
-        return self.add_bias(self.linear(h, w), b)
+        if self.conv is None:
+            return F.linear(h, w, b)  # one fused kernel (addmm)
+        return F.conv2d(h, w, b, **self.conv)  # type: ignore[arg-type]
 
     def forward_per_example(self, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``h: (B, ...)`` through per-example ``weight: (B, *W.shape)`` and ``bias: (B, C)``."""

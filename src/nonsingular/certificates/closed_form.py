@@ -37,9 +37,14 @@ class MarginTerms:
     The certified lower bound is ``margins - input_term - weight_term``.
     """
 
-    margins: Tensor
+    logits: Tensor  # the clean logits (training reuses them for its cross-entropy)
+    y: Tensor
     input_term: Tensor
     weight_term: Tensor
+
+    @property
+    def margins(self) -> Tensor:
+        return self.logits.gather(1, self.y[:, None]) - self.logits
 
     @property
     def lower(self) -> Tensor:
@@ -49,7 +54,13 @@ class MarginTerms:
 def dense_layers(net: Network, method: str) -> list[Affine]:
     """The dense layers of an MLP, or a clear error for anything else."""
     dense: list[Affine] = []
-    for layer in net.layers:
+    last = max(k for k, layer in enumerate(net.layers) if isinstance(layer, Affine))
+    for k, layer in enumerate(net.layers):
+        if k > last and not isinstance(layer, Identity):
+            raise UnsupportedLayerError(
+                f"method '{method}' needs the logits straight from the last Linear layer; "
+                f"layer '{layer.name}' ({type(layer).__name__}) follows it: use 'ibp' or 'crown'"
+            )
         if isinstance(layer, Affine) and not layer.is_conv:
             dense.append(layer)
         elif isinstance(layer, (Flatten, Identity)) and not dense:
@@ -80,21 +91,46 @@ def _row_radius(budget: LayerBudget | None, h_abs: Tensor) -> Tensor:
     return budget.activation_radius(h_abs).expand(h_abs.shape[0], budget.layer.weight.shape[0])
 
 
-def _margin_change(last: Affine, y: Tensor, e: Tensor, r: Tensor) -> Tensor:
-    """``||w_y - w_j||_1 e + r_y + r_j``: ``e (B,)``, ``r (B, n_classes)`` or 0-dim."""
+def _uniform_radius(budget: LayerBudget | None, level: Tensor) -> Tensor:
+    """``_row_radius`` at ``h_abs = level * 1`` for ``level: (B,)``, without a (B, n_in) tensor:
+    the radius is affine in ``h_abs`` for linf budgets, so two probes at 0 and 1 give it."""
+    if budget is None:
+        return level.new_zeros(())
+    n_out, n_in = budget.layer.weight.shape
+    if budget.weight_radius.dim() == 0 and budget.bias_radius is None:  # absolute, layer
+        return level[:, None] * (budget.weight_radius * n_in)
+    probe = torch.stack(
+        [torch.zeros_like(budget.layer.weight[0]), torch.ones_like(budget.layer.weight[0])]
+    )
+    at_zero, at_one = budget.activation_radius(probe).expand(2, n_out).to(level.dtype)
+    return at_zero + level[:, None] * (at_one - at_zero)
+
+
+def _margin_change(last: Affine, y: Tensor, e: Tensor, r: Tensor, spread: Tensor) -> Tensor:
+    """``||w_y - w_j||_1 e + r_y + r_j``: ``e (B,)``, ``r (B, n_classes)`` or 0-dim,
+    ``spread (K, K)`` the class-pair distances ``||w_a - w_b||_1``."""
+    classes = last.weight.shape[0]
+    r = r.expand(len(y), classes) if r.dim() else r.new_zeros(len(y), classes)
+    return spread[y] * e[:, None] + r.gather(1, y[:, None]) + r
+
+
+def _spread(last: Affine) -> Tensor:
     w = last.weight
-    spread = (w[y][:, None, :] - w[None, :, :]).abs().sum(-1)  # (B, K)
-    r = r.expand(len(y), w.shape[0]) if r.dim() else r.new_zeros(len(y), w.shape[0])
-    return spread * e[:, None] + r.gather(1, y[:, None]) + r
+    return (w[:, None, :] - w[None, :, :]).abs().sum(-1)
 
 
-def _clean_margins(net: Network, x: Tensor, y: Tensor) -> Tensor:
-    logits = net.forward(x)
-    return logits.gather(1, y[:, None]) - logits
+def _terms(logits: Tensor, y: Tensor, total: Tensor, input_term: Tensor) -> MarginTerms:
+    return MarginTerms(logits, y, input_term, total - input_term)
 
 
-def closed_form_terms(net: Network, x: Tensor, y: Tensor, threat: Threat) -> MarginTerms:
-    """B0's parts, differentiable in the weights when ``net`` holds live parameters."""
+def closed_form_terms(
+    net: Network, x: Tensor, y: Tensor, threat: Threat, logits: Tensor | None = None
+) -> MarginTerms:
+    """B0's parts, differentiable in the weights when ``net`` holds live parameters.
+
+    B0 needs only the weights and ``||x||_inf``; ``logits`` (the clean ones, if the caller
+    already has them) saves the forward pass that the margins would otherwise cost.
+    """
     _check_threat(threat, "closed-form")
     dense = dense_layers(net, "closed-form")
     budgets = {id(b.layer): b for _, b in perturbed_layers(net, threat)}
@@ -102,16 +138,16 @@ def closed_form_terms(net: Network, x: Tensor, y: Tensor, threat: Threat) -> Mar
     e = torch.full_like(p, threat.eps_x)  # P'_l - P_l, tracked directly (no cancellation)
     gain = torch.ones_like(p)
     for layer in dense[:-1]:
-        a = layer.weight.abs().sum(1).amax()
+        a = torch.linalg.vector_norm(layer.weight, ord=1, dim=1).amax()  # ||W||_inf, fused
         beta = layer.bias.abs().amax() if layer.bias is not None else 0.0
-        r = _row_radius(budgets.get(id(layer)), (p + e)[:, None].expand(-1, layer.weight.shape[1]))
+        r = _uniform_radius(budgets.get(id(layer)), p + e)
         p, e = a * p + beta, a * e + (r.amax(1) if r.dim() else 0.0)
         gain = gain * a
     last = dense[-1]
-    r = _row_radius(budgets.get(id(last)), (p + e)[:, None].expand(-1, last.weight.shape[1]))
-    total = _margin_change(last, y, e, r)
-    input_term = _margin_change(last, y, threat.eps_x * gain, x.new_zeros(()))
-    return MarginTerms(_clean_margins(net, x, y), input_term, total - input_term)
+    spread = _spread(last)
+    total = _margin_change(last, y, e, _uniform_radius(budgets.get(id(last)), p + e), spread)
+    input_term = _margin_change(last, y, threat.eps_x * gain, x.new_zeros(()), spread)
+    return _terms(net.forward(x) if logits is None else logits, y, total, input_term)
 
 
 def recursive_terms(net: Network, x: Tensor, y: Tensor, threat: Threat) -> MarginTerms:
@@ -125,7 +161,7 @@ def recursive_terms(net: Network, x: Tensor, y: Tensor, threat: Threat) -> Margi
     e = torch.full_like(h[:, 0], threat.eps_x)
     gain = torch.ones_like(e)
     for layer in dense[:-1]:
-        a = layer.weight.abs().sum(1).amax()
+        a = torch.linalg.vector_norm(layer.weight, ord=1, dim=1).amax()  # ||W||_inf, fused
         r = _row_radius(budgets.get(id(layer)), u)
         h = layer.forward(h)
         if _relu_follows(net, layer):
@@ -134,9 +170,10 @@ def recursive_terms(net: Network, x: Tensor, y: Tensor, threat: Threat) -> Margi
         u = h.abs() + e[:, None]
         gain = gain * a
     last = dense[-1]
-    total = _margin_change(last, y, e, _row_radius(budgets.get(id(last)), u))
-    input_term = _margin_change(last, y, threat.eps_x * gain, x.new_zeros(()))
-    return MarginTerms(_clean_margins(net, x, y), input_term, total - input_term)
+    spread = _spread(last)
+    total = _margin_change(last, y, e, _row_radius(budgets.get(id(last)), u), spread)
+    input_term = _margin_change(last, y, threat.eps_x * gain, x.new_zeros(()), spread)
+    return _terms(last.forward(h), y, total, input_term)
 
 
 def _relu_follows(net: Network, layer: Affine) -> bool:

@@ -51,6 +51,5 @@ def ibp_margins(
     net: Network, budgets: dict[int, LayerBudget], region: InputRegion, c: Tensor
 ) -> Tensor:
     """Lower bounds ``(B, K)`` of ``c . logits`` by IBP, in margin form."""
-    last = last_affine(net)
-    bounds = interval_bounds(net, budgets, region, stop=last)
-    return backward(net, budgets, region, bounds, c, len(net.layers) - 1, last)
+    bounds = interval_bounds(net, budgets, region, stop=len(net.layers) - 1)
+    return backward(net, budgets, region, bounds, c, len(net.layers) - 1, last_affine(net))

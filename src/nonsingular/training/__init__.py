@@ -1,4 +1,4 @@
-"""Training methods for non-singular robustness (``nonsingular.training.train``)."""
+"""Training for non-singular robustness (DESIGN section 5): ``nonsingular.train``."""
 
 from .config import METHODS, TrainConfig
 from .loop import TrainResult, accuracy, build_model, train

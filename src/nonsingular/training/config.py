@@ -1,48 +1,158 @@
-"""Training configuration: one frozen dataclass whose field names equal the CLI flags."""
+"""Training configuration: one frozen dataclass whose field names are the CLI flags
+(``eps_x`` is ``--eps-x`` and ``eps-x`` in a TOML file). ``None`` means "the method's default";
+``resolved()`` fills every default in, and that resolved config is what a run saves."""
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ThreatError
+from ..threat import Threat
 
-METHODS = ("standard",)
+METHODS = ("standard", "pgd-at", "awp", "joint-at", "bound-reg", "ibp")
 ARCHITECTURES = ("mlp", "cnn")
 OPTIMIZERS = ("adam", "sgd")
+BOUNDS = ("closed-form", "recursive")
+
+# Per-method defaults for images in [0, 1] (MNIST-like); the paper's comparison trains every
+# model on the same data and architecture and varies only these.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "standard": {"eps_x": 0.0, "eps_w": 0.0},
+    "pgd-at": {"eps_x": 0.1, "eps_w": 0.0, "attack_steps": 10},
+    # AWP (Wu et al. 2020): one step of a weight perturbation relative to each layer's norm,
+    # shared by the batch; weight-only unless eps_x > 0 (then input PGD first, as in AWP)
+    "awp": {
+        "eps_x": 0.0,
+        "eps_w": 0.01,
+        "w_mode": "relative",
+        "w_norm": "l2",
+        "scope": "shared",
+        "attack_steps": 10,
+    },
+    "joint-at": {"eps_x": 0.05, "eps_w": 5e-4, "attack_steps": 10},
+    "bound-reg": {"eps_x": 0.1, "eps_w": 1e-3, "lambda_x": 0.01, "lambda_w": 0.01},
+    "ibp": {"eps_x": 0.1, "eps_w": 1e-4, "ramp": 0.5},
+}
+COMMON_DEFAULTS: dict[str, Any] = {
+    "w_mode": "absolute",
+    "w_norm": "linf",
+    "scope": "per-example",
+    "attack_steps": 0,
+    "lambda_x": 0.0,
+    "lambda_w": 0.0,
+    "ramp": 0.25,
+}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run (with the data set and the seed)."""
+    """Everything that determines a training run: data, model, method, budget, optimizer."""
 
     data: str = "mnist5k"
     model: str = "mlp"
     hidden: tuple[int, ...] = (256, 256)
     method: str = "standard"
     epochs: int = 20
-    batch_size: int = 128
-    lr: float = 2e-3
+    batch_size: int = 256
+    lr: float = 4e-3
     optimizer: str = "adam"
     weight_decay: float = 0.0
     augment: int = 2
     seed: int = 0
+    # the training threat (None: the method's default)
+    eps_x: float | None = None
+    eps_w: float | None = None
+    x_norm: str = "linf"
+    w_mode: str | None = None
+    w_norm: str | None = None
+    scope: str | None = None
+    bias: bool = False
+    # method options
+    attack_steps: int | None = None
+    attack_step_size: float | None = None
+    lambda_x: float | None = None
+    lambda_w: float | None = None
+    bound: str = "closed-form"
+    kappa: float = 0.5
+    ramp: float | None = None
+    # the cheap robust accuracy reported every epoch (None: the training threat)
+    eval_size: int = 200
+    eval_eps_x: float | None = None
+    eval_eps_w: float | None = None
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("model", self.model, ARCHITECTURES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("bound", self.bound, BOUNDS)
         for name in ("epochs", "batch_size"):
             _integer(name, getattr(self, name), low=1)
-        _integer("augment", self.augment, low=0)
-        _integer("seed", self.seed, low=0)
-        for name in ("lr", "weight_decay"):
-            _number(name, getattr(self, name), positive=name == "lr")
-        hidden = tuple(self.hidden)
+        for name in ("augment", "seed", "eval_size"):
+            _integer(name, getattr(self, name), low=0)
+        if self.attack_steps is not None:
+            _integer("attack_steps", self.attack_steps, low=0)
+        for name in (
+            "lr",
+            "weight_decay",
+            "lambda_x",
+            "lambda_w",
+            "attack_step_size",
+            "eps_x",
+            "eps_w",
+            "eval_eps_x",
+            "eval_eps_w",
+        ):
+            value = getattr(self, name)
+            if value is not None or name in ("lr", "weight_decay"):
+                _number(name, value, positive=name in ("lr", "attack_step_size"))
+        for name in ("kappa", "ramp"):
+            value = getattr(self, name)
+            if value is not None:
+                _number(name, value, positive=False)
+                if value > 1:
+                    raise ConfigError(f"{name} must lie in [0, 1], got {value!r}")
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"bias must be true or false, got {self.bias!r}")
+        hidden = (self.hidden,) if isinstance(self.hidden, int) else tuple(self.hidden)
         for h in hidden:
             _integer("hidden", h, low=1)
         object.__setattr__(self, "hidden", hidden)
+        try:  # the threat fields must make a valid threat
+            self.resolved_threat()
+        except ThreatError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _defaults(self) -> dict[str, Any]:
+        """The method defaults for the fields left at ``None``."""
+        defaults = {**COMMON_DEFAULTS, **METHOD_DEFAULTS[self.method]}
+        return {k: v for k, v in defaults.items() if getattr(self, k) is None}
+
+    def resolved(self) -> TrainConfig:
+        """This config with every ``None`` replaced by the method's default."""
+        return replace(self, **self._defaults())
+
+    def resolved_threat(self) -> Threat:
+        c = {**{f.name: getattr(self, f.name) for f in fields(self)}, **self._defaults()}
+        return Threat(
+            eps_x=c["eps_x"],
+            eps_w=c["eps_w"],
+            x_norm=c["x_norm"],
+            w_mode=c["w_mode"],
+            w_norm=c["w_norm"],
+            scope=c["scope"],
+            bias=c["bias"],
+        )
+
+    def eval_threat(self) -> Threat | None:
+        """The threat of the per-epoch robust accuracy (None when it perturbs nothing)."""
+        threat = self.resolved_threat()
+        if self.eval_eps_x is not None or self.eval_eps_w is not None:
+            threat = threat.replace(eps_x=self.eval_eps_x or 0.0, eps_w=self.eval_eps_w or 0.0)
+        return threat if threat.perturbs_input or threat.perturbs_weights else None
 
     def replace(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)
@@ -54,13 +164,53 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """From a dict whose keys are field names or CLI flags (``eps-x``)."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        clean = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(clean) - known)
         if unknown:
             raise ConfigError(
                 f"unknown training options: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
-        return cls(**data)
+        if isinstance(clean.get("hidden"), list):
+            clean["hidden"] = tuple(clean["hidden"])
+        return cls(**clean)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(read_toml(path))
+
+    def to_toml(self) -> str:
+        """The config as TOML with CLI-flag keys: ``nonsingular train --config`` reads it."""
+        lines = []
+        for key, value in self.to_dict().items():
+            if value is None:
+                continue
+            flag = key.replace("_", "-")
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = f'"{value}"'
+            elif isinstance(value, list):
+                text = "[" + ", ".join(str(v) for v in value) + "]"
+            else:
+                text = repr(value)
+            lines.append(f"{flag} = {text}")
+        return "\n".join(lines) + "\n"
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -1,28 +1,56 @@
-"""The training loop shared by every method: seeded per epoch, so runs are reproducible."""
+"""The training loop shared by every method, and the run directory it keeps.
+
+Every epoch's randomness (data order, augmentation, attack starts) is drawn from a generator
+seeded by ``(seed, epoch)``, so a run resumed after being killed continues exactly where an
+uninterrupted run would be. A run directory holds:
+
+- ``config.json``: the resolved config, data, model description, library and torch versions;
+- ``config.toml``: the same config with CLI-flag keys (``nonsingular train --config``);
+- ``model.safetensors`` + ``model.json``: the weights after the last completed epoch;
+- ``metrics.jsonl``: one line per completed epoch;
+- ``state.safetensors``: model, optimizer and schedule, for ``--resume``.
+
+Every file is written atomically (temporary file, then rename).
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import platform
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import Dataset
-from ..models import cnn, mlp
+from .. import checkpoint
+from .._version import __version__
+from ..attacks import attack
+from ..data import Dataset, load
+from ..errors import ConfigError
+from ..files import write_json, write_text
+from ..models import cnn, describe, mlp
 from .augment import random_shift
 from .config import TrainConfig
+from .methods import make_method
+from .state import load_state, restore, save_state
+
+STATE = "state.safetensors"
 
 
 @dataclass
 class TrainResult:
-    """The trained model (eval mode) and one metrics dict per epoch."""
+    """The trained model (eval mode), its resolved config and one metrics dict per epoch."""
 
     model: nn.Sequential
     config: TrainConfig
     history: list[dict[str, Any]] = field(default_factory=list)
+    out_dir: Path | None = None
 
 
 def build_model(config: TrainConfig, data: Dataset) -> nn.Sequential:
@@ -35,7 +63,7 @@ def build_model(config: TrainConfig, data: Dataset) -> nn.Sequential:
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Clean accuracy of ``model`` (as it is: call under eval mode)."""
+    """Clean accuracy of ``model`` (call it in eval mode)."""
     with torch.no_grad():
         correct = sum(
             int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
@@ -44,17 +72,25 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / max(1, len(x))
 
 
-def train(
-    config: TrainConfig,
-    data: Dataset,
-    *,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> TrainResult:
-    """Train a new model on ``data.x_train`` with ``config``; returns it in eval mode."""
-    model = build_model(config, data).to(device)
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    steps_per_epoch = -(-len(x_train) // config.batch_size)
+def _prepare_dir(out_dir: Path, resume: bool) -> bool:
+    """Create ``out_dir`` (checking it is writable); True when it holds a state to resume."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write to output directory {out_dir}: {exc.strerror}") from None
+    has_state = (out_dir / STATE).exists()
+    if not resume and (has_state or (out_dir / "model.safetensors").exists()):
+        raise ConfigError(
+            f"{out_dir} already holds a run: pass --resume to continue it, "
+            "or choose another output directory"
+        )
+    return resume and has_state
+
+
+def _optimizer(config: TrainConfig, model: nn.Module, steps: int) -> tuple[Any, Any]:
     if config.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(
             model.parameters(), config.lr, weight_decay=config.weight_decay
@@ -67,37 +103,164 @@ def train(
             nesterov=True,
             weight_decay=config.weight_decay,
         )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        opt, config.lr, total_steps=config.epochs * steps_per_epoch
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=steps)
+
+
+def _run_info(config: TrainConfig, data: Dataset, model: nn.Module) -> dict[str, Any]:
+    return {
+        "config": config.to_dict(),
+        "threat": config.resolved_threat().to_dict(),
+        "data": {
+            "name": data.name,
+            "train": len(data.x_train),
+            "test": len(data.x_test),
+            "shape": list(data.in_shape),
+            "classes": data.classes,
+        },
+        "model": describe(model),
+        "versions": {
+            "nonsingular": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _write_outputs(
+    out_dir: Path, model: nn.Module, config: TrainConfig, history: list[dict[str, Any]]
+) -> None:
+    checkpoint.save(
+        model,
+        out_dir / "model.safetensors",
+        method=config.method,
+        epochs=len(history),
+        config=config.to_dict(),
     )
-    result = TrainResult(model, config)
-    for epoch in range(config.epochs):
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        order = torch.randperm(len(x_train), generator=generator).to(device)
-        model.train()
-        total, seen = 0.0, 0
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=None if progress else True,
-            leave=False,
-        )
-        for step in bar:
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            xb = random_shift(x_train[idx], config.augment, generator)
-            loss = F.cross_entropy(model(xb), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            total, seen = total + loss.item() * len(idx), seen + len(idx)
-            bar.set_postfix(loss=f"{total / seen:.3f}")
-        model.eval()
-        result.history.append(
-            {
-                "epoch": epoch + 1,
-                "loss": total / seen,
-                "test_accuracy": accuracy(model, data.x_test.to(device), data.y_test.to(device)),
-            }
-        )
-    return result
+    write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+
+
+def train(
+    config: TrainConfig,
+    data: Dataset | None = None,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> TrainResult:
+    """Train a new model with ``config`` on ``data`` (default: ``load(config.data)``).
+
+    out_dir: keep a run directory there (see the module docstring); ``resume=True``
+    continues the run it holds from its last completed epoch. Returns the model in eval mode.
+    """
+    config = config.resolved()
+    data = data if data is not None else load(config.data, seed=config.seed)
+    out = Path(out_dir) if out_dir is not None else None
+    resuming = _prepare_dir(out, resume) if out is not None else False
+    model = build_model(config, data).to(device)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    steps_per_epoch = -(-len(x_train) // config.batch_size)
+    opt, schedule = _optimizer(config, model, config.epochs * steps_per_epoch)
+    history: list[dict[str, Any]] = []
+    if resuming:
+        tensors, meta = load_state(out / STATE)  # type: ignore[operator]
+        if meta["config"] != config.to_dict():
+            changed = sorted(k for k, v in config.to_dict().items() if meta["config"].get(k) != v)
+            raise ConfigError(
+                f"the run in {out} was started with other options "
+                f"({', '.join(changed)}): resume it with the same ones, or "
+                "choose another output directory"
+            )
+        restore(tensors, meta, model, opt, schedule)
+        history = meta["history"]
+    elif out is not None:
+        write_json(out / "config.json", _run_info(config, data, model))
+        write_text(out / "config.toml", config.to_toml())
+    method = make_method(config)
+    eval_threat = config.eval_threat()
+    with torch.random.fork_rng(devices=[]):  # Dropout's randomness, without touching the caller's
+        for epoch in range(len(history), config.epochs):
+            torch.manual_seed(config.seed * 100_003 + epoch)
+            generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+            start = time.perf_counter()
+            order = torch.randperm(len(x_train), generator=generator).to(device)
+            model.train()
+            total = correct = seen = 0.0
+            bar = tqdm(
+                range(steps_per_epoch),
+                desc=f"{config.method} {epoch + 1}/{config.epochs}",
+                disable=None if progress else True,
+                leave=False,
+            )
+            for step in bar:
+                idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+                xb = random_shift(x_train[idx], config.augment, generator)
+                yb = y_train[idx]
+                done = (epoch + step / steps_per_epoch) / config.epochs
+                loss, logits = method.loss(model, xb, yb, done, generator)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                schedule.step()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"the training loss became {value} in epoch {epoch + 1}: lower lr or "
+                        "the method's budget and weights (lambda_x, lambda_w)")
+                total += value * len(idx)
+                correct += int((logits.detach().argmax(1) == yb).sum())
+                seen += len(idx)
+                bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.1%}")
+            seconds = time.perf_counter() - start
+            model.eval()
+            history.append(
+                _epoch_metrics(
+                    model,
+                    config,
+                    epoch,
+                    total / seen,
+                    correct / seen,
+                    seconds,
+                    x_test,
+                    y_test,
+                    eval_threat,
+                )
+            )
+            if out is not None:
+                save_state(out / STATE, model, opt, schedule, epoch + 1, history, config.to_dict())
+                _write_outputs(out, model, config, history)
+    model.eval()
+    if out is not None and resuming:
+        _write_outputs(out, model, config, history)  # a kill after the state was saved
+    return TrainResult(model, config, history, out)
+
+
+def _epoch_metrics(
+    model: nn.Module,
+    config: TrainConfig,
+    epoch: int,
+    loss: float,
+    train_accuracy: float,
+    seconds: float,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    eval_threat: Any,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    metrics: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "loss": loss,
+        "train_accuracy": train_accuracy,
+        "test_accuracy": accuracy(model, x_test, y_test),
+        "robust_accuracy": None,
+        "eval_threat": None,
+        "seconds": seconds,
+    }
+    if eval_threat is not None and config.eval_size > 0:
+        n = min(config.eval_size, len(x_test))
+        res = attack(model, x_test[:n], y_test[:n], eval_threat, steps=10, seed=0)
+        metrics["robust_accuracy"] = res.robust_accuracy
+        metrics["eval_threat"] = eval_threat.describe()
+    metrics["eval_seconds"] = time.perf_counter() - start
+    return metrics

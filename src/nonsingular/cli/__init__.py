@@ -1,0 +1,48 @@
+"""``nonsingular`` command line: a thin shell over the Python API.
+
+Every user mistake ends in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from .._version import __version__
+from ..errors import NonsingularError
+from . import evaluate, train
+from .common import Parser
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="nonsingular",
+        description=(
+            "Attack, certify and train neural networks under joint input and weight perturbations."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"nonsingular {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+    train.register(sub)
+    evaluate.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except NonsingularError as exc:
+        print(f"nonsingular {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable input or unwritable output named by the user
+        print(f"nonsingular {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nonsingular: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

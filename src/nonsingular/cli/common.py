@@ -1,0 +1,172 @@
+"""Pieces shared by the commands: one-line errors, list parsing, devices, threat flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from .. import checkpoint
+from ..data import NAMES, Dataset
+from ..errors import ConfigError
+from ..threat import SCOPES, W_MODES, W_NORMS, X_NORMS
+from ..training import TrainConfig, train
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump): what was wrong and where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def floats(text: str) -> list[float]:
+    """``"0,0.05,0.1"`` -> ``[0.0, 0.05, 0.1]``."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers like 0,0.05,0.1, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available here")
+    return chosen
+
+
+def say(args: argparse.Namespace, text: str) -> None:
+    """A message for people (stderr), silenced by --quiet."""
+    if not args.quiet:
+        print(text, file=sys.stderr)
+
+
+def check_out(path: Path | None) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
+
+
+def add_threat(p: argparse.ArgumentParser, eps_x: str, eps_w: str) -> None:
+    g = p.add_argument_group("threat")
+    g.add_argument(
+        "--eps-x",
+        type=floats,
+        default=floats(eps_x),
+        metavar="LIST",
+        help=f"input budgets, comma-separated (default {eps_x})",
+    )
+    g.add_argument(
+        "--eps-w",
+        type=floats,
+        default=floats(eps_w),
+        metavar="LIST",
+        help=f"weight budgets, comma-separated (default {eps_w})",
+    )
+    g.add_argument("--x-norm", choices=X_NORMS, default="linf", help="input norm (default linf)")
+    g.add_argument(
+        "--w-mode",
+        choices=W_MODES,
+        default="absolute",
+        help="weight budget: absolute, relative to |W|, or relative to max|W| of "
+        "the layer (default absolute)",
+    )
+    g.add_argument(
+        "--w-norm",
+        choices=W_NORMS,
+        default="linf",
+        help="weight norm: elementwise linf or Frobenius l2 (default linf)",
+    )
+    g.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="per-example",
+        help="per-example weight perturbations or one shared by all (default per-example)",
+    )
+    g.add_argument(
+        "--layers",
+        type=names,
+        default=None,
+        metavar="NAMES",
+        help="perturb only these weights, e.g. 1.weight,3.weight (default: all)",
+    )
+    g.add_argument("--bias", action="store_true", help="perturb biases too")
+
+
+def threat_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "x_norm": args.x_norm,
+        "w_mode": args.w_mode,
+        "w_norm": args.w_norm,
+        "scope": args.scope,
+        "layers": args.layers,
+        "bias": args.bias,
+    }
+
+
+def add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", default="mnist5k", help=f"data set: {', '.join(NAMES)} (default mnist5k)"
+    )
+    p.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate on a seeded random subset of N test examples (default all)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for data split and attacks")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument(
+        "--out", type=Path, default=None, metavar="PATH", help="write the results as JSON to PATH"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="model.safetensors written by nonsingular (JSON sidecar beside it)",
+    )
+    src.add_argument(
+        "--train-quick",
+        action="store_true",
+        help="train a small standard MLP on the data first (seconds)",
+    )
+
+
+def load_model(args: argparse.Namespace, data: Dataset, where: torch.device) -> torch.nn.Module:
+    """The model to evaluate: a checkpoint, or a small standard MLP trained right now."""
+    if args.checkpoint is not None:
+        model, _ = checkpoint.load(args.checkpoint, device=where)
+        return model
+    start = time.perf_counter()
+    result = train(
+        TrainConfig(epochs=10, seed=args.seed), data, device=where, progress=not args.quiet
+    )
+    say(
+        args,
+        f"trained a standard MLP in {time.perf_counter() - start:.1f}s: "
+        f"clean test accuracy {result.history[-1]['test_accuracy']:.1%}",
+    )
+    return result.model

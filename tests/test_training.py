@@ -1,0 +1,243 @@
+"""Training: every method learns, the bound regularizer does its job, runs survive SIGKILL."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import nonsingular as ns
+from nonsingular import CheckpointError, ConfigError, Threat, checkpoint
+from nonsingular.certificates import closed_form_terms
+from nonsingular.files import write_bytes
+from nonsingular.network import Network
+from nonsingular.training import METHODS, TrainConfig, build_model, train
+from nonsingular.training.config import METHOD_DEFAULTS
+
+QUICK = {"epochs": 2, "hidden": (64, 64), "eval_size": 100}
+
+
+@pytest.fixture(scope="module")
+def initial_accuracy(mnist):
+    model = build_model(TrainConfig(**QUICK).resolved(), mnist)
+    return ns.training.accuracy(model.eval(), mnist.x_test, mnist.y_test)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_an_mlp_beyond_its_initialization(method, mnist, initial_accuracy):
+    result = train(TrainConfig(method=method, **QUICK), mnist, progress=False)
+    first, last = result.history[0], result.history[-1]
+    assert len(result.history) == 2 and not result.model.training
+    assert last["test_accuracy"] > initial_accuracy + 0.1, (method, last)
+    assert last["loss"] < first["loss"]
+    if method != "standard":  # the cheap robust accuracy runs under the training threat
+        assert last["robust_accuracy"] is not None and last["eval_threat"]
+
+
+def test_bound_regularizer_lowers_the_weight_term(mnist):
+    threat = Threat(eps_x=0.1, eps_w=1e-3)
+    quick = {"epochs": 2, "hidden": (64, 64), "eval_size": 0}
+    standard = train(TrainConfig(**quick), mnist, progress=False).model
+    regularized = train(
+        TrainConfig(method="bound-reg", lambda_x=0.0, lambda_w=0.05, **quick), mnist, progress=False
+    ).model
+    x, y = mnist.x_test[:200], mnist.y_test[:200]
+
+    def weight_term(model):
+        terms = closed_form_terms(Network.from_module(model), x, y, threat)
+        wrong = torch.ones_like(terms.margins, dtype=torch.bool).scatter(1, y[:, None], False)
+        return float(terms.weight_term[wrong].mean())
+
+    assert weight_term(regularized) < 0.5 * weight_term(standard)
+    assert ns.training.accuracy(regularized, x, y) > 0.5
+
+
+def test_config_defaults_validation_and_toml_round_trip(tmp_path):
+    config = TrainConfig(method="joint-at").resolved()
+    assert config.eps_x == METHOD_DEFAULTS["joint-at"]["eps_x"] and config.attack_steps == 10
+    assert TrainConfig(method="awp").resolved_threat().scope == "shared"
+    assert TrainConfig(method="pgd-at", eps_w=0.0).eval_threat().eps_x == 0.1
+    assert TrainConfig().eval_threat() is None
+    path = tmp_path / "c.toml"
+    path.write_text(config.to_toml())
+    assert "eps-x = 0.05" in path.read_text()
+    assert TrainConfig.from_toml(path) == config
+    bad = [
+        ({"method": "magic"}, "method must be one of"),
+        ({"lambda_w": -1.0}, "lambda_w"),
+        ({"epochs": 0}, "epochs"),
+        ({"eps_x": float("nan")}, "eps_x"),
+        ({"kappa": 2.0}, "kappa"),
+        ({"w_mode": "layer", "w_norm": "l2"}, "layer"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(**kwargs)
+    with pytest.raises(ConfigError, match="unknown training options: colour"):
+        TrainConfig.from_dict({"colour": "red"})
+    path.write_text("epochs = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        TrainConfig.from_toml(path)
+
+
+def test_run_directory_files_and_refusals(mnist, tmp_path):
+    config = TrainConfig(epochs=1, hidden=(16,), eval_size=0)
+    out = tmp_path / "run"
+    result = train(config, mnist, out_dir=out, progress=False)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "config.json",
+        "config.toml",
+        "metrics.jsonl",
+        "model.json",
+        "model.safetensors",
+        "state.safetensors",
+    ]
+    info = json.loads((out / "config.json").read_text())
+    assert info["config"]["method"] == "standard" and info["versions"]["torch"]
+    assert [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+    ] == result.history
+    model, meta = checkpoint.load(out / "model.safetensors")
+    assert meta["epochs"] == 1
+    assert torch.equal(model(mnist.x_test[:5]), result.model(mnist.x_test[:5]))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config, mnist, out_dir=out, progress=False)
+    with pytest.raises(ConfigError, match="other options"):
+        train(config.replace(lr=1e-3), mnist, out_dir=out, resume=True, progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot write to output directory"):
+        train(config, mnist, out_dir=blocker / "run", progress=False)
+
+
+def test_resume_state_is_never_unpickled_and_damage_is_reported(mnist, tmp_path):
+    config = TrainConfig(epochs=1, hidden=(16,), eval_size=0)
+    out = tmp_path / "run"
+    train(config, mnist, out_dir=out, progress=False)
+    state = out / "state.safetensors"
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        train(config, mnist, out_dir=out, resume=True, progress=False)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    state.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError):
+        train(config, mnist, out_dir=out, resume=True, progress=False)
+    assert not marker.exists()
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.jsonl"
+    target.write_text("old\n")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        write_bytes(target, b"new\n")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temp file left
+
+
+def _train_command(out, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "nonsingular",
+        "train",
+        "--method",
+        "joint-at",
+        "--epochs",
+        "4",
+        "--hidden",
+        "32,32",
+        "--attack-steps",
+        "3",
+        "--eval-size",
+        "50",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def _completed_epochs(out):
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.parametrize("kill_after_epochs, extra_delay", [(1, 0.0), (2, 0.15)])
+def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, kill_after_epochs, extra_delay):
+    reference = tmp_path / "reference"
+    subprocess.run(_train_command(reference), check=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_command(killed))
+    deadline = time.time() + 240
+    while _completed_epochs(killed) < kill_after_epochs and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    time.sleep(extra_delay)  # 0: right after an epoch's files; 0.15 s: mid-epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert 0 < _completed_epochs(killed) < 4
+    for line in (killed / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)  # every file is whole, never half-written
+    subprocess.run(_train_command(killed, "--resume"), check=True, timeout=300)
+    a, _ = checkpoint.load(reference / "model.safetensors")
+    b, _ = checkpoint.load(killed / "model.safetensors")
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    ref_metrics = (reference / "metrics.jsonl").read_text().splitlines()
+    got_metrics = (killed / "metrics.jsonl").read_text().splitlines()
+    strip = [
+        {k: v for k, v in json.loads(m).items() if "seconds" not in k}
+        for m in (ref_metrics, got_metrics)
+        for m in m
+    ]
+    assert strip[:4] == strip[4:]
+
+
+def test_cli_train_errors_are_one_line(tmp_path, capsys):
+    from nonsingular.cli import main
+
+    def code(*args):
+        try:
+            return main(["train", "--quiet", *args])
+        except SystemExit as stop:
+            return stop.code
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cases = [
+        (["--method", "magic"], "invalid choice: 'magic'"),
+        (["--lambda-w=-1", "--method", "bound-reg"], "lambda_w must be"),
+        (["--out", str(blocker / "run")], "cannot write to output directory"),
+        (["--config", str(tmp_path / "missing.toml")], "config file not found"),
+    ]
+    for args, message in cases:
+        assert code(*args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+    toml = tmp_path / "c.toml"
+    toml.write_text('method = "standard"\nepochs = 1\nhidden = [8]\neval-size = 0\n')
+    assert code("--config", str(toml), "--out", str(tmp_path / "r"), "--device", "cpu") == 0
+    out = capsys.readouterr().out
+    assert "run directory" in out
+    saved = TrainConfig.from_toml(tmp_path / "r" / "config.toml")
+    assert saved.epochs == 1 and saved.hidden == (8,)
