@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test bench lint format clean
+.PHONY: install demo reproduce test bench lint format clean
 
 install: $(STAMP)
 
@@ -17,14 +17,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/nonsingular evaluate --data mnist5k --train-quick \
-		--eps-x 0,0.02,0.05,0.1 --eps-w 0,0.0005,0.001,0.002 --steps 20 --out demo-results.json
+	$(VENV)/bin/nonsingular reproduce --quick --out runs/reproduce-quick
+
+reproduce: $(STAMP)
+	$(VENV)/bin/nonsingular reproduce --out runs/reproduce
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/attack_speed.py
+	$(PY) benchmarks/certify_speed.py
+	$(PY) benchmarks/train_speed.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

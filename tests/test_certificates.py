@@ -260,3 +260,30 @@ def test_a_relu_after_the_last_layer_is_bounded_by_ibp_and_crown_only():
     with pytest.raises(UnsupportedLayerError, match="follows it"):
         ns.certify(model, x, y, threat, "recursive")
     check_sound(model, x, y, threat, ["ibp", "crown"])
+
+
+@given(case=networks(), threat=threats())
+def test_ibp_fast_margin_step_equals_the_generic_backward_step(case, threat):
+    from nonsingular.certificates.ibp import ibp_margins, interval_bounds, last_affine
+    from nonsingular.certificates.linear import backward, margin_matrix
+    from nonsingular.certificates.region import InputRegion
+    from nonsingular.weights import perturbed_layers
+
+    model, x, y = case
+    net = Network.from_module(model).cast(torch.float64)
+    x = x.double()
+    budgets = dict(perturbed_layers(net, threat))
+    region = InputRegion.from_threat(x, threat)
+    classes = model(x[:1].float()).shape[1]
+    fast = ibp_margins(net, budgets, region, y, classes)
+    bounds = interval_bounds(net, budgets, region, stop=len(net.layers) - 1)
+    generic = backward(
+        net,
+        budgets,
+        region,
+        bounds,
+        margin_matrix(y, classes, x.dtype),
+        len(net.layers) - 1,
+        last_affine(net),
+    )
+    torch.testing.assert_close(fast, generic, rtol=1e-9, atol=1e-9)

@@ -73,9 +73,9 @@ def _bounds(
         return terms.lower
     budgets = dict(perturbed_layers(net, threat))
     region = InputRegion.from_threat(x, threat)
-    c = margin_matrix(y, classes, x.dtype)
     if method == "ibp":
-        return ibp_margins(net, budgets, region, c)
+        return ibp_margins(net, budgets, region, y, classes)
+    c = margin_matrix(y, classes, x.dtype)
     crown, ibp = crown_margins(net, budgets, region, c, intermediate)
     return crown.maximum(ibp)  # both are sound: report the tighter, per margin
 

@@ -3,12 +3,13 @@ widened by the lemma's output set; the last layer folded into the margin matrix.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..layers import Affine
 from ..network import Network
 from ..weights import LayerBudget
-from .linear import Bounds, backward, magnitude
+from .linear import Bounds, backward, input_bounds, magnitude, margin_matrix
 from .region import InputRegion
 
 
@@ -48,8 +49,24 @@ def last_affine(net: Network) -> int:
 
 
 def ibp_margins(
-    net: Network, budgets: dict[int, LayerBudget], region: InputRegion, c: Tensor
+    net: Network, budgets: dict[int, LayerBudget], region: InputRegion, y: Tensor, classes: int
 ) -> Tensor:
-    """Lower bounds ``(B, K)`` of ``c . logits`` by IBP, in margin form."""
+    """Lower bounds ``(B, classes)`` of the margins ``z_y - z_j`` by IBP, in margin form
+    (the last layer is folded into the class differences, never bounded logit by logit)."""
+    last = last_affine(net)
     bounds = interval_bounds(net, budgets, region, stop=len(net.layers) - 1)
-    return backward(net, budgets, region, bounds, c, len(net.layers) - 1, last_affine(net))
+    c = margin_matrix(y, classes, region.x.dtype)
+    layer = net.layers[last]
+    if last != len(net.layers) - 1 or layer.is_conv or classes**2 * layer.weight.shape[1] > 1 << 22:
+        return backward(net, budgets, region, bounds, c, len(net.layers) - 1, last)
+    # the same bound as ``backward``, without (B, classes, n) tensors: with m, r the centre and
+    # radius of the last layer's input box, lower_j = (W m)_y - (W m)_j - |w_y - w_j| . r
+    lower, upper = input_bounds(region, bounds, last)
+    centre, radius = (upper + lower) / 2, (upper - lower) / 2
+    z = layer.forward(centre)
+    pairs = (layer.weight[:, None, :] - layer.weight[None, :, :]).abs()  # (K, K, n)
+    spread = (radius @ pairs.reshape(classes * classes, -1).T).reshape(-1, classes, classes)
+    bound = z.gather(1, y[:, None]) - z - spread[torch.arange(len(y)), y]
+    if last in budgets:
+        bound = bound - budgets[last].output_set(magnitude(lower, upper)).support(c)
+    return bound

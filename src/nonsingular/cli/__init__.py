@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from .._version import __version__
 from ..errors import NonsingularError
-from . import evaluate, train
+from . import evaluate, reproduce, train
 from .common import Parser
 
 
@@ -24,6 +24,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"nonsingular {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
+    reproduce.register(sub)
     train.register(sub)
     evaluate.register(sub)
     return parser

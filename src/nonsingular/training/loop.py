@@ -207,7 +207,8 @@ def train(
                 if not math.isfinite(value):
                     raise FloatingPointError(
                         f"the training loss became {value} in epoch {epoch + 1}: lower lr or "
-                        "the method's budget and weights (lambda_x, lambda_w)")
+                        "the method's budget and weights (lambda_x, lambda_w)"
+                    )
                 total += value * len(idx)
                 correct += int((logits.detach().argmax(1) == yb).sum())
                 seen += len(idx)

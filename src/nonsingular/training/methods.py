@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from ..attacks import default_step_size, pgd
 from ..certificates import closed_form_terms, recursive_terms
 from ..certificates.ibp import ibp_margins
-from ..certificates.linear import margin_matrix
 from ..certificates.region import InputRegion
 from ..network import Network
 from ..perturbation import JointSpace
@@ -166,9 +165,12 @@ class IntervalBound(Method):
         threat = self.budget(progress)
         net = Network.from_module(model, detach=False)
         logits = net.forward(x)
-        c_matrix = margin_matrix(y, logits.shape[1], x.dtype)
         lower = ibp_margins(
-            net, dict(perturbed_layers(net, threat)), InputRegion.from_threat(x, threat), c_matrix
+            net,
+            dict(perturbed_layers(net, threat)),
+            InputRegion.from_threat(x, threat),
+            y,
+            logits.shape[1],
         )
         kappa = 1.0 - (1.0 - self.config.kappa) * self.scale(progress)
         robust = F.cross_entropy(-lower, y)  # worst-case logits z_j - z_y >= -lower_j

@@ -1,0 +1,368 @@
+"""The paper's experiment: train the comparison's models, evaluate every one of them under the
+same threats, and collect every number in one JSON-able dict (``results.json``).
+
+Budgets (for [0, 1] images, checked against the standard model in every report): each grid
+runs from no perturbation to one at which a standard MLP on mnist5k is near zero accuracy, so
+the curves show the whole fall and differences between models are visible somewhere.
+
+- input, linf ``eps_x``: 0.02 barely moves a standard model; at 0.1-0.2 it is near 0%.
+- weights, per-example absolute ``eps_w`` (the paper's view): 5e-4 costs a few points; 3e-3
+  to 4e-3 breaks nearly everything (every weight of a 784-wide layer may move by eps_w).
+- weights, per-example relative (multiplicative hardware noise, ``|Delta| <= eps_w |W|``): 1%
+  to 20%.
+- weights, shared absolute (one fault for the whole test set): a single Delta must hurt every
+  example at once, so it needs about ten times the per-example budget.
+- joint: the product of the first four input and weight budgets, where both matter.
+
+Everything is cached in the output directory: models in ``models/seed{S}/{method}`` (training
+run directories, resumable), evaluations in ``evals/seed{S}/{method}.json`` keyed by what was
+evaluated and a hash of the weights, so a rerun reuses all finished work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import Dataset, load
+from .errors import ConfigError
+from .evaluation import evaluate
+from .files import write_json
+from .threat import Threat, grid
+from .training import TrainConfig, train
+
+COMPARISON = ("standard", "pgd-at", "awp", "joint-at", "bound-reg", "ibp")
+
+
+@dataclass(frozen=True)
+class View:
+    """One family of threats: a name, a base threat, and the budgets along one axis."""
+
+    name: str
+    label: str
+    axis: str  # "eps_x" or "eps_w"
+    budgets: tuple[float, ...]
+    threat: dict[str, Any] = field(default_factory=dict)
+
+    def threats(self) -> list[Threat]:
+        return [Threat(**{**self.threat, self.axis: b}) for b in self.budgets]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What ``nonsingular reproduce`` runs; ``quick()`` is the few-minute version."""
+
+    data: str = "mnist5k"
+    model: str = "mlp"
+    seeds: int = 1
+    epochs: int = 20
+    methods: tuple[str, ...] | None = None  # None: all six (no bound-reg for a cnn)
+    eval_size: int = 1000
+    cert_size: int = 200
+    attack_steps: int = 20
+    attack_restarts: int = 1
+    eps_x: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2)
+    eps_w_absolute: tuple[float, ...] = (0.0, 5e-4, 1e-3, 2e-3, 3e-3, 4e-3)
+    eps_w_relative: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+    eps_w_shared: tuple[float, ...] = (0.0, 2e-3, 5e-3, 1e-2, 2e-2, 4e-2)
+    joint_eps_x: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1)
+    joint_eps_w: tuple[float, ...] = (0.0, 5e-4, 1e-3, 2e-3)
+    certify: tuple[str, ...] = ("ibp", "crown")
+    # crown's pre-activation bounds: "crown" for an MLP; "ibp" for a CNN, whose thousands of
+    # unstable conv neurons make CROWN bounds cost ~30 s per 60 examples per budget (2 cores)
+    intermediate: str | None = None
+
+    @classmethod
+    def quick(cls, **changes: Any) -> Experiment:
+        """Fewer epochs, smaller grids and test sets: minutes instead of a quarter hour."""
+        settings: dict[str, Any] = {
+            "epochs": 5,
+            "eval_size": 300,
+            "cert_size": 60,
+            "attack_steps": 10,
+            "eps_x": (0.0, 0.05, 0.1, 0.2),
+            "eps_w_absolute": (0.0, 1e-3, 2e-3, 4e-3),
+            "eps_w_relative": (0.0, 0.02, 0.05, 0.2),
+            "eps_w_shared": (0.0, 5e-3, 1e-2, 4e-2),
+            "joint_eps_x": (0.0, 0.05, 0.1),
+            "joint_eps_w": (0.0, 1e-3, 2e-3),
+        }
+        return cls(**{**settings, **changes})
+
+    def __post_init__(self) -> None:
+        if self.methods is None:  # the paper's bound (closed-form) is defined for MLPs only
+            chosen = tuple(m for m in COMPARISON if self.model == "mlp" or m != "bound-reg")
+            object.__setattr__(self, "methods", chosen)
+        unknown = [m for m in self.methods if m not in COMPARISON]
+        if unknown:
+            raise ConfigError(f"unknown method {unknown[0]!r}; choose from {', '.join(COMPARISON)}")
+        for name in ("standard", "pgd-at", "awp"):
+            if name not in self.methods:
+                raise ConfigError(f"the comparison needs the {name} model (its claims use it)")
+        if self.intermediate is None:
+            object.__setattr__(self, "intermediate", "crown" if self.model == "mlp" else "ibp")
+        if self.model != "mlp" and "bound-reg" in self.methods:
+            raise ConfigError(
+                "bound-reg regularizes the closed-form bound, which is defined for "
+                "MLPs only; leave it out for --model cnn"
+            )
+        for name in (
+            "seeds",
+            "epochs",
+            "eval_size",
+            "cert_size",
+            "attack_steps",
+            "attack_restarts",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.model not in ("mlp", "cnn"):
+            raise ConfigError(f"model must be mlp or cnn, got {self.model!r}")
+
+    def views(self) -> list[View]:
+        """Input-only, the three weight-only views, in report order."""
+        return [
+            View("input", "input only (linf)", "eps_x", self.eps_x),
+            View(
+                "weight-absolute",
+                "weights only, per-example absolute (the paper's)",
+                "eps_w",
+                self.eps_w_absolute,
+            ),
+            View(
+                "weight-relative",
+                "weights only, per-example relative (multiplicative noise)",
+                "eps_w",
+                self.eps_w_relative,
+                {"w_mode": "relative"},
+            ),
+            View(
+                "weight-shared",
+                "weights only, one shared perturbation for the whole test set",
+                "eps_w",
+                self.eps_w_shared,
+                {"scope": "shared"},
+            ),
+        ]
+
+    def train_config(self, method: str, seed: int) -> TrainConfig:
+        return TrainConfig(
+            data=self.data,
+            model=self.model,
+            method=method,
+            epochs=self.epochs,
+            seed=seed,
+            eval_size=0,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _weights_hash(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class _EvalCache:
+    """Evaluations of one model, keyed by what was asked and the weights' hash."""
+
+    def __init__(self, path: Path, counts: dict[str, int]) -> None:
+        self.path = path
+        self.counts = counts  # "computed" and "reused", shared by every model's cache
+        self.entries: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        if digest in self.entries:
+            self.counts["reused"] += 1
+        else:
+            self.entries[digest] = {"key": key, "value": compute()}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.path, self.entries)
+            self.counts["computed"] += 1
+        return self.entries[digest]["value"]
+
+
+def _model(
+    exp: Experiment,
+    out: Path,
+    method: str,
+    seed: int,
+    data: Dataset,
+    device: torch.device,
+    say: Callable[[str], None],
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained model of ``method`` and ``seed``: from its run directory, or trained now."""
+    run = out / "models" / f"seed{seed}" / method
+    config = exp.train_config(method, seed)
+    done = run / "metrics.jsonl"
+    reused = done.exists() and len(done.read_text().splitlines()) == config.epochs
+    say(
+        f"  {method} (seed {seed}): "
+        + (f"reusing {run}" if reused else f"training {config.epochs} epochs")
+    )
+    # resume=True: a finished run is loaded, an interrupted one continued, and a run made
+    # with other options is refused with a clear error rather than silently reused
+    result = train(config, data, out_dir=run, resume=True, device=device, progress=False)
+    model, history = result.model, result.history
+    return model, {
+        "reused": reused,
+        "run_dir": str(run.relative_to(out)),
+        "clean_full_test": history[-1]["test_accuracy"],
+        "train_seconds": sum(m["seconds"] for m in history),
+    }
+
+
+def run_experiment(
+    exp: Experiment,
+    out: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train and evaluate everything ``exp`` describes; return ``results.json``'s content."""
+    out = Path(out)
+    start = time.perf_counter()
+    device = torch.device(device)
+    data = load(exp.data, seed=0)
+    n = min(exp.eval_size, len(data.x_test))
+    x, y = data.x_test[:n].to(device), data.y_test[:n].to(device)
+    nc = min(exp.cert_size, n)
+    attack_options = {"steps": exp.attack_steps, "restarts": exp.attack_restarts, "loss": "ce"}
+    views = exp.views()
+    results: dict[str, Any] = {
+        "experiment": exp.to_dict(),
+        "data": {
+            "name": data.name,
+            "test_examples": n,
+            "certified_examples": nc,
+            "shape": list(data.in_shape),
+            "classes": data.classes,
+        },
+        "attack": attack_options,
+        "models": {m: {} for m in exp.methods},
+        "views": {
+            v.name: {
+                "label": v.label,
+                "axis": v.axis,
+                "budgets": list(v.budgets),
+                "threat": v.threat,
+                "accuracy": {m: {} for m in exp.methods},
+            }
+            for v in views
+        },
+        "joint": {
+            "eps_x": list(exp.joint_eps_x),
+            "eps_w": list(exp.joint_eps_w),
+            "accuracy": {m: {} for m in exp.methods},
+        },
+        "certified": {
+            "eps_x": list(exp.joint_eps_x),
+            "eps_w": list(exp.joint_eps_w),
+            "methods": list(exp.certify),
+            "accuracy": {c: {m: {} for m in exp.methods} for c in exp.certify},
+            "attacked": {m: {} for m in exp.methods},  # on the same examples
+        },
+        "warnings": [],
+    }
+    joint = grid(exp.joint_eps_x, exp.joint_eps_w)
+    evaluations = {"computed": 0, "reused": 0}
+    compute_seconds = 0.0  # of everything the results rest on, reused work included
+    for seed in range(exp.seeds):
+        say(f"seed {seed}: training")
+        models = {}
+        for method in exp.methods:
+            models[method], info = _model(exp, out, method, seed, data, device, say)
+            results["models"][method][str(seed)] = info
+        say(f"seed {seed}: evaluating")
+        for method, model in models.items():
+            cache = _EvalCache(out / "evals" / f"seed{seed}" / f"{method}.json", evaluations)
+            compute_seconds += results["models"][method][str(seed)]["train_seconds"]
+            weights = _weights_hash(model)
+
+            def table(
+                threats: list[Threat],
+                kind: str,
+                rows: int,
+                model: nn.Module = model,
+                cache: _EvalCache = cache,
+                weights: str = weights,
+            ) -> dict[str, Any]:
+                key = {
+                    "kind": kind,
+                    "threats": [t.to_dict() for t in threats],
+                    "n": rows,
+                    "attack": attack_options,
+                    "weights": weights,
+                }
+                certify = list(exp.certify) if kind == "certify" else []
+                if certify:
+                    key["intermediate"] = exp.intermediate
+
+                def compute() -> dict[str, Any]:
+                    return evaluate(
+                        model,
+                        (x[:rows], y[:rows]),
+                        threats,
+                        attack_options,
+                        certify=certify,
+                        certify_kwargs={"intermediate": exp.intermediate},
+                        progress=False,
+                    ).to_dict()
+
+                value = cache.get(key, compute)
+                nonlocal compute_seconds
+                compute_seconds += sum(sum(r["seconds"].values()) for r in value["rows"])
+                return value
+
+            for view in views:
+                got = table(view.threats(), "attack", n)
+                results["views"][view.name]["accuracy"][method][str(seed)] = [
+                    r["attacked"] for r in got["rows"]
+                ]
+                results["models"][method][str(seed)]["clean"] = got["rows"][0]["clean"]
+                results["warnings"] += [f"{method}, {view.name}: {w}" for w in got["warnings"]]
+            got = table(joint, "attack", n)
+            results["joint"]["accuracy"][method][str(seed)] = _matrix(got, exp, "attacked")
+            results["warnings"] += [f"{method}, joint: {w}" for w in got["warnings"]]
+            got = table(joint, "certify", nc)  # attacked too: the same examples, checked
+            certified = results["certified"]
+            certified["attacked"][method][str(seed)] = _matrix(got, exp, "attacked")
+            for c in exp.certify:
+                certified["accuracy"][c][method][str(seed)] = _matrix(got, exp, c)
+            results["warnings"] += [f"{method}, certified: {w}" for w in got["warnings"]]
+            say(f"  {method}: done")
+    results["seconds"] = time.perf_counter() - start
+    results["compute_seconds"] = compute_seconds
+    models = [info for per in results["models"].values() for info in per.values()]
+    results["reused"] = {
+        "models": sum(i["reused"] for i in models),
+        "of_models": len(models),
+        "evaluations": evaluations["reused"],
+        "of_evaluations": sum(evaluations.values()),
+    }
+    return results
+
+
+def _matrix(table: dict[str, Any], exp: Experiment, column: str) -> list[list[float]]:
+    """A table's rows as a matrix: rows eps_x, columns eps_w."""
+    cells = {
+        (r["eps_x"], r["eps_w"]): (
+            r["attacked"] if column == "attacked" else r["certified"][column]
+        )
+        for r in table["rows"]
+    }
+    return [[cells[(ex, ew)] for ew in exp.joint_eps_w] for ex in exp.joint_eps_x]
