@@ -27,6 +27,7 @@ def test_grid_evaluation_table(mnist, standard_mlp, tmp_path):
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["rows"][3]["attacked"] == table.accuracy(0.05, 1e-3)
     assert saved["attack"]["steps"] == 10
+    assert json.loads(table.to_json()) == saved
     assert table.to_markdown().count("\n") == 5
 
 

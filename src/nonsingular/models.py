@@ -144,6 +144,3 @@ def build(spec: list[dict[str, Any]]) -> nn.Sequential:
             ) from None
     return nn.Sequential(*layers)
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -104,9 +104,6 @@ class JointSpace:
         new = {key: self.balls[key].ascend(v, grads[key], alpha) for key, v in state.items()}
         return self.clamp_input(x, new)
 
-    def contains(self, state: State, rtol: float = 1e-5) -> bool:
-        return all(self.balls[key].contains(v, rtol) for key, v in state.items())
-
     def _layer_state(self, state: State, k: int) -> State:
         return {name: state[f"{k}.{name}"] for name in self.layers[k].balls}
 
