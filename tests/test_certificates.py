@@ -287,3 +287,22 @@ def test_ibp_fast_margin_step_equals_the_generic_backward_step(case, threat):
         last_affine(net),
     )
     torch.testing.assert_close(fast, generic, rtol=1e-9, atol=1e-9)
+
+
+@given(
+    case=networks(conv=False),
+    threat=threats(modes=DENSE_MODES),
+    method=st.sampled_from(["closed-form", "recursive"]),
+)
+def test_worst_wrong_class_terms_match_the_full_terms(case, threat, method):
+    from nonsingular.certificates import recursive_terms
+
+    model, x, y = case
+    terms_of = closed_form_terms if method == "closed-form" else recursive_terms
+    terms = terms_of(Network.from_module(model), x, y, threat)
+    full = [
+        t.scatter(1, y[:, None], float("-inf")).amax(1)
+        for t in (terms.input_term, terms.weight_term)
+    ]
+    for fast, slow in zip(terms.worst(), full, strict=True):
+        torch.testing.assert_close(fast.expand_as(slow), slow, rtol=1e-5, atol=1e-6)

@@ -107,9 +107,15 @@ class Affine(Layer):
             z = z.reshape(batch, -1, *z.shape[2:])
         return self.add_bias(z, bias)
 
-    def interval(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-        center = self.forward((upper + lower) / 2)
-        radius = self.linear((upper - lower) / 2, self.weight.abs())
+    def interval(
+        self, lower: Tensor, upper: Tensor, extra: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Bounds of the output; ``extra`` widens them (a weight perturbation's radius)."""
+        mid = torch.add(upper, lower).mul_(0.5)  # few passes over the widest tensor (the input)
+        center = self.forward(mid)
+        radius = self.linear(upper - mid, self.weight.abs())
+        if extra is not None:
+            radius = radius + extra
         return center - radius, center + radius
 
     def transpose(self, lam: Tensor, in_shape: tuple[int, ...]) -> Tensor:

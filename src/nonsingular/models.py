@@ -143,4 +143,3 @@ def build(spec: list[dict[str, Any]]) -> nn.Sequential:
                 f"layer {i} ({entry['type']}) of the model description is invalid: {exc}"
             ) from None
     return nn.Sequential(*layers)
-

@@ -31,24 +31,53 @@ from .region import InputRegion
 
 @dataclass
 class MarginTerms:
-    """Clean margins and the two parts of the bound on their change, each ``(B, K)``.
+    """Clean margins and the two parts of the bound on their change, kept factored.
 
-    ``input_term``: the bound with ``eps_w = 0``; ``weight_term``: what the weight budget adds.
-    The certified lower bound is ``margins - input_term - weight_term``.
+    Both bounds have the form ``|Delta m_j| <= spread[y, j] * e + r_y + r_j``, with
+    ``spread[a, b] = ||w_a - w_b||_1`` of the last layer. ``input_term`` (the bound with
+    ``eps_w = 0``) is ``spread[y] * input_scale``; ``weight_term`` (what the weight budget adds)
+    is ``spread[y] * weight_scale + r_y + r_j``. The certified lower bound is
+    ``margins - input_term - weight_term``; training uses ``worst`` on the factored form.
     """
 
-    logits: Tensor  # the clean logits (training reuses them for its cross-entropy)
+    logits: Tensor  # (B, K) the clean logits (training reuses them for its cross-entropy)
     y: Tensor
-    input_term: Tensor
-    weight_term: Tensor
+    spread: Tensor  # (K, K)
+    input_scale: Tensor  # (B,)
+    weight_scale: Tensor  # (B,), >= 0
+    radius: Tensor  # the last layer's output radius: (B, K), (B, 1) or 0-dim
 
     @property
     def margins(self) -> Tensor:
         return self.logits.gather(1, self.y[:, None]) - self.logits
 
     @property
+    def input_term(self) -> Tensor:
+        return self.spread[self.y] * self.input_scale[:, None]
+
+    @property
+    def weight_term(self) -> Tensor:
+        r = self.radius.expand(len(self.y), self.spread.shape[0])
+        return self.spread[self.y] * self.weight_scale[:, None] + r.gather(1, self.y[:, None]) + r
+
+    @property
     def lower(self) -> Tensor:
         return self.margins - self.input_term - self.weight_term
+
+    def worst(self) -> tuple[Tensor, Tensor]:
+        """``(input, weight)`` terms of the worst wrong class, each (B,).
+
+        With a radius equal for every class (absolute and layer budgets) the maximum is taken
+        on the (K,) row maxima of ``spread``, never forming (B, K) tensors: the hot path of
+        the bound regularizer.
+        """
+        largest = self.spread.amax(1)[self.y]  # max_j spread[y, j]; the j = y entry is 0
+        if self.radius.dim() < 2 or self.radius.shape[1] == 1:
+            r = self.radius.reshape(-1) if self.radius.dim() else self.radius
+            return largest * self.input_scale, largest * self.weight_scale + 2 * r
+        true = self.y[:, None]
+        weight = self.weight_term.scatter(1, true, float("-inf")).amax(1)
+        return largest * self.input_scale, weight
 
 
 def dense_layers(net: Network, method: str) -> list[Affine]:
@@ -106,21 +135,19 @@ def _uniform_radius(budget: LayerBudget | None, level: Tensor) -> Tensor:
     return at_zero + level[:, None] * (at_one - at_zero)
 
 
-def _margin_change(last: Affine, y: Tensor, e: Tensor, r: Tensor, spread: Tensor) -> Tensor:
-    """``||w_y - w_j||_1 e + r_y + r_j``: ``e (B,)``, ``r (B, n_classes)`` or 0-dim,
-    ``spread (K, K)`` the class-pair distances ``||w_a - w_b||_1``."""
-    classes = last.weight.shape[0]
-    r = r.expand(len(y), classes) if r.dim() else r.new_zeros(len(y), classes)
-    return spread[y] * e[:, None] + r.gather(1, y[:, None]) + r
-
-
 def _spread(last: Affine) -> Tensor:
+    """``(K, K)``: ``||w_a - w_b||_1`` for every pair of classes."""
     w = last.weight
     return (w[:, None, :] - w[None, :, :]).abs().sum(-1)
 
 
-def _terms(logits: Tensor, y: Tensor, total: Tensor, input_term: Tensor) -> MarginTerms:
-    return MarginTerms(logits, y, input_term, total - input_term)
+def _terms(
+    logits: Tensor, y: Tensor, last: Affine, e: Tensor, input_scale: Tensor | float, radius: Tensor
+) -> MarginTerms:
+    """``e`` bounds the change of the last layer's input; ``input_scale`` is its part from
+    ``eps_x`` alone, so the weight budget's part is ``e - input_scale``."""
+    input_scale = torch.as_tensor(input_scale, dtype=e.dtype, device=e.device).expand_as(e)
+    return MarginTerms(logits, y, _spread(last), input_scale, e - input_scale, radius)
 
 
 def closed_form_terms(
@@ -136,7 +163,7 @@ def closed_form_terms(
     budgets = {id(b.layer): b for _, b in perturbed_layers(net, threat)}
     p = x.flatten(1).abs().amax(1)  # (B,) P_0
     e = torch.full_like(p, threat.eps_x)  # P'_l - P_l, tracked directly (no cancellation)
-    gain = torch.ones_like(p)
+    gain = 1.0  # product of the layer norms: what eps_x alone is multiplied by
     for layer in dense[:-1]:
         a = torch.linalg.vector_norm(layer.weight, ord=1, dim=1).amax()  # ||W||_inf, fused
         beta = layer.bias.abs().amax() if layer.bias is not None else 0.0
@@ -144,10 +171,10 @@ def closed_form_terms(
         p, e = a * p + beta, a * e + (r.amax(1) if r.dim() else 0.0)
         gain = gain * a
     last = dense[-1]
-    spread = _spread(last)
-    total = _margin_change(last, y, e, _uniform_radius(budgets.get(id(last)), p + e), spread)
-    input_term = _margin_change(last, y, threat.eps_x * gain, x.new_zeros(()), spread)
-    return _terms(net.forward(x) if logits is None else logits, y, total, input_term)
+    radius = _uniform_radius(budgets.get(id(last)), p + e)
+    return _terms(
+        net.forward(x) if logits is None else logits, y, last, e, threat.eps_x * gain, radius
+    )
 
 
 def recursive_terms(net: Network, x: Tensor, y: Tensor, threat: Threat) -> MarginTerms:
@@ -159,7 +186,7 @@ def recursive_terms(net: Network, x: Tensor, y: Tensor, threat: Threat) -> Margi
     h = x.flatten(1)
     u = region.lower.abs().maximum(region.upper.abs()).flatten(1)
     e = torch.full_like(h[:, 0], threat.eps_x)
-    gain = torch.ones_like(e)
+    gain = 1.0
     for layer in dense[:-1]:
         a = torch.linalg.vector_norm(layer.weight, ord=1, dim=1).amax()  # ||W||_inf, fused
         r = _row_radius(budgets.get(id(layer)), u)
@@ -170,10 +197,8 @@ def recursive_terms(net: Network, x: Tensor, y: Tensor, threat: Threat) -> Margi
         u = h.abs() + e[:, None]
         gain = gain * a
     last = dense[-1]
-    spread = _spread(last)
-    total = _margin_change(last, y, e, _row_radius(budgets.get(id(last)), u), spread)
-    input_term = _margin_change(last, y, threat.eps_x * gain, x.new_zeros(()), spread)
-    return _terms(last.forward(h), y, total, input_term)
+    radius = _row_radius(budgets.get(id(last)), u)
+    return _terms(last.forward(h), y, last, e, threat.eps_x * gain, radius)
 
 
 def _relu_follows(net: Network, layer: Affine) -> bool:

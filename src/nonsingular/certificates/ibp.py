@@ -23,12 +23,11 @@ def interval_step(
 ) -> tuple[Tensor, Tensor]:
     """Bounds on the output of layer ``k`` from bounds on its input (``nonnegative``: the
     input is known to be >= 0, so its magnitude is ``upper``)."""
-    out_lower, out_upper = net.layers[k].interval(lower, upper)
-    if k in budgets:
-        size = upper if nonnegative else magnitude(lower, upper)
-        r = budgets[k].output_set(size).radius()
-        out_lower, out_upper = out_lower - r, out_upper + r
-    return out_lower, out_upper
+    if k not in budgets:
+        return net.layers[k].interval(lower, upper)
+    size = upper if nonnegative else magnitude(lower, upper)
+    radius = budgets[k].output_set(size).radius()
+    return net.layers[k].interval(lower, upper, extra=radius)  # type: ignore[call-arg]
 
 
 def interval_bounds(
@@ -57,7 +56,13 @@ def ibp_margins(
     bounds = interval_bounds(net, budgets, region, stop=len(net.layers) - 1)
     c = margin_matrix(y, classes, region.x.dtype)
     layer = net.layers[last]
-    if last != len(net.layers) - 1 or layer.is_conv or classes**2 * layer.weight.shape[1] > 1 << 22:
+    generic = (
+        last != len(net.layers) - 1  # layers after the last affine one
+        or layer.is_conv
+        or (last == 0 and region.l2_radius is not None)  # the input ball, not only its box
+        or classes**2 * layer.weight.shape[1] > 1 << 22
+    )
+    if generic:
         return backward(net, budgets, region, bounds, c, len(net.layers) - 1, last)
     # the same bound as ``backward``, without (B, classes, n) tensors: with m, r the centre and
     # radius of the last layer's input box, lower_j = (W m)_y - (W m)_j - |w_y - w_j| . r

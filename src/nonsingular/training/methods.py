@@ -141,16 +141,8 @@ class BoundRegularized(Method):
         else:
             terms = recursive_terms(net, x, y, threat)
             logits = terms.logits
-        wrong = torch.ones_like(terms.margins, dtype=torch.bool).scatter(1, y[:, None], False)
-        worst = [
-            getattr(terms, name).masked_fill(~wrong, float("-inf")).amax(1).mean()
-            for name in ("input_term", "weight_term")
-        ]
-        reg = c.lambda_x * worst[0] + c.lambda_w * worst[1]
-        if not torch.isfinite(reg):
-            raise FloatingPointError(
-                "the bound regularizer overflowed: lower lambda_x, lambda_w or lr"
-            )
+        input_term, weight_term = terms.worst()  # the worst wrong class per example
+        reg = c.lambda_x * input_term.mean() + c.lambda_w * weight_term.mean()
         return F.cross_entropy(logits, y) + reg, logits
 
 
