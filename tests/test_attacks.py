@@ -261,5 +261,9 @@ def test_bad_batches_raise_input_errors(standard_mlp, sample):
         ns.attack(standard_mlp, x[:, :, :10], y, Threat(eps_x=0.1))
     with pytest.raises(InputError, match="outside the threat's bounds"):
         ns.attack(standard_mlp, x * 255, y, Threat(eps_x=0.1))
+    with pytest.raises(InputError, match="x must be a torch.Tensor, got ndarray"):
+        ns.attack(standard_mlp, x.numpy(), y, Threat(eps_x=0.1))
+    with pytest.raises(InputError, match="y must be a torch.Tensor, got list"):
+        ns.certify(standard_mlp, x, y.tolist(), Threat(eps_x=0.1))
     res = ns.attack(standard_mlp, x * 2 - 1, y, Threat(eps_x=0.1, bounds=None), steps=2)
     assert res.x_adv.shape == x.shape

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .errors import ConfigError
-from .network import Network, check_batch
+from .network import Network, check_batch, move_batch
 from .perturbation import JointSpace, State, check_domain, margins
 from .threat import Threat
 from .weights import ParameterVariables, perturbed_layers
@@ -244,7 +244,7 @@ def attack(
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
     net = Network.from_module(model)
     device = net.affine_layers[0][1].weight.device
-    x, y = x.to(device), y.to(device)
+    x, y = move_batch(x, y, device)
     logits = check_batch(net, x, y)
     y = y.long()
     clean = margins(logits, y)

@@ -142,6 +142,14 @@ def _layer(name: str, m: nn.Module, detach: bool) -> Layer:
     )
 
 
+def move_batch(x: object, y: object, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` on ``device``; InputError for anything but tensors."""
+    for name, value in (("x", x), ("y", y)):
+        if not isinstance(value, Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return x.to(device), y.to(device)  # type: ignore[union-attr]
+
+
 def check_batch(net: Network, x: Tensor, y: Tensor | None = None, probe: bool = False) -> Tensor:
     """Run ``x`` through ``net`` once and check ``y`` against the logits; return the logits.
 

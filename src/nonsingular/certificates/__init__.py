@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..network import Network, check_batch
+from ..network import Network, check_batch, move_batch
 from ..perturbation import check_domain, margins
 from ..threat import Threat
 from ..weights import perturbed_layers
@@ -113,7 +113,7 @@ def certify(
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
     net = Network.from_module(model)
     device = net.affine_layers[0][1].weight.device
-    x, y = x.to(device), y.to(device)
+    x, y = move_batch(x, y, device)
     classes = check_batch(net, x, y, probe=True).shape[1]
     y = y.long()
     check_domain(x, threat)
