@@ -31,6 +31,17 @@ def small_cnn(mnist: Dataset) -> torch.nn.Sequential:
     return train(TrainConfig(model="cnn", epochs=4, seed=0), mnist, progress=False).model
 
 
+def malicious_pickle(marker) -> bytes:
+    """A pickle that creates ``marker`` if anything ever unpickles it."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    return pickle.dumps(Evil())
+
+
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -1,11 +1,12 @@
 import json
-import pickle
 
 import pytest
 import torch
 
 from nonsingular import CheckpointError, checkpoint
 from nonsingular.models import mlp
+
+from .conftest import malicious_pickle
 
 
 @pytest.fixture
@@ -55,12 +56,7 @@ def test_truncated_or_corrupted_weights_give_a_clear_error(saved):
 def test_a_pickle_in_place_of_the_weights_is_refused_without_unpickling(saved, tmp_path):
     _, path = saved
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    path.write_bytes(pickle.dumps(Evil()))
+    path.write_bytes(malicious_pickle(marker))
     with pytest.raises(CheckpointError):
         checkpoint.load(path)
     assert not marker.exists()

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from nonsingular.files import write_bytes
 from nonsingular.network import Network
 from nonsingular.training import METHODS, TrainConfig, build_model, train
 from nonsingular.training.config import METHOD_DEFAULTS
+
+from .conftest import malicious_pickle
 
 QUICK = {"epochs": 2, "hidden": (64, 64), "eval_size": 100}
 
@@ -126,12 +127,7 @@ def test_resume_state_is_never_unpickled_and_damage_is_reported(mnist, tmp_path)
     with pytest.raises(CheckpointError, match="corrupted or truncated"):
         train(config, mnist, out_dir=out, resume=True, progress=False)
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    state.write_bytes(pickle.dumps(Evil()))
+    state.write_bytes(malicious_pickle(marker))
     with pytest.raises(CheckpointError):
         train(config, mnist, out_dir=out, resume=True, progress=False)
     assert not marker.exists()

@@ -123,20 +123,15 @@ class LayerBudget:
 
         ``nonnegative``: ``h >= 0`` is known (a ReLU output), so ``|h| = h`` is skipped.
         """
-        z = self.layer.forward(h)
-        if self.norm == "linf" and self.weight_radius.dim() == 0 and self.bias_radius is None:
-            # the common case (absolute or layer mode): the attack's hot path, few kernels
-            l1 = h.sum(-1, keepdim=True) if nonnegative else h.abs().sum(-1, keepdim=True)
-            return torch.addcmul(z, l1 * self.weight_radius, t)
-        return z + self.lemma_radius(h) * t
+        return torch.addcmul(self.layer.forward(h), self.lemma_radius(h, nonnegative), t)
 
-    def lemma_radius(self, h: Tensor) -> Tensor:
+    def lemma_radius(self, h: Tensor, nonnegative: bool = False) -> Tensor:
         """Radius of the exact output ball of a dense layer at ``h: (B, n_in)``.
 
         linf: (B, n_out) or (B, 1) box radius; l2: (B, 1) Euclidean radius.
         """
         if self.norm == "linf":
-            return self.activation_radius(h.abs())
+            return self.activation_radius(h if nonnegative else h.abs())
         r = self.weight_radius * h.norm(dim=-1, keepdim=True)
         return r if self.bias_radius is None else r + self.bias_radius
 

@@ -80,9 +80,9 @@ class MarginTerms:
         return largest * self.input_scale, weight
 
 
-def dense_layers(net: Network, method: str) -> list[Affine]:
-    """The dense layers of an MLP, or a clear error for anything else."""
-    dense: list[Affine] = []
+def dense_layers(net: Network, method: str) -> list[tuple[int, Affine]]:
+    """The dense layers of an MLP with their indices, or a clear error for anything else."""
+    dense: list[tuple[int, Affine]] = []
     last = max(k for k, layer in enumerate(net.layers) if isinstance(layer, Affine))
     for k, layer in enumerate(net.layers):
         if k > last and not isinstance(layer, Identity):
@@ -91,7 +91,7 @@ def dense_layers(net: Network, method: str) -> list[Affine]:
                 f"layer '{layer.name}' ({type(layer).__name__}) follows it: use 'ibp' or 'crown'"
             )
         if isinstance(layer, Affine) and not layer.is_conv:
-            dense.append(layer)
+            dense.append((k, layer))
         elif isinstance(layer, (Flatten, Identity)) and not dense:
             continue  # before the first dense layer: the input itself
         elif isinstance(layer, (ReLU, Identity)) and dense:
@@ -160,18 +160,18 @@ def closed_form_terms(
     """
     _check_threat(threat, "closed-form")
     dense = dense_layers(net, "closed-form")
-    budgets = {id(b.layer): b for _, b in perturbed_layers(net, threat)}
+    budgets = dict(perturbed_layers(net, threat))
     p = x.flatten(1).abs().amax(1)  # (B,) P_0
     e = torch.full_like(p, threat.eps_x)  # P'_l - P_l, tracked directly (no cancellation)
     gain = 1.0  # product of the layer norms: what eps_x alone is multiplied by
-    for layer in dense[:-1]:
-        a = torch.linalg.vector_norm(layer.weight, ord=1, dim=1).amax()  # ||W||_inf, fused
+    for k, layer in dense[:-1]:
+        a = _inf_norm(layer)
         beta = layer.bias.abs().amax() if layer.bias is not None else 0.0
-        r = _uniform_radius(budgets.get(id(layer)), p + e)
+        r = _uniform_radius(budgets.get(k), p + e)
         p, e = a * p + beta, a * e + (r.amax(1) if r.dim() else 0.0)
         gain = gain * a
-    last = dense[-1]
-    radius = _uniform_radius(budgets.get(id(last)), p + e)
+    k, last = dense[-1]
+    radius = _uniform_radius(budgets.get(k), p + e)
     return _terms(
         net.forward(x) if logits is None else logits, y, last, e, threat.eps_x * gain, radius
     )
@@ -181,27 +181,31 @@ def recursive_terms(net: Network, x: Tensor, y: Tensor, threat: Threat) -> Margi
     """B1's parts: the same recursion along the example's own activations."""
     _check_threat(threat, "recursive")
     dense = dense_layers(net, "recursive")
-    budgets = {id(b.layer): b for _, b in perturbed_layers(net, threat)}
+    budgets = dict(perturbed_layers(net, threat))
     region = InputRegion.from_threat(x, threat)
     h = x.flatten(1)
     u = region.lower.abs().maximum(region.upper.abs()).flatten(1)
     e = torch.full_like(h[:, 0], threat.eps_x)
     gain = 1.0
-    for layer in dense[:-1]:
-        a = torch.linalg.vector_norm(layer.weight, ord=1, dim=1).amax()  # ||W||_inf, fused
-        r = _row_radius(budgets.get(id(layer)), u)
+    for k, layer in dense[:-1]:
+        a = _inf_norm(layer)
+        r = _row_radius(budgets.get(k), u)
         h = layer.forward(h)
-        if _relu_follows(net, layer):
+        if _relu_follows(net, k):
             h = h.relu()
         e = a * e + (r.amax(1) if r.dim() else 0.0)
         u = h.abs() + e[:, None]
         gain = gain * a
-    last = dense[-1]
-    radius = _row_radius(budgets.get(id(last)), u)
+    k, last = dense[-1]
+    radius = _row_radius(budgets.get(k), u)
     return _terms(last.forward(h), y, last, e, threat.eps_x * gain, radius)
 
 
-def _relu_follows(net: Network, layer: Affine) -> bool:
-    k = next(i for i, lay in enumerate(net.layers) if lay is layer)
+def _inf_norm(layer: Affine) -> Tensor:
+    """``||W||_inf``, the largest absolute row sum (one fused kernel)."""
+    return torch.linalg.vector_norm(layer.weight, ord=1, dim=1).amax()
+
+
+def _relu_follows(net: Network, k: int) -> bool:
     following = [lay for lay in net.layers[k + 1 :] if not isinstance(lay, Identity)]
     return bool(following) and isinstance(following[0], ReLU)
