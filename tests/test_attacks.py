@@ -7,7 +7,8 @@ from torch.func import functional_call
 
 import nonsingular as ns
 from nonsingular import ConfigError, InputError, Threat
-from nonsingular.perturbation import JointSpace, margins
+from nonsingular.attacks import JointSpace, margins
+from nonsingular.model import read_model
 
 from .conftest import assert_state_equal, state_copy
 
@@ -103,8 +104,8 @@ def test_conv_kernels_are_per_example_and_dense_layers_use_the_lemma(small_cnn, 
     res = ns.attack(small_cnn, x, y, Threat(eps_w=0.02), steps=5)
     a, b = res.weight_deltas(0), res.weight_deltas(1)
     assert not torch.equal(a["0.weight"], b["0.weight"])
-    net_space = JointSpace(ns.network.Network.from_module(small_cnn), Threat(eps_w=0.02))
-    assert net_space.balls.keys() == {"0.weight", "2.weight", "5.t", "7.t"}
+    space = JointSpace(read_model(small_cnn, x), Threat(eps_w=0.02), x)
+    assert space.balls.keys() == {"w:0.weight", "w:2.weight", "t:5.weight", "t:7.weight"}
 
 
 def test_standard_mlp_accuracy_falls_with_each_budget_and_joint_beats_singular(mnist, standard_mlp):

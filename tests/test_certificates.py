@@ -10,7 +10,7 @@ from torch.func import functional_call, vmap
 import nonsingular as ns
 from nonsingular import ConfigError, Threat, UnsupportedLayerError
 from nonsingular.certificates import closed_form_terms
-from nonsingular.network import Network
+from nonsingular.model import perturbed_layers, read_model
 
 from .conftest import assert_state_equal, state_copy
 
@@ -38,6 +38,8 @@ def networks(draw, conv=None):
                 draw(st.integers(1, 2)),
                 draw(st.integers(0, 1)),
             )
+            if size + 2 * pad < k:
+                break  # the image is too small for another layer
             layers += [nn.Conv2d(channels, out, k, stride, pad, bias=bias), nn.ReLU()]
             if draw(st.booleans()):
                 bn = nn.BatchNorm2d(out)
@@ -83,16 +85,14 @@ def threats(draw, modes=ALL_MODES, input_norms=("linf", "l2")):
     )
 
 
-def sample_parameters(model, threat, n, generator):
+def sample_parameters(model, x, threat, n, generator):
     """n draws of materialized weights inside the threat's weight ball (half on its boundary)."""
     params = {k: v.detach() for k, v in model.named_parameters()}
-    net = Network.from_module(model)
-    from nonsingular.weights import perturbed_layers
+    graph = read_model(model, x)
 
     drawn = {k: v.expand(n, *v.shape).clone() for k, v in params.items()}
-    for _, budget in perturbed_layers(net, threat):
-        for name, ball in budget.parameter_balls(batch_dims=1).items():
-            key = getattr(budget.layer, f"{name}_name")
+    for budget in perturbed_layers(graph, threat):
+        for key, ball in budget.parameter_balls(batch_dims=1).items():
             shape = (n, *params[key].shape)
             inside = ball.random(torch.empty(shape), generator)
             edge = ball.project(torch.randn(shape, generator=generator) * 1e3)
@@ -118,7 +118,7 @@ def random_margins(model, x, y, threat, n=200, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(len(x)):
-        params = sample_parameters(model, threat, n, g)
+        params = sample_parameters(model, x[i : i + 1], threat, n, g)
         xs = sample_inputs(x[i], threat, n, g)
         logits = vmap(lambda p, xi: functional_call(model, p, (xi[None],))[0])(params, xs)
         out.append(logits[:, y[i] : y[i] + 1] - logits)
@@ -170,12 +170,18 @@ def test_tighter_methods_are_tighter_where_theory_says_so(case, threat):
 
 
 @pytest.mark.parametrize("method", ["closed-form", "recursive", "ibp", "crown"])
-def test_zero_budget_certifies_exactly_the_correct_examples(mnist, standard_mlp, method):
+def test_zero_budget_certifies_the_correct_examples_up_to_rounding(mnist, standard_mlp, method):
+    """With nothing perturbed, only the model's own float32 arithmetic is left: the bound sits
+    just below the margin it computes, every clear margin is certified, no wrong one ever."""
     x, y = mnist.x_test[:300], mnist.y_test[:300]
     cert = ns.certify(standard_mlp, x, y, Threat(), method)
     correct = standard_mlp(x).argmax(1) == y
-    assert torch.equal(cert.certified, correct)
-    torch.testing.assert_close(cert.worst.float(), cert.clean_margins, atol=1e-4, rtol=1e-5)
+    rounding = cert.clean_margins.double() - cert.worst
+    assert bool((rounding > 0).all())  # rounding can only take margin away
+    assert not bool((cert.certified & ~correct).any())
+    if method in ("ibp", "crown"):  # B0 and B1 multiply layer norms: rounding costs them more
+        assert float(rounding.max()) < 0.05
+        assert bool(cert.certified[correct & (cert.clean_margins > 0.05)].all())
 
 
 def test_on_the_standard_mlp_clean_attacked_certified_are_ordered(mnist, standard_mlp):
@@ -199,9 +205,9 @@ def test_on_the_standard_mlp_clean_attacked_certified_are_ordered(mnist, standar
 
 def test_closed_form_terms_split_the_bound_and_are_differentiable(mnist, standard_mlp):
     x, y = mnist.x_test[:16], mnist.y_test[:16]
-    net = Network.from_module(standard_mlp, detach=False)
-    terms = closed_form_terms(net, x, y, Threat(eps_x=0.01, eps_w=1e-4))
-    only_input = closed_form_terms(net, x, y, Threat(eps_x=0.01))
+    graph = read_model(standard_mlp, x, detach=False)
+    terms = closed_form_terms(graph, x, y, Threat(eps_x=0.01, eps_w=1e-4))
+    only_input = closed_form_terms(graph, x, y, Threat(eps_x=0.01))
     torch.testing.assert_close(terms.input_term, only_input.input_term)
     assert bool((only_input.weight_term.abs() < 1e-6).all())
     wrong = torch.ones_like(terms.weight_term, dtype=torch.bool).scatter(1, y[:, None], False)
@@ -247,7 +253,9 @@ def test_chunking_and_precision_do_not_change_the_bounds(mnist, standard_mlp):
     chunks = ns.certify(standard_mlp, x, y, threat, "crown", batch_size=7)
     torch.testing.assert_close(whole.lower, chunks.lower)
     single = ns.certify(standard_mlp, x, y, threat, "crown", dtype=torch.float32)
-    torch.testing.assert_close(single.lower.double(), whole.lower, atol=1e-3, rtol=1e-4)
+    # float32 bounds carry their own rounding too: a little lower, never far
+    torch.testing.assert_close(single.lower.double(), whole.lower, atol=0.05, rtol=1e-3)
+    assert float(single.worst.double().mean()) < float(whole.worst.mean())
     via_ibp = ns.certify(standard_mlp, x, y, threat, "crown", intermediate="ibp")
     assert bool((via_ibp.worst <= whole.worst + 1e-9).all())
 
@@ -264,28 +272,20 @@ def test_a_relu_after_the_last_layer_is_bounded_by_ibp_and_crown_only():
 
 @given(case=networks(), threat=threats())
 def test_ibp_fast_margin_step_equals_the_generic_backward_step(case, threat):
-    from nonsingular.certificates.ibp import ibp_margins, interval_bounds, last_affine
+    from nonsingular.certificates.ibp import ibp_margins, interval_bounds
     from nonsingular.certificates.linear import backward, margin_matrix
     from nonsingular.certificates.region import InputRegion
-    from nonsingular.weights import perturbed_layers
 
     model, x, y = case
-    net = Network.from_module(model).cast(torch.float64)
+    graph = read_model(model, x).cast(torch.float64)
     x = x.double()
-    budgets = dict(perturbed_layers(net, threat))
+    budgets = {b.index: b for b in perturbed_layers(graph, threat)}
     region = InputRegion.from_threat(x, threat)
     classes = model(x[:1].float()).shape[1]
-    fast = ibp_margins(net, budgets, region, y, classes)
-    bounds = interval_bounds(net, budgets, region, stop=len(net.layers) - 1)
-    generic = backward(
-        net,
-        budgets,
-        region,
-        bounds,
-        margin_matrix(y, classes, x.dtype),
-        len(net.layers) - 1,
-        last_affine(net),
-    )
+    bounds = interval_bounds(graph, budgets, region, unit=2.0**-24)
+    fast = ibp_margins(graph, budgets, region, y, classes, bounds)
+    c = margin_matrix(y, classes, x.dtype)
+    generic = backward(graph, budgets, region, bounds, c, graph.output, relax=False)
     torch.testing.assert_close(fast, generic, rtol=1e-9, atol=1e-9)
 
 
@@ -299,7 +299,7 @@ def test_worst_wrong_class_terms_match_the_full_terms(case, threat, method):
 
     model, x, y = case
     terms_of = closed_form_terms if method == "closed-form" else recursive_terms
-    terms = terms_of(Network.from_module(model), x, y, threat)
+    terms = terms_of(read_model(model, x), x, y, threat)
     full = [
         t.scatter(1, y[:, None], float("-inf")).amax(1)
         for t in (terms.input_term, terms.weight_term)

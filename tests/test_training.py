@@ -14,7 +14,7 @@ import nonsingular as ns
 from nonsingular import CheckpointError, ConfigError, Threat, checkpoint
 from nonsingular.certificates import closed_form_terms
 from nonsingular.files import write_bytes
-from nonsingular.network import Network
+from nonsingular.model import read_model
 from nonsingular.training import METHODS, TrainConfig, build_model, train
 from nonsingular.training.config import METHOD_DEFAULTS
 
@@ -50,7 +50,7 @@ def test_bound_regularizer_lowers_the_weight_term(mnist):
     x, y = mnist.x_test[:200], mnist.y_test[:200]
 
     def weight_term(model):
-        terms = closed_form_terms(Network.from_module(model), x, y, threat)
+        terms = closed_form_terms(read_model(model, x), x, y, threat)
         wrong = torch.ones_like(terms.margins, dtype=torch.bool).scatter(1, y[:, None], False)
         return float(terms.weight_term[wrong].mean())
 

@@ -29,3 +29,8 @@ class CheckpointError(NonsingularError, ValueError):
 
 class ConfigError(NonsingularError, ValueError):
     """An option outside its allowed range (steps, restarts, loss name, batch size, ...)."""
+
+
+class UnsupportedModelError(UnsupportedLayerError):
+    """A model nonsingular cannot read as it runs: an untraceable forward, hooks,
+    parametrizations, or a reading that disagrees with ``model(x)``."""

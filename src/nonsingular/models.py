@@ -14,7 +14,6 @@ from typing import Any
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, UnsupportedLayerError
-from .network import Network
 
 
 def _check_shape(in_shape: Sequence[int]) -> tuple[int, ...]:
@@ -59,7 +58,16 @@ def cnn(
 
 def describe(model: nn.Module) -> list[dict[str, Any]]:
     """JSON-able list of the model's layers (sizes and options, no weights)."""
-    Network.from_module(model)  # raises a clear error on unsupported layers
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+        raise UnsupportedLayerError(
+            f"describe() supports flat nn.Sequential models only, got {type(model).__name__}"
+        )
+    for name, child in model.named_children():
+        if _BUILDERS.get(type(child).__name__) is not type(child):
+            raise UnsupportedLayerError(
+                f"layer '{name}' ({type(child).__name__}) cannot be described as JSON; "
+                f"describable: {', '.join(_BUILDERS)}"
+            )
     spec: list[dict[str, Any]] = []
     for m in model.modules():
         if isinstance(m, nn.Sequential):

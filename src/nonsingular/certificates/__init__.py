@@ -10,23 +10,23 @@ through the per-example threat, which contains it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ..attacks.space import check_domain, margins
 from ..errors import ConfigError
-from ..network import Network, check_batch, move_batch
-from ..perturbation import check_domain, margins
+from ..model.graph import VARIABLE, Graph
+from ..model.lemma import perturbed_layers
+from ..model.verify import read_batch
 from ..threat import Threat
-from ..weights import perturbed_layers
 from .closed_form import MarginTerms, closed_form_terms, recursive_terms
 from .crown import INTERMEDIATE, crown_margins
-from .ibp import ibp_margins
+from .ibp import ibp_margins, interval_bounds
 from .linear import margin_matrix
 from .region import InputRegion
+from .rounding import unit_roundoff
 
 METHODS = ("closed-form", "recursive", "ibp", "crown")
 
@@ -35,18 +35,15 @@ METHODS = ("closed-form", "recursive", "ibp", "crown")
 class CertifyResult:
     """Certified lower bounds for a batch.
 
-    lower: (B, classes) lower bound of ``z_y - z_j`` for each class j (``+inf`` at ``j = y``).
+    lower: (B, classes) lower bound of ``z_y - z_j`` for each class j (``+inf`` at ``j = y``),
+           as the model computes it (the rounding of its own arithmetic included).
+    clean_margins: (B,) ``z_y - max_{j != y} z_j`` without perturbation.
     """
 
     lower: Tensor
     method: str
     threat: Threat
-    _clean: Callable[[], Tensor] = field(repr=False)
-
-    @cached_property
-    def clean_margins(self) -> Tensor:
-        """(B,) ``z_y - max_{j != y} z_j`` without perturbation (computed on first use)."""
-        return self._clean()
+    clean_margins: Tensor
 
     @property
     def worst(self) -> Tensor:
@@ -64,20 +61,26 @@ class CertifyResult:
 
 
 def _bounds(
-    net: Network, x: Tensor, y: Tensor, threat: Threat, method: str, intermediate: str, classes: int
+    graph: Graph,
+    x: Tensor,
+    y: Tensor,
+    threat: Threat,
+    method: str,
+    intermediate: str,
+    classes: int,
+    unit: float,
 ) -> Tensor:
-    if method in ("closed-form", "recursive"):
-        terms = (closed_form_terms if method == "closed-form" else recursive_terms)(
-            net, x, y, threat
-        )
-        return terms.lower
-    budgets = dict(perturbed_layers(net, threat))
+    budgets = {b.index: b for b in perturbed_layers(graph, threat)}
     region = InputRegion.from_threat(x, threat)
+    if method == "crown":
+        c = margin_matrix(y, classes, x.dtype)
+        crown, ibp = crown_margins(graph, budgets, region, c, intermediate, unit)
+        return crown.maximum(ibp)  # both are sound: report the tighter, per margin
     if method == "ibp":
-        return ibp_margins(net, budgets, region, y, classes)
-    c = margin_matrix(y, classes, x.dtype)
-    crown, ibp = crown_margins(net, budgets, region, c, intermediate)
-    return crown.maximum(ibp)  # both are sound: report the tighter, per margin
+        bounds = interval_bounds(graph, budgets, region, unit)
+        return ibp_margins(graph, budgets, region, y, classes, bounds)
+    terms_of = closed_form_terms if method == "closed-form" else recursive_terms
+    return terms_of(graph, x, y, threat, unit=unit).lower
 
 
 def certify(
@@ -94,10 +97,10 @@ def certify(
     """Certified lower bounds on the margins of ``model`` at ``(x, y)`` under ``threat``.
 
     x: (B, ...) inside ``threat.bounds``; y: (B,) labels. ``intermediate``: how ``crown``
-    bounds pre-activations (``crown`` or ``ibp``). ``batch_size``: examples per chunk
-    (default: sized for ~250 MB of bound matrices). ``dtype``: precision of the bound
-    computation; float32 is faster, and exact only up to float32 rounding. The model is never
-    modified.
+    bounds the inputs of relaxed operators (``crown`` or ``ibp``). ``batch_size``: examples per
+    chunk (default: sized for ~250 MB of bound matrices). ``dtype``: precision of the bound
+    computation (float32 is faster; its rounding is accounted for like the model's). The model
+    is read from its real graph, checked against ``model(x)``, and never modified.
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -111,42 +114,32 @@ def certify(
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
-    net = Network.from_module(model)
-    device = net.affine_layers[0][1].weight.device
-    x, y = move_batch(x, y, device)
-    classes = check_batch(net, x, y, probe=True).shape[1]
-    y = y.long()
-    check_domain(x, threat)
     if dtype not in (torch.float64, torch.float32):
         raise ConfigError(f"dtype must be torch.float64 or torch.float32, got {dtype!r}")
-    bound_net = net.cast(dtype)
-    size = batch_size or _default_chunk(bound_net, x, method)
+    graph, x, y, logits = read_batch(model, x, y)
+    classes = logits.shape[1]
+    check_domain(x, threat)
+    bound_graph = graph.cast(dtype)
+    unit = unit_roundoff(logits.dtype, x.device) + unit_roundoff(dtype)
+    size = batch_size or _default_chunk(graph, x, method)
     parts = []
     with torch.no_grad():
         for i in range(0, len(x), size):
             xs, ys = x[i : i + size].to(dtype), y[i : i + size]
-            lower = _bounds(bound_net, xs, ys, threat, method, intermediate, classes)
+            lower = _bounds(bound_graph, xs, ys, threat, method, intermediate, classes, unit)
             parts.append(lower.scatter(1, ys[:, None], float("inf")))
     lower = torch.cat(parts) if parts else x.new_zeros(0, classes, dtype=dtype)
-
-    def clean() -> Tensor:
-        with torch.no_grad():
-            return margins(net.forward(x), y)
-
-    return CertifyResult(lower, method, threat, clean)
+    return CertifyResult(lower, method, threat, margins(logits, y))
 
 
-def _default_chunk(net: Network, x: Tensor, method: str) -> int:
+def _default_chunk(graph: Graph, x: Tensor, method: str) -> int:
     """Examples per chunk so that CROWN's largest bound matrix stays near 256 MB."""
     if method != "crown":
         return max(1, len(x))
-    widest = 1
-    h = x[:1].to(net.affine_layers[0][1].weight.dtype)
     with torch.no_grad():
-        for layer in net.layers:
-            h = layer.forward(h)
-            widest = max(widest, h[0].numel())
-    per_example = 2 * widest * x[0].numel()  # at most (2 neurons, input) per example
+        values = graph.values(x[:1])
+    widest = max((values[n.index].numel() for n in graph.nodes if n.kind == VARIABLE), default=1)
+    per_example = 2 * widest * max(widest, x[0].numel())  # (2 neurons, node) per example
     return max(1, min(len(x), (1 << 25) // per_example))
 
 

@@ -19,13 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, UnsupportedLayerError
-from ..layers import Affine, Flatten, Identity, ReLU
-from ..network import Network
+from ..model.graph import VARIABLE, Graph
+from ..model.lemma import LayerBudget, perturbed_layers
+from ..model.operators.affine import Affine
+from ..model.operators.base import gamma
+from ..model.operators.elementwise import Elementwise
+from ..model.operators.linear import Identity, LinearMap
 from ..threat import Threat
-from ..weights import LayerBudget, perturbed_layers
 from .region import InputRegion
 
 
@@ -80,29 +84,74 @@ class MarginTerms:
         return largest * self.input_scale, weight
 
 
-def dense_layers(net: Network, method: str) -> list[tuple[int, Affine]]:
-    """The dense layers of an MLP with their indices, or a clear error for anything else."""
-    dense: list[tuple[int, Affine]] = []
-    last = max(k for k, layer in enumerate(net.layers) if isinstance(layer, Affine))
-    for k, layer in enumerate(net.layers):
-        if k > last and not isinstance(layer, Identity):
+@dataclass
+class Dense:
+    """One dense layer of an MLP: its node, its tensors, and whether a ReLU follows it."""
+
+    index: int
+    weight: Tensor
+    bias: Tensor | None
+    relu: bool
+
+    def forward(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.weight, self.bias)
+
+
+def dense_layers(graph: Graph, x: Tensor, method: str) -> list[Dense]:
+    """The dense layers of an MLP (a chain of reshapes, then Linear layers on one vector with
+    ReLU or identity between them, the logits straight from the last), or a clear error."""
+    chain = graph.cache.get("mlp")
+    if chain is None:
+        chain = graph.cache["mlp"] = _mlp_chain(graph, x, method)
+    return [
+        Dense(k, graph.tensors[graph.nodes[k].op.weight_name], _bias(graph, k), relu)
+        for k, relu in chain
+    ]
+
+
+def _bias(graph: Graph, k: int) -> Tensor | None:
+    name = graph.nodes[k].op.bias_name
+    if name is not None:
+        return graph.tensors[name]
+    args, _ = graph.nodes[k].fill([None] * len(graph.nodes), graph.tensors)
+    return args[2] if len(args) > 2 else None
+
+
+def _mlp_chain(graph: Graph, x: Tensor, method: str) -> list[tuple[int, bool]]:
+    with torch.no_grad():
+        values = graph.values(x[:1])
+    chain: list[tuple[int, bool]] = []
+    previous, last = 0, None
+    for node in graph.nodes[1:]:
+        if node.kind != VARIABLE:
+            continue
+        op = node.op
+        if node.box_refs != (previous,):
             raise UnsupportedLayerError(
-                f"method '{method}' needs the logits straight from the last Linear layer; "
-                f"layer '{layer.name}' ({type(layer).__name__}) follows it: use 'ibp' or 'crown'"
+                f"method '{method}' bounds MLPs, a chain of layers; {op.label} does not read "
+                "the layer before it alone: use 'ibp' or 'crown'"
             )
-        if isinstance(layer, Affine) and not layer.is_conv:
-            dense.append((k, layer))
-        elif isinstance(layer, (Flatten, Identity)) and not dense:
-            continue  # before the first dense layer: the input itself
-        elif isinstance(layer, (ReLU, Identity)) and dense:
-            continue  # 1-Lipschitz, and |relu(z)| <= |z|: the recursion holds through it
+        previous = node.index
+        if isinstance(op, Identity) or (isinstance(op, LinearMap) and op.reshape and not chain):
+            continue  # identity anywhere; reshapes before the first layer are the input itself
+        last = node
+        if chain and isinstance(op, Elementwise) and op.act.kind == "relu":
+            chain[-1] = (chain[-1][0], True)  # 1-Lipschitz and |relu(z)| <= |z|: it holds
+        elif isinstance(op, Affine) and not op.is_conv and values[node.first].dim() == 2:
+            chain.append((node.index, False))
         else:
-            kind = "Conv2d" if isinstance(layer, Affine) else type(layer).__name__
             raise UnsupportedLayerError(
                 f"method '{method}' bounds MLPs (Flatten, Linear, ReLU, Identity, Dropout); "
-                f"layer '{layer.name}' ({kind}) needs method 'ibp' or 'crown'"
+                f"{op.label} needs method 'ibp' or 'crown'"
             )
-    return dense
+    if not chain:
+        raise UnsupportedLayerError(f"method '{method}' needs an MLP with a Linear layer")
+    if last is not None and last.index != chain[-1][0]:
+        raise UnsupportedLayerError(
+            f"method '{method}' needs the logits straight from the last Linear layer; "
+            f"{last.label} follows it: use 'ibp' or 'crown'"
+        )
+    return chain
 
 
 def _check_threat(threat: Threat, method: str) -> None:
@@ -113,36 +162,41 @@ def _check_threat(threat: Threat, method: str) -> None:
         )
 
 
-def _row_radius(budget: LayerBudget | None, h_abs: Tensor) -> Tensor:
-    """The lemma's output radius ``(B, n_out)`` at input magnitude ``h_abs`` (0 if unperturbed)."""
-    if budget is None:
-        return h_abs.new_zeros(())
-    return budget.activation_radius(h_abs).expand(h_abs.shape[0], budget.layer.weight.shape[0])
+def _row_radius(layer: Dense, budget: LayerBudget | None, h_abs: Tensor, unit: float) -> Tensor:
+    """The layer's output-change radius ``(B, n_out)`` at input magnitude ``h_abs``: the lemma's
+    box (0 if unperturbed) plus the rounding of its own dot products (``unit > 0``)."""
+    n_out, n_in = layer.weight.shape
+    r = h_abs.new_zeros(()) if budget is None else budget.activation_radius(h_abs)
+    if unit > 0:
+        through = F.linear(
+            h_abs, layer.weight.abs(), None if layer.bias is None else layer.bias.abs()
+        )
+        r = r + gamma(n_in + 1, unit) * (through + r)
+    return r.expand(h_abs.shape[0], n_out) if r.dim() else r
 
 
-def _uniform_radius(budget: LayerBudget | None, level: Tensor) -> Tensor:
+def _uniform_radius(layer: Dense, budget: LayerBudget | None, level: Tensor, unit: float) -> Tensor:
     """``_row_radius`` at ``h_abs = level * 1`` for ``level: (B,)``, without a (B, n_in) tensor:
     the radius is affine in ``h_abs`` for linf budgets, so two probes at 0 and 1 give it."""
-    if budget is None:
+    if budget is None and unit == 0:
         return level.new_zeros(())
-    n_out, n_in = budget.layer.weight.shape
-    if budget.weight_radius.dim() == 0 and budget.bias_radius is None:  # absolute, layer
+    n_out, n_in = layer.weight.shape
+    uniform = budget is not None and budget.weight_radius.dim() == 0
+    if uniform and budget.bias_radius is None and unit == 0:  # absolute, layer
         return level[:, None] * (budget.weight_radius * n_in)
-    probe = torch.stack(
-        [torch.zeros_like(budget.layer.weight[0]), torch.ones_like(budget.layer.weight[0])]
-    )
-    at_zero, at_one = budget.activation_radius(probe).expand(2, n_out).to(level.dtype)
+    probe = torch.stack([torch.zeros_like(layer.weight[0]), torch.ones_like(layer.weight[0])])
+    at_zero, at_one = _row_radius(layer, budget, probe, unit).expand(2, n_out).to(level.dtype)
     return at_zero + level[:, None] * (at_one - at_zero)
 
 
-def _spread(last: Affine) -> Tensor:
+def _spread(last: Dense) -> Tensor:
     """``(K, K)``: ``||w_a - w_b||_1`` for every pair of classes."""
     w = last.weight
     return (w[:, None, :] - w[None, :, :]).abs().sum(-1)
 
 
 def _terms(
-    logits: Tensor, y: Tensor, last: Affine, e: Tensor, input_scale: Tensor | float, radius: Tensor
+    logits: Tensor, y: Tensor, last: Dense, e: Tensor, input_scale: Tensor | float, radius: Tensor
 ) -> MarginTerms:
     """``e`` bounds the change of the last layer's input; ``input_scale`` is its part from
     ``eps_x`` alone, so the weight budget's part is ``e - input_scale``."""
@@ -151,61 +205,67 @@ def _terms(
 
 
 def closed_form_terms(
-    net: Network, x: Tensor, y: Tensor, threat: Threat, logits: Tensor | None = None
+    graph: Graph,
+    x: Tensor,
+    y: Tensor,
+    threat: Threat,
+    logits: Tensor | None = None,
+    *,
+    unit: float = 0.0,
 ) -> MarginTerms:
-    """B0's parts, differentiable in the weights when ``net`` holds live parameters.
+    """B0's parts, differentiable in the weights when ``graph`` holds live parameters.
 
     B0 needs only the weights and ``||x||_inf``; ``logits`` (the clean ones, if the caller
-    already has them) saves the forward pass that the margins would otherwise cost.
+    already has them) saves the forward pass that the margins would otherwise cost. ``unit``:
+    the unit roundoff of the model's arithmetic, whose rounding then joins each layer's radius
+    (0 for the training regularizer).
     """
     _check_threat(threat, "closed-form")
-    dense = dense_layers(net, "closed-form")
-    budgets = dict(perturbed_layers(net, threat))
+    dense = dense_layers(graph, x, "closed-form")
+    budgets = {b.index: b for b in perturbed_layers(graph, threat)}
     p = x.flatten(1).abs().amax(1)  # (B,) P_0
     e = torch.full_like(p, threat.eps_x)  # P'_l - P_l, tracked directly (no cancellation)
     gain = 1.0  # product of the layer norms: what eps_x alone is multiplied by
-    for k, layer in dense[:-1]:
+    for layer in dense[:-1]:
         a = _inf_norm(layer)
         beta = layer.bias.abs().amax() if layer.bias is not None else 0.0
-        r = _uniform_radius(budgets.get(k), p + e)
+        r = _uniform_radius(layer, budgets.get(layer.index), p + e, unit)
         p, e = a * p + beta, a * e + (r.amax(1) if r.dim() else 0.0)
         gain = gain * a
-    k, last = dense[-1]
-    radius = _uniform_radius(budgets.get(k), p + e)
+    last = dense[-1]
+    radius = _uniform_radius(last, budgets.get(last.index), p + e, unit)
     return _terms(
-        net.forward(x) if logits is None else logits, y, last, e, threat.eps_x * gain, radius
+        graph.run(x) if logits is None else logits, y, last, e, threat.eps_x * gain, radius
     )
 
 
-def recursive_terms(net: Network, x: Tensor, y: Tensor, threat: Threat) -> MarginTerms:
-    """B1's parts: the same recursion along the example's own activations."""
+def recursive_terms(
+    graph: Graph, x: Tensor, y: Tensor, threat: Threat, *, unit: float = 0.0
+) -> MarginTerms:
+    """B1's parts: the same recursion along the example's own activations (``unit`` as for
+    ``closed_form_terms``)."""
     _check_threat(threat, "recursive")
-    dense = dense_layers(net, "recursive")
-    budgets = dict(perturbed_layers(net, threat))
+    dense = dense_layers(graph, x, "recursive")
+    budgets = {b.index: b for b in perturbed_layers(graph, threat)}
     region = InputRegion.from_threat(x, threat)
     h = x.flatten(1)
     u = region.lower.abs().maximum(region.upper.abs()).flatten(1)
     e = torch.full_like(h[:, 0], threat.eps_x)
     gain = 1.0
-    for k, layer in dense[:-1]:
+    for layer in dense[:-1]:
         a = _inf_norm(layer)
-        r = _row_radius(budgets.get(k), u)
+        r = _row_radius(layer, budgets.get(layer.index), u, unit)
         h = layer.forward(h)
-        if _relu_follows(net, k):
+        if layer.relu:
             h = h.relu()
         e = a * e + (r.amax(1) if r.dim() else 0.0)
         u = h.abs() + e[:, None]
         gain = gain * a
-    k, last = dense[-1]
-    radius = _row_radius(budgets.get(k), u)
+    last = dense[-1]
+    radius = _row_radius(last, budgets.get(last.index), u, unit)
     return _terms(last.forward(h), y, last, e, threat.eps_x * gain, radius)
 
 
-def _inf_norm(layer: Affine) -> Tensor:
+def _inf_norm(layer: Dense) -> Tensor:
     """``||W||_inf``, the largest absolute row sum (one fused kernel)."""
     return torch.linalg.vector_norm(layer.weight, ord=1, dim=1).amax()
-
-
-def _relu_follows(net: Network, k: int) -> bool:
-    following = [lay for lay in net.layers[k + 1 :] if not isinstance(lay, Identity)]
-    return bool(following) and isinstance(following[0], ReLU)

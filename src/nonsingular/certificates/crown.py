@@ -1,84 +1,125 @@
-"""B3, joint CROWN: backward linear bounds with ReLU relaxations; each perturbed layer enters
-as an additive output set whose size comes from intermediate bounds (IBP, tightened by CROWN
-itself for the pre-activations of ReLUs)."""
+"""B3, joint CROWN: backward linear bounds through every operator's relaxation; each perturbed
+affine node enters as an additive output set whose size comes from intermediate bounds (IBP,
+tightened by CROWN itself at the inputs of relaxed operators)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..layers import Affine, ReLU
-from ..network import Network
-from ..weights import LayerBudget
-from .ibp import interval_step, last_affine
-from .linear import Bounds, backward
+from ..model.graph import VARIABLE, Graph
+from ..model.lemma import LayerBudget
+from ..model.operators.affine import Affine
+from ..model.operators.base import Box
+from ..model.operators.linear import LinearMap
+from .linear import Bounds, backward, node_box
 from .region import InputRegion
 
 INTERMEDIATE = ("crown", "ibp")
 
 
-def _interval_is_exact(net: Network, k: int) -> bool:
-    """IBP is already exact for layer ``k``: one affine map of the input box, no ReLU before."""
-    before = net.layers[: k + 1]
-    mixing = sum(isinstance(layer, Affine) for layer in before)
-    return not any(isinstance(layer, ReLU) for layer in before) and mixing <= 1
+def _exact_nodes(graph: Graph, region: InputRegion) -> set[int]:
+    """Nodes whose IBP box is already exact: reached from a box-shaped input region through
+    operators that move or rescale values one by one and at most one map that mixes them
+    (an affine node, a pooling or a reduction)."""
+    if region.l2_radius is not None:
+        return set()  # the box around an l2 ball is not the ball: CROWN can do better
+    mixing: dict[int, int] = {0: 0}
+    for node in graph.nodes[1:]:
+        if node.kind != VARIABLE or len(node.box_refs) != 1 or not node.op.linear:
+            continue
+        (source,) = node.box_refs
+        if source not in mixing:
+            continue
+        mixes = isinstance(node.op, Affine) or (
+            isinstance(node.op, LinearMap) and node.op.terms != 1
+        )
+        count = mixing[source] + mixes
+        if count <= 1:
+            mixing[node.index] = count
+    return set(mixing)
+
+
+def _relaxed_inputs(graph: Graph) -> dict[int, list[int]]:
+    """For every node, the relaxed (non-affine) operators that read it."""
+    found: dict[int, list[int]] = {}
+    for node in graph.nodes:
+        if node.kind == VARIABLE and not node.op.linear:
+            for ref in node.box_refs:
+                found.setdefault(ref, []).append(node.index)
+    return found
 
 
 def _tighten(
-    net: Network, budgets: dict[int, LayerBudget], region: InputRegion, bounds: Bounds, k: int
-) -> tuple[Tensor, Tensor]:
-    """CROWN bounds for the output of layer ``k``, intersected with its IBP bounds.
+    graph: Graph,
+    budgets: dict[int, LayerBudget],
+    region: InputRegion,
+    bounds: Bounds,
+    k: int,
+    wanted: Tensor,
+) -> Box:
+    """CROWN bounds for the neurons ``wanted (B, N)`` of node ``k``, intersected with its box.
 
-    Only neurons that IBP leaves unstable need tighter bounds (a stable ReLU is relaxed
-    exactly), so each example gets one row of ``lam`` per unstable neuron of its own, padded
-    to the largest count in the batch, for the lower bound and as many for the upper.
+    Each example gets one row of ``lam`` per wanted neuron of its own, padded to the largest
+    count in the batch, for the lower bound and as many for the upper.
     """
-    lower, upper = bounds[k]
-    flat_lower, flat_upper = lower.flatten(1), upper.flatten(1)
-    unstable = (flat_lower < 0) & (flat_upper > 0)
-    m = int(unstable.sum(1).max()) if unstable.numel() else 0
+    box: Box = bounds.values[k]
+    flat_lower, flat_upper = box.lower.flatten(1), box.upper.flatten(1)
+    m = int(wanted.sum(1).max()) if wanted.numel() else 0
     if m == 0:
-        return lower, upper
-    # each example's unstable neurons first, then padding rows (masked out below)
-    order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :m]
-    valid = unstable.gather(1, order).to(lower.dtype)
+        return box
+    # each example's wanted neurons first, then padding rows (masked out below)
+    order = torch.argsort(wanted.to(torch.int8), dim=1, descending=True, stable=True)[:, :m]
+    valid = wanted.gather(1, order).to(flat_lower.dtype)
     batch, size = flat_lower.shape
-    lam = lower.new_zeros(batch, 2 * m, size)
+    lam = flat_lower.new_zeros(batch, 2 * m, size)
     lam.scatter_(2, order[:, :, None], valid[:, :, None])
     lam[:, m:] = -lam[:, :m]
-    bound = backward(net, budgets, region, bounds, lam.reshape(batch, 2 * m, *lower.shape[1:]), k)
+    bound = backward(graph, budgets, region, bounds, lam.reshape(batch, 2 * m, *box.shape[1:]), k)
     low = torch.where(valid > 0, bound[:, :m], float("-inf"))
     high = torch.where(valid > 0, -bound[:, m:], float("inf"))
     flat_lower = flat_lower.scatter_reduce(1, order, low, reduce="amax")
     flat_upper = flat_upper.scatter_reduce(1, order, high, reduce="amin")
-    return flat_lower.reshape(lower.shape), flat_upper.reshape(upper.shape)
+    return Box(flat_lower.reshape(box.shape), flat_upper.reshape(box.shape))
 
 
 def crown_bounds(
-    net: Network, budgets: dict[int, LayerBudget], region: InputRegion, intermediate: str
+    graph: Graph,
+    budgets: dict[int, LayerBudget],
+    region: InputRegion,
+    intermediate: str,
+    unit: float,
 ) -> Bounds:
-    """Bounds on the output of every layer: IBP, tightened by CROWN before each ReLU."""
-    bounds: Bounds = []
-    lower, upper = region.lower, region.upper
-    nonnegative = net.nonnegative_inputs(region.nonnegative)
-    for k in range(len(net.layers)):
-        lower, upper = interval_step(net, budgets, k, lower, upper, k in nonnegative)
-        bounds.append((lower, upper))
-        feeds_relu = k + 1 < len(net.layers) and isinstance(net.layers[k + 1], ReLU)
-        if intermediate == "crown" and feeds_relu and not _interval_is_exact(net, k):
-            lower, upper = bounds[k] = _tighten(net, budgets, region, bounds, k)
+    """Every node's Box: IBP, tightened by CROWN at the inputs of relaxed operators."""
+    bounds = Bounds.start(graph, region, unit)
+    exact = _exact_nodes(graph, region)
+    readers = _relaxed_inputs(graph)
+    for node in graph.nodes[1:]:
+        if bounds.fixed(graph, node):
+            continue
+        bounds.set(node.index, node_box(graph, budgets, node.index, bounds))
+        if intermediate == "crown" and node.index in readers and node.index not in exact:
+            box = bounds.values[node.index]
+            masks = [graph.nodes[r].op.needs_tightening(box) for r in readers[node.index]]
+            masks = [mask for mask in masks if mask is not None]
+            if masks:
+                wanted = torch.stack(masks).any(0).flatten(1)
+                bounds.set(node.index, _tighten(graph, budgets, region, bounds, node.index, wanted))
     return bounds
 
 
 def crown_margins(
-    net: Network,
+    graph: Graph,
     budgets: dict[int, LayerBudget],
     region: InputRegion,
     c: Tensor,
-    intermediate: str = "crown",
+    intermediate: str,
+    unit: float,
 ) -> tuple[Tensor, Tensor]:
-    """``(CROWN, IBP)`` lower bounds ``(B, K)`` of ``c . logits`` (IBP comes for free)."""
-    bounds = crown_bounds(net, budgets, region, intermediate)
-    crown = backward(net, budgets, region, bounds, c, len(net.layers) - 1)
-    ibp = backward(net, budgets, region, bounds, c, len(net.layers) - 1, last_affine(net))
+    """``(CROWN, IBP)`` lower bounds ``(B, K)`` of ``c . logits`` (IBP in margin form comes
+    almost free from the same boxes)."""
+    bounds = crown_bounds(graph, budgets, region, intermediate, unit)
+    out = graph.output
+    crown = backward(graph, budgets, region, bounds, c, out)
+    ibp = backward(graph, budgets, region, bounds, c, out, relax=False)
     return crown, ibp

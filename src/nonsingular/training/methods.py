@@ -1,10 +1,11 @@
 """The training objectives. Each method turns a batch into ``(loss, logits)``; the loop owns
 everything else (data order, optimizer, checkpoints), so a method is a few lines.
 
-Adversarial methods find their perturbation on a detached copy of the network (the attack
-never builds a graph through the weights), then evaluate the loss at that perturbation on the
-live network, whose parameters get the gradient. The model is only ever run functionally
-here, with its deployed (eval-mode) layers.
+The model is read once (its graph, with the live parameters, checked against ``model(x)``).
+Adversarial methods find their perturbation on a detached copy of that reading, in eval mode
+(the attack never builds a graph through the weights, nor moves BatchNorm statistics), then
+evaluate the loss at that perturbation on the live reading in training mode (batch
+statistics, Dropout), whose parameters get the gradient.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attacks import default_step_size, pgd
+from ..attacks import JointSpace, default_step_size, pgd
 from ..certificates import closed_form_terms, recursive_terms
-from ..certificates.ibp import ibp_margins
+from ..certificates.ibp import ibp_margins, interval_bounds
 from ..certificates.region import InputRegion
-from ..network import Network
-from ..perturbation import JointSpace
+from ..model import Graph, check_batch, perturbed_layers, read_model
 from ..threat import Threat
-from ..weights import perturbed_layers
 from .config import TrainConfig
 
 
@@ -34,6 +33,15 @@ class Method:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config.resolved()
         self.threat = self.config.resolved_threat()
+        self._read: tuple[nn.Module, Graph] | None = None
+
+    def graph(self, model: nn.Module, x: Tensor) -> Graph:
+        """The live reading of ``model`` (made, and checked against ``model(x)``, once)."""
+        if self._read is None or self._read[0] is not model:
+            graph = read_model(model, x, detach=False)
+            check_batch(graph, model, x)
+            self._read = (model, graph)
+        return self._read[1]
 
     def scale(self, progress: float) -> float:
         """The fraction of the full budget in use at ``progress``."""
@@ -62,23 +70,24 @@ class Standard(Method):
 
 def _attack_state(
     threat: Threat,
-    model: nn.Module,
+    graph: Graph,
     x: Tensor,
     y: Tensor,
     steps: int,
     step_size: float | None,
     generator: torch.Generator,
     random_start: bool = True,
-) -> dict[str, Tensor]:
-    """The final PGD iterate under ``threat`` (no best-so-far tracking: training wants speed)."""
-    space = JointSpace(Network.from_module(model), threat)
+) -> tuple[dict[str, Tensor], JointSpace]:
+    """The final PGD iterate under ``threat`` on the detached reading ``graph``, and the space
+    it lives in (no best-so-far tracking: training wants speed)."""
+    space = JointSpace(graph, threat, x)
     if not space.balls or steps == 0:
-        return space.zeros(x)
+        return space.zeros(x), space
     alpha = step_size if step_size is not None else default_step_size(steps)
     state, _ = pgd(
         space, x, y, steps=steps, alpha=alpha, random_start=random_start, generator=generator
     )
-    return state
+    return state, space
 
 
 class Adversarial(Method):
@@ -94,9 +103,11 @@ class Adversarial(Method):
         self, model: nn.Module, x: Tensor, y: Tensor, progress: float, generator: torch.Generator
     ) -> tuple[Tensor, Tensor]:
         c, threat = self.config, self.budget(progress)
-        state = _attack_state(threat, model, x, y, c.attack_steps, c.attack_step_size, generator)
-        live = JointSpace(Network.from_module(model, detach=False), threat)
-        logits = live.forward(x, state)
+        live = self.graph(model, x)
+        state, space = _attack_state(
+            threat, live.detached(), x, y, c.attack_steps, c.attack_step_size, generator
+        )
+        logits = space.forward(x, state, graph=live, training=True)
         return F.cross_entropy(logits, y), logits
 
 
@@ -109,14 +120,17 @@ class AWP(Method):
         self, model: nn.Module, x: Tensor, y: Tensor, progress: float, generator: torch.Generator
     ) -> tuple[Tensor, Tensor]:
         c, threat = self.config, self.budget(progress)
-        inputs = _attack_state(
-            threat.replace(eps_w=0.0), model, x, y, c.attack_steps, c.attack_step_size, generator
+        live = self.graph(model, x)
+        detached = live.detached()
+        inputs, _ = _attack_state(
+            threat.replace(eps_w=0.0), detached, x, y, c.attack_steps, c.attack_step_size, generator
         )
         x_adv = x + inputs["x"] if "x" in inputs else x
         weights_only = threat.replace(eps_x=0.0)
-        delta = _attack_state(weights_only, model, x_adv, y, 1, 1.0, generator, random_start=False)
-        live = JointSpace(Network.from_module(model, detach=False), weights_only)
-        logits = live.forward(x_adv, delta)
+        delta, space = _attack_state(
+            weights_only, detached, x_adv, y, 1, 1.0, generator, random_start=False
+        )
+        logits = space.forward(x_adv, delta, graph=live, training=True)
         return F.cross_entropy(logits, y), logits
 
 
@@ -134,12 +148,12 @@ class BoundRegularized(Method):
         self, model: nn.Module, x: Tensor, y: Tensor, progress: float, generator: torch.Generator
     ) -> tuple[Tensor, Tensor]:
         c, threat = self.config, self.budget(progress)
-        net = Network.from_module(model, detach=False)
+        live = self.graph(model, x)
         if c.bound == "closed-form":
-            logits = net.forward(x)
-            terms = closed_form_terms(net, x, y, threat, logits=logits)
+            logits = model(x)
+            terms = closed_form_terms(live, x, y, threat, logits=logits)
         else:
-            terms = recursive_terms(net, x, y, threat)
+            terms = recursive_terms(live, x, y, threat)
             logits = terms.logits
         input_term, weight_term = terms.worst()  # the worst wrong class per example
         reg = c.lambda_x * input_term.mean() + c.lambda_w * weight_term.mean()
@@ -155,15 +169,12 @@ class IntervalBound(Method):
         self, model: nn.Module, x: Tensor, y: Tensor, progress: float, generator: torch.Generator
     ) -> tuple[Tensor, Tensor]:
         threat = self.budget(progress)
-        net = Network.from_module(model, detach=False)
-        logits = net.forward(x)
-        lower = ibp_margins(
-            net,
-            dict(perturbed_layers(net, threat)),
-            InputRegion.from_threat(x, threat),
-            y,
-            logits.shape[1],
-        )
+        live = self.graph(model, x)
+        logits = model(x)  # training mode: BatchNorm's running statistics follow the data
+        budgets = {b.index: b for b in perturbed_layers(live, threat)}
+        region = InputRegion.from_threat(x, threat)
+        bounds = interval_bounds(live, budgets, region, unit=0.0)  # exact arithmetic
+        lower = ibp_margins(live, budgets, region, y, logits.shape[1], bounds)
         kappa = 1.0 - (1.0 - self.config.kappa) * self.scale(progress)
         robust = F.cross_entropy(-lower, y)  # worst-case logits z_j - z_y >= -lower_j
         return kappa * F.cross_entropy(logits, y) + (1 - kappa) * robust, logits

@@ -9,18 +9,18 @@ perturbation serves the whole batch, so the best iterate is chosen for the batch
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from .errors import ConfigError
-from .network import Network, check_batch, move_batch
-from .perturbation import JointSpace, State, check_domain, margins
-from .threat import Threat
-from .weights import ParameterVariables, perturbed_layers
+from ..errors import ConfigError
+from ..model.verify import read_batch
+from ..threat import Threat
+from .best import BestSoFar
+from .noise import noise
+from .result import AttackResult
+from .space import JointSpace, State, check_domain, margins
 
 LOSSES = ("ce", "margin", "dlr", "both")
 METHODS = ("pgd", "noise")
@@ -35,86 +35,6 @@ def attack_loss(name: str, logits: Tensor, y: Tensor) -> Tensor:
         return -m
     top = logits.topk(min(3, logits.shape[1]), dim=1).values  # dlr: scale-free CW (Croce & Hein)
     return -m / (top[:, 0] - top[:, -1] + 1e-12)
-
-
-@dataclass
-class AttackResult:
-    """What an attack found for each example of the batch.
-
-    x_adv:          (B, ...) adversarial inputs, inside the input ball and the bounds.
-    margins:        (B,) ``z_y - max_{j != y} z_j`` under the best perturbation found.
-    clean_margins:  (B,) the same without perturbation.
-    success:        (B,) bool, ``margins <= 0``: the example is broken.
-    loss_trace:     (steps + 1,) mean attack loss along the first run (flat: suspicious).
-    """
-
-    x_adv: Tensor
-    margins: Tensor
-    clean_margins: Tensor
-    success: Tensor
-    threat: Threat
-    method: str
-    loss_trace: Tensor
-    _deltas: Callable[[int], dict[str, Tensor]] = field(repr=False)
-
-    @property
-    def clean_accuracy(self) -> float:
-        return float((self.clean_margins > 0).float().mean())
-
-    @property
-    def robust_accuracy(self) -> float:
-        return float((~self.success).float().mean())
-
-    def weight_deltas(self, i: int) -> dict[str, Tensor]:
-        """``{parameter name: Delta}`` the attack used on example ``i`` (same for all if shared)."""
-        if not -len(self.margins) <= i < len(self.margins):
-            raise IndexError(f"example index {i} out of range for a batch of {len(self.margins)}")
-        return self._deltas(i % len(self.margins))
-
-    def replay(self, model: nn.Module, i: int) -> Tensor:
-        """Logits ``(1, classes)`` of the unmodified ``model`` at ``x_adv[i]`` with
-        ``weight_deltas(i)`` added, through ``torch.func.functional_call``: the check that
-        the perturbation found is real."""
-        params = {n: p.detach() for n, p in model.named_parameters()}
-        for name, delta in self.weight_deltas(i).items():
-            params[name] = params[name] + delta
-        with torch.no_grad():
-            return functional_call(model, params, (self.x_adv[i : i + 1],))
-
-
-class _Best:
-    """Best-so-far tracker: per example, or for the batch as a whole when Delta is shared."""
-
-    def __init__(self, space: JointSpace, x: Tensor, clean: Tensor, shared: bool) -> None:
-        self.space = space
-        self.shared = shared
-        self.margins = clean.clone()
-        self.state = space.zeros(x)
-        self.x_adv = x.clone()
-        self.score = self._score(clean)
-
-    @staticmethod
-    def _score(m: Tensor) -> tuple[int, float]:
-        return int((m <= 0).sum()), -float(m.sum())
-
-    def offer(self, index: Tensor, m: Tensor, state: State, x_adv: Tensor) -> Tensor:
-        """Consider a candidate for the rows ``index``; return which of them improved."""
-        if self.shared:  # the whole batch lives under one Delta: compare batches
-            score = self._score(m)
-            if score <= self.score:
-                return torch.zeros_like(m, dtype=torch.bool)
-            self.score, self.margins = score, m.clone()
-            self.state = {k: v.detach().clone() for k, v in state.items()}
-            self.x_adv = x_adv.detach().clone()
-            return torch.ones_like(m, dtype=torch.bool)
-        better = m < self.margins[index]
-        rows = index[better]
-        self.margins[rows] = m[better]
-        self.x_adv[rows] = x_adv[better].detach()
-        for key, v in state.items():
-            if self.space.batched[key]:
-                self.state[key][rows] = v[better].detach()
-        return better
 
 
 def pgd(
@@ -151,9 +71,14 @@ def pgd(
         if last:
             break
         keys = list(state)
-        grads = torch.autograd.grad(per_example.sum(), [state[k] for k in keys])
+        # a weight the output does not reach (a dead ReLU branch) gets no gradient: zero
+        grads = torch.autograd.grad(per_example.sum(), [state[k] for k in keys], allow_unused=True)
+        found = {
+            k: torch.zeros_like(state[k]) if g is None else g
+            for k, g in zip(keys, grads, strict=True)
+        }
         detached = {k: v.detach() for k, v in state.items()}
-        state = space.step(x, detached, dict(zip(keys, grads, strict=True)), alpha)
+        state = space.step(x, detached, found, alpha)
     return {k: v.detach() for k, v in state.items()}, torch.tensor(trace)
 
 
@@ -162,7 +87,7 @@ def _pgd_run(
     x: Tensor,
     y: Tensor,
     index: Tensor,
-    best: _Best,
+    best: BestSoFar,
     loss: str,
     steps: int,
     alpha: float,
@@ -242,20 +167,17 @@ def attack(
     _check_options(method, steps, restarts, loss, step_size, samples)
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
-    net = Network.from_module(model)
-    device = net.affine_layers[0][1].weight.device
-    x, y = move_batch(x, y, device)
-    logits = check_batch(net, x, y)
-    y = y.long()
+    graph, x, y, logits = read_batch(model, x, y)
+    device = x.device
     clean = margins(logits, y)
     check_domain(x, threat)
     generator = torch.Generator(device=device).manual_seed(seed)
 
     if method == "noise":
-        return _noise(net, x, y, threat, clean, samples, seed)
+        return noise(graph, x, y, threat, clean, samples, seed)
 
-    space = JointSpace(net, threat)
-    best = _Best(space, x, clean, shared=space.shared)
+    space = JointSpace(graph, threat, x)
+    best = BestSoFar(space, x, clean, shared=space.is_shared)
     trace = torch.zeros(1)
     if space.balls:
         alpha = step_size if step_size is not None else default_step_size(steps)
@@ -263,7 +185,7 @@ def attack(
         runs = ["ce", "margin"] if loss == "both" else [loss]
         all_rows = torch.arange(len(y), device=device)
         for run, (loss_name, _) in enumerate((n, r) for n in runs for r in range(restarts)):
-            rows = all_rows if space.shared else all_rows[best.margins > 0]
+            rows = all_rows if space.is_shared else all_rows[best.margins > 0]
             if len(rows) == 0:
                 break
             t = _pgd_run(space, x, y, rows, best, loss_name, steps, alpha, start, generator)
@@ -277,45 +199,4 @@ def attack(
 
     return AttackResult(
         best.x_adv, best.margins, clean, best.margins <= 0, threat, method, trace, deltas
-    )
-
-
-def _noise(
-    net: Network, x: Tensor, y: Tensor, threat: Threat, clean: Tensor, samples: int, seed: int
-) -> AttackResult:
-    """Uniform draws from the ball; one weight draw per sample serves the whole batch."""
-    layers = {k: ParameterVariables(b, batched=False) for k, b in perturbed_layers(net, threat)}
-    space = JointSpace(net, threat, weights=layers)
-    best = _Best(space, x, clean, shared=threat.scope == "shared")
-    choice = torch.full((len(y),), -1, dtype=torch.long, device=x.device)
-    index = torch.arange(len(y), device=x.device)
-
-    def draw(j: int) -> State:
-        return space.random(x, torch.Generator(device=x.device).manual_seed(seed * 7919 + j))
-
-    trace = []
-    with torch.no_grad():
-        for j in range(samples if space.balls else 0):
-            state = draw(j)
-            m = margins(space.forward(x, state), y)
-            trace.append(float(-m.mean()))
-            improved = best.offer(index, m, state, x + state["x"] if "x" in state else x)
-            choice[improved] = j
-
-    def deltas(i: int) -> dict[str, Tensor]:
-        j = int(choice[i])
-        if j < 0:
-            return {}
-        row = torch.tensor([i], device=x.device)
-        return space.materialize(best.x_adv[row], space.select(draw(j), row))
-
-    return AttackResult(
-        best.x_adv,
-        best.margins,
-        clean,
-        best.margins <= 0,
-        threat,
-        "noise",
-        torch.tensor(trace),
-        deltas,
     )

@@ -7,10 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nonsingular import Threat, ThreatError
+from nonsingular.attacks import JointSpace
 from nonsingular.balls import make_ball
-from nonsingular.layers import Affine
-from nonsingular.network import Network
-from nonsingular.weights import LayerBudget, perturbed_layers, weight_variables
+from nonsingular.model import LayerBudget, perturbed_layers, read_model
 
 MODES = [
     ("absolute", "linf"),
@@ -21,11 +20,32 @@ MODES = [
 ]
 
 
+class Layer:
+    """One affine layer read from a real module: its graph, node, weight and bias."""
+
+    def __init__(self, module, x):
+        self.module = module
+        self.graph = read_model(module, x)
+        (self.node,) = self.graph.affine_nodes
+        self.weight = module.weight.detach()
+        self.bias = None if module.bias is None else module.bias.detach()
+
+    def budget(self, threat):
+        return LayerBudget.from_threat(self.node, self.graph, threat)
+
+    def forward(self, h, weight=None, bias=None):
+        w = self.weight if weight is None else weight
+        return self.node.op.forward(h, w, self.bias if bias is None else bias)
+
+
 def dense(n_out, n_in, seed, bias=True):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n_out, n_in, generator=g)
-    b = torch.randn(n_out, generator=g) if bias else None
-    return Affine("fc", w, b), g
+    fc = torch.nn.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        fc.weight.copy_(torch.randn(n_out, n_in, generator=g))
+        if bias:
+            fc.bias.copy_(torch.randn(n_out, generator=g))
+    return Layer(fc, torch.zeros(1, n_in)), g
 
 
 def in_parameter_ball(budget, delta, name):
@@ -46,18 +66,18 @@ def test_materialized_delta_is_in_the_ball_and_moves_the_output_by_radius_times_
 ):
     layer, g = dense(n_out, n_in, seed)
     threat = Threat(eps_w=0.05, w_mode=mode[0], w_norm=mode[1], bias=bias)
-    budget = LayerBudget.from_threat(layer, threat)
+    budget = layer.budget(threat)
     h = torch.randn(n_in, generator=g)
     if sparse:  # ReLU outputs have exact zeros
         h = h.clamp_min(0)
     t = make_ball(mode[1], 1.0, batch_dims=1).random(torch.empty(1, n_out), g)[0]
     deltas = budget.materialize_lemma(h, t)
-    assert in_parameter_ball(budget, deltas["fc.weight"], "weight")
-    moved = F.linear(h, layer.weight + deltas["fc.weight"], layer.bias + deltas.get("fc.bias", 0))
+    assert in_parameter_ball(budget, deltas["weight"], "weight")
+    moved = F.linear(h, layer.weight + deltas["weight"], layer.bias + deltas.get("bias", 0))
     expected = layer.forward(h[None])[0] + budget.lemma_radius(h[None])[0] * t
     torch.testing.assert_close(moved, expected, atol=1e-5, rtol=1e-5)
     if bias:
-        assert in_parameter_ball(budget, deltas["fc.bias"], "bias")
+        assert in_parameter_ball(budget, deltas["bias"], "bias")
 
 
 @given(
@@ -68,7 +88,7 @@ def test_materialized_delta_is_in_the_ball_and_moves_the_output_by_radius_times_
 )
 def test_no_weight_perturbation_moves_a_dense_output_beyond_the_lemma_box(n_out, n_in, seed, mode):
     layer, g = dense(n_out, n_in, seed)
-    budget = LayerBudget.from_threat(layer, Threat(eps_w=0.1, w_mode=mode[0], w_norm=mode[1]))
+    budget = layer.budget(Threat(eps_w=0.1, w_mode=mode[0], w_norm=mode[1]))
     h = torch.randn(16, n_in, generator=g)
     ball = budget.parameter_balls(batch_dims=1)["weight"]
     deltas = ball.random(torch.empty(16, n_out, n_in), g)
@@ -89,17 +109,13 @@ def test_no_weight_perturbation_moves_a_dense_output_beyond_the_lemma_box(n_out,
 )
 def test_conv_activation_box_is_sound(seed, mode, bias, stride, padding, groups):
     g = torch.Generator().manual_seed(seed)
-    kernel = torch.randn(4, 4 // groups, 3, 3, generator=g)
-    conv = {
-        "stride": (stride, stride),
-        "padding": (padding, padding),
-        "dilation": (1, 1),
-        "groups": groups,
-    }
-    layer = Affine("conv", kernel, torch.randn(4, generator=g), conv)
-    budget = LayerBudget.from_threat(
-        layer, Threat(eps_w=0.1, w_mode=mode[0], w_norm=mode[1], bias=bias)
-    )
+    conv = torch.nn.Conv2d(4, 4, 3, stride=stride, padding=padding, groups=groups)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        conv.bias.copy_(torch.randn(4, generator=g))
+    layer = Layer(conv, torch.zeros(1, 4, 6, 6))
+    kernel = layer.weight
+    budget = layer.budget(Threat(eps_w=0.1, w_mode=mode[0], w_norm=mode[1], bias=bias))
     h = torch.randn(3, 4, 6, 6, generator=g)
     balls = budget.parameter_balls(batch_dims=0)
     radius = budget.activation_radius(h.abs())
@@ -113,7 +129,7 @@ def test_conv_activation_box_is_sound(seed, mode, bias, stride, padding, groups)
 def test_dense_linf_box_is_exactly_the_lemma_radius():
     layer, g = dense(5, 7, 0)
     for mode in ("absolute", "relative", "layer"):
-        budget = LayerBudget.from_threat(layer, Threat(eps_w=0.01, w_mode=mode))
+        budget = layer.budget(Threat(eps_w=0.01, w_mode=mode))
         h = torch.randn(3, 7, generator=g)
         r = budget.lemma_radius(h).expand(3, 5)
         torch.testing.assert_close(r, budget.activation_radius(h.abs()).expand(3, 5))
@@ -125,31 +141,44 @@ def test_dense_linf_box_is_exactly_the_lemma_radius():
         torch.testing.assert_close(r, expected[mode].expand(3, 5))
 
 
-def model_net():
+def model_graph():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 3)
     )
-    return Network.from_module(model)
+    return read_model(model, torch.rand(1, 1, 6, 6))
+
+
+def names(budgets):
+    return [b.op.weight_name for b in budgets]
 
 
 def test_layer_selection_by_module_or_weight_name():
-    net = model_net()
-    assert [k for k, _ in perturbed_layers(net, Threat(eps_w=0.1))] == [0, 3]
-    assert [k for k, _ in perturbed_layers(net, Threat(eps_w=0.1, layers=["3"]))] == [3]
-    assert [k for k, _ in perturbed_layers(net, Threat(eps_w=0.1, layers=["0.weight"]))] == [0]
-    assert perturbed_layers(net, Threat(eps_x=0.1)) == []
+    graph = model_graph()
+    assert names(perturbed_layers(graph, Threat(eps_w=0.1))) == ["0.weight", "3.weight"]
+    assert names(perturbed_layers(graph, Threat(eps_w=0.1, layers=["3"]))) == ["3.weight"]
+    assert names(perturbed_layers(graph, Threat(eps_w=0.1, layers=["0.weight"]))) == ["0.weight"]
+    assert perturbed_layers(graph, Threat(eps_x=0.1)) == []
     with pytest.raises(ThreatError, match="not a weight of this model.*0.weight, 3.weight"):
-        perturbed_layers(net, Threat(eps_w=0.1, layers=["5.weight"]))
+        perturbed_layers(graph, Threat(eps_w=0.1, layers=["5.weight"]))
     with pytest.raises(ThreatError, match="bias=True"):
-        perturbed_layers(net, Threat(eps_w=0.1, layers=["3.bias"]))
+        perturbed_layers(graph, Threat(eps_w=0.1, layers=["3.bias"]))
 
 
 def test_parametrization_follows_scope_and_layer_type():
-    net = model_net()
-    per_example = weight_variables(net, Threat(eps_w=0.1))
-    assert type(per_example[0]).__name__ == "ParameterVariables" and per_example[0].batched
-    assert type(per_example[3]).__name__ == "ActivationVariables"  # the lemma: no weight copy
-    assert per_example[3].shapes(7) == {"t": (7, 3)}
-    shared = weight_variables(net, Threat(eps_w=0.1, scope="shared", bias=True))
-    assert all(not v.batched for v in shared.values())
-    assert shared[3].shapes(7) == {"weight": (3, 32), "bias": (3,)}
+    graph = model_graph()
+    x = torch.rand(7, 1, 6, 6)
+    per_example = JointSpace(graph, Threat(eps_w=0.1), x)
+    # the dense layer goes through the lemma: no weight copy
+    assert per_example.batched == {"w:0.weight": True, "t:3.weight": True}
+    assert {k: tuple(v.shape) for k, v in per_example.zeros(x).items()} == {
+        "w:0.weight": (7, 2, 1, 3, 3),
+        "t:3.weight": (7, 3),
+    }
+    shared = JointSpace(graph, Threat(eps_w=0.1, scope="shared", bias=True), x)
+    assert not any(shared.batched.values())
+    assert {k: tuple(v.shape) for k, v in shared.zeros(x).items()} == {
+        "w:0.weight": (2, 1, 3, 3),
+        "w:0.bias": (2,),
+        "w:3.weight": (3, 32),
+        "w:3.bias": (3,),
+    }

@@ -1,0 +1,209 @@
+"""A joint perturbation of one batch: the input delta and the weight variables.
+
+``JointSpace`` knows, for a read model and a threat, which variables exist, which ball each one
+lives in, how to run the model under a point of the space, and how to turn a point into the
+parameter-space perturbation of one example (materialization). Weights enter in one of three
+forms, chosen per affine node:
+
+- the lemma (``t:WEIGHT``, one ``(B, n_out)`` vector): a dense layer on one vector per example,
+  per-example scope, its weight read by no other node: as cheap as an input attack;
+- per-example parameters (``w:PARAM``, ``(B, *W.shape)``): convolutions, Linear over several
+  positions, and tied weights (one tensor read by several nodes, perturbed once);
+- shared parameters (``w:PARAM``, ``W.shape``): one perturbation for the whole batch.
+
+Attacks and adversarial training walk its variables; nothing here branches on the weight mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..balls import Ball, make_ball
+from ..errors import InputError
+from ..model.graph import Graph
+from ..model.lemma import LayerBudget, nonnegative_nodes, perturbed_layers, tied
+from ..threat import Threat
+
+State = dict[str, Tensor]
+
+
+def margins(logits: Tensor, y: Tensor) -> Tensor:
+    """``z_y - max_{j != y} z_j`` per example: positive iff the prediction is ``y``."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+    return true - other
+
+
+def check_domain(x: Tensor, threat: Threat) -> None:
+    """Raise when ``x`` lies outside the threat's input bounds, by any amount: attacks and
+    certificates cover the input the model really receives, never a clamped copy of it."""
+    if threat.bounds is None or x.numel() == 0:
+        return
+    lo, hi = threat.bounds
+    xmin, xmax = float(x.min()), float(x.max())
+    if xmin < lo or xmax > hi:
+        raise InputError(
+            f"x has values in [{xmin:.9g}, {xmax:.9g}], outside the threat's bounds "
+            f"({lo:g}, {hi:g}); pass Threat(bounds=...) matching your data, or bounds=None"
+        )
+
+
+class JointSpace:
+    """The variables of a joint perturbation of ``graph`` under ``threat`` for batches like
+    ``x``. ``shared_weights``: hold every weight variable in parameter space, shared by the
+    batch whatever the scope (the noise baseline's draws)."""
+
+    def __init__(
+        self, graph: Graph, threat: Threat, x: Tensor, *, shared_weights: bool = False
+    ) -> None:
+        self.graph = graph
+        self.threat = threat
+        self.balls: dict[str, Ball] = {}
+        self.batched: dict[str, bool] = {}
+        self.lemma: dict[int, tuple[LayerBudget, str, bool]] = {}
+        self.per_example: dict[int, LayerBudget] = {}
+        self.shared: dict[str, str] = {}  # parameter name -> variable
+        if threat.eps_x > 0:
+            self.balls["x"] = make_ball(threat.x_norm, threat.eps_x, batch_dims=1)
+            self.batched["x"] = True
+        budgets = perturbed_layers(graph, threat)
+        if not budgets:
+            return
+        one_weight = shared_weights or threat.scope == "shared"
+        several = tied(budgets)
+        with torch.no_grad():
+            values = graph.values(x[:1])
+        nonnegative = nonnegative_nodes(graph, threat.bounds is not None and threat.bounds[0] >= 0)
+        for budget in budgets:
+            node = budget.node
+            names = [n for n in (budget.op.weight_name, budget.op.bias_name) if n]
+            lemma = budget.single_vector(values[node.first]) and not (set(names) & several)
+            if not one_weight and lemma:
+                key = f"t:{budget.op.weight_name}"
+                self.balls[key] = make_ball(budget.norm, 1.0, batch_dims=1)
+                self.batched[key] = True
+                self.lemma[node.index] = (budget, key, node.first in nonnegative)
+                continue
+            for name, ball in budget.parameter_balls(batch_dims=0 if one_weight else 1).items():
+                self.balls[f"w:{name}"] = ball
+                self.batched[f"w:{name}"] = not one_weight
+                if one_weight:
+                    self.shared[name] = f"w:{name}"
+            if not one_weight:
+                self.per_example[node.index] = budget
+
+    @property
+    def is_shared(self) -> bool:
+        """True when some variable is shared by the whole batch (one Delta for all)."""
+        return not all(self.batched.values())
+
+    def _shapes(self, x: Tensor) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        batch = x.shape[0]
+        for key in self.balls:
+            if key == "x":
+                shapes[key] = tuple(x.shape)
+            elif key.startswith("t:"):
+                budget = next(b for b, k, _ in self.lemma.values() if k == key)
+                shapes[key] = (batch, budget.weight.shape[0])
+            else:
+                shape = tuple(self.graph.tensors[key[2:]].shape)
+                shapes[key] = (batch, *shape) if self.batched[key] else shape
+        return shapes
+
+    def zeros(self, x: Tensor) -> State:
+        """The unperturbed point."""
+        return {key: x.new_zeros(shape) for key, shape in self._shapes(x).items()}
+
+    def random(self, x: Tensor, generator: torch.Generator | None = None) -> State:
+        """A point drawn uniformly from every ball (input then clamped into the domain)."""
+        state = {
+            key: self.balls[key].random(x.new_empty(shape), generator)
+            for key, shape in self._shapes(x).items()
+        }
+        return self.clamp_input(x, state)
+
+    def clamp_input(self, x: Tensor, state: State) -> State:
+        """Keep ``x + d`` inside the threat's bounds (shrinks ``d``, so it stays in its ball)."""
+        if "x" in state and self.threat.bounds is not None:
+            lo, hi = self.threat.bounds
+            state["x"] = (x + state["x"]).clamp(lo, hi) - x
+        return state
+
+    def step(self, x: Tensor, state: State, grads: State, alpha: float) -> State:
+        """One projected ascent step of every variable."""
+        new = {key: self.balls[key].ascend(v, grads[key], alpha) for key, v in state.items()}
+        return self.clamp_input(x, new)
+
+    def forward(
+        self,
+        x: Tensor,
+        state: State,
+        record: Callable[[int, Tensor], None] | None = None,
+        *,
+        graph: Graph | None = None,
+        training: bool = False,
+    ) -> Tensor:
+        """Logits at ``x + state["x"]`` with the weight perturbation applied.
+
+        graph: another reading of the same model (the live one, when training), whose tensors
+        the perturbation is added to. training: BatchNorm's batch statistics and Dropout.
+        """
+        graph = self.graph if graph is None else graph
+        overrides = {}
+        for k, (budget, key, nonnegative) in self.lemma.items():
+            live = _with_tensors(budget, graph, self.threat)
+            overrides[k] = lambda h, b=live, t=state[key], n=nonnegative: b.lemma_output(h, t, n)
+        for k, budget in self.per_example.items():
+            overrides[k] = self._per_example(budget, graph, state)
+        tensors = None
+        if self.shared:
+            tensors = dict(graph.tensors)
+            for name, key in self.shared.items():
+                tensors[name] = tensors[name] + state[key]
+        x_in = x + state["x"] if "x" in state else x
+        return graph.run(
+            x_in, tensors=tensors, overrides=overrides, record=record, training=training
+        )
+
+    @staticmethod
+    def _per_example(budget: LayerBudget, graph: Graph, state: State) -> Callable[[Tensor], Tensor]:
+        op = budget.op
+        weight = graph.tensors[op.weight_name] + state[f"w:{op.weight_name}"]  # type: ignore[index]
+        bias = graph.tensors[op.bias_name] if op.bias_name else None
+        if op.bias_name and f"w:{op.bias_name}" in state:
+            bias = bias + state[f"w:{op.bias_name}"]  # type: ignore[operator]
+        return lambda h: op.forward_per_example(h, weight, bias)
+
+    def select(self, state: State, index: Tensor) -> State:
+        """The rows ``index`` of every per-example variable (shared ones unchanged)."""
+        return {key: v[index] if self.batched[key] else v for key, v in state.items()}
+
+    def materialize(self, x_adv: Tensor, state: State) -> dict[str, Tensor]:
+        """``{parameter name: Delta}`` for one example: ``x_adv (1, ...)``, ``state`` of that row.
+
+        Lemma variables are turned into weights from the perturbed activations they met, so
+        running the unmodified model on ``x_adv`` with these deltas reproduces ``forward``.
+        """
+        inputs: dict[int, Tensor] = {}
+        zero_x = {key: v for key, v in state.items() if key != "x"}
+        deltas: dict[str, Tensor] = {}
+        with torch.no_grad():
+            self.forward(x_adv, zero_x, record=lambda k, h: inputs.__setitem__(k, h))
+            for k, (budget, key, _) in self.lemma.items():
+                deltas.update(budget.materialize_lemma(inputs[k][0], state[key][0]))
+        for key, v in state.items():
+            if key.startswith("w:"):
+                deltas[key[2:]] = v[0] if self.batched[key] else v
+        return deltas
+
+
+def _with_tensors(budget: LayerBudget, graph: Graph, threat: Threat) -> LayerBudget:
+    """The budget reading ``graph``'s tensors (the live parameters when training, so that a
+    relative radius carries their gradient, as a parameter-space perturbation would)."""
+    if graph.tensors[budget.op.weight_name] is budget.weight:  # type: ignore[index]
+        return budget
+    return LayerBudget.from_threat(budget.node, graph, threat)

@@ -1,0 +1,271 @@
+"""The weight side of the threat, one affine node at a time, and the key lemma.
+
+Lemma (DESIGN section 2): for a dense layer applied to one vector ``h`` and a perturbation with
+``|Delta[i,j]| <= R[i,j]``, the reachable changes of the output are exactly the box
+``{u : |u_i| <= (R |h|)_i}``, attained by ``Delta = t R sign(h)^T`` (t in [-1, 1]^n_out). For
+``||Delta||_F <= rho`` they are the ball ``||u||_2 <= rho ||h||_2``, attained by
+``Delta = rho t h^T / ||h||``. So a per-example weight attack on a dense layer optimizes one
+``n_out`` vector ``t``, never a weight copy. Where one weight meets several input vectors (a
+convolution's positions, a Linear over a sequence) the lemma's box still bounds each output
+(``R`` convolved with ``|h|``): sound for certificates, and attacks hold the weight itself.
+Attacks and certificates both call this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..balls import Ball, make_ball
+from ..errors import ThreatError
+from ..threat import Threat
+from .graph import Graph, Node
+from .operators.affine import Affine
+from .operators.elementwise import Elementwise
+from .operators.linear import Identity, LinearMap
+from .operators.normalization import MaxPool
+
+
+@dataclass
+class OutputSet:
+    """A set holding every change ``Delta_W h + Delta_b`` of one node's output ``(B, *out)``.
+
+    The sum of an elementwise box (``box``, broadcastable to the output) and a Euclidean ball
+    over the flattened output (``ball``, shape (B,)). Bounds only need its box radius (IBP)
+    and its support function (CROWN: the largest ``lam . delta`` over the set).
+    """
+
+    box: Tensor | None = None
+    ball: Tensor | None = None
+
+    def radius(self) -> Tensor:
+        """Elementwise radius of a box containing the set."""
+        r = 0.0 if self.box is None else self.box
+        if self.ball is not None:
+            r = r + self.ball.reshape(-1, 1)  # (B, 1): dense outputs only
+        return r  # type: ignore[return-value]
+
+    def support(self, lam: Tensor) -> Tensor:
+        """``max over the set of lam . delta`` for ``lam: (B, K, *out)``, shape (B, K)."""
+        total = lam.new_zeros(lam.shape[:2])
+        if self.box is not None:
+            total = total + (lam.abs() * self.box.unsqueeze(1)).flatten(2).sum(-1)
+        if self.ball is not None:
+            total = total + lam.flatten(2).norm(dim=-1) * self.ball.reshape(-1, 1)
+        return total
+
+
+@dataclass
+class LayerBudget:
+    """Which tensors of one affine node are perturbed and how far.
+
+    linf: ``weight_radius`` is an elementwise radius broadcastable to the weight (0-dim when
+    uniform); l2: a 0-dim Frobenius radius. Same for ``bias_radius`` (None: bias untouched).
+    """
+
+    node: Node
+    weight: Tensor
+    bias: Tensor | None
+    norm: str
+    weight_radius: Tensor
+    bias_radius: Tensor | None
+
+    @property
+    def op(self) -> Affine:
+        return self.node.op  # type: ignore[return-value]
+
+    @property
+    def index(self) -> int:
+        return self.node.index
+
+    @classmethod
+    def from_threat(cls, node: Node, graph: Graph, threat: Threat) -> LayerBudget:
+        op: Affine = node.op  # type: ignore[assignment]
+
+        def radius(p: Tensor) -> Tensor:
+            eps = torch.tensor(threat.eps_w, dtype=p.dtype, device=p.device)
+            if threat.w_mode == "absolute":
+                return eps
+            if threat.w_mode == "layer":
+                return eps * p.abs().max()
+            return eps * (p.abs() if threat.w_norm == "linf" else p.norm())  # relative
+
+        weight = graph.tensors[op.weight_name]  # type: ignore[index]
+        bias = graph.tensors[op.bias_name] if op.bias_name else None
+        bias_radius = radius(bias) if threat.bias and bias is not None else None
+        return cls(node, weight, bias, threat.w_norm, radius(weight), bias_radius)
+
+    def _through_layer(self, h_abs: Tensor, radius: Tensor) -> Tensor:
+        """``R |h|`` through the layer's linear map (cheap forms for a uniform radius)."""
+        if radius.dim() == 0:
+            return radius * self.op.ones_through(h_abs, self.weight)
+        return self.op.apply(h_abs, radius.expand_as(self.weight))
+
+    def _add_bias(self, r: Tensor) -> Tensor:
+        if self.bias_radius is None:
+            return r
+        b = self.bias_radius
+        return r + (self.op.bias_view(b, r.dim()) if b.dim() else b)
+
+    def activation_radius(self, h_abs: Tensor) -> Tensor:
+        """Box radius of ``Delta_W h + Delta_b`` over the budget, for every ``|h| <= h_abs``.
+
+        Exact for a dense layer on one vector with linf weights (the lemma); a sound box
+        otherwise (positions sharing the weight: each output on its own; l2: Cauchy-Schwarz
+        per output). Broadcastable to the node's output.
+        """
+        if self.norm == "linf":
+            r = self._through_layer(h_abs, self.weight_radius)
+        else:
+            r = self.weight_radius * self.op.ones_through(h_abs.square(), self.weight).sqrt()
+        return self._add_bias(r)
+
+    def single_vector(self, h: Tensor) -> bool:
+        """A dense layer on one vector per example: where the lemma is exact."""
+        return not self.op.is_conv and h.dim() == 2
+
+    def output_set(self, h_abs: Tensor) -> OutputSet:
+        """The set of output changes over the budget, for every input ``|h| <= h_abs``.
+
+        A dense layer on one vector with l2 weights gets the exact ball of the lemma,
+        everything else a box.
+        """
+        if self.norm == "l2" and self.single_vector(h_abs):
+            ball = self.weight_radius * h_abs.flatten(1).norm(dim=-1)
+            if self.bias_radius is not None:
+                ball = ball + self.bias_radius
+            return OutputSet(ball=ball)
+        return OutputSet(box=self.activation_radius(h_abs))
+
+    def lemma_output(self, h: Tensor, t: Tensor, nonnegative: bool = False) -> Tensor:
+        """The dense layer's output at ``h: (B, n_in)`` moved by ``lemma_radius(h) * t``.
+
+        ``nonnegative``: ``h >= 0`` is known (a ReLU output), so ``|h| = h`` is skipped.
+        """
+        return torch.addcmul(
+            self.op.forward(h, self.weight, self.bias), self.lemma_radius(h, nonnegative), t
+        )
+
+    def lemma_radius(self, h: Tensor, nonnegative: bool = False) -> Tensor:
+        """Radius of the exact output ball of a dense layer at ``h: (B, n_in)``.
+
+        linf: (B, n_out) or (B, 1) box radius; l2: (B, 1) Euclidean radius.
+        """
+        if self.norm == "linf":
+            return self.activation_radius(h if nonnegative else h.abs())
+        r = self.weight_radius * h.norm(dim=-1, keepdim=True)
+        return r if self.bias_radius is None else r + self.bias_radius
+
+    def materialize_lemma(self, h: Tensor, t: Tensor) -> dict[str, Tensor]:
+        """The weight (and bias) perturbation that moves the output by ``lemma_radius(h) * t``.
+
+        ``h: (n_in,)`` is the layer's (perturbed) input for one example, ``t: (n_out,)``.
+        """
+        if self.norm == "linf":
+            delta = t[:, None] * self.weight_radius * h.sign()[None, :]
+            delta = delta.expand_as(self.weight).clone()
+        else:
+            norm = h.norm()
+            scale = self.weight_radius / norm if norm > 0 else torch.zeros_like(norm)
+            delta = scale * t[:, None] * h[None, :]
+        out = {self.op.weight_name: delta}
+        if self.bias_radius is not None:
+            out[self.op.bias_name] = t * self.bias_radius
+        return out  # type: ignore[return-value]
+
+    def parameter_balls(self, batch_dims: int) -> dict[str, Ball]:
+        """Balls in parameter space, by parameter name (conv, tied and shared perturbations)."""
+        balls = {self.op.weight_name: make_ball(self.norm, self.weight_radius, batch_dims)}
+        if self.bias_radius is not None:
+            balls[self.op.bias_name] = make_ball(self.norm, self.bias_radius, batch_dims)
+        return balls  # type: ignore[return-value]
+
+
+def _module_of(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def perturbed_layers(graph: Graph, threat: Threat) -> list[LayerBudget]:
+    """The affine nodes ``threat`` perturbs, with their budgets (empty when ``eps_w == 0``).
+
+    Raises ThreatError when the threat names something that is not a weight of the model, or
+    would perturb a weight that is computed in ``forward`` or read outside a linear layer
+    (its perturbation would not be the model's).
+    """
+    if threat.eps_w == 0:
+        return []
+    affine = graph.affine_nodes
+    if threat.layers is None:
+        chosen = affine
+    else:
+        by_name: dict[str, set[int]] = {}
+        names = {**{n: n for n in graph.tensors}, **graph.aliases}
+        for node in affine:
+            op: Affine = node.op  # type: ignore[assignment]
+            for alias, canonical in names.items():
+                if canonical == op.weight_name:
+                    by_name.setdefault(alias, set()).add(node.index)
+                    by_name.setdefault(_module_of(alias), set()).add(node.index)
+        unknown = [n for n in threat.layers if n not in by_name]
+        if unknown:
+            known = ", ".join(sorted({n.op.weight_name for n in affine if n.op.weight_name}))  # type: ignore[union-attr]
+            hint = " (biases follow bias=True)" if any(n.endswith(".bias") for n in unknown) else ""
+            raise ThreatError(
+                f"threat.layers names {', '.join(unknown)}, which is not a weight of this "
+                f"model{hint}; weights: {known}"
+            )
+        wanted = set().union(*(by_name[n] for n in threat.layers))
+        chosen = [n for n in affine if n.index in wanted]
+    _check_perturbable(graph, chosen, threat)
+    return [LayerBudget.from_threat(node, graph, threat) for node in chosen]
+
+
+def _check_perturbable(graph: Graph, chosen: list[Node], threat: Threat) -> None:
+    uses = graph.uses()
+    for node in chosen:
+        op: Affine = node.op  # type: ignore[assignment]
+        if op.weight_name is None:
+            raise ThreatError(
+                f"{op.label} computes its weight in forward (it is not a parameter of the model), "
+                "so a weight threat cannot perturb it; pass Threat(layers=[...]) naming the "
+                "layers to perturb"
+            )
+        names = [op.weight_name] + ([op.bias_name] if threat.bias and op.bias_name else [])
+        for name in names:
+            for reader in uses.get(name, []):
+                other = reader.op
+                if not isinstance(other, Affine) or name not in (
+                    other.weight_name,
+                    other.bias_name,
+                ):
+                    raise ThreatError(
+                        f"parameter '{name}' is also read by {reader.label}, not as the weight of "
+                        "a linear layer: perturbing it only in its layers would not be the "
+                        "model's perturbation; leave it out with Threat(layers=[...])"
+                    )
+
+
+def tied(budgets: list[LayerBudget]) -> set[str]:
+    """Parameter names that more than one perturbed node reads (one tensor, perturbed once)."""
+    seen: dict[str, int] = {}
+    for b in budgets:
+        for name in (b.op.weight_name, b.op.bias_name if b.bias_radius is not None else None):
+            if name:
+                seen[name] = seen.get(name, 0) + 1
+    return {name for name, count in seen.items() if count > 1}
+
+
+def nonnegative_nodes(graph: Graph, input_nonnegative: bool) -> set[int]:
+    """Nodes whose value is known to be >= 0 from the graph alone (ReLU outputs and what only
+    moves or pools them, the input when its domain starts at 0)."""
+    found = {0} if input_nonnegative else set()
+    for node in graph.nodes[1:]:
+        op = node.op
+        if isinstance(op, Elementwise) and op.act.nonnegative or (
+            isinstance(op, (Identity, MaxPool))
+            or (isinstance(op, LinearMap) and op.sign > 0 and not op.offset)
+        ) and (node.box_refs and all(i in found for i in node.box_refs)):
+            found.add(node.index)
+    return found

@@ -1,0 +1,149 @@
+"""Linear (any leading dimensions), Conv1d and Conv2d: ``z = op(h, weight) + bias``.
+
+The only operations a threat perturbs. Besides the function itself, an ``Affine`` knows its
+linear part with any other weight (``apply``: the map weight perturbations go through), its
+per-example form (one weight per example), and its transpose (CROWN's backward step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Box, Operator, dot, gamma
+
+_CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d}
+_CONV_INPUT = {"conv1d": torch.nn.grad.conv1d_input, "conv2d": torch.nn.grad.conv2d_input}
+
+
+@dataclass
+class Affine(Operator):
+    """``kind``: ``linear``, ``conv1d`` or ``conv2d``; ``conv``: stride, padding (numbers),
+    dilation, groups; ``pad``: an explicit ``F.pad`` before the convolution (``pad_mode`` other
+    than zeros, or the asymmetric side of ``padding="same"``). ``weight_name``/``bias_name``:
+    the model's parameters this operation reads (None when it computes them)."""
+
+    kind: str
+    label: str = "linear"
+    conv: dict[str, Any] = field(default_factory=dict)
+    pad: tuple[int, ...] | None = None
+    pad_mode: str = "constant"
+    weight_name: str | None = None
+    bias_name: str | None = None
+    linear = True
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind != "linear"
+
+    def _padded(self, h: Tensor) -> Tensor:
+        return h if self.pad is None else F.pad(h, self.pad, mode=self.pad_mode)
+
+    def apply(self, h: Tensor, weight: Tensor) -> Tensor:
+        """The linear part with any weight (no bias)."""
+        if self.kind == "linear":
+            return F.linear(h, weight)
+        return _CONV[self.kind](self._padded(h), weight, None, **self.conv)
+
+    def forward(self, h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if self.kind == "linear":
+            return F.linear(h, weight, bias)  # one fused kernel (addmm)
+        return _CONV[self.kind](self._padded(h), weight, bias, **self.conv)
+
+    def bias_view(self, bias: Tensor, dims: int) -> Tensor:
+        """``bias: (C,)`` or per-example ``(B, C)``, shaped to broadcast against an output with
+        ``dims`` dimensions (batch first): the last dimension for linear, channels for conv."""
+        if self.kind == "linear":
+            return bias if bias.dim() == 1 else bias.reshape(bias.shape[0], *[1] * (dims - 2), -1)
+        lead = bias.shape if bias.dim() == 2 else (1, bias.shape[0])
+        return bias.reshape(*lead, *[1] * (dims - 2))
+
+    def forward_per_example(self, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``h: (B, ...)`` through per-example ``weight: (B, *W.shape)`` and ``bias: (B, C)``
+        (or a shared ``(C,)``)."""
+        batch = h.shape[0]
+        if self.kind == "linear":
+            flat = h.reshape(batch, -1, h.shape[-1])
+            z = torch.bmm(flat, weight.transpose(1, 2)).reshape(*h.shape[:-1], weight.shape[1])
+        else:  # one grouped convolution runs every example through its own kernel
+            conv = dict(self.conv)
+            conv["groups"] = batch * int(conv["groups"])
+            padded = self._padded(h)
+            z = _CONV[self.kind](
+                padded.reshape(1, -1, *padded.shape[2:]),
+                weight.reshape(-1, *weight.shape[2:]),
+                None,
+                **conv,
+            )
+            z = z.reshape(batch, -1, *z.shape[2:])
+        return z if bias is None else z + self.bias_view(bias, z.dim())
+
+    def fan_in(self, weight: Tensor) -> int:
+        """Terms summed per output (the bias not counted)."""
+        return int(weight[0].numel())
+
+    def ones_through(self, h_abs: Tensor, weight: Tensor) -> Tensor:
+        """``1 |h|`` through the layer: the sum of ``|h|`` over each output's receptive field."""
+        if self.kind == "linear":
+            return h_abs.sum(dim=-1, keepdim=True)
+        shape = weight.shape if int(self.conv["groups"]) != 1 else (1, *weight.shape[1:])
+        ones = torch.ones(shape, dtype=weight.dtype, device=weight.device)
+        return self.apply(h_abs, ones)
+
+    def interval(self, h: Box, weight: Tensor, bias: Tensor | None = None) -> Box:
+        mid = torch.add(h.upper, h.lower).mul_(0.5)  # few passes over the widest tensor
+        center = self.forward(mid, weight, bias)
+        radius = self.apply(h.upper - mid, weight.abs())
+        return Box(center - radius, center + radius)
+
+    def transpose(self, lam: Tensor, in_shape: tuple[int, ...], weight: Tensor) -> Tensor:
+        """``lam W``: ``(B, K, *out) -> (B, K, *in_shape)``."""
+        if self.kind == "linear":
+            return lam @ weight
+        b, k = lam.shape[:2]
+        flat = lam.reshape(b * k, *lam.shape[2:])
+        if self.pad is None:
+            grad = _CONV_INPUT[self.kind]((b * k, *in_shape), weight, flat, **self.conv)
+            return grad.reshape(b, k, *in_shape)
+        with torch.enable_grad():  # the adjoint of the explicit padding, by autograd
+            probe = flat.new_zeros((b * k, *in_shape), requires_grad=True)
+            padded = self._padded(probe)
+            grad = _CONV_INPUT[self.kind](tuple(padded.shape), weight, flat, **self.conv)
+            (back,) = torch.autograd.grad(padded, probe, grad)
+        return back.reshape(b, k, *in_shape)
+
+    def backward(
+        self, lam: Tensor, h: Box, weight: Tensor, bias: Tensor | None = None
+    ) -> tuple[list[Tensor | None], Tensor]:
+        const = (
+            lam.new_zeros(lam.shape[:2]) if bias is None else dot(lam, self._bias_out(bias, lam))
+        )
+        return [self.transpose(lam, tuple(h.shape[1:]), weight)], const
+
+    def _bias_out(self, bias: Tensor, lam: Tensor) -> Tensor:
+        """The bias broadcast against ``lam (B, K, *out)`` without its K dimension."""
+        view = self.bias_view(bias, lam.dim() - 1)
+        return view if self.kind == "linear" else view.squeeze(0)
+
+    def rounding(
+        self,
+        unit: float,
+        h: Box,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        *,
+        perturbation: Tensor | None = None,
+    ) -> Tensor:
+        """``gamma(fan_in + 1) (|W| max|h| + |b|)``: a computed dot product plus bias is the exact
+        one with every term perturbed by at most ``gamma`` relatively, in any summation order.
+        ``perturbation`` bounds ``|Delta W| max|h| + |Delta b|`` when the weights are moved."""
+        through = self.apply(h.magnitude(), weight.abs())
+        if bias is not None:
+            through = through + self.bias_view(bias.abs(), through.dim())
+        if perturbation is not None:
+            through = through + perturbation
+        return gamma(self.fan_in(weight) + 1, unit) * through

@@ -1,0 +1,74 @@
+"""Elementwise activations (ReLU, LeakyReLU, ELU, GELU, SiLU, Tanh, Sigmoid, Softplus, Hardtanh,
+ReLU6): intervals and CROWN's linear relaxations from ``relaxations.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .base import Box, Operator, dot
+from .relaxations import Activation
+
+# error of PyTorch's transcendental kernels, in units of roundoff (SLEEF and libm promise a few)
+TRANSCENDENTAL_ULPS = 16
+
+
+@dataclass
+class Elementwise(Operator):
+    """``act(h)``, elementwise."""
+
+    act: Activation
+    label: str = "relu"
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.act(h)
+
+    def interval(self, h: Box) -> Box:
+        if self.act.kind == "relu":
+            return Box(h.lower.clamp(min=0), h.upper.clamp(min=0))
+        return Box(*self.act.interval(h.lower, h.upper))
+
+    def backward(self, lam: Tensor, h: Box) -> tuple[list[Tensor | None], Tensor]:
+        if self.act.kind == "relu":
+            return _relu_backward(lam, h)
+        a_low, b_low, a_up, b_up = self.act.linear_bounds(h.lower, h.upper)
+        positive, negative = lam.clamp(min=0), lam.clamp(max=0)
+        lam_in = positive * a_low.unsqueeze(1) + negative * a_up.unsqueeze(1)
+        const = dot(positive, b_low.unsqueeze(1)) + dot(negative, b_up.unsqueeze(1))
+        return [lam_in], const
+
+    def needs_tightening(self, box: Box) -> Tensor | None:
+        if self.act.kind in ("relu", "leaky_relu"):
+            return (box.lower < 0) & (box.upper > 0)
+        if self.act.kind in ("hardtanh", "relu6"):
+            low, high = (
+                (0.0, 6.0) if self.act.kind == "relu6" else (self.act.min_val, self.act.max_val)
+            )
+            lo, up = box.lower, box.upper
+            return ((lo < low) & (up > low)) | ((lo < high) & (up > high))
+        return box.upper > box.lower  # smooth: every neuron's relaxation depends on its bounds
+
+    def rounding(self, unit: float, h: Box) -> Tensor | float:
+        """Clamps are exact; a leaky slope rounds once; transcendental kernels promise a few
+        ulps of ``|f|`` plus, where they cancel (GELU's ``1 + erf`` for negative inputs), of
+        ``|h|``."""
+        kind = self.act.kind
+        if kind in ("relu", "relu6", "hardtanh"):
+            return 0.0
+        if kind == "leaky_relu":
+            return unit * abs(self.act.alpha) * h.magnitude()
+        out = Box(*self.act.interval(h.lower, h.upper)).magnitude()
+        return TRANSCENDENTAL_ULPS * unit * (out + h.magnitude())
+
+
+def _relu_backward(lam: Tensor, h: Box) -> tuple[list[Tensor | None], Tensor]:
+    """CROWN's ReLU relaxation: the chord above, the adaptive line (slope 0 or 1) below."""
+    lower, upper = h.lower[:, None], h.upper[:, None]
+    active = (lower >= 0).to(lam.dtype)
+    unstable = ((lower < 0) & (upper > 0)).to(lam.dtype)
+    slope = upper / (upper - lower).clamp_min(1e-30) * unstable
+    lower_slope = (upper > -lower).to(lam.dtype) * unstable
+    positive, negative = lam.clamp(min=0), lam.clamp(max=0)
+    lam_in = positive * (active + lower_slope) + negative * (active + slope)
+    return [lam_in], dot(negative, -slope * lower)

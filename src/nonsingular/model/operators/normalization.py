@@ -1,0 +1,188 @@
+"""BatchNorm (eval: a per-channel affine map, exact in bounds; training: batch statistics),
+LayerNorm and MaxPool (relaxations in ``pool_norm_bounds.py``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Box, Operator, dot, gamma
+from .pool_norm_bounds import (
+    layernorm_backward,
+    layernorm_interval,
+    maxpool_backward,
+    maxpool_interval,
+)
+
+# roundings in one eval-mode batch-norm output: subtract, rsqrt, two products, add (and slack)
+_BATCH_NORM_ROUNDINGS = 8
+
+
+@dataclass
+class BatchNorm(Operator):
+    """``F.batch_norm`` with running statistics: ``h * scale + shift`` per channel (dim 1)."""
+
+    label: str
+    eps: float
+    momentum: float | None
+    linear = True
+
+    def forward(
+        self,
+        h: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        count: Tensor | None = None,
+    ) -> Tensor:
+        return F.batch_norm(h, mean, var, weight, bias, False, 0.0, self.eps)
+
+    def forward_train(
+        self,
+        h: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        count: Tensor | None = None,
+    ) -> Tensor:
+        """Batch statistics, updating the running ones in place (as the module does)."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if count is not None:
+            with torch.no_grad():
+                count.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(count)
+        return F.batch_norm(h, mean, var, weight, bias, True, factor, self.eps)
+
+    def _affine(
+        self, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, dims: int
+    ) -> tuple[Tensor, Tensor]:
+        scale = torch.rsqrt(var + self.eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias
+        view = (-1,) + (1,) * (dims - 2)
+        return scale.reshape(view), shift.reshape(view)
+
+    def interval(
+        self, h: Box, mean: Tensor, var: Tensor, weight: Any, bias: Any, *rest: Any
+    ) -> Box:
+        scale, shift = self._affine(mean, var, weight, bias, h.lower.dim())
+        center = h.center * scale + shift
+        radius = h.radius * scale.abs()
+        return Box(center - radius, center + radius)
+
+    def backward(
+        self, lam: Tensor, h: Box, mean: Tensor, var: Tensor, weight: Any, bias: Any, *rest: Any
+    ) -> tuple[list[Tensor | None], Tensor]:
+        scale, shift = self._affine(mean, var, weight, bias, h.lower.dim())
+        return [lam * scale], dot(lam, shift)
+
+    def rounding(
+        self, unit: float, h: Box, mean: Tensor, var: Tensor, weight: Any, bias: Any, *rest: Any
+    ) -> Tensor:
+        """``(h - mean) * rsqrt(var + eps) * w + b`` in any association: a handful of roundings
+        of terms no larger than ``|scale| (|h| + |mean|) + |b|``."""
+        scale, _ = self._affine(mean, var, weight, bias, h.lower.dim())
+        view = scale.shape
+        size = scale.abs() * (h.magnitude() + mean.abs().reshape(view))
+        if bias is not None:
+            size = size + bias.abs().reshape(view)
+        return _BATCH_NORM_ROUNDINGS * unit * size
+
+
+@dataclass
+class LayerNorm(Operator):
+    """``F.layer_norm`` over the last ``len(shape)`` dimensions."""
+
+    label: str
+    shape: tuple[int, ...]
+    eps: float
+
+    def forward(
+        self, h: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
+    ) -> Tensor:
+        return F.layer_norm(h, self.shape, weight, bias, self.eps)
+
+    def _options(self, weight: Any, bias: Any) -> dict[str, Any]:
+        return {"normalized_shape": self.shape, "weight": weight, "bias": bias, "eps": self.eps}
+
+    def interval(self, h: Box, weight: Any = None, bias: Any = None) -> Box:
+        return Box(*layernorm_interval(h.lower, h.upper, **self._options(weight, bias)))
+
+    def backward(
+        self, lam: Tensor, h: Box, weight: Any = None, bias: Any = None
+    ) -> tuple[list[Tensor | None], Tensor]:
+        lam_in, const = layernorm_backward(lam, h.lower, h.upper, **self._options(weight, bias))
+        return [lam_in], const
+
+    def needs_tightening(self, box: Box) -> Tensor | None:
+        return box.upper > box.lower
+
+    def rounding(self, unit: float, h: Box, weight: Any = None, bias: Any = None) -> Tensor:
+        """The mean is off by ``gamma_n M`` and each centred value by ``u`` more; the variance
+        by ``gamma_(n+1)`` relatively, its root by ``u``; so ``c r`` is off by at most
+        ``r_max 2 (gamma_n + u) M + sqrt(n) (gamma_(n+1) + 3u)``, with ``|c r| <= sqrt(n)``,
+        ``M`` the group's largest magnitude and ``r_max`` from the smallest variance the box
+        allows. Two more roundings for the scale and the shift."""
+        dims = tuple(range(h.lower.dim() - len(self.shape), h.lower.dim()))
+        n = math.prod(self.shape)
+        r_max = torch.rsqrt(_variance_floor(h, dims) + self.eps)
+        size = h.magnitude().amax(dim=dims, keepdim=True)
+        root = math.sqrt(n)
+        normalized = r_max * 2 * (gamma(n, unit) + unit) * size + root * (
+            gamma(n + 1, unit) + 3 * unit
+        )
+        scale = weight.abs() if weight is not None else 1.0
+        out = scale * (normalized + 2 * unit * root)
+        if bias is not None:
+            out = out + 2 * unit * bias.abs()
+        return out.expand_as(h.lower)
+
+
+def _variance_floor(box: Box, dims: tuple[int, ...]) -> Tensor:
+    """A lower bound of ``mean((h - mean h)^2)`` over the box, per normalized group."""
+    n = math.prod(box.lower.shape[d] for d in dims)
+    center, radius = box.center, box.radius
+    c_center = center - center.mean(dim=dims, keepdim=True)
+    c_radius = radius * (1 - 2 / n) + radius.sum(dim=dims, keepdim=True) / n
+    low, high = c_center - c_radius, c_center + c_radius
+    nearest = torch.where(
+        (low <= 0) & (high >= 0), torch.zeros_like(low), low.abs().minimum(high.abs())
+    )
+    return nearest.square().mean(dim=dims, keepdim=True)
+
+
+@dataclass
+class MaxPool(Operator):
+    """``F.max_pool1d`` / ``F.max_pool2d`` (no indices returned)."""
+
+    label: str
+    dims: int
+    options: dict[str, Any]
+
+    def forward(self, h: Tensor) -> Tensor:
+        pool = F.max_pool1d if self.dims == 1 else F.max_pool2d
+        return pool(h, **self.options)
+
+    def interval(self, h: Box) -> Box:
+        return Box(*maxpool_interval(h.lower, h.upper, dims=self.dims, **self.options))
+
+    def backward(self, lam: Tensor, h: Box) -> tuple[list[Tensor | None], Tensor]:
+        lam_in, const = maxpool_backward(lam, h.lower, h.upper, dims=self.dims, **self.options)
+        return [lam_in], const
+
+    def needs_tightening(self, box: Box) -> Tensor | None:
+        return box.upper > box.lower
+
+    def rounding(self, unit: float, h: Box) -> float:
+        return 0.0  # a max is exact

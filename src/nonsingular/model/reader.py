@@ -1,0 +1,319 @@
+"""Reading a model as it runs: torch.fx symbolic tracing of its real ``forward``, each traced
+call mapped to an operator (``catalog.py``), then the reading checked against ``model(x)``.
+
+Why torch.fx and not torch.export: symbolic tracing keeps calls at the level users write them
+(``nn.Conv2d``, ``F.gelu``, ``x.view``), with the model's own parameter names, in milliseconds
+and without compiling; torch.export lowers to ATen operators (hundreds of them), lifts
+parameters to inputs and takes seconds per model. Its limits (no data-dependent control flow)
+are reported as a clear error, and everything we read is verified against ``model(x)`` before
+it is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn.modules import module as module_globals
+
+from ..errors import InputError, UnsupportedModelError
+from .catalog import MODULES, function_operator, module_operator
+from .graph import CONSTANT, INPUT, SHAPE, VARIABLE, Graph, Node, Param, Ref
+from .operators.affine import Affine
+from .operators.call import ModuleCall
+
+PREFIX = "model."
+
+
+class _Root(nn.Module):
+    """Traced instead of the user's model, so that torch.fx never writes onto it (it stores
+    traced tensor constants as attributes of the root)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Any:
+        return self.model(x)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m) in MODULES or super().is_leaf_module(m, qualname)
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Run code that calls or traces ``model`` and leave it as it was: every module's mode and
+    attributes (a forward that stores features on ``self`` stores nothing), the RNG state."""
+    saved = []
+    for m in model.modules():
+        registries = {k: dict(m.__dict__[k]) for k in ("_parameters", "_buffers", "_modules")}
+        saved.append((m, m.training, dict(m.__dict__), registries))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for m, training, attributes, registries in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
+            for key, registry in registries.items():
+                m.__dict__[key].clear()
+                m.__dict__[key].update(registry)
+            m.training = training
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside, its own modes restored after (even on errors)."""
+    with preserved(model):
+        model.eval()
+        yield
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    hooks = [
+        ("global", "forward hook", module_globals._global_forward_hooks),
+        ("global", "forward pre-hook", module_globals._global_forward_pre_hooks),
+    ]
+    for name, m in model.named_modules():
+        hooks.append((name or "the model", "forward hook", m._forward_hooks))
+        hooks.append((name or "the model", "forward pre-hook", m._forward_pre_hooks))
+        if torch.nn.utils.parametrize.is_parametrized(m):
+            raise UnsupportedModelError(
+                f"module '{name or 'the model'}' ({type(m).__name__}) has parametrizations "
+                f"({', '.join(m.parametrizations)}): its weights are computed, not parameters a "
+                "threat can perturb; remove them first with torch.nn.utils.parametrize."
+                "remove_parametrizations(module, name, leave_parametrized=True)"
+            )
+    for where, kind, registry in hooks:
+        for hook in registry.values():
+            what = type(hook).__name__
+            if what in ("WeightNorm", "SpectralNorm"):
+                raise UnsupportedModelError(
+                    f"module '{where}' uses old-style torch.nn.utils.{what.lower()[:-4]}_norm "
+                    "(a forward pre-hook that recomputes the weight): remove it with "
+                    f"torch.nn.utils.remove_{what.lower()[:-4]}_norm, or use "
+                    "torch.nn.utils.parametrizations and remove the parametrization"
+                )
+            raise UnsupportedModelError(
+                f"{where} has a {kind} ({getattr(hook, '__name__', what)}): nonsingular reads "
+                "the model's forward without hooks, so its results could differ from "
+                "model(x); remove the hook (handle.remove()) before attacking or certifying"
+            )
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    root = _Root(model)
+    signature = inspect.signature(model.forward)
+    params = [
+        p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    required = [p for p in params if p.default is p.empty]
+    if len(required) != 1:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}.forward must take exactly one required input (the batch), "
+            f"it takes {len(required)}: {', '.join(p.name for p in required) or 'none'}"
+        )
+    try:
+        with eval_mode(model):
+            graph = _Tracer().trace(root)
+    except Exception as exc:  # tracing runs user code: any failure means "cannot read"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnsupportedModelError(
+            f"the forward of {type(model).__name__} cannot be traced by torch.fx: {first}. "
+            "nonsingular reads models whose forward has no control flow on tensor values "
+            "(if/while on data) and calls no untraceable code"
+        ) from None
+    return fx.GraphModule(root, graph)
+
+
+def _tensor_names(
+    model: nn.Module, detach: bool
+) -> tuple[dict[str, Tensor], set[str], dict[str, str]]:
+    """Tensors by canonical name (first registered name), parameter names, and aliases."""
+    tensors: dict[str, Tensor] = {}
+    parameters: set[str] = set()
+    aliases: dict[str, str] = {}
+    seen: dict[int, str] = {}
+    named = [(n, t, True) for n, t in model.named_parameters(remove_duplicate=False)]
+    named += [(n, t, False) for n, t in model.named_buffers(remove_duplicate=False)]
+    for name, tensor, is_param in named:
+        if id(tensor) in seen:
+            aliases[name] = seen[id(tensor)]
+            continue
+        seen[id(tensor)] = name
+        tensors[name] = tensor.detach() if detach else tensor
+        if is_param:
+            parameters.add(name)
+    return tensors, parameters, aliases
+
+
+def _label(node: fx.Node, model: nn.Module) -> str:
+    where = f"'{node.name}' in {type(model).__name__}.forward"
+    if node.op == "call_method":
+        return f"Tensor.{node.target} at {where}"
+    target = node.target
+    module = getattr(target, "__module__", None) or "builtins"
+    module = {
+        "_operator": "operator",
+        "torch._C._nn": "torch.nn.functional",
+        "torch._C._VariableFunctions": "torch",
+    }.get(module, module)
+    name = getattr(target, "__name__", str(target))
+    return f"{module}.{name} at {where}"
+
+
+def read_model(model: nn.Module, x: Tensor, *, detach: bool = True) -> Graph:
+    """The graph of ``model`` as it runs, checked against ``model(x)`` on the batch ``x``.
+
+    detach: hold detached tensors (attacks, certificates) or the live parameters (training,
+    whose losses must reach them). The model is left exactly as it was.
+    """
+    _check_model(model)
+    tensors, parameters, aliases = _tensor_names(model, detach)
+
+    def canonical(name: str) -> str:
+        return aliases.get(name, name)
+
+    traced = _trace(model)
+    traced.graph.eliminate_dead_code()  # values the output never reads are not the model's
+    nodes: list[Node] = []
+    index: dict[fx.Node, int] = {}
+    params: dict[fx.Node, Param] = {}
+    output: int | None = None
+
+    def template(value: Any) -> Any:
+        def convert(n: fx.Node) -> Any:
+            return params[n] if n in params else Ref(index[n])
+
+        return fx.node.map_arg(value, convert)
+
+    taken = {n.name for n in traced.graph.nodes}
+
+    def node_name(fx_node: fx.Node) -> str:
+        # call_module nodes are named after the wrapper's path: drop its prefix when unambiguous
+        short = fx_node.name.removeprefix("model_")
+        return short if short == fx_node.name or short not in taken else fx_node.name
+
+    for fx_node in traced.graph.nodes:
+        if fx_node.op == "placeholder":
+            index[fx_node] = len(nodes)
+            nodes.append(Node(0, fx_node.name, "the input", INPUT, None))
+        elif fx_node.op == "get_attr":
+            params[fx_node] = _get_attr(traced, fx_node.target, tensors, canonical)
+        elif fx_node.op == "output":
+            result = fx_node.args[0]
+            if not isinstance(result, fx.Node) or result not in index:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}.forward must return one tensor of logits, it "
+                    f"returns {type(result).__name__}"
+                )
+            output = index[result]
+        else:
+            args, kwargs = template(fx_node.args), template(fx_node.kwargs)
+            if fx_node.op == "call_module":
+                name = str(fx_node.target)[len(PREFIX) :]
+                module = traced.get_submodule(str(fx_node.target))
+                op, args, kwargs = module_operator(module, name, args, kwargs)
+                if isinstance(op, ModuleCall):
+                    _check_module_call(module, name)
+            else:
+                op, args, kwargs = function_operator(
+                    fx_node.target,
+                    args,
+                    kwargs,
+                    _label(fx_node, model),
+                    lambda a: tensors.get(a.name) if isinstance(a, Param) else None,
+                    method=fx_node.op == "call_method",
+                )
+            args, kwargs = _canonical((args, kwargs), canonical)
+            if isinstance(op, Affine):
+                op.weight_name = canonical(op.weight_name) if op.weight_name else None
+                op.bias_name = canonical(op.bias_name) if op.bias_name else None
+            index[fx_node] = len(nodes)
+            nodes.append(Node(len(nodes), node_name(fx_node), op.label, VARIABLE, op, args, kwargs))
+    if output is None or not nodes or nodes[0].kind != INPUT:
+        raise UnsupportedModelError(f"{type(model).__name__}.forward returns no computed value")
+    graph = Graph(nodes, output, tensors, frozenset(parameters), aliases, type(model).__name__)
+    _classify(graph, x)
+    return graph
+
+
+def _get_attr(
+    traced: fx.GraphModule, target: str, tensors: dict[str, Tensor], canonical: Any
+) -> Param:
+    if target.startswith(PREFIX):
+        name = canonical(target[len(PREFIX) :])
+        if name in tensors:
+            return Param(name)
+    value = traced
+    for part in target.split("."):
+        value = getattr(value, part)
+    if not isinstance(value, Tensor):
+        raise UnsupportedModelError(
+            f"the forward reads attribute '{target}', which is not a tensor"
+        )
+    name = f"_constant.{target}"
+    tensors[name] = value.detach()
+    return Param(name)
+
+
+def _canonical(template: Any, canonical: Any) -> Any:
+    if isinstance(template, Param):
+        return Param(canonical(template.name))
+    if isinstance(template, (tuple, list)):
+        return type(template)(_canonical(v, canonical) for v in template)
+    if isinstance(template, dict):
+        return {k: _canonical(v, canonical) for k, v in template.items()}
+    return template
+
+
+def _check_module_call(module: nn.Module, name: str) -> None:
+    training = [n or name for n, m in module.named_modules() if m.training]
+    if training:
+        raise UnsupportedModelError(
+            f"module '{name}' ({type(module).__name__}) is run as it is (nonsingular has no "
+            "operator for it) and is in training mode, where it may not compute its deployed "
+            "function: call model.eval() first"
+        )
+
+
+def _classify(graph: Graph, x: Tensor) -> None:
+    """Mark each node variable, constant or shape from what it depends on and what it returns
+    (one run on the first example of ``x``)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1 or len(x) == 0:
+        raise InputError(
+            f"x must be a non-empty floating-point tensor with a batch dimension, got "
+            f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}".rstrip()
+        )
+    try:
+        with torch.no_grad():
+            values = graph.values(x[:1])
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"x of shape {tuple(x.shape)} does not fit the model: {first}") from None
+    depends = [False] * len(graph.nodes)
+    depends[0] = True
+    for node in graph.nodes[1:]:
+        depends[node.index] = any(depends[i] for i in node.refs)
+        if not depends[node.index]:
+            node.kind = CONSTANT
+        elif isinstance(values[node.index], Tensor):
+            node.kind = VARIABLE
+        else:
+            node.kind = SHAPE
+    for node in graph.nodes:
+        node.box_refs = tuple(i for i in node.refs if graph.nodes[i].kind in (INPUT, VARIABLE))
+    out = values[graph.output]
+    if graph.nodes[graph.output].kind != VARIABLE or not isinstance(out, Tensor):
+        raise UnsupportedModelError(
+            f"{graph.model_name}.forward must return a tensor of logits computed from its input"
+        )
