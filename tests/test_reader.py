@@ -1,9 +1,17 @@
+"""Reading a model as it runs: what is read, what is refused and why, and that reading never
+changes the model."""
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from nonsingular import InputError
+import nonsingular as ns
+from nonsingular import InputError, Threat, ThreatError, UnsupportedLayerError
+from nonsingular.errors import UnsupportedModelError
 from nonsingular.model import check_batch, read_model
+
+from .conftest import assert_state_equal, state_copy
 
 
 def zoo():
@@ -69,3 +77,235 @@ def test_check_batch_errors_say_what_was_expected():
         check_batch(graph, model, x, torch.tensor([0.0, 1.0]))
     with pytest.raises(InputError, match="floating-point"):
         check_batch(graph, model, torch.ones(2, 4, dtype=torch.long))
+
+
+def small():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+
+
+def test_hooks_are_refused_with_the_reason():
+    model, x = small(), torch.rand(2, 4)
+    handle = model[1].register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(
+        UnsupportedModelError, match="module '1' has a forward hook.*remove the hook"
+    ):
+        read_model(model, x)
+    handle.remove()
+    handle = model.register_forward_pre_hook(lambda m, i: None)
+    with pytest.raises(UnsupportedModelError, match="the model has a forward pre-hook"):
+        read_model(model, x)
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        with pytest.raises(UnsupportedModelError, match="has a global forward hook"):
+            ns.attack(model, x, torch.tensor([0, 1]), Threat(eps_x=0.1))
+    finally:
+        handle.remove()
+
+
+def test_weight_norm_old_and_new_style_is_refused_with_the_way_out():
+    model, x = small(), torch.rand(2, 4)
+    torch.nn.utils.weight_norm(model[1])  # old style: a pre-hook recomputes the weight
+    with pytest.raises(
+        UnsupportedModelError, match="old-style torch.nn.utils.weight_norm.*remove_"
+    ):
+        ns.certify(model, x, torch.tensor([0, 1]), Threat())
+    model = small()
+    torch.nn.utils.parametrizations.weight_norm(model[3])
+    with pytest.raises(
+        UnsupportedModelError, match="'3'.*parametrizations.*remove_parametrizations"
+    ):
+        read_model(model, x)
+
+
+def test_untraceable_forwards_and_odd_signatures_say_why():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    class TwoInputs(Branchy):
+        def forward(self, x, mask):
+            return self.fc(x * mask)
+
+    class Pair(Branchy):
+        def forward(self, x):
+            return self.fc(x), x
+
+    x = torch.rand(2, 4)
+    with pytest.raises(UnsupportedModelError, match="cannot be traced.*control flow"):
+        read_model(Branchy(), x)
+    with pytest.raises(UnsupportedModelError, match="one required input.*x, mask"):
+        read_model(TwoInputs(), x)
+    with pytest.raises(UnsupportedModelError, match="one tensor of logits"):
+        read_model(Pair(), x)
+
+
+def test_a_reading_that_disagrees_with_the_model_is_never_used():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x + 0.1 * torch.rand_like(x))
+
+    model, x = Noisy(), torch.rand(6, 4)
+    for run in (
+        lambda: ns.attack(model, x, torch.zeros(6, dtype=torch.long), Threat(eps_x=0.1)),
+        lambda: ns.certify(model, x, torch.zeros(6, dtype=torch.long), Threat(eps_x=0.1)),
+    ):
+        with pytest.raises(UnsupportedModelError, match="disagrees with model.*random numbers"):
+            run()
+
+
+def test_reading_attacking_and_certifying_never_change_the_model():
+    class Recorder(nn.Module):
+        """A forward that stores its features on self, with BatchNorm in training mode."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 5)
+            self.bn = nn.BatchNorm1d(5)
+            self.out = nn.Linear(5, 3)
+
+        def forward(self, x):
+            self.features = F.relu(self.bn(self.fc(x)))
+            return self.out(self.features)
+
+    model = Recorder().train()
+    model.bn.eval()  # mixed modes must come back as they were
+    before = state_copy(model)
+    x, y = torch.rand(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    rng = torch.get_rng_state()
+    read_model(model, x)
+    ns.attack(model, x, y, Threat(eps_x=0.05, eps_w=0.01), steps=3)
+    ns.certify(model, x, y, Threat(eps_x=0.05, eps_w=0.01), "crown")
+    assert_state_equal(model, before)
+    assert model.training and model.fc.training and not model.bn.training
+    assert not hasattr(model, "features")
+    assert not any(name.startswith("_tensor_constant") for name in vars(model))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_x_outside_the_bounds_by_any_amount_is_refused():
+    model = small()
+    x = torch.rand(2, 4)
+    x[0, 0] = 1.0 + 1e-7  # within the old tolerance: the model receives this input, not 1.0
+    y = torch.tensor([0, 1])
+    for run in (
+        lambda: ns.attack(model, x, y, Threat(eps_x=0.1)),
+        lambda: ns.certify(model, x, y, Threat(eps_x=0.1)),
+    ):
+        with pytest.raises(InputError, match="outside the threat's bounds"):
+            run()
+    assert ns.certify(model, x, y, Threat(eps_x=0.1, bounds=None)).lower.shape == (2, 3)
+
+
+def test_operations_without_relaxations_are_attacked_but_not_certified():
+    class Wavy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.soft = nn.Softmax(dim=1)
+
+        def forward(self, x):
+            return self.soft(self.fc(torch.sin(x)))
+
+    model, x, y = Wavy().eval(), torch.rand(4, 4), torch.tensor([0, 1, 2, 0])
+    res = ns.attack(model, x, y, Threat(eps_x=0.2, eps_w=0.05), steps=5)
+    assert res.margins.shape == (4,)
+    with pytest.raises(UnsupportedLayerError, match=r"torch.sin at 'sin'.*no interval bounds"):
+        ns.certify(model, x, y, Threat(eps_x=0.1), "ibp")
+    model.fc = nn.Identity()
+    model.train()
+    with pytest.raises(UnsupportedModelError, match="'soft' \\(Softmax\\).*training mode.*eval"):
+        read_model(model, x)
+
+
+def test_weights_a_threat_cannot_move_exactly_are_refused_by_name():
+    class Computed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return F.linear(x, self.w * 2)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) + x @ self.fc.weight.T
+
+    x, y = torch.rand(2, 4), torch.tensor([0, 1])
+    with pytest.raises(ThreatError, match="computes its weight in forward"):
+        ns.attack(Computed(), x, y, Threat(eps_w=0.01))
+    assert ns.attack(Computed(), x, y, Threat(eps_x=0.01)).margins.shape == (2,)
+    with pytest.raises(ThreatError, match="'fc.weight' is also read by Tensor.t|'fc.weight'"):
+        ns.certify(Shared(), x, y, Threat(eps_w=0.01))
+
+
+def test_a_float32_near_tie_is_never_certified():
+    """Exact arithmetic says the true class wins by a hair; the model, in float32, says it
+    loses: a certificate must follow the model."""
+    gen = torch.Generator().manual_seed(0)
+    n = 2000
+    w = torch.randn(1, n, generator=gen)
+    model = nn.Linear(n, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.cat([w, w + 1e-6 * torch.randn(1, n, generator=gen)]))
+    weight = model.weight.detach().double()
+    xs = torch.rand(300, n, generator=gen)
+    exact = xs.double() @ (weight[0] - weight[1])
+    flipped = None
+    with torch.no_grad():
+        for i in exact.argsort(descending=False).tolist():  # the nearest ties first
+            logits = model(xs[i : i + 1])[0]
+            if exact[i] > 0 and logits[0] < logits[1]:
+                flipped = i
+                break
+    assert flipped is not None  # float32 rounding really does flip a margin here
+    x, y = xs[flipped : flipped + 1], torch.tensor([0])
+    cert = ns.certify(model, x, y, Threat())
+    assert float(cert.clean_margins[0]) < 0 < float(exact[flipped])
+    assert not bool(cert.certified[0]) and float(cert.worst[0]) <= float(cert.clean_margins[0])
+
+
+def test_avg_pool_with_a_negative_divisor_is_bounded_soundly():
+    from .test_certificates import check_sound
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2, divisor_override=-4),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 3, 3),
+    ).eval()
+    x = torch.rand(3, 1, 6, 6)
+    check_sound(model, x, torch.tensor([0, 1, 2]), Threat(eps_x=0.05, eps_w=0.02), ["ibp", "crown"])
+
+
+def test_a_linear_layer_over_a_sequence_adds_its_bias_per_feature():
+    torch.manual_seed(0)
+
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+            self.fc.bias.data.mul_(10)  # a bias misplaced per position would show at once
+
+        def forward(self, x):
+            return self.fc(x).mean(dim=1)
+
+    model, x = Pooled().eval(), torch.rand(5, 6, 3)
+    y = model(x).argmin(1)  # every margin negative
+    cert = ns.certify(model, x, y, Threat(), "crown")
+    torch.testing.assert_close(cert.worst.float(), cert.clean_margins, atol=1e-3, rtol=0)

@@ -263,9 +263,14 @@ def nonnegative_nodes(graph: Graph, input_nonnegative: bool) -> set[int]:
     found = {0} if input_nonnegative else set()
     for node in graph.nodes[1:]:
         op = node.op
-        if isinstance(op, Elementwise) and op.act.nonnegative or (
-            isinstance(op, (Identity, MaxPool))
-            or (isinstance(op, LinearMap) and op.sign > 0 and not op.offset)
-        ) and (node.box_refs and all(i in found for i in node.box_refs)):
+        if (
+            isinstance(op, Elementwise)
+            and op.act.nonnegative
+            or (
+                isinstance(op, (Identity, MaxPool))
+                or (isinstance(op, LinearMap) and op.sign > 0 and not op.offset)
+            )
+            and (node.box_refs and all(i in found for i in node.box_refs))
+        ):
             found.add(node.index)
     return found

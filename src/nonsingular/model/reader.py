@@ -80,12 +80,17 @@ def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     hooks = [
-        ("global", "forward hook", module_globals._global_forward_hooks),
-        ("global", "forward pre-hook", module_globals._global_forward_pre_hooks),
+        ("torch.nn (every module)", "global forward hook", module_globals._global_forward_hooks),
+        (
+            "torch.nn (every module)",
+            "global forward pre-hook",
+            module_globals._global_forward_pre_hooks,
+        ),
     ]
     for name, m in model.named_modules():
-        hooks.append((name or "the model", "forward hook", m._forward_hooks))
-        hooks.append((name or "the model", "forward pre-hook", m._forward_pre_hooks))
+        where = f"module '{name}'" if name else "the model"
+        hooks.append((where, "forward hook", m._forward_hooks))
+        hooks.append((where, "forward pre-hook", m._forward_pre_hooks))
         if torch.nn.utils.parametrize.is_parametrized(m):
             raise UnsupportedModelError(
                 f"module '{name or 'the model'}' ({type(m).__name__}) has parametrizations "
@@ -98,7 +103,7 @@ def _check_model(model: nn.Module) -> None:
             what = type(hook).__name__
             if what in ("WeightNorm", "SpectralNorm"):
                 raise UnsupportedModelError(
-                    f"module '{where}' uses old-style torch.nn.utils.{what.lower()[:-4]}_norm "
+                    f"{where} uses old-style torch.nn.utils.{what.lower()[:-4]}_norm "
                     "(a forward pre-hook that recomputes the weight): remove it with "
                     f"torch.nn.utils.remove_{what.lower()[:-4]}_norm, or use "
                     "torch.nn.utils.parametrizations and remove the parametrization"
