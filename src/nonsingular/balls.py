@@ -22,7 +22,10 @@ class Ball(ABC):
     """A norm ball centred at zero."""
 
     def __init__(self, radius: Tensor | float, batch_dims: int = 0) -> None:
-        self.radius = float(radius) if isinstance(radius, (int, float)) else radius
+        uniform = isinstance(radius, (int, float)) or (
+            isinstance(radius, Tensor) and radius.dim() == 0 and not radius.requires_grad
+        )
+        self.radius = float(radius) if uniform else radius  # a float takes the fast paths
         self.batch_dims = batch_dims
 
     @abstractmethod

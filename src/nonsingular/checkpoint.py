@@ -1,13 +1,18 @@
 """Checkpoints: weights in ``safetensors``, the architecture and metadata in a JSON sidecar.
 
 Nothing is ever unpickled. ``save`` writes ``NAME.safetensors`` and ``NAME.json`` atomically;
-``load`` rebuilds the model from the JSON and checks that every tensor fits it.
+``load`` rebuilds the model from the JSON and checks that every tensor fits it. The sidecar
+names the architecture by its factory (``models.Architecture``: a built-in name or
+``package.module:function`` and its arguments), or describes a flat ``nn.Sequential`` layer by
+layer. A user factory is imported only when the caller names it too: a sidecar alone never
+makes nonsingular import code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +23,9 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ._version import __version__
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, UnsupportedLayerError
 from .files import write_bytes, write_json
-from .models import build, describe
+from .models import Architecture, build, describe
 
 FORMAT = "nonsingular-checkpoint"
 
@@ -30,8 +35,19 @@ def sidecar(path: str | os.PathLike[str]) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def save(model: nn.Module, path: str | os.PathLike[str], **meta: Any) -> Path:
-    """Write the model's weights and buffers to ``path`` and its description beside it."""
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    architecture: Architecture | None = None,
+    **meta: Any,
+) -> Path:
+    """Write the model's weights and buffers to ``path`` and its description beside it.
+
+    architecture: how to rebuild the model (its factory and arguments). Without it, a flat
+    ``nn.Sequential`` of known layers is described layer by layer, and any other model is
+    recorded by its class only (loading it then needs ``load(..., model=an_instance)``).
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"checkpoint paths end in .safetensors, got {str(path)!r}")
@@ -42,7 +58,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], **meta: Any) -> Path:
         "format": FORMAT,
         "version": __version__,
         "torch": torch.__version__,
-        "model": describe(model),
+        "model": _description(model, architecture),
         **meta,
     }
     write_bytes(path, st_save(tensors))
@@ -67,17 +83,62 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     return info
 
 
+def _description(model: nn.Module, architecture: Architecture | None) -> Any:
+    if architecture is not None:
+        return architecture.to_dict()
+    try:
+        return describe(model)
+    except UnsupportedLayerError:
+        cls = type(model)
+        return {"factory": None, "class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def _rebuild(path: Path, spec: Any, factory: str | None, model: nn.Module | None) -> nn.Module:
+    """A fresh model for the checkpoint's weights (see ``load``)."""
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise CheckpointError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        return deepcopy(model)
+    if isinstance(spec, list):
+        return build(spec)
+    if isinstance(spec, dict) and spec.get("factory") is None:
+        raise CheckpointError(
+            f"checkpoint {path} holds the weights of a {spec.get('class', 'model')} trained "
+            "from an instance: pass load(..., model=an_instance) to load them into"
+        )
+    architecture = Architecture.from_dict(spec)
+    if not architecture.builtin and architecture.factory != factory:
+        raise CheckpointError(
+            f"checkpoint {path} was built by {architecture.factory}; name that factory to allow "
+            f"importing it (--model {architecture.factory}, or factory=...)"
+        )
+    try:
+        return architecture.build()
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
+
+
 def load(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu"
-) -> tuple[nn.Sequential, dict[str, Any]]:
-    """``(model in eval mode, sidecar info)`` from a checkpoint written by ``save``."""
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    *,
+    factory: str | None = None,
+    model: nn.Module | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model in eval mode, sidecar info)`` from a checkpoint written by ``save``.
+
+    factory: the ``package.module:function`` the checkpoint names, when it is a user factory:
+    naming it is what allows importing it. model: an instance to load the weights into (a copy
+    of it is returned; yours is not touched), for checkpoints of models built by hand.
+    """
+    path = Path(path)
     info = read_info(path)
-    model = build(info["model"])
+    loaded = _rebuild(path, info["model"], factory, model)
     try:
         tensors = st_load(Path(path).read_bytes())
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupted or truncated: {exc}") from None
-    expected = model.state_dict()
+    expected = loaded.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -91,5 +152,5 @@ def load(
                 f"checkpoint {path}: tensor {name} has shape {tuple(t.shape)}, "
                 f"the description says {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(tensors)
-    return model.to(device).eval(), info
+    loaded.load_state_dict(tensors)
+    return loaded.to(device).eval(), info

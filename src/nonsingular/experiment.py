@@ -36,10 +36,12 @@ from .data import Dataset, load
 from .errors import ConfigError
 from .evaluation import evaluate
 from .files import write_json
+from .models import BUILTIN
 from .threat import Threat, grid
 from .training import TrainConfig, train
 
 COMPARISON = ("standard", "pgd-at", "awp", "joint-at", "bound-reg", "ibp")
+ARCHITECTURES = tuple(BUILTIN)  # the experiment's architectures: the built-in ones
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class Experiment:
     model: str = "mlp"
     seeds: int = 1
     epochs: int = 20
-    methods: tuple[str, ...] | None = None  # None: all six (no bound-reg for a cnn)
+    methods: tuple[str, ...] | None = None  # None: all six (bound-reg for an MLP only)
     eval_size: int = 1000
     cert_size: int = 200
     attack_steps: int = 20
@@ -112,7 +114,7 @@ class Experiment:
         if self.model != "mlp" and "bound-reg" in self.methods:
             raise ConfigError(
                 "bound-reg regularizes the closed-form bound, which is defined for "
-                "MLPs only; leave it out for --model cnn"
+                f"MLPs only; leave it out for --model {self.model}"
             )
         for name in (
             "seeds",
@@ -125,8 +127,10 @@ class Experiment:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.model not in ("mlp", "cnn"):
-            raise ConfigError(f"model must be mlp or cnn, got {self.model!r}")
+        if self.model not in ARCHITECTURES:
+            raise ConfigError(
+                f"model must be one of {', '.join(ARCHITECTURES)}, got {self.model!r}"
+            )
 
     def views(self) -> list[View]:
         """Input-only, the three weight-only views, in report order."""

@@ -153,12 +153,19 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train a small standard MLP on the data first (seconds)",
     )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="FACTORY",
+        help="package.module:function that built the checkpoint's model: naming it allows "
+        "importing it (checkpoints of built-in models need nothing)",
+    )
 
 
 def load_model(args: argparse.Namespace, data: Dataset, where: torch.device) -> torch.nn.Module:
     """The model to evaluate: a checkpoint, or a small standard MLP trained right now."""
     if args.checkpoint is not None:
-        model, _ = checkpoint.load(args.checkpoint, device=where)
+        model, _ = checkpoint.load(args.checkpoint, device=where, factory=args.model)
         return model
     start = time.perf_counter()
     result = train(

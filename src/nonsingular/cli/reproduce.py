@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..experiment import Experiment, run_experiment
+from ..experiment import ARCHITECTURES, Experiment, run_experiment
 from ..report import write_report
 from . import common
 
@@ -69,7 +69,7 @@ def register(sub: Any) -> None:
     p.add_argument("--data", default="mnist5k", help="data set (default mnist5k)")
     p.add_argument(
         "--model",
-        choices=("mlp", "cnn"),
+        choices=ARCHITECTURES,
         default="mlp",
         help="architecture of every model (default mlp)",
     )

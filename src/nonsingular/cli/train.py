@@ -4,11 +4,13 @@ keys from TOML, and flags given on the command line win."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
+from ..models import BUILTIN
 from ..training import METHODS, TrainConfig, train
-from ..training.config import ARCHITECTURES, BOUNDS, OPTIMIZERS, read_toml
+from ..training.config import BOUNDS, OPTIMIZERS, read_toml
 from . import common
 
 
@@ -17,6 +19,18 @@ def _hidden(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected widths like 256,256, got {text!r}") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object like '{{\"channels\": [8, 16]}}', got {text!r}"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _flag(text: str) -> bool:
@@ -29,7 +43,13 @@ def _flag(text: str) -> bool:
 # (flag, type or choices, help): each flag is a TrainConfig field of the same name
 OPTIONS: list[tuple[str, Any, str]] = [
     ("data", str, "data set (default mnist5k)"),
-    ("model", ARCHITECTURES, "architecture (default mlp)"),
+    (
+        "model",
+        str,
+        f"architecture: {', '.join(BUILTIN)}, or an importable factory "
+        "package.module:function (default mlp)",
+    ),
+    ("model-args", _json_object, "keyword arguments of the model's factory, as JSON"),
     ("hidden", _hidden, "MLP hidden widths (default 256,256)"),
     ("epochs", int, "epochs (default 20)"),
     ("batch-size", int, "batch size (default 256)"),

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import asdict, dataclass, fields, replace
@@ -11,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ThreatError
+from ..models import Architecture, check_factory_name
 from ..threat import Threat
 
 METHODS = ("standard", "pgd-at", "awp", "joint-at", "bound-reg", "ibp")
-ARCHITECTURES = ("mlp", "cnn")
 OPTIMIZERS = ("adam", "sgd")
 BOUNDS = ("closed-form", "recursive")
 
@@ -54,7 +55,8 @@ class TrainConfig:
     """Everything that determines a training run: data, model, method, budget, optimizer."""
 
     data: str = "mnist5k"
-    model: str = "mlp"
+    model: str = "mlp"  # a built-in architecture or an importable package.module:function
+    model_args: dict[str, Any] | None = None  # keyword arguments of the model's factory
     hidden: tuple[int, ...] = (256, 256)
     method: str = "standard"
     epochs: int = 20
@@ -87,7 +89,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
-        _choice("model", self.model, ARCHITECTURES)
+        check_factory_name(self.model)
+        if self.model_args is not None:
+            Architecture(self.model, self.model_args)  # validates the arguments
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("bound", self.bound, BOUNDS)
         for name in ("epochs", "batch_size"):
@@ -185,19 +189,27 @@ class TrainConfig:
         """The config as TOML with CLI-flag keys: ``nonsingular train --config`` reads it."""
         lines = []
         for key, value in self.to_dict().items():
-            if value is None:
-                continue
-            flag = key.replace("_", "-")
-            if isinstance(value, bool):
-                text = "true" if value else "false"
-            elif isinstance(value, str):
-                text = f'"{value}"'
-            elif isinstance(value, list):
-                text = "[" + ", ".join(str(v) for v in value) + "]"
-            else:
-                text = repr(value)
-            lines.append(f"{flag} = {text}")
+            if value is not None:
+                lines.append(f"{key.replace('_', '-')} = {_toml(value)}")
         return "\n".join(lines) + "\n"
+
+    def architecture(self, in_shape: tuple[int, ...], classes: int) -> Architecture:
+        """The model this config trains, for data of ``in_shape`` with ``classes`` classes."""
+        args = {"hidden": list(self.hidden)} if self.model == "mlp" else {}
+        return Architecture(self.model, {**args, **(self.model_args or {})}, in_shape, classes)
+
+
+def _toml(value: Any) -> str:
+    """One TOML value (JSON's strings are valid TOML basic strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    return repr(value)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import time
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from ..attacks import attack
 from ..data import Dataset, load
 from ..errors import ConfigError
 from ..files import write_json, write_text
-from ..models import cnn, describe, mlp
+from ..models import Architecture
 from .augment import random_shift
 from .config import TrainConfig
 from .methods import make_method
@@ -47,19 +48,33 @@ STATE = "state.safetensors"
 class TrainResult:
     """The trained model (eval mode), its resolved config and one metrics dict per epoch."""
 
-    model: nn.Sequential
+    model: nn.Module
     config: TrainConfig
     history: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path | None = None
 
 
-def build_model(config: TrainConfig, data: Dataset) -> nn.Sequential:
+def build_model(config: TrainConfig, data: Dataset) -> nn.Module:
     """A freshly initialized model for ``config``, seeded without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        if config.model == "mlp":
-            return mlp(data.in_shape, config.hidden, data.classes)
-        return cnn(data.in_shape, classes=data.classes)
+        return config.architecture(data.in_shape, data.classes).build()
+
+
+def _starting_model(
+    config: TrainConfig, data: Dataset, model: nn.Module | None
+) -> tuple[nn.Module, Architecture | None]:
+    """The model to train (a copy of the caller's, which is never touched) and how a
+    checkpoint can rebuild it (None for an instance of unknown origin)."""
+    if model is None:
+        return build_model(config, data), config.architecture(data.in_shape, data.classes)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        copy = deepcopy(model)
+    except Exception as exc:  # a module holding something that cannot be copied
+        raise ConfigError(f"cannot copy {type(model).__name__} to train it: {exc}") from None
+    return copy, None
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
@@ -106,7 +121,17 @@ def _optimizer(config: TrainConfig, model: nn.Module, steps: int) -> tuple[Any, 
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=steps)
 
 
-def _run_info(config: TrainConfig, data: Dataset, model: nn.Module) -> dict[str, Any]:
+def _model_info(model: nn.Module, architecture: Architecture | None) -> dict[str, Any]:
+    """What the run directory records about the model: how to rebuild it, or its class."""
+    if architecture is not None:
+        return architecture.to_dict()
+    cls = type(model)
+    return {"factory": None, "class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def _run_info(
+    config: TrainConfig, data: Dataset, model: nn.Module, architecture: Architecture | None
+) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
         "threat": config.resolved_threat().to_dict(),
@@ -117,7 +142,7 @@ def _run_info(config: TrainConfig, data: Dataset, model: nn.Module) -> dict[str,
             "shape": list(data.in_shape),
             "classes": data.classes,
         },
-        "model": describe(model),
+        "model": _model_info(model, architecture),
         "versions": {
             "nonsingular": __version__,
             "torch": torch.__version__,
@@ -127,11 +152,16 @@ def _run_info(config: TrainConfig, data: Dataset, model: nn.Module) -> dict[str,
 
 
 def _write_outputs(
-    out_dir: Path, model: nn.Module, config: TrainConfig, history: list[dict[str, Any]]
+    out_dir: Path,
+    model: nn.Module,
+    architecture: Architecture | None,
+    config: TrainConfig,
+    history: list[dict[str, Any]],
 ) -> None:
     checkpoint.save(
         model,
         out_dir / "model.safetensors",
+        architecture=architecture,
         method=config.method,
         epochs=len(history),
         config=config.to_dict(),
@@ -147,17 +177,23 @@ def train(
     resume: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    model: nn.Module | None = None,
 ) -> TrainResult:
-    """Train a new model with ``config`` on ``data`` (default: ``load(config.data)``).
+    """Train a model with ``config`` on ``data`` (default: ``load(config.data)``).
 
+    model: train a copy of this module (yours is never touched) instead of building
+    ``config.model``; its checkpoint then records its class, and loading it needs an instance.
     out_dir: keep a run directory there (see the module docstring); ``resume=True``
     continues the run it holds from its last completed epoch. Returns the model in eval mode.
     """
     config = config.resolved()
     data = data if data is not None else load(config.data, seed=config.seed)
+    model, architecture = _starting_model(config, data, model)
+    model = model.to(device)
+    method = make_method(config)
+    method.prepare(model, data.x_train[: config.batch_size].to(device))  # before any write
     out = Path(out_dir) if out_dir is not None else None
     resuming = _prepare_dir(out, resume) if out is not None else False
-    model = build_model(config, data).to(device)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     steps_per_epoch = -(-len(x_train) // config.batch_size)
@@ -175,9 +211,8 @@ def train(
         restore(tensors, meta, model, opt, schedule)
         history = meta["history"]
     elif out is not None:
-        write_json(out / "config.json", _run_info(config, data, model))
+        write_json(out / "config.json", _run_info(config, data, model, architecture))
         write_text(out / "config.toml", config.to_toml())
-    method = make_method(config)
     eval_threat = config.eval_threat()
     with torch.random.fork_rng(devices=[]):  # Dropout's randomness, without touching the caller's
         for epoch in range(len(history), config.epochs):
@@ -230,10 +265,10 @@ def train(
             )
             if out is not None:
                 save_state(out / STATE, model, opt, schedule, epoch + 1, history, config.to_dict())
-                _write_outputs(out, model, config, history)
+                _write_outputs(out, model, architecture, config, history)
     model.eval()
     if out is not None and resuming:
-        _write_outputs(out, model, config, history)  # a kill after the state was saved
+        _write_outputs(out, model, architecture, config, history)  # killed after the state
     return TrainResult(model, config, history, out)
 
 

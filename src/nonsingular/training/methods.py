@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..attacks import JointSpace, default_step_size, pgd
 from ..certificates import closed_form_terms, recursive_terms
+from ..certificates.closed_form import dense_layers
 from ..certificates.ibp import ibp_margins, interval_bounds
 from ..certificates.region import InputRegion
 from ..model import Graph, check_batch, perturbed_layers, read_model
@@ -43,6 +44,12 @@ class Method:
             self._read = (model, graph)
         return self._read[1]
 
+    def prepare(self, model: nn.Module, x: Tensor) -> None:
+        """Check, before training starts (and before anything is written), that this method
+        can train ``model`` on batches like ``x``: read it, and try the loss's parts."""
+        graph = self.graph(model, x)
+        perturbed_layers(graph, self.threat)  # the threat fits the model
+
     def scale(self, progress: float) -> float:
         """The fraction of the full budget in use at ``progress``."""
         ramp = self.config.ramp
@@ -60,6 +67,9 @@ class Method:
 
 class Standard(Method):
     """Cross-entropy on clean data."""
+
+    def prepare(self, model: nn.Module, x: Tensor) -> None:
+        return None  # runs the model itself: any module trains
 
     def loss(
         self, model: nn.Module, x: Tensor, y: Tensor, progress: float, generator: torch.Generator
@@ -143,6 +153,10 @@ class BoundRegularized(Method):
     the logits. The product of layer norms could overflow for a diverging deep network: the
     training loop stops on a non-finite loss with an error rather than a NaN model.
     """
+
+    def prepare(self, model: nn.Module, x: Tensor) -> None:
+        super().prepare(model, x)
+        dense_layers(self.graph(model, x), x, f"bound-reg ({self.config.bound})")
 
     def loss(
         self, model: nn.Module, x: Tensor, y: Tensor, progress: float, generator: torch.Generator

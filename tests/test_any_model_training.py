@@ -1,0 +1,201 @@
+"""Training any model: all six methods on a user's module from Python, importable factories from
+the shell, checkpoints that name their factory (and never import one nobody named)."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+import nonsingular as ns
+from nonsingular import CheckpointError, ConfigError, UnsupportedLayerError, checkpoint
+from nonsingular.cli import main
+from nonsingular.data import load
+from nonsingular.models import Architecture, resnet
+from nonsingular.training import TrainConfig, train
+
+from .conftest import assert_state_equal, state_copy
+
+FACTORY = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Small(nn.Module):
+    def __init__(self, width, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.res = nn.Conv2d(width, width, 3, padding=1)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(width * 16, classes)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x)))
+        h = F.max_pool2d(h + F.relu(self.res(h)), 2)
+        return self.head(self.drop(torch.flatten(h, 1)))
+
+
+def small(in_shape, classes, width=4):
+    return Small(width, classes)
+"""
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load("digits")
+
+
+@pytest.fixture
+def userpkg(tmp_path, monkeypatch):
+    """An importable package ``userpkg`` with a model factory, as a user would have."""
+    package = tmp_path / "userpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text(textwrap.dedent(FACTORY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "userpkg.models:small"
+
+
+def test_every_method_trains_a_users_residual_model_without_touching_it(digits, userpkg):
+    import userpkg.models
+
+    torch.manual_seed(0)
+    model = userpkg.models.small((1, 8, 8), 10)
+    before = state_copy(model)
+    quick = {"epochs": 3, "eval_size": 60, "lr": 1e-2}
+    chance = 1 / digits.classes
+    for method in ("standard", "pgd-at", "awp", "joint-at", "ibp"):
+        config = TrainConfig(method=method, eps_x=0.05, eps_w=1e-3, **quick)
+        if method in ("standard", "awp"):
+            config = config.replace(eps_x=None, eps_w=None)
+        result = train(config, digits, model=model, progress=False)
+        assert result.model is not model
+        assert result.history[-1]["test_accuracy"] > 2 * chance, method
+        assert not result.model.training
+    assert_state_equal(model, before)
+    assert model.training  # the caller's module keeps its mode
+    with pytest.raises(UnsupportedLayerError, match="bound-reg.*MLPs.*'ibp' or 'crown'"):
+        train(TrainConfig(method="bound-reg", **quick), digits, model=model, progress=False)
+
+
+def test_a_bn_model_trains_its_batch_statistics_under_adversarial_methods(digits):
+    config = TrainConfig(
+        method="joint-at", model="resnet", model_args={"channels": [4, 8]}, epochs=1, eval_size=0
+    )
+    result = train(config, digits, progress=False)
+    bn = result.model.stem[1]
+    assert not torch.allclose(bn.running_mean, torch.zeros_like(bn.running_mean))
+    assert int(bn.num_batches_tracked) > 0
+
+
+def test_a_factory_checkpoint_is_rebuilt_only_when_its_factory_is_named(digits, userpkg, tmp_path):
+    config = TrainConfig(model=userpkg, model_args={"width": 3}, epochs=1, eval_size=0)
+    result = train(config, digits, out_dir=tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "model.safetensors"
+    info = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert info["model"] == {
+        "factory": userpkg,
+        "args": {"width": 3},
+        "in_shape": [1, 8, 8],
+        "classes": 10,
+    }
+    with pytest.raises(CheckpointError, match=f"built by {userpkg}.*--model {userpkg}"):
+        checkpoint.load(path)
+    loaded, _ = checkpoint.load(path, factory=userpkg)
+    x = digits.x_test[:20]
+    torch.testing.assert_close(loaded(x), result.model(x))
+    # a module passed by hand is recorded by its class; loading it needs an instance
+    by_hand = train(
+        TrainConfig(epochs=1, eval_size=0),
+        digits,
+        model=result.model,
+        out_dir=tmp_path / "hand",
+        progress=False,
+    )
+    with pytest.raises(CheckpointError, match="Small trained from an instance.*model="):
+        checkpoint.load(tmp_path / "hand" / "model.safetensors")
+    again, _ = checkpoint.load(tmp_path / "hand" / "model.safetensors", model=result.model)
+    torch.testing.assert_close(again(x), by_hand.model(x))
+
+
+def test_factories_and_their_arguments_are_checked_with_clear_errors(userpkg):
+    for bad, match in (
+        ("torch.nn", "built-in architecture|importable factory"),
+        ("nosuchpackage.models:net", "cannot import nosuchpackage.models"),
+        ("userpkg.models:nothing", "has no attribute nothing"),
+        ("os:sep", "not callable"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            Architecture(bad).build()
+    with pytest.raises(ConfigError, match="small.*failed.*depth"):
+        Architecture(userpkg, {"depth": 3}, (1, 8, 8), 10).build()
+    with pytest.raises(ConfigError, match="plain JSON"):
+        TrainConfig(model=userpkg, model_args={"width": object()})
+
+
+def test_the_cli_trains_and_evaluates_a_factory_model(capsys, userpkg, tmp_path):
+    run = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--model",
+            userpkg,
+            "--model-args",
+            '{"width": 3}',
+            "--data",
+            "digits",
+            "--epochs",
+            "1",
+            "--eval-size",
+            "0",
+            "--out",
+            str(run),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    ckpt = str(run / "model.safetensors")
+    common = ["--checkpoint", ckpt, "--data", "digits", "--test-size", "30", "--quiet"]
+    code = main(["evaluate", *common, "--eps-x", "0,0.05", "--eps-w", "0", "--steps", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--model {userpkg}" in err and len(err.strip().splitlines()) == 1
+    code = main(
+        [
+            "certify",
+            *common,
+            "--model",
+            userpkg,
+            "--eps-x",
+            "0.01",
+            "--eps-w",
+            "0",
+            "--method",
+            "ibp,crown",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "cert:crown" in out
+    code = main(
+        [
+            "train",
+            "--model",
+            "userpkg.models:nothing",
+            "--data",
+            "digits",
+            "--quiet",
+            "--out",
+            str(tmp_path / "bad"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "no attribute nothing" in err and not (tmp_path / "bad").exists()
+
+
+def test_the_builtin_resnet_is_a_real_residual_network_the_library_reads():
+    model = resnet((1, 28, 28), channels=(4, 8), classes=10).eval()
+    graph = ns.model.read_model(model, torch.rand(2, 1, 28, 28))
+    adds = [n for n in graph.nodes if "add" in n.label]
+    assert len(adds) == 2  # one residual sum per block
+    assert any("AdaptiveAvgPool2d" in n.label for n in graph.nodes)
