@@ -1,6 +1,8 @@
 """Any model, read as it runs: the reading equals the model, attacks materialize and replay
 exactly, certificates are sound, on each kind of model users bring and on random graphs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ import nonsingular as ns
 from nonsingular import Threat
 from nonsingular.attacks import margins
 from nonsingular.model import read_model
+from nonsingular.model.catalog import MODULES
 
 from .conftest import assert_state_equal, state_copy
 from .test_attacks import in_ball
@@ -235,3 +238,10 @@ def test_random_graph_attacks_replay_on_the_unmodified_model(case, threat):
     for i in range(len(x)):
         replayed = margins(res.replay(model, i), y[i : i + 1])
         assert abs(float(replayed) - float(res.margins[i])) < 1e-4
+
+
+def test_the_operations_table_lists_every_module_the_catalog_knows():
+    text = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    table = text.split("## Supported operations")[1].split("\n## ")[0]
+    missing = [m.__name__ for m in MODULES if m.__name__ not in table]
+    assert not missing, f"docs/models.md does not list {missing}"
