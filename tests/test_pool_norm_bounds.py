@@ -15,14 +15,13 @@ import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from nonsingular.model.operators.pool_norm_bounds import (
+from nonsingular.model.operators.layernorm_bounds import (
     _Centered,
     _product_planes,
     layernorm_backward,
     layernorm_interval,
-    maxpool_backward,
-    maxpool_interval,
 )
+from nonsingular.model.operators.maxpool_bounds import maxpool_backward, maxpool_interval
 
 DT = torch.float64
 SAMPLES = 48  # half interior points, half corners

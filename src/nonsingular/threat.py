@@ -47,7 +47,7 @@ class Threat:
              ``w_norm="l2"``: ``||Delta||_F <= eps_w`` (absolute) or ``eps_w*||W||_F`` (relative).
     scope:   ``per-example`` (the adversary picks Delta for each input) or ``shared``
              (one Delta for the whole batch or data set).
-    layers:  None for every Linear/Conv2d weight, or parameter / module names
+    layers:  None for every Linear/Conv1d/Conv2d weight, or parameter / module names
              (``"0.weight"`` or ``"0"``).
     bias:    also perturb the biases of the chosen layers (same mode, own budget eps_w).
     """

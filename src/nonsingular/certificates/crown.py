@@ -52,7 +52,6 @@ def _relaxed_inputs(graph: Graph) -> dict[int, list[int]]:
 
 def _tighten(
     graph: Graph,
-    budgets: dict[int, LayerBudget],
     region: InputRegion,
     bounds: Bounds,
     k: int,
@@ -75,7 +74,7 @@ def _tighten(
     lam = flat_lower.new_zeros(batch, 2 * m, size)
     lam.scatter_(2, order[:, :, None], valid[:, :, None])
     lam[:, m:] = -lam[:, :m]
-    bound = backward(graph, budgets, region, bounds, lam.reshape(batch, 2 * m, *box.shape[1:]), k)
+    bound = backward(graph, region, bounds, lam.reshape(batch, 2 * m, *box.shape[1:]), k)
     low = torch.where(valid > 0, bound[:, :m], float("-inf"))
     high = torch.where(valid > 0, -bound[:, m:], float("inf"))
     flat_lower = flat_lower.scatter_reduce(1, order, low, reduce="amax")
@@ -104,7 +103,7 @@ def crown_bounds(
             masks = [mask for mask in masks if mask is not None]
             if masks:
                 wanted = torch.stack(masks).any(0).flatten(1)
-                bounds.set(node.index, _tighten(graph, budgets, region, bounds, node.index, wanted))
+                bounds.set(node.index, _tighten(graph, region, bounds, node.index, wanted))
     return bounds
 
 
@@ -120,6 +119,6 @@ def crown_margins(
     almost free from the same boxes)."""
     bounds = crown_bounds(graph, budgets, region, intermediate, unit)
     out = graph.output
-    crown = backward(graph, budgets, region, bounds, c, out)
-    ibp = backward(graph, budgets, region, bounds, c, out, relax=False)
+    crown = backward(graph, region, bounds, c, out)
+    ibp = backward(graph, region, bounds, c, out, relax=False)
     return crown, ibp

@@ -11,7 +11,7 @@ from ..model.graph import Graph
 from ..model.lemma import LayerBudget
 from ..model.operators.affine import Affine
 from ..model.operators.base import Box
-from .linear import Bounds, backward, box_support, margin_matrix, node_box, perturbation_set
+from .linear import Bounds, added_support, backward, margin_matrix, node_box
 from .region import InputRegion
 
 
@@ -50,7 +50,7 @@ def ibp_margins(
         and not (node.box_refs == (0,) and region.l2_radius is not None)  # the input ball
     )
     if not fast:
-        return backward(graph, budgets, region, bounds, c, out, relax=False)
+        return backward(graph, region, bounds, c, out, relax=False)
     # the same bound as ``backward``, without (B, classes, n) tensors: with m, r the centre and
     # radius of the last layer's input box, lower_j = (W m)_y - (W m)_j - |w_y - w_j| . r
     box, weight, bias = args[0], args[1], args[2]
@@ -58,7 +58,4 @@ def ibp_margins(
     pairs = (weight[:, None, :] - weight[None, :, :]).abs()  # (K, K, n)
     spread = (box.radius @ pairs.reshape(classes * classes, -1).T).reshape(-1, classes, classes)
     bound = z.gather(1, y[:, None]) - z - spread[torch.arange(len(y)), y]
-    bound = bound - box_support(c, bounds.rounding[out])
-    if out in budgets:
-        bound = bound - perturbation_set(budgets[out], box).support(c)
-    return bound
+    return bound - added_support(c, bounds.added[out])

@@ -28,20 +28,23 @@ class Bounds:
     values:   a Box for the input and every node that depends on it, the value otherwise;
     concrete: the same with lower bounds in place of Boxes (shape nodes, like ``x.size(0)``,
               are computed from them);
-    rounding: the radius of the error the model's own arithmetic adds at the node (0: exact),
-              already included in its Box;
-    unit:     the unit roundoff those radii are computed with.
+    added:    what moves each node's output beyond its operator's function: the threat's
+              weight perturbation and the rounding of the model's own arithmetic, as an
+              elementwise box radius (0: nothing) and, for dense layers with Frobenius
+              budgets, the lemma's l2 ball (None: none); both already included in its Box,
+              and taken off in every backward pass without being recomputed;
+    unit:     the unit roundoff the rounding radii are computed with (0: exact arithmetic).
     """
 
     values: list[Any]
     concrete: list[Any]
-    rounding: list[Tensor | float]
+    added: list[tuple[Tensor | float, Tensor | None]]
     unit: float
 
     @classmethod
     def start(cls, graph: Graph, region: InputRegion, unit: float) -> Bounds:
         n = len(graph.nodes)
-        bounds = cls([None] * n, [None] * n, [0.0] * n, unit)
+        bounds = cls([None] * n, [None] * n, [(0.0, None)] * n, unit)
         bounds.values[0] = Box(region.lower, region.upper)
         bounds.concrete[0] = region.lower
         return bounds
@@ -69,31 +72,48 @@ def perturbation_set(budget: LayerBudget, box: Box) -> OutputSet:
 
 def node_box(graph: Graph, budgets: dict[int, LayerBudget], index: int, bounds: Bounds) -> Box:
     """The Box of node ``index`` from the bounds of the nodes before it: the operator's interval,
-    widened by the threat's weight perturbation and by the node's own rounding (recorded)."""
+    widened by the threat's weight perturbation and the node's own rounding (both recorded)."""
     node = graph.nodes[index]
     args, kwargs = node.fill(bounds.values, graph.tensors)
     box = node.op.interval(*args, **kwargs)
+    added: Tensor | float = 0.0
+    ball = None
     if index in budgets:
-        moved = perturbation_set(budgets[index], args[0]).radius()
-        box = box.widen(moved)
-        kwargs = {**kwargs, "perturbation": moved}
-    if bounds.unit == 0:
-        return box  # exact arithmetic (the training losses)
-    radius = node.op.rounding(bounds.unit, *args, **kwargs)
-    bounds.rounding[index] = radius
-    return box.widen(radius) if isinstance(radius, Tensor) or radius > 0 else box
+        moved = perturbation_set(budgets[index], args[0])
+        added, ball = (0.0 if moved.box is None else moved.box), moved.ball
+        kwargs = {**kwargs, "perturbation": moved.radius()}
+    if bounds.unit > 0:  # 0: exact arithmetic (the training losses)
+        added = added + node.op.rounding(bounds.unit, *args, **kwargs)
+    bounds.added[index] = (added, ball)
+    if ball is not None:
+        added = added + ball.reshape(-1, 1)  # the ball's box, for the interval
+    return box.widen(added) if isinstance(added, Tensor) or added > 0 else box
 
 
 def box_support(lam: Tensor, radius: Tensor | float) -> Tensor:
     """``max over |d| <= radius of lam . d``: ``(B, K)``."""
-    if isinstance(radius, Tensor):
-        return (lam.abs() * radius.unsqueeze(1)).flatten(2).sum(-1)
-    return lam.abs().flatten(2).sum(-1) * radius
+    magnitude = lam.abs().flatten(2)
+    if not isinstance(radius, Tensor):
+        return magnitude.sum(-1) * radius
+    if radius.dim() == lam.dim() - 1 and radius.shape[0] == lam.shape[0]:
+        full = radius.expand(lam.shape[0], *lam.shape[2:]).reshape(lam.shape[0], -1, 1)
+        return torch.bmm(magnitude, full).squeeze(-1)  # no (B, K, N) product in memory
+    return (lam.abs() * radius.unsqueeze(1)).flatten(2).sum(-1)
+
+
+def added_support(lam: Tensor, added: tuple[Tensor | float, Tensor | None]) -> Tensor | float:
+    """``max of lam . d`` over what moves a node's output (``Bounds.added``)."""
+    radius, ball = added
+    total: Tensor | float = 0.0
+    if isinstance(radius, Tensor) or radius > 0:
+        total = box_support(lam, radius)
+    if ball is not None:
+        total = total + lam.flatten(2).norm(dim=-1) * ball.reshape(-1, 1)
+    return total
 
 
 def backward(
     graph: Graph,
-    budgets: dict[int, LayerBudget],
     region: InputRegion,
     bounds: Bounds,
     lam: Tensor,
@@ -102,7 +122,8 @@ def backward(
     relax: bool = True,
 ) -> Tensor:
     """A lower bound ``(B, K)`` of ``lam . value(start)`` over the joint threat, as the model
-    computes it (each node's rounding box is taken off like a perturbation).
+    computes it (each node's weight perturbation and rounding are taken off as recorded by
+    the pass that made ``bounds``).
 
     relax: use every operator's linear relaxation; False stops at each operator that is not
     affine and concretizes over its box instead (IBP with the affine tail folded in).
@@ -118,11 +139,7 @@ def backward(
             const = const + constant_min(lam, values[node.index])
             continue
         args, kwargs = node.fill(values, graph.tensors)
-        radius = bounds.rounding[node.index]
-        if isinstance(radius, Tensor) or radius > 0:
-            const = const - box_support(lam, radius)
-        if node.index in budgets:
-            const = const - perturbation_set(budgets[node.index], args[0]).support(lam)
+        const = const - added_support(lam, bounds.added[node.index])
         lams, c = node.op.backward(lam, *args, **kwargs)
         const = const + c
         for ref, part in zip(node.box_refs, lams, strict=True):

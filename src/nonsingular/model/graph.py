@@ -182,23 +182,6 @@ class Graph:
         return self.with_tensors({k: v.detach() for k, v in self.tensors.items()})
 
     @property
-    def device(self) -> torch.device:
-        for t in self.tensors.values():
-            return t.device
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        for t in self.tensors.values():
-            if t.is_floating_point():
-                return t.dtype
-        return torch.get_default_dtype()
-
-    @property
-    def input_node(self) -> Node:
-        return self.nodes[0]
-
-    @property
     def affine_nodes(self) -> list[Node]:
         return [n for n in self.nodes if n.kind == VARIABLE and isinstance(n.op, Affine)]
 
@@ -208,14 +191,6 @@ class Graph:
         for node in self.nodes:
             for name in node.params:
                 found.setdefault(name, []).append(node)
-        return found
-
-    def consumers(self) -> dict[int, list[int]]:
-        """The nodes that read each node's value."""
-        found: dict[int, list[int]] = {n.index: [] for n in self.nodes}
-        for node in self.nodes:
-            for i in set(node.refs):
-                found[i].append(node.index)
         return found
 
     # ----------------------------------------------------------------------- running

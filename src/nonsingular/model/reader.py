@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 
 from ..errors import InputError, UnsupportedModelError
-from .catalog import MODULES, function_operator, module_operator
+from .catalog import MODULES, module_operator
+from .functions import function_operator, method_operator
 from .graph import CONSTANT, INPUT, SHAPE, VARIABLE, Graph, Node, Param, Ref
 from .operators.affine import Affine
 from .operators.call import ModuleCall
@@ -161,8 +162,8 @@ def _tensor_names(
     return tensors, parameters, aliases
 
 
-def _label(node: fx.Node, model: nn.Module) -> str:
-    where = f"'{node.name}' in {type(model).__name__}.forward"
+def _label(node: fx.Node, model_name: str) -> str:
+    where = f"'{node.name}' in {model_name}.forward"
     if node.op == "call_method":
         return f"Tensor.{node.target} at {where}"
     target = node.target
@@ -177,79 +178,111 @@ def _label(node: fx.Node, model: nn.Module) -> str:
 
 
 def read_model(model: nn.Module, x: Tensor, *, detach: bool = True) -> Graph:
-    """The graph of ``model`` as it runs, checked against ``model(x)`` on the batch ``x``.
+    """The graph of ``model`` as it runs, run once on the first example of ``x`` to tell the
+    values that depend on the input from the rest (``verify.check_batch`` then compares it
+    with ``model(x)``).
 
     detach: hold detached tensors (attacks, certificates) or the live parameters (training,
     whose losses must reach them). The model is left exactly as it was.
     """
     _check_model(model)
     tensors, parameters, aliases = _tensor_names(model, detach)
-
-    def canonical(name: str) -> str:
-        return aliases.get(name, name)
-
     traced = _trace(model)
     traced.graph.eliminate_dead_code()  # values the output never reads are not the model's
-    nodes: list[Node] = []
-    index: dict[fx.Node, int] = {}
-    params: dict[fx.Node, Param] = {}
-    output: int | None = None
-
-    def template(value: Any) -> Any:
-        def convert(n: fx.Node) -> Any:
-            return params[n] if n in params else Ref(index[n])
-
-        return fx.node.map_arg(value, convert)
-
-    taken = {n.name for n in traced.graph.nodes}
-
-    def node_name(fx_node: fx.Node) -> str:
-        # call_module nodes are named after the wrapper's path: drop its prefix when unambiguous
-        short = fx_node.name.removeprefix("model_")
-        return short if short == fx_node.name or short not in taken else fx_node.name
-
+    converter = _Converter(traced, type(model).__name__, tensors, aliases)
     for fx_node in traced.graph.nodes:
-        if fx_node.op == "placeholder":
-            index[fx_node] = len(nodes)
-            nodes.append(Node(0, fx_node.name, "the input", INPUT, None))
-        elif fx_node.op == "get_attr":
-            params[fx_node] = _get_attr(traced, fx_node.target, tensors, canonical)
-        elif fx_node.op == "output":
-            result = fx_node.args[0]
-            if not isinstance(result, fx.Node) or result not in index:
-                raise UnsupportedModelError(
-                    f"{type(model).__name__}.forward must return one tensor of logits, it "
-                    f"returns {type(result).__name__}"
-                )
-            output = index[result]
-        else:
-            args, kwargs = template(fx_node.args), template(fx_node.kwargs)
-            if fx_node.op == "call_module":
-                name = str(fx_node.target)[len(PREFIX) :]
-                module = traced.get_submodule(str(fx_node.target))
-                op, args, kwargs = module_operator(module, name, args, kwargs)
-                if isinstance(op, ModuleCall):
-                    _check_module_call(module, name)
-            else:
-                op, args, kwargs = function_operator(
-                    fx_node.target,
-                    args,
-                    kwargs,
-                    _label(fx_node, model),
-                    lambda a: tensors.get(a.name) if isinstance(a, Param) else None,
-                    method=fx_node.op == "call_method",
-                )
-            args, kwargs = _canonical((args, kwargs), canonical)
-            if isinstance(op, Affine):
-                op.weight_name = canonical(op.weight_name) if op.weight_name else None
-                op.bias_name = canonical(op.bias_name) if op.bias_name else None
-            index[fx_node] = len(nodes)
-            nodes.append(Node(len(nodes), node_name(fx_node), op.label, VARIABLE, op, args, kwargs))
-    if output is None or not nodes or nodes[0].kind != INPUT:
+        converter.add(fx_node)
+    if converter.output is None:
         raise UnsupportedModelError(f"{type(model).__name__}.forward returns no computed value")
-    graph = Graph(nodes, output, tensors, frozenset(parameters), aliases, type(model).__name__)
+    graph = Graph(
+        converter.nodes,
+        converter.output,
+        tensors,
+        frozenset(parameters),
+        aliases,
+        type(model).__name__,
+    )
     _classify(graph, x)
     return graph
+
+
+class _Converter:
+    """Turns traced fx nodes, in order, into graph nodes with operators (``catalog.py``,
+    ``functions.py``), their arguments as templates of Refs (earlier nodes) and Params (the
+    model's tensors, by canonical name)."""
+
+    def __init__(
+        self,
+        traced: fx.GraphModule,
+        model_name: str,
+        tensors: dict[str, Tensor],
+        aliases: dict[str, str],
+    ) -> None:
+        self.traced = traced
+        self.model_name = model_name
+        self.tensors = tensors
+        self.aliases = aliases
+        self.nodes: list[Node] = []
+        self.index: dict[fx.Node, int] = {}
+        self.params: dict[fx.Node, Param] = {}
+        self.output: int | None = None
+        self.taken = {n.name for n in traced.graph.nodes}
+
+    def canonical(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
+    def template(self, value: Any) -> Any:
+        return fx.node.map_arg(
+            value, lambda n: self.params[n] if n in self.params else Ref(self.index[n])
+        )
+
+    def name(self, fx_node: fx.Node) -> str:
+        # call_module nodes are named after the wrapper's path: drop its prefix when unambiguous
+        short = fx_node.name.removeprefix("model_")
+        return short if short == fx_node.name or short not in self.taken else fx_node.name
+
+    def add(self, fx_node: fx.Node) -> None:
+        if fx_node.op == "placeholder":
+            self.index[fx_node] = 0
+            self.nodes.append(Node(0, fx_node.name, "the input", INPUT, None))
+        elif fx_node.op == "get_attr":
+            self.params[fx_node] = _get_attr(
+                self.traced, fx_node.target, self.tensors, self.canonical
+            )
+        elif fx_node.op == "output":
+            result = fx_node.args[0]
+            if not isinstance(result, fx.Node) or result not in self.index:
+                raise UnsupportedModelError(
+                    f"{self.model_name}.forward must return one tensor of logits, it "
+                    f"returns {type(result).__name__}"
+                )
+            self.output = self.index[result]
+        else:
+            self.call(fx_node)
+
+    def call(self, fx_node: fx.Node) -> None:
+        args, kwargs = self.template(fx_node.args), self.template(fx_node.kwargs)
+        if fx_node.op == "call_module":
+            name = str(fx_node.target)[len(PREFIX) :]
+            module = self.traced.get_submodule(str(fx_node.target))
+            op, args, kwargs = module_operator(module, name, args, kwargs)
+            if isinstance(op, ModuleCall):
+                _check_module_call(module, name)
+        else:
+            build = method_operator if fx_node.op == "call_method" else function_operator
+            label = _label(fx_node, self.model_name)
+            op, args, kwargs = build(fx_node.target, args, kwargs, label, self.lookup)
+        args, kwargs = _canonical((args, kwargs), self.canonical)
+        if isinstance(op, Affine):
+            op.weight_name = self.canonical(op.weight_name) if op.weight_name else None
+            op.bias_name = self.canonical(op.bias_name) if op.bias_name else None
+        index = len(self.nodes)
+        self.index[fx_node] = index
+        self.nodes.append(Node(index, self.name(fx_node), op.label, VARIABLE, op, args, kwargs))
+
+    def lookup(self, template: Any) -> Tensor | None:
+        """The tensor a template argument names, if it is a Param."""
+        return self.tensors.get(template.name) if isinstance(template, Param) else None
 
 
 def _get_attr(

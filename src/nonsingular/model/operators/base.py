@@ -71,7 +71,16 @@ def _leaves(value: Any) -> Iterator[Any]:
 
 
 def dot(lam: Tensor, value: Tensor) -> Tensor:
-    """``(B, K)``: ``lam (B, K, *s)`` times ``value`` (broadcastable to it), summed over ``s``."""
+    """``(B, K)``: ``lam (B, K, *s)`` times ``value`` (broadcastable to it), summed over ``s``.
+
+    A value constant along trailing dimensions (a per-channel bias ``(C, 1, 1)``) is applied
+    after summing ``lam`` over them, never as a product the size of ``lam``."""
+    trailing = 0
+    while trailing < value.dim() - 1 and value.shape[value.dim() - 1 - trailing] == 1:
+        trailing += 1
+    if trailing and value.dim() <= lam.dim() - 2:
+        lam = lam.sum(dim=tuple(range(lam.dim() - trailing, lam.dim())))
+        value = value.reshape(value.shape[: value.dim() - trailing])
     return (lam * value).flatten(2).sum(-1)
 
 

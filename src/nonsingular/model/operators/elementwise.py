@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .base import Box, Operator, dot
@@ -68,7 +69,8 @@ def _relu_backward(lam: Tensor, h: Box) -> tuple[list[Tensor | None], Tensor]:
     active = (lower >= 0).to(lam.dtype)
     unstable = ((lower < 0) & (upper > 0)).to(lam.dtype)
     slope = upper / (upper - lower).clamp_min(1e-30) * unstable
-    lower_slope = (upper > -lower).to(lam.dtype) * unstable
-    positive, negative = lam.clamp(min=0), lam.clamp(max=0)
-    lam_in = positive * (active + lower_slope) + negative * (active + slope)
-    return [lam_in], dot(negative, -slope * lower)
+    below = active + (upper > -lower).to(lam.dtype) * unstable  # slope of the lower line
+    negative = lam.clamp(max=0)
+    lam_in = torch.where(lam >= 0, lam * below, lam * (active + slope))
+    offset = (-slope * lower).flatten(2).transpose(1, 2)  # (B, N, 1): the chord's intercept
+    return [lam_in], torch.bmm(negative.flatten(2), offset).squeeze(-1)

@@ -12,12 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Box, Operator, dot, gamma
-from .pool_norm_bounds import (
-    layernorm_backward,
-    layernorm_interval,
-    maxpool_backward,
-    maxpool_interval,
-)
+from .layernorm_bounds import layernorm_backward, layernorm_interval
+from .maxpool_bounds import maxpool_backward, maxpool_interval
 
 # roundings in one eval-mode batch-norm output: subtract, rsqrt, two products, add (and slack)
 _BATCH_NORM_ROUNDINGS = 8
