@@ -10,7 +10,7 @@ difference of a long and a short attack divided by the difference in steps, so p
 (reading and checking the model) cancels. Timings are interleaved (A B C A B C ...) and the
 median is reported, so drift of a shared machine hits every variant alike.
 
-    python benchmarks/attack_speed.py [--model mlp|resnet] [--batch 500] [--steps 100]
+    python benchmarks/attack_speed.py [--model mlp|resnet|resmlp] [--batch 500] [--steps 100]
 """
 
 from __future__ import annotations
@@ -55,6 +55,34 @@ def naive_joint_pgd(model, x, y, eps_x, eps_w, steps, alpha):
     return d, deltas
 
 
+class DenseBlock(torch.nn.Module):
+    """``relu(x + W2 relu(W1 x))``: a residual block of dense layers."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(width, width)
+        self.fc2 = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.fc2(F.relu(self.fc1(x))))
+
+
+def residual_mlp(in_shape=(1, 28, 28), classes: int = 10, width: int = 256) -> torch.nn.Module:
+    """A residual network of dense layers (784-256, two residual blocks, 256-10): residual
+    structure without shared kernels, so the lemma applies at every layer."""
+    inputs = 1
+    for s in in_shape:
+        inputs *= s
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(inputs, width),
+        torch.nn.ReLU(),
+        DenseBlock(width),
+        DenseBlock(width),
+        torch.nn.Linear(width, classes),
+    )
+
+
 def seconds(fn, steps: int) -> float:
     start = time.perf_counter()
     fn(steps)
@@ -72,12 +100,17 @@ def main() -> None:
         help="the naive attack's batch (its memory grows with B x weights)",
     )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--model", choices=("mlp", "resnet"), default="mlp")
+    parser.add_argument("--model", choices=("mlp", "resnet", "resmlp"), default="mlp")
     args = parser.parse_args()
 
     data = load("mnist5k")
     # a trained model, so the attack works on a realistic batch (it skips broken examples)
-    model = train(TrainConfig(model=args.model, epochs=10), data, progress=False).model
+    if args.model == "resmlp":
+        torch.manual_seed(0)
+        config = TrainConfig(epochs=10)
+        model = train(config, data, model=residual_mlp(), progress=False).model
+    else:
+        model = train(TrainConfig(model=args.model, epochs=10), data, progress=False).model
     x, y = data.x_test[: args.batch], data.y_test[: args.batch]
     xn, yn = x[: args.naive_batch], y[: args.naive_batch]
     eps_x, eps_w, steps = 0.05, 1e-3, args.steps
@@ -108,7 +141,11 @@ def main() -> None:
         f"machine: {platform.machine()} {platform.processor() or ''}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    names = {"mlp": "784-256-256-10 MLP", "resnet": "small ResNet (channels 16, 32)"}
+    names = {
+        "mlp": "784-256-256-10 MLP",
+        "resnet": "small ResNet (channels 16, 32)",
+        "resmlp": "residual MLP (784-256, two dense residual blocks, 256-10)",
+    }
     print(
         f"model: {names[args.model]}, 10 epochs; threat eps_x={eps_x}, eps_w={eps_w} "
         f"(absolute, per-example); per step = (T({steps} steps) - T({short} steps)) / "
