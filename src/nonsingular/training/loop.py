@@ -200,16 +200,7 @@ def train(
     opt, schedule = _optimizer(config, model, config.epochs * steps_per_epoch)
     history: list[dict[str, Any]] = []
     if resuming:
-        tensors, meta = load_state(out / STATE)  # type: ignore[operator]
-        if meta["config"] != config.to_dict():
-            changed = sorted(k for k, v in config.to_dict().items() if meta["config"].get(k) != v)
-            raise ConfigError(
-                f"the run in {out} was started with other options "
-                f"({', '.join(changed)}): resume it with the same ones, or "
-                "choose another output directory"
-            )
-        restore(tensors, meta, model, opt, schedule)
-        history = meta["history"]
+        history = _resume(out, config, model, opt, schedule)  # type: ignore[arg-type]
     elif out is not None:
         write_json(out / "config.json", _run_info(config, data, model, architecture))
         write_text(out / "config.toml", config.to_toml())
@@ -219,35 +210,9 @@ def train(
             torch.manual_seed(config.seed * 100_003 + epoch)
             generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
             start = time.perf_counter()
-            order = torch.randperm(len(x_train), generator=generator).to(device)
-            model.train()
-            total = correct = seen = 0.0
-            bar = tqdm(
-                range(steps_per_epoch),
-                desc=f"{config.method} {epoch + 1}/{config.epochs}",
-                disable=None if progress else True,
-                leave=False,
+            loss, train_accuracy = _train_epoch(
+                method, model, opt, schedule, x_train, y_train, config, epoch, generator, progress
             )
-            for step in bar:
-                idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-                xb = random_shift(x_train[idx], config.augment, generator)
-                yb = y_train[idx]
-                done = (epoch + step / steps_per_epoch) / config.epochs
-                loss, logits = method.loss(model, xb, yb, done, generator)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                schedule.step()
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"the training loss became {value} in epoch {epoch + 1}: lower lr or "
-                        "the method's budget and weights (lambda_x, lambda_w)"
-                    )
-                total += value * len(idx)
-                correct += int((logits.detach().argmax(1) == yb).sum())
-                seen += len(idx)
-                bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.1%}")
             seconds = time.perf_counter() - start
             model.eval()
             history.append(
@@ -255,8 +220,8 @@ def train(
                     model,
                     config,
                     epoch,
-                    total / seen,
-                    correct / seen,
+                    loss,
+                    train_accuracy,
                     seconds,
                     x_test,
                     y_test,
@@ -270,6 +235,67 @@ def train(
     if out is not None and resuming:
         _write_outputs(out, model, architecture, config, history)  # killed after the state
     return TrainResult(model, config, history, out)
+
+
+def _resume(
+    out: Path, config: TrainConfig, model: nn.Module, opt: Any, schedule: Any
+) -> list[dict[str, Any]]:
+    """Load the run's state into ``model``, ``opt`` and ``schedule``; its metrics so far."""
+    tensors, meta = load_state(out / STATE)
+    if meta["config"] != config.to_dict():
+        changed = sorted(k for k, v in config.to_dict().items() if meta["config"].get(k) != v)
+        raise ConfigError(
+            f"the run in {out} was started with other options ({', '.join(changed)}): "
+            "resume it with the same ones, or choose another output directory"
+        )
+    restore(tensors, meta, model, opt, schedule)
+    return meta["history"]
+
+
+def _train_epoch(
+    method: Any,
+    model: nn.Module,
+    opt: Any,
+    schedule: Any,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    config: TrainConfig,
+    epoch: int,
+    generator: torch.Generator,
+    progress: bool,
+) -> tuple[float, float]:
+    """One epoch of ``method`` in the data order drawn from ``generator``: mean loss, accuracy."""
+    steps = -(-len(x_train) // config.batch_size)
+    order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
+    model.train()
+    total = correct = seen = 0.0
+    bar = tqdm(
+        range(steps),
+        desc=f"{config.method} {epoch + 1}/{config.epochs}",
+        disable=None if progress else True,
+        leave=False,
+    )
+    for step in bar:
+        idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+        xb = random_shift(x_train[idx], config.augment, generator)
+        yb = y_train[idx]
+        done = (epoch + step / steps) / config.epochs
+        loss, logits = method.loss(model, xb, yb, done, generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"the training loss became {value} in epoch {epoch + 1}: lower lr or "
+                "the method's budget and weights (lambda_x, lambda_w)"
+            )
+        total += value * len(idx)
+        correct += int((logits.detach().argmax(1) == yb).sum())
+        seen += len(idx)
+        bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.1%}")
+    return total / seen, correct / seen
 
 
 def _epoch_metrics(
