@@ -74,13 +74,12 @@ class JointSpace:
             return
         one_weight = shared_weights or threat.scope == "shared"
         several = tied(budgets)
-        with torch.no_grad():
-            values = graph.values(x[:1])
+        single = _single_vector_nodes(graph, x)
         nonnegative = nonnegative_nodes(graph, threat.bounds is not None and threat.bounds[0] >= 0)
         for budget in budgets:
             node = budget.node
             names = [n for n in (budget.op.weight_name, budget.op.bias_name) if n]
-            lemma = budget.single_vector(values[node.first]) and not (set(names) & several)
+            lemma = node.index in single and not (set(names) & several)
             if not one_weight and lemma:
                 key = f"t:{budget.op.weight_name}"
                 self.balls[key] = make_ball(budget.norm, 1.0, batch_dims=1)
@@ -199,6 +198,17 @@ class JointSpace:
             if key.startswith("w:"):
                 deltas[key[2:]] = v[0] if self.batched[key] else v
         return deltas
+
+
+def _single_vector_nodes(graph: Graph, x: Tensor) -> set[int]:
+    """The dense nodes that meet one vector per example for inputs shaped like ``x`` (found
+    once per input shape: training builds a space every step)."""
+    key = ("single-vector nodes", tuple(x.shape[1:]))
+    if key not in graph.cache:
+        with torch.no_grad():
+            values = graph.values(x[:1])
+        graph.cache[key] = {n.index for n in graph.affine_nodes if n.op.one_vector(values[n.first])}
+    return graph.cache[key]
 
 
 def _with_tensors(budget: LayerBudget, graph: Graph, threat: Threat) -> LayerBudget:

@@ -137,7 +137,7 @@ def _mlp_chain(graph: Graph, x: Tensor, method: str) -> list[tuple[int, bool]]:
         last = node
         if chain and isinstance(op, Elementwise) and op.act.kind == "relu":
             chain[-1] = (chain[-1][0], True)  # 1-Lipschitz and |relu(z)| <= |z|: it holds
-        elif isinstance(op, Affine) and not op.is_conv and values[node.first].dim() == 2:
+        elif isinstance(op, Affine) and op.one_vector(values[node.first]):
             chain.append((node.index, False))
         else:
             raise UnsupportedLayerError(

@@ -43,9 +43,8 @@ def ibp_margins(
     args, _ = node.fill(bounds.values, graph.tensors)
     fast = (
         isinstance(node.op, Affine)
-        and not node.op.is_conv
         and isinstance(args[0], Box)
-        and args[0].lower.dim() == 2
+        and node.op.one_vector(args[0].lower)
         and classes**2 * args[1].shape[1] <= 1 << 22
         and not (node.box_refs == (0,) and region.l2_radius is not None)  # the input ball
     )

@@ -122,17 +122,13 @@ class LayerBudget:
             r = self.weight_radius * self.op.ones_through(h_abs.square(), self.weight).sqrt()
         return self._add_bias(r)
 
-    def single_vector(self, h: Tensor) -> bool:
-        """A dense layer on one vector per example: where the lemma is exact."""
-        return not self.op.is_conv and h.dim() == 2
-
     def output_set(self, h_abs: Tensor) -> OutputSet:
         """The set of output changes over the budget, for every input ``|h| <= h_abs``.
 
         A dense layer on one vector with l2 weights gets the exact ball of the lemma,
         everything else a box.
         """
-        if self.norm == "l2" and self.single_vector(h_abs):
+        if self.norm == "l2" and self.op.one_vector(h_abs):
             ball = self.weight_radius * h_abs.flatten(1).norm(dim=-1)
             if self.bias_radius is not None:
                 ball = ball + self.bias_radius

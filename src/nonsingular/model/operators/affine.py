@@ -40,6 +40,11 @@ class Affine(Operator):
     def is_conv(self) -> bool:
         return self.kind != "linear"
 
+    def one_vector(self, h: Tensor) -> bool:
+        """A dense layer meeting one vector per example (``h: (B, n_in)``): where the lemma is
+        exact, for attacks and bounds alike."""
+        return self.kind == "linear" and h.dim() == 2
+
     def _padded(self, h: Tensor) -> Tensor:
         return h if self.pad is None else F.pad(h, self.pad, mode=self.pad_mode)
 
