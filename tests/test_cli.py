@@ -153,7 +153,7 @@ def bad_cases(tmp_path):
         "shape mismatch": (["--checkpoint", digits_model], "does not fit the model"),
         "no model": (["--eps-x", "0.1"], "one of the arguments --checkpoint --train-quick"),
         "bad method": (["--checkpoint", ok, "--method", "cw"], "invalid choice: 'cw'"),
-        "zero steps": (["--checkpoint", ok, "--steps", "0"], "steps must be an integer >= 1"),
+        "zero steps": (["--checkpoint", ok, "--steps", "0"], "steps must be an integer from 1"),
         "unwritable out": (
             ["--checkpoint", ok, "--out", str(tmp_path / "no" / "r.json")],
             "does not exist",

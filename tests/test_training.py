@@ -92,6 +92,7 @@ def test_run_directory_files_and_refusals(mnist, tmp_path):
     result = train(config, mnist, out_dir=out, progress=False)
     names = sorted(p.name for p in out.iterdir())
     assert names == [
+        ".lock",  # one writer per run directory
         "config.json",
         "config.toml",
         "metrics.jsonl",

@@ -10,7 +10,9 @@ from .errors import (
     InputError,
     NonsingularError,
     ThreatError,
+    TrainingError,
     UnsupportedLayerError,
+    UnsupportedModelError,
 )
 from .evaluation import EvaluationTable, evaluate
 from .threat import Threat, grid
@@ -28,9 +30,11 @@ __all__ = [
     "NonsingularError",
     "Threat",
     "ThreatError",
+    "TrainingError",
     "TrainConfig",
     "TrainResult",
     "UnsupportedLayerError",
+    "UnsupportedModelError",
     "attack",
     "certify",
     "evaluate",

@@ -34,3 +34,7 @@ class ConfigError(NonsingularError, ValueError):
 class UnsupportedModelError(UnsupportedLayerError):
     """A model nonsingular cannot read as it runs: an untraceable forward, hooks,
     parametrizations, or a reading that disagrees with ``model(x)``."""
+
+
+class TrainingError(NonsingularError, FloatingPointError):
+    """Training diverged (a non-finite loss); the run directory keeps the last good epoch."""

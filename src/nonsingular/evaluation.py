@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .attacks import attack as run_attack
 from .certificates import METHODS as CERTIFY_METHODS
 from .certificates import certify as run_certify
+from .checks import MAX_BATCH, integer
 from .data import Dataset
 from .errors import ConfigError, InputError
 from .files import write_json
@@ -218,8 +219,7 @@ def evaluate(
     grid = list(grid)
     if not grid or not all(isinstance(t, Threat) for t in grid):
         raise ConfigError("grid must be a non-empty list of Threat (see nonsingular.grid)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    integer("batch_size", batch_size, 1, MAX_BATCH)
     methods = list(dict.fromkeys(certify))
     unknown = [m for m in methods if m not in CERTIFY_METHODS]
     if unknown:

@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import integer
 from .data import Dataset, load
 from .errors import ConfigError
 from .evaluation import evaluate
-from .files import write_json
+from .files import exclusive, write_json
 from .models import BUILTIN
 from .threat import Threat, grid
 from .training import TrainConfig, train
@@ -116,17 +117,15 @@ class Experiment:
                 "bound-reg regularizes the closed-form bound, which is defined for "
                 f"MLPs only; leave it out for --model {self.model}"
             )
-        for name in (
-            "seeds",
-            "epochs",
-            "eval_size",
-            "cert_size",
-            "attack_steps",
-            "attack_restarts",
+        for name, high in (
+            ("seeds", 1_000),
+            ("epochs", 100_000),
+            ("eval_size", 10_000_000),
+            ("cert_size", 10_000_000),
+            ("attack_steps", 100_000),
+            ("attack_restarts", 1_000),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+            integer(name, getattr(self, name), 1, high)
         if self.model not in ARCHITECTURES:
             raise ConfigError(
                 f"model must be one of {', '.join(ARCHITECTURES)}, got {self.model!r}"
@@ -218,9 +217,10 @@ def _model(
         f"  {method} (seed {seed}): "
         + (f"reusing {run}" if reused else f"training {config.epochs} epochs")
     )
-    # resume=True: a finished run is loaded, an interrupted one continued, and a run made
-    # with other options is refused with a clear error rather than silently reused
-    result = train(config, data, out_dir=run, resume=True, device=device, progress=False)
+    # a finished run is loaded, an interrupted one continued (both from their state), and a
+    # run made with other options is refused with a clear error rather than silently reused
+    resume = (run / "state.safetensors").exists()
+    result = train(config, data, out_dir=run, resume=resume, device=device, progress=False)
     model, history = result.model, result.history
     return model, {
         "reused": reused,
@@ -237,8 +237,20 @@ def run_experiment(
     device: str | torch.device = "cpu",
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train and evaluate everything ``exp`` describes; return ``results.json``'s content."""
+    """Train and evaluate everything ``exp`` describes; return ``results.json``'s content.
+    One process at a time works in ``out`` (the others get a clear error)."""
     out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {out}: {exc.strerror}") from None
+    with exclusive(out):
+        return _run(exp, out, device, say)
+
+
+def _run(
+    exp: Experiment, out: Path, device: str | torch.device, say: Callable[[str], None]
+) -> dict[str, Any]:
     start = time.perf_counter()
     device = torch.device(device)
     data = load(exp.data, seed=0)

@@ -11,12 +11,16 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from .checks import choice
 from .errors import ThreatError
 
 X_NORMS = ("linf", "l2")
 W_MODES = ("absolute", "relative", "layer")
 W_NORMS = ("linf", "l2")
 SCOPES = ("per-example", "shared")
+
+
+MAX_BUDGET = 1e12  # larger budgets overflow float32 arithmetic (squared norms reach 1e38)
 
 
 def _check_budget(name: str, value: object) -> float:
@@ -27,13 +31,12 @@ def _check_budget(name: str, value: object) -> float:
         raise ThreatError(f"{name} must be finite, got {value}")
     if value < 0:
         raise ThreatError(f"{name} must be >= 0, got {value}")
+    if value > MAX_BUDGET:
+        raise ThreatError(
+            f"{name} must be at most {MAX_BUDGET:g} (larger budgets overflow float32 "
+            f"arithmetic), got {value:g}"
+        )
     return value
-
-
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ThreatError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return str(value)
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,10 @@ class Threat:
         set_ = object.__setattr__  # frozen dataclass: normalize fields once, here
         set_(self, "eps_x", _check_budget("eps_x", self.eps_x))
         set_(self, "eps_w", _check_budget("eps_w", self.eps_w))
-        _check_choice("x_norm", self.x_norm, X_NORMS)
-        _check_choice("w_mode", self.w_mode, W_MODES)
-        _check_choice("w_norm", self.w_norm, W_NORMS)
-        _check_choice("scope", self.scope, SCOPES)
+        choice("x_norm", self.x_norm, X_NORMS, ThreatError)
+        choice("w_mode", self.w_mode, W_MODES, ThreatError)
+        choice("w_norm", self.w_norm, W_NORMS, ThreatError)
+        choice("scope", self.scope, SCOPES, ThreatError)
         if self.w_norm == "l2" and self.w_mode == "layer":
             raise ThreatError(
                 "w_mode='layer' is defined for w_norm='linf' only; "
@@ -93,6 +96,8 @@ class Threat:
                 ) from None
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ThreatError(f"bounds must be finite with low < high, got {self.bounds!r}")
+            if max(abs(lo), abs(hi)) > MAX_BUDGET:
+                raise ThreatError(f"bounds must lie within +-{MAX_BUDGET:g}, got {self.bounds!r}")
             set_(self, "bounds", (lo, hi))
 
     @property

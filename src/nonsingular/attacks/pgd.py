@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import MAX_SEED, choice, integer, number
 from ..errors import ConfigError
 from ..model.verify import read_batch
 from ..threat import Threat
@@ -121,20 +122,22 @@ def default_step_size(steps: int) -> float:
 
 
 def _check_options(
-    method: str, steps: int, restarts: int, loss: str, step_size: float | None, samples: int
+    method: str,
+    steps: int,
+    restarts: int,
+    loss: str,
+    step_size: float | None,
+    samples: int,
+    seed: int,
 ) -> None:
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if loss not in LOSSES:
-        raise ConfigError(f"loss must be one of {', '.join(LOSSES)}; got {loss!r}")
-    for name, value in (("steps", steps), ("restarts", restarts), ("samples", samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    if step_size is not None and not (isinstance(step_size, (int, float)) and step_size > 0):
-        raise ConfigError(
-            f"step_size must be a positive number (a fraction of each ball's "
-            f"radius) or None, got {step_size!r}"
-        )
+    choice("method", method, METHODS)
+    choice("loss", loss, LOSSES)
+    integer("steps", steps, 1, 100_000)
+    integer("restarts", restarts, 1, 1_000)
+    integer("samples", samples, 1, 1_000_000)
+    integer("seed", seed, 0, MAX_SEED)
+    if step_size is not None:  # a fraction of each ball's radius
+        number("step_size", step_size, 0.0, 10.0, positive=True)
 
 
 def attack(
@@ -164,7 +167,7 @@ def attack(
                   so the input and every weight variable move in proportion to their budget.
     random_start: start inside the ball at random (default: when ``steps > 1``).
     """
-    _check_options(method, steps, restarts, loss, step_size, samples)
+    _check_options(method, steps, restarts, loss, step_size, samples, seed)
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
     graph, x, y, logits = read_batch(model, x, y)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks.space import check_domain, margins
+from ..checks import MAX_BATCH, integer
 from ..errors import ConfigError
 from ..model.graph import VARIABLE, Graph
 from ..model.lemma import perturbed_layers
@@ -108,10 +109,8 @@ def certify(
         raise ConfigError(
             f"intermediate must be one of {', '.join(INTERMEDIATE)}; got {intermediate!r}"
         )
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if batch_size is not None:
+        integer("batch_size", batch_size, 1, MAX_BATCH)
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
     if dtype not in (torch.float64, torch.float32):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any, NoReturn
 import torch
 
 from .. import checkpoint
+from ..checks import MAX_SEED
 from ..data import NAMES, Dataset
 from ..errors import ConfigError
 from ..threat import SCOPES, W_MODES, W_NORMS, X_NORMS
@@ -42,15 +44,36 @@ def names(text: str) -> list[str]:
 
 
 def device(name: str) -> torch.device:
+    """The device ``name`` names, checked to exist here (``auto``: CUDA when there is one)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         chosen = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N, mps or auto") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available here")
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {name!r} requested but CUDA is not available here")
+        if chosen.index is not None and chosen.index >= count:
+            raise ConfigError(f"device {name!r} requested but this machine has {count} GPU(s)")
+    elif chosen.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {name!r} requested but MPS is not available here")
+    elif chosen.type != "cpu":
+        raise ConfigError(f"device {name!r} is not supported; use cpu, cuda, cuda:N, mps or auto")
     return chosen
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed from 0 to MAX_SEED."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed must lie in 0..{MAX_SEED}, got {value}")
+    return value
 
 
 def say(args: argparse.Namespace, text: str) -> None:
@@ -60,8 +83,15 @@ def say(args: argparse.Namespace, text: str) -> None:
 
 
 def check_out(path: Path | None) -> None:
-    if path is not None and not path.parent.is_dir():
+    """Refuse an output file that could not be written, before any work is done."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"cannot write {path}: it is a directory, expected a file name")
+    if not path.parent.is_dir():
         raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"cannot write {path}: directory {path.parent} is not writable")
 
 
 def add_threat(p: argparse.ArgumentParser, eps_x: str, eps_w: str) -> None:
@@ -132,7 +162,7 @@ def add_data(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="evaluate on a seeded random subset of N test examples (default all)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for data split and attacks")
+    p.add_argument("--seed", type=seed, default=0, help="seed for data split and attacks")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument(
         "--out", type=Path, default=None, metavar="PATH", help="write the results as JSON to PATH"

@@ -5,17 +5,41 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..checks import MAX_BATCH, MAX_SEED, choice, integer, number
 from ..errors import ConfigError, ThreatError
 from ..models import Architecture, check_factory_name
-from ..threat import Threat
+from ..threat import MAX_BUDGET, Threat
 
 METHODS = ("standard", "pgd-at", "awp", "joint-at", "bound-reg", "ibp")
+ATTACKING = ("pgd-at", "joint-at", "awp")  # methods whose loss needs an inner attack
+# the allowed range of every numeric option (one source: the CLI and TOML files go through it)
+INTEGER_RANGES: dict[str, tuple[int, int]] = {
+    "epochs": (1, 100_000),
+    "batch_size": (1, MAX_BATCH),
+    "augment": (0, 64),
+    "seed": (0, MAX_SEED),
+    "eval_size": (0, 10_000_000),
+    "attack_steps": (0, 10_000),
+    "hidden": (1, 1 << 16),
+}
+NUMBER_RANGES: dict[str, tuple[float, float, bool]] = {  # (low, high, must exceed low)
+    "lr": (0.0, 10.0, True),
+    "weight_decay": (0.0, 1.0, False),
+    "lambda_x": (0.0, 1e6, False),
+    "lambda_w": (0.0, 1e6, False),
+    "attack_step_size": (0.0, 10.0, True),
+    "eps_x": (0.0, MAX_BUDGET, False),
+    "eps_w": (0.0, MAX_BUDGET, False),
+    "eval_eps_x": (0.0, MAX_BUDGET, False),
+    "eval_eps_w": (0.0, MAX_BUDGET, False),
+    "kappa": (0.0, 1.0, False),
+    "ramp": (0.0, 1.0, False),
+}
 OPTIMIZERS = ("adam", "sgd")
 BOUNDS = ("closed-form", "recursive")
 
@@ -88,44 +112,39 @@ class TrainConfig:
     eval_eps_w: float | None = None
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, METHODS)
+        if not isinstance(self.data, str) or not self.data:
+            raise ConfigError(f"data must be a data set name like mnist5k, got {self.data!r}")
+        choice("method", self.method, METHODS)
         check_factory_name(self.model)
         if self.model_args is not None:
             Architecture(self.model, self.model_args)  # validates the arguments
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("bound", self.bound, BOUNDS)
-        for name in ("epochs", "batch_size"):
-            _integer(name, getattr(self, name), low=1)
-        for name in ("augment", "seed", "eval_size"):
-            _integer(name, getattr(self, name), low=0)
-        if self.attack_steps is not None:
-            _integer("attack_steps", self.attack_steps, low=0)
-        for name in (
-            "lr",
-            "weight_decay",
-            "lambda_x",
-            "lambda_w",
-            "attack_step_size",
-            "eps_x",
-            "eps_w",
-            "eval_eps_x",
-            "eval_eps_w",
-        ):
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("bound", self.bound, BOUNDS)
+        for name, (low, high) in INTEGER_RANGES.items():
             value = getattr(self, name)
-            if value is not None or name in ("lr", "weight_decay"):
-                _number(name, value, positive=name in ("lr", "attack_step_size"))
-        for name in ("kappa", "ramp"):
+            if name == "hidden":
+                value = (value,) if isinstance(value, int) else value
+                if not isinstance(value, (tuple, list)) or not value:
+                    raise ConfigError(f"hidden must be widths like [256, 256], got {value!r}")
+                for width in value:
+                    integer(name, width, low, high)
+                object.__setattr__(self, "hidden", tuple(value))
+            elif value is not None:
+                integer(name, value, low, high)
+        for name, (low, high, positive) in NUMBER_RANGES.items():
             value = getattr(self, name)
             if value is not None:
-                _number(name, value, positive=False)
-                if value > 1:
-                    raise ConfigError(f"{name} must lie in [0, 1], got {value!r}")
+                number(name, value, low, high, positive=positive)
         if not isinstance(self.bias, bool):
             raise ConfigError(f"bias must be true or false, got {self.bias!r}")
-        hidden = (self.hidden,) if isinstance(self.hidden, int) else tuple(self.hidden)
-        for h in hidden:
-            _integer("hidden", h, low=1)
-        object.__setattr__(self, "hidden", hidden)
+        steps = self.attack_steps
+        if steps is None:
+            steps = METHOD_DEFAULTS[self.method].get("attack_steps", 0)
+        if self.method in ATTACKING and steps < 1:
+            raise ConfigError(
+                f"method {self.method} trains on attacked examples: attack_steps must be >= 1, "
+                f"got {steps}"
+            )
         try:  # the threat fields must make a valid threat
             self.resolved_threat()
         except ThreatError as exc:
@@ -224,20 +243,3 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _integer(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _number(name: str, value: object, positive: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):  # type: ignore[operator]
-        bound = "> 0" if positive else ">= 0"
-        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")

@@ -15,6 +15,7 @@ Every file is written atomically (temporary file, then rename).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from .._version import __version__
 from ..attacks import attack
 from ..data import Dataset, load
 from ..errors import ConfigError
-from ..files import write_json, write_text
+from ..files import exclusive, write_json, write_text
 from ..models import Architecture
 from .augment import random_shift
 from .config import TrainConfig
@@ -87,8 +88,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / max(1, len(x))
 
 
-def _prepare_dir(out_dir: Path, resume: bool) -> bool:
-    """Create ``out_dir`` (checking it is writable); True when it holds a state to resume."""
+def _make_dir(out_dir: Path) -> None:
+    """Create ``out_dir``, checking it is writable."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write-test"
@@ -96,13 +97,21 @@ def _prepare_dir(out_dir: Path, resume: bool) -> bool:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"cannot write to output directory {out_dir}: {exc.strerror}") from None
+
+
+def _check_dir(out_dir: Path, resume: bool) -> None:
+    """A new run needs a directory without one; ``resume`` needs one to continue."""
     has_state = (out_dir / STATE).exists()
     if not resume and (has_state or (out_dir / "model.safetensors").exists()):
         raise ConfigError(
             f"{out_dir} already holds a run: pass --resume to continue it, "
             "or choose another output directory"
         )
-    return resume and has_state
+    if resume and not has_state:
+        raise ConfigError(
+            f"nothing to resume in {out_dir}: it holds no training state ({STATE}); "
+            "check the directory, or start a new run without --resume"
+        )
 
 
 def _optimizer(config: TrainConfig, model: nn.Module, steps: int) -> tuple[Any, Any]:
@@ -193,47 +202,57 @@ def train(
     method = make_method(config)
     method.prepare(model, data.x_train[: config.batch_size].to(device))  # before any write
     out = Path(out_dir) if out_dir is not None else None
-    resuming = _prepare_dir(out, resume) if out is not None else False
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     steps_per_epoch = -(-len(x_train) // config.batch_size)
     opt, schedule = _optimizer(config, model, config.epochs * steps_per_epoch)
     history: list[dict[str, Any]] = []
-    if resuming:
-        history = _resume(out, config, model, opt, schedule)  # type: ignore[arg-type]
-    elif out is not None:
-        write_json(out / "config.json", _run_info(config, data, model, architecture))
-        write_text(out / "config.toml", config.to_toml())
-    eval_threat = config.eval_threat()
-    with torch.random.fork_rng(devices=[]):  # Dropout's randomness, without touching the caller's
-        for epoch in range(len(history), config.epochs):
-            torch.manual_seed(config.seed * 100_003 + epoch)
-            generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-            start = time.perf_counter()
-            loss, train_accuracy = _train_epoch(
-                method, model, opt, schedule, x_train, y_train, config, epoch, generator, progress
-            )
-            seconds = time.perf_counter() - start
-            model.eval()
-            history.append(
-                _epoch_metrics(
+    with contextlib.ExitStack() as held:
+        if out is not None:
+            _make_dir(out)
+            held.enter_context(exclusive(out))  # one writer per run directory
+            _check_dir(out, resume)
+            if resume:
+                history = _resume(out, config, model, opt, schedule)
+            else:
+                write_json(out / "config.json", _run_info(config, data, model, architecture))
+                write_text(out / "config.toml", config.to_toml())
+        test = (data.x_test.to(device), data.y_test.to(device))
+        with torch.random.fork_rng(devices=[]):  # Dropout's randomness, not the caller's
+            for epoch in range(len(history), config.epochs):
+                torch.manual_seed(config.seed * 100_003 + epoch)
+                generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+                start = time.perf_counter()
+                loss, train_accuracy = _train_epoch(
+                    method,
                     model,
+                    opt,
+                    schedule,
+                    (x_train, y_train),
                     config,
                     epoch,
-                    loss,
-                    train_accuracy,
-                    seconds,
-                    x_test,
-                    y_test,
-                    eval_threat,
+                    generator,
+                    progress,
                 )
-            )
-            if out is not None:
-                save_state(out / STATE, model, opt, schedule, epoch + 1, history, config.to_dict())
-                _write_outputs(out, model, architecture, config, history)
-    model.eval()
-    if out is not None and resuming:
-        _write_outputs(out, model, architecture, config, history)  # killed after the state
+                model.eval()
+                history.append(
+                    _epoch_metrics(
+                        model,
+                        config,
+                        epoch,
+                        loss,
+                        train_accuracy,
+                        time.perf_counter() - start,
+                        test,
+                    )
+                )
+                if out is not None:
+                    save_state(
+                        out / STATE, model, opt, schedule, epoch + 1, history, config.to_dict()
+                    )
+                    _write_outputs(out, model, architecture, config, history)
+        model.eval()
+        if out is not None and resume:
+            _write_outputs(out, model, architecture, config, history)  # killed after the state
     return TrainResult(model, config, history, out)
 
 
@@ -257,14 +276,14 @@ def _train_epoch(
     model: nn.Module,
     opt: Any,
     schedule: Any,
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
+    train_set: tuple[torch.Tensor, torch.Tensor],
     config: TrainConfig,
     epoch: int,
     generator: torch.Generator,
     progress: bool,
 ) -> tuple[float, float]:
     """One epoch of ``method`` in the data order drawn from ``generator``: mean loss, accuracy."""
+    x_train, y_train = train_set
     steps = -(-len(x_train) // config.batch_size)
     order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
     model.train()
@@ -305,11 +324,13 @@ def _epoch_metrics(
     loss: float,
     train_accuracy: float,
     seconds: float,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-    eval_threat: Any,
+    test_set: tuple[torch.Tensor, torch.Tensor],
 ) -> dict[str, Any]:
+    """The metrics line of one epoch: its loss and accuracies, and a cheap robust accuracy
+    (PGD-10 on ``eval_size`` test examples) under the config's evaluation threat."""
     start = time.perf_counter()
+    x_test, y_test = test_set
+    eval_threat = config.eval_threat()
     metrics: dict[str, Any] = {
         "epoch": epoch + 1,
         "loss": loss,

@@ -1,0 +1,46 @@
+"""Validation rules shared by every entry point: one place says what a seed, a size or a rate
+may be, and what the error says when it is not."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .errors import ConfigError, NonsingularError
+
+MAX_SEED = 2**31 - 1  # numpy, torch and the per-epoch seed arithmetic all take it
+MAX_BATCH = 1 << 20  # examples per batch
+
+
+def integer(
+    name: str, value: object, low: int, high: int, error: type[NonsingularError] = ConfigError
+) -> int:
+    """``value`` as an int in ``[low, high]``, or ``error`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise error(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def number(
+    name: str,
+    value: object,
+    low: float,
+    high: float,
+    *,
+    positive: bool = False,
+    error: type[NonsingularError] = ConfigError,
+) -> float:
+    """``value`` as a finite float in ``[low, high]`` (``> low`` when ``positive``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or value > high or (positive and value <= low):  # type: ignore[operator]
+        side = f"> {low:g}" if positive else f">= {low:g}"
+        raise error(f"{name} must be a finite number {side} and <= {high:g}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def choice(
+    name: str, value: object, choices: Sequence[str], error: type[NonsingularError] = ConfigError
+) -> str:
+    if value not in choices:
+        raise error(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return str(value)
