@@ -110,7 +110,8 @@ def _idx_arrays(seed: int = 0, n_train: int = 12, n_test: int = 5) -> dict[str, 
     rng = np.random.default_rng(seed)
     return {
         "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        # every class appears in training (a gap means damaged labels, see test_hostile)
+        "train-labels-idx1-ubyte": rng.permutation(np.arange(n_train) % 10).astype(np.uint8),
         "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
         "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
     }
@@ -132,8 +133,8 @@ def test_idx_round_trip(tmp_path: Path, gz: bool) -> None:
 
 
 def test_idx_classes_beyond_ten(tmp_path: Path) -> None:
-    arrays = _idx_arrays()
-    arrays["train-labels-idx1-ubyte"][0] = 14
+    arrays = _idx_arrays(n_train=15)
+    arrays["train-labels-idx1-ubyte"] = np.arange(15, dtype=np.uint8)
     _write_idx(tmp_path, arrays)
     assert load(f"idx:{tmp_path}").classes == 15
 

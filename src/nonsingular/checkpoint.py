@@ -1,7 +1,10 @@
 """Checkpoints: weights in ``safetensors``, the architecture and metadata in a JSON sidecar.
 
-Nothing is ever unpickled. ``save`` writes ``NAME.safetensors`` and ``NAME.json`` atomically;
-``load`` rebuilds the model from the JSON and checks that every tensor fits it. The sidecar
+Nothing is ever unpickled. ``save`` writes ``NAME.safetensors`` and ``NAME.json`` atomically,
+the sidecar holding the SHA-256 of the weights file. ``load`` checks, before allocating
+anything: the checksum (bit flips are this library's own threat model), the architecture
+(built on PyTorch's ``meta`` device, which allocates nothing) against the tensor names and
+shapes the file declares; then that every weight is finite. The sidecar
 names the architecture by its factory (``models.Architecture``: a built-in name or
 ``package.module:function`` and its arguments), or describes a flat ``nn.Sequential`` layer by
 layer. A user factory is imported only when the caller names it too: a sidecar alone never
@@ -10,8 +13,10 @@ makes nonsingular import code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -61,7 +66,9 @@ def save(
         "model": _description(model, architecture),
         **meta,
     }
-    write_bytes(path, st_save(tensors))
+    data = st_save(tensors)
+    info["sha256"] = hashlib.sha256(data).hexdigest()
+    write_bytes(path, data)
     write_json(sidecar(path), info)
     return path
 
@@ -80,6 +87,9 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{info_path} is not valid JSON: {exc}") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT or "model" not in info:
         raise CheckpointError(f"{info_path} is not a nonsingular checkpoint description")
+    digest = info.get("sha256")
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise CheckpointError(f"{info_path} has no SHA-256 of the weights (field sha256)")
     return info
 
 
@@ -133,24 +143,63 @@ def load(
     """
     path = Path(path)
     info = read_info(path)
-    loaded = _rebuild(path, info["model"], factory, model)
     try:
-        tensors = st_load(Path(path).read_bytes())
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the SHA-256 in {sidecar(path).name}: the file "
+            "was changed or damaged after it was written"
+        )
+    declared = _declared_shapes(path, data)
+    with torch.device("meta"):  # the architecture, checked without allocating anything
+        shapes = {
+            k: tuple(v.shape)
+            for k, v in _rebuild(path, info["model"], factory, model).state_dict().items()
+        }
+    _check_shapes(path, shapes, declared)
+    try:
+        tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupted or truncated: {exc}") from None
-    expected = loaded.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint {path}: tensor {name} holds NaN or infinite values")
+    loaded = _rebuild(path, info["model"], factory, model)
+    loaded.load_state_dict(tensors)
+    return loaded.to(device).eval(), info
+
+
+def _declared_shapes(path: Path, data: bytes) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file's header declares (nothing else is read)."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        if len(data) < 8 + size:
+            raise ValueError("the header runs past the end of the file")
+        header = json.loads(data[8 : 8 + size])
+        return {
+            name: tuple(int(d) for d in entry["shape"])
+            for name, entry in header.items()
+            if name != "__metadata__"
+        }
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated: {exc}") from None
+
+
+def _check_shapes(
+    path: Path, expected: dict[str, tuple[int, ...]], declared: dict[str, tuple[int, ...]]
+) -> None:
+    missing = sorted(set(expected) - set(declared))
+    extra = sorted(set(declared) - set(expected))
     if missing or extra:
         raise CheckpointError(
             f"checkpoint {path} does not match its description: "
             f"missing {missing[:5]}, unexpected {extra[:5]}"
         )
-    for name, t in tensors.items():
-        if t.shape != expected[name].shape:
+    for name, shape in declared.items():
+        if shape != expected[name]:
             raise CheckpointError(
-                f"checkpoint {path}: tensor {name} has shape {tuple(t.shape)}, "
-                f"the description says {tuple(expected[name].shape)}"
+                f"checkpoint {path}: tensor {name} has shape {shape}, "
+                f"the description says {expected[name]}"
             )
-    loaded.load_state_dict(tensors)
-    return loaded.to(device).eval(), info

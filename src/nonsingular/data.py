@@ -30,6 +30,9 @@ _IDX_FILES = tuple(
     f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")
 )
 _CIFAR_RECORD = 1 + 3 * 32 * 32
+# no file of a data set this loader reads is near this: a larger one (declared or on disk) is
+# refused before it is read, so a small compressed file cannot expand into all of memory
+MAX_FILE_BYTES = 1 << 30
 # (module, name) pairs numpy needs to rebuild a uint8 ndarray from a pickle, old and new layouts.
 _PICKLE_ALLOWED = frozenset(
     {(m, "_reconstruct") for m in ("numpy.core.multiarray", "numpy._core.multiarray")}
@@ -88,7 +91,7 @@ def load(
             raise DataError(f"{kind} data: expected a directory, found none at {str(root)!r}")
         if kind == "idx":
             parts, shape = _load_idx(root)
-            classes = max([10] + [int(y.max()) + 1 for y in parts[1::2] if y.size])
+            classes = _classes(root, parts[1], parts[3])
         else:
             parts, shape, classes = _load_cifar10(root), (3, 32, 32), 10
     else:
@@ -165,23 +168,33 @@ def _find(root: Path, names: tuple[str, ...], what: str) -> Path:
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """Parse one uint8 IDX file (plain or gzipped), checking magic, dims and byte count."""
+    """Parse one uint8 IDX file (plain or gzipped), checking magic, dims and byte count; the
+    declared size is checked before the body is read, and no more than it is ever read."""
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            ndim = magic & 0xFF
+            if len(head) < 4 or int.from_bytes(head, "big") != magic:
+                found = head.hex() or "EOF"
+                raise DataError(f"{path}: expected IDX magic {magic:#010x}, found {found}")
+            dims_raw = f.read(4 * ndim)
+            if len(dims_raw) < 4 * ndim:
+                raise DataError(f"{path}: expected a {4 + 4 * ndim}-byte IDX header, found less")
+            dims = tuple(int(d) for d in np.frombuffer(dims_raw, ">u4"))
+            size = math.prod(dims)
+            if size > MAX_FILE_BYTES:
+                raise DataError(
+                    f"{path}: declares {dims} = {size} bytes, more than the {MAX_FILE_BYTES} "
+                    "this loader reads"
+                )
+            body = f.read(size + 1)  # one byte more tells trailing data from a whole file
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: expected a readable gzip file, found: {exc}") from None
-    ndim = magic & 0xFF
-    if len(raw) < 4 or int.from_bytes(raw[:4], "big") != magic:
-        raise DataError(f"{path}: expected IDX magic {magic:#010x}, found {raw[:4].hex() or 'EOF'}")
-    head = 4 + 4 * ndim
-    if len(raw) < head:
-        raise DataError(f"{path}: expected a {head}-byte IDX header, found {len(raw)} bytes")
-    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
-    if len(raw) - head != math.prod(dims):
-        raise DataError(
-            f"{path}: expected {math.prod(dims)} bytes for {dims}, found {len(raw) - head}"
-        )
-    return np.frombuffer(raw, np.uint8, offset=head).reshape(dims)
+        raise DataError(f"{path}: expected a readable (gzip) IDX file, found: {exc}") from None
+    if len(body) != size:
+        found = f"{len(body)}" if len(body) < size else "more"
+        raise DataError(f"{path}: expected {size} bytes for {dims}, found {found}")
+    return np.frombuffer(body, np.uint8).reshape(dims)
 
 
 def _load_idx(root: Path) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
@@ -194,7 +207,25 @@ def _load_idx(root: Path) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
     if len(x_tr) != len(y_tr) or len(x_te) != len(y_te) or x_tr.shape[1:] != x_te.shape[1:]:
         found = f"{x_tr.shape} + {y_tr.shape} train, {x_te.shape} + {y_te.shape} test"
         raise DataError(f"{root}: expected one label per image, one image size, found {found}")
+    if len(x_tr) == 0 or len(x_te) == 0:
+        raise DataError(
+            f"{root}: expected training and test images, found {len(x_tr)} and {len(x_te)}"
+        )
     return (_scale(x_tr, 255), y_tr, _scale(x_te, 255), y_te), (1, *x_tr.shape[1:])
+
+
+def _classes(root: Path, y_train: np.ndarray, y_test: np.ndarray) -> int:
+    """The number of classes IDX labels name: every class from 0 to the largest label must
+    appear in the training labels (a gap means damaged labels, not a larger model)."""
+    count = int(max(y_train.max(), y_test.max())) + 1
+    missing = sorted(set(range(count)) - set(np.unique(y_train).tolist()))
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise DataError(
+            f"{root}: labels run from 0 to {count - 1} but classes {shown} never appear in the "
+            "training labels: the label files look damaged"
+        )
+    return count
 
 
 def _load_cifar10(root: Path) -> tuple[np.ndarray, ...]:
@@ -223,8 +254,15 @@ def _check_cifar(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, 
     return x, y.astype(np.int64)
 
 
+def _checked_size(path: Path) -> None:
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise DataError(f"{path}: {size} bytes, more than the {MAX_FILE_BYTES} this loader reads")
+
+
 def _read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One binary CIFAR-10 batch: records of 1 label byte then 3072 channel-major pixels."""
+    _checked_size(path)
     raw = np.frombuffer(path.read_bytes(), np.uint8)
     if raw.size == 0 or raw.size % _CIFAR_RECORD:
         raise DataError(
@@ -250,6 +288,7 @@ def _read_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 return _latin1_encode
             return super().find_class(re.sub(r"^numpy\._?core", numpy_core, module), name)
 
+    _checked_size(path)
     try:
         with path.open("rb") as f:
             batch = _ArrayOnly(f, encoding="bytes").load()

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._version import __version__
 from .checks import integer
 from .data import Dataset, load
 from .errors import ConfigError
@@ -179,20 +180,49 @@ def _weights_hash(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-class _EvalCache:
-    """Evaluations of one model, keyed by what was asked and the weights' hash."""
+def _sha256(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
-    def __init__(self, path: Path, counts: dict[str, int]) -> None:
+
+class _EvalCache:
+    """Evaluations of one model, keyed by what was asked, the weights' hash and the library
+    version. Each entry carries the SHA-256 of its key and value, checked when the file is
+    read: a damaged or hand-edited entry (or file) is recomputed, never trusted, and
+    ``warn`` says so."""
+
+    def __init__(self, path: Path, counts: dict[str, int], warn: Callable[[str], None]) -> None:
         self.path = path
         self.counts = counts  # "computed" and "reused", shared by every model's cache
-        self.entries: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        self.entries = self._read(warn)
+
+    def _read(self, warn: Callable[[str], None]) -> dict[str, Any]:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            warn(f"{self.path} is unreadable ({type(exc).__name__}): recomputing what it held")
+            return {}
+        if not isinstance(data, dict):
+            warn(f"{self.path} is not an evaluation cache: recomputing what it held")
+            return {}
+        valid = {}
+        for digest, entry in data.items():
+            whole = isinstance(entry, dict) and set(entry) == {"key", "value", "sha256"}
+            if whole and entry["sha256"] == _sha256([entry["key"], entry["value"]]):
+                valid[digest] = entry
+            else:
+                warn(f"{self.path}: entry {str(digest)[:16]} is damaged or was edited: recomputed")
+        return valid
 
     def get(self, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        if digest in self.entries:
+        key = {**key, "nonsingular": __version__}  # numbers from another version are not reused
+        digest = _sha256(key)[:16]
+        if digest in self.entries and self.entries[digest]["key"] == key:
             self.counts["reused"] += 1
         else:
-            self.entries[digest] = {"key": key, "value": compute()}
+            value = compute()
+            self.entries[digest] = {"key": key, "value": value, "sha256": _sha256([key, value])}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.path, self.entries)
             self.counts["computed"] += 1
@@ -294,6 +324,11 @@ def _run(
         },
         "warnings": [],
     }
+
+    def warn(text: str) -> None:
+        say(f"warning: {text}")
+        results["warnings"].append(text)
+
     joint = grid(exp.joint_eps_x, exp.joint_eps_w)
     evaluations = {"computed": 0, "reused": 0}
     compute_seconds = 0.0  # of everything the results rest on, reused work included
@@ -305,7 +340,7 @@ def _run(
             results["models"][method][str(seed)] = info
         say(f"seed {seed}: evaluating")
         for method, model in models.items():
-            cache = _EvalCache(out / "evals" / f"seed{seed}" / f"{method}.json", evaluations)
+            cache = _EvalCache(out / "evals" / f"seed{seed}" / f"{method}.json", evaluations, warn)
             compute_seconds += results["models"][method][str(seed)]["train_seconds"]
             weights = _weights_hash(model)
 

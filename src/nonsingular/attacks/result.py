@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..model.reader import eval_mode
 from ..threat import Threat
 
 
@@ -53,9 +54,10 @@ class AttackResult:
     def replay(self, model: nn.Module, i: int) -> Tensor:
         """Logits ``(1, classes)`` of the unmodified ``model`` at ``x_adv[i]`` with
         ``weight_deltas(i)`` added, through ``torch.func.functional_call``: the check that
-        the perturbation found is real."""
+        the perturbation found is real. The model runs as deployed (eval mode: no Dropout,
+        BatchNorm's running statistics, which it does not update) and is left as it was."""
         params = {n: p.detach() for n, p in model.named_parameters()}
         for name, delta in self.weight_deltas(i).items():
             params[name] = params[name] + delta
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             return functional_call(model, params, (self.x_adv[i : i + 1],))

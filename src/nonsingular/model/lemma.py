@@ -190,12 +190,10 @@ def perturbed_layers(graph: Graph, threat: Threat) -> list[LayerBudget]:
     would perturb a weight that is computed in ``forward`` or read outside a linear layer
     (its perturbation would not be the model's).
     """
-    if threat.eps_w == 0:
-        return []
     affine = graph.affine_nodes
     if threat.layers is None:
         chosen = affine
-    else:
+    else:  # names are checked even with no weight budget: a typo is never ignored
         by_name: dict[str, set[int]] = {}
         names = {**{n: n for n in graph.tensors}, **graph.aliases}
         for node in affine:
@@ -214,6 +212,8 @@ def perturbed_layers(graph: Graph, threat: Threat) -> list[LayerBudget]:
             )
         wanted = set().union(*(by_name[n] for n in threat.layers))
         chosen = [n for n in affine if n.index in wanted]
+    if threat.eps_w == 0:
+        return []
     _check_perturbable(graph, chosen, threat)
     return [LayerBudget.from_threat(node, graph, threat) for node in chosen]
 

@@ -37,6 +37,12 @@ def check_batch(graph: Graph, model: nn.Module, x: Tensor, y: Tensor | None = No
         )
     if x.dim() < 2:
         raise InputError(f"x must have a batch dimension, got shape {tuple(x.shape)}")
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if bool(bad.any()):
+        raise InputError(
+            f"x holds NaN or infinite values in {int(bad.sum())} examples (the first is "
+            f"example {int(bad.nonzero()[0])}): attacks and certificates need finite inputs"
+        )
     with torch.no_grad():
         try:
             logits = graph.run(x)
@@ -98,7 +104,11 @@ def read_batch(
     batch moved to the model's device."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"the model's {name} holds NaN or infinite values")
+    device = next((t.device for _, t in tensors), torch.device("cpu"))
     x, y = move_batch(x, y, device)
     graph = read_model(model, x, detach=detach)
     logits = check_batch(graph, model, x, y)

@@ -1,9 +1,11 @@
 """Training state for ``--resume``: model, optimizer, schedule and metrics in ONE safetensors
 file, written atomically at the end of every epoch, so a process killed at any moment leaves
-either the previous epoch's state or the new one, never a mix. Nothing is unpickled."""
+either the previous epoch's state or the new one, never a mix. Nothing is unpickled; the
+header holds a SHA-256 of the tensors, and every field is checked before it is used."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ def save_state(
                 plain_state.setdefault(str(index), {})[key] = value
     meta = {
         "format": FORMAT,
+        "sha256": tensor_digest(tensors),
         "epoch": str(epoch),
         "history": json.dumps(history),
         "config": json.dumps(config),
@@ -51,29 +54,62 @@ def save_state(
     write_bytes(path, st_save(tensors, metadata=meta))
 
 
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(tensors, metadata)`` of a state file; CheckpointError when unreadable."""
+    """``(tensors, metadata)`` of a state file; CheckpointError when it is unreadable, damaged
+    (its checksum) or malformed (every field's type is checked)."""
     try:
         data = path.read_bytes()
         tensors = st_load(data)
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+    except (OSError, SafetensorError, ValueError, RuntimeError, AttributeError) as exc:
         raise CheckpointError(f"training state {path} is corrupted or truncated: {exc}") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a nonsingular training state")
+    if meta.get("sha256") != tensor_digest(tensors):
+        raise CheckpointError(
+            f"training state {path} does not match its SHA-256: it was changed or damaged "
+            "after it was written"
+        )
     try:
-        parsed = {
-            "epoch": int(meta["epoch"]),
-            "history": json.loads(meta["history"]),
-            "config": json.loads(meta["config"]),
-            "param_groups": json.loads(meta["param_groups"]),
-            "optim_state": json.loads(meta["optim_state"]),
-            "schedule": json.loads(meta["schedule"]),
-        }
-    except (KeyError, ValueError) as exc:
+        parsed = {key: json.loads(meta[key]) for key in _FIELDS}
+        parsed["epoch"] = int(meta["epoch"])
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"training state {path} has a broken header: {exc}") from None
+    for key, kind in _FIELDS.items():
+        if not isinstance(parsed[key], kind):
+            raise CheckpointError(
+                f"training state {path}: {key} must be a JSON {kind.__name__}, "
+                f"got {type(parsed[key]).__name__}"
+            )
+    history = parsed["history"]
+    if parsed["epoch"] != len(history) or not all(
+        isinstance(m, dict) and m.get("epoch") == i + 1 for i, m in enumerate(history)
+    ):
+        raise CheckpointError(
+            f"training state {path}: its metrics ({len(history)} epochs) do not match its "
+            f"epoch count {parsed['epoch']}"
+        )
     return tensors, parsed
+
+
+_FIELDS: dict[str, type] = {  # header fields other than format, checksum and epoch
+    "history": list,
+    "config": dict,
+    "param_groups": list,
+    "optim_state": dict,
+    "schedule": dict,
+}
 
 
 def restore(
@@ -89,12 +125,21 @@ def restore(
         model.load_state_dict(weights)
     except RuntimeError as exc:
         raise CheckpointError(f"training state does not fit the model: {exc}") from None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, slot = key.split(".", 2)
-            state.setdefault(int(index), {})[slot] = value  # load_state_dict moves it
-    for index, slots in meta["optim_state"].items():
-        state.setdefault(int(index), {}).update(slots)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    schedule.load_state_dict(meta["schedule"])
+    try:
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, slot = key.split(".", 2)
+                param = params[int(index)]
+                if value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"{key} has shape {tuple(value.shape)}")
+                state.setdefault(int(index), {})[slot] = value  # load_state_dict moves it
+        for index, slots in meta["optim_state"].items():
+            if not isinstance(slots, dict):
+                raise ValueError(f"optimizer state {index} is not a mapping")
+            state.setdefault(int(index), {}).update(slots)
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        schedule.load_state_dict(meta["schedule"])
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"training state does not fit the optimizer: {exc}") from None
