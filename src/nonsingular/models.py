@@ -196,7 +196,7 @@ class Architecture:
                 kwargs[name] = value
         try:
             model = factory(**kwargs)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise ConfigError(f"model {self.factory}({_call(kwargs)}) failed: {exc}") from None
         if not isinstance(model, nn.Module):
             raise ConfigError(
@@ -321,7 +321,7 @@ def build(spec: list[dict[str, Any]]) -> nn.Sequential:
         kwargs = {k: v for k, v in entry.items() if k != "type"}
         try:
             layers.append(_BUILDERS[entry["type"]](**kwargs))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(
                 f"layer {i} ({entry['type']}) of the model description is invalid: {exc}"
             ) from None

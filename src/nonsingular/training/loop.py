@@ -34,7 +34,7 @@ from .. import checkpoint
 from .._version import __version__
 from ..attacks import attack
 from ..data import Dataset, load
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..files import exclusive, write_json, write_text
 from ..models import Architecture
 from .augment import random_shift
@@ -208,6 +208,8 @@ def train(
     history: list[dict[str, Any]] = []
     with contextlib.ExitStack() as held:
         if out is not None:
+            if resume and not (out / STATE).exists():
+                _check_dir(out, resume)  # nothing to resume: say so before creating anything
             _make_dir(out)
             held.enter_context(exclusive(out))  # one writer per run directory
             _check_dir(out, resume)
@@ -306,9 +308,10 @@ def _train_epoch(
         schedule.step()
         value = loss.item()
         if not math.isfinite(value):
-            raise FloatingPointError(
-                f"the training loss became {value} in epoch {epoch + 1}: lower lr or "
-                "the method's budget and weights (lambda_x, lambda_w)"
+            raise TrainingError(
+                f"the training loss became {value} in epoch {epoch + 1}, step {step + 1}: the "
+                "learning rate, the method's budget or its weights (lambda_x, lambda_w) are too "
+                "large; the run directory keeps the last completed epoch"
             )
         total += value * len(idx)
         correct += int((logits.detach().argmax(1) == yb).sum())

@@ -140,6 +140,9 @@ def restore(
                 raise ValueError(f"optimizer state {index} is not a mapping")
             state.setdefault(int(index), {}).update(slots)
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        missing = sorted(set(schedule.state_dict()) - set(meta["schedule"]))
+        if missing:
+            raise ValueError(f"the schedule's state lacks {', '.join(missing[:5])}")
         schedule.load_state_dict(meta["schedule"])
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise CheckpointError(f"training state does not fit the optimizer: {exc}") from None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise CheckpointError(f"training state does not fit the optimizer: {exc!r}") from None
