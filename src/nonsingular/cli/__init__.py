@@ -40,9 +40,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # unreadable input or unwritable output named by the user
         print(f"nonsingular {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise  # anything else is a bug: its traceback is what a report needs
+        print(
+            f"nonsingular {args.command}: error: out of memory ({_first_line(exc)}): reduce "
+            "--batch-size, the model's size or the number of examples",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("nonsingular: interrupted", file=sys.stderr)
         return 130
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate" in text
 
 
 if __name__ == "__main__":
