@@ -209,7 +209,8 @@ def test_closed_form_terms_split_the_bound_and_are_differentiable(mnist, standar
     terms = closed_form_terms(graph, x, y, Threat(eps_x=0.01, eps_w=1e-4))
     only_input = closed_form_terms(graph, x, y, Threat(eps_x=0.01))
     torch.testing.assert_close(terms.input_term, only_input.input_term)
-    assert bool((only_input.weight_term.abs() < 1e-6).all())
+    # with no weight budget the weight term is zero, up to float32 rounding of the norm products
+    assert bool((only_input.weight_term.abs() <= 1e-5 * only_input.input_term.abs() + 1e-6).all())
     wrong = torch.ones_like(terms.weight_term, dtype=torch.bool).scatter(1, y[:, None], False)
     assert bool((terms.weight_term[wrong] > 0).all()) and bool((terms.input_term[wrong] > 0).all())
     terms.weight_term.sum().backward()

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..model.graph import Graph
+from ..seeds import mix
 from ..threat import Threat
 from .best import BestSoFar
 from .result import AttackResult
@@ -14,16 +15,25 @@ from .space import JointSpace, State, margins
 
 
 def noise(
-    graph: Graph, x: Tensor, y: Tensor, threat: Threat, clean: Tensor, samples: int, seed: int
+    graph: Graph,
+    x: Tensor,
+    y: Tensor,
+    threat: Threat,
+    clean: Tensor,
+    samples: int,
+    seed: int,
+    positions: Tensor,
 ) -> AttackResult:
-    """``samples`` uniform draws; the best per example (or per batch when shared) is kept."""
+    """``samples`` uniform draws; the best per example (or per batch when shared) is kept.
+    The input's draws belong to each example (``positions``); each weight draw serves all."""
     space = JointSpace(graph, threat, x, shared_weights=True)
     best = BestSoFar(space, x, clean, shared=threat.scope == "shared")
     choice = torch.full((len(y),), -1, dtype=torch.long, device=x.device)
     index = torch.arange(len(y), device=x.device)
 
-    def draw(j: int) -> State:
-        return space.random(x, torch.Generator(device=x.device).manual_seed(seed * 7919 + j))
+    def draw(j: int, rows: Tensor | None = None) -> State:
+        where = positions if rows is None else positions[rows.cpu()]
+        return space.random(x if rows is None else x[rows], mix(seed, "noise", j), where)
 
     trace = []
     with torch.no_grad():
@@ -39,7 +49,7 @@ def noise(
         if j < 0:
             return {}
         row = torch.tensor([i], device=x.device)
-        return space.materialize(best.x_adv[row], space.select(draw(j), row))
+        return space.materialize(best.x_adv[row], space.select(draw(j, row), torch.tensor([0])))
 
     return AttackResult(
         best.x_adv,

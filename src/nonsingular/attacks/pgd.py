@@ -17,11 +17,12 @@ from torch import Tensor, nn
 from ..checks import MAX_SEED, choice, integer, number
 from ..errors import ConfigError
 from ..model.verify import read_batch
+from ..seeds import mix
 from ..threat import Threat
 from .best import BestSoFar
 from .noise import noise
 from .result import AttackResult
-from .space import JointSpace, State, check_domain, margins
+from .space import JointSpace, State, check_domain, check_positions, margins
 
 LOSSES = ("ce", "margin", "dlr", "both")
 METHODS = ("pgd", "noise")
@@ -47,16 +48,21 @@ def pgd(
     alpha: float,
     loss: str = "ce",
     random_start: bool = True,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
+    positions: Tensor | None = None,
     on_iterate: Callable[[Tensor, State], None] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[State, Tensor]:
     """The one PGD loop: ``steps`` projected ascent steps on every variable of ``space``.
 
-    ``on_iterate(logits, state)`` sees every iterate, the start included (evaluation tracks
-    the best of them; training uses only the final state). Returns the final state and the
-    mean loss along the way.
+    ``seed`` and ``positions`` (each example's place in its data set, default 0..B-1) seed the
+    random start example by example (``JointSpace.random``). ``on_iterate(logits, state)``
+    sees every iterate, the start included (evaluation tracks the best of them; training uses
+    only the final state). ``reduce`` sums the gradient of a variable shared by the batch over
+    the processes that hold the rest of it (distributed training). Returns the final state
+    and the mean loss along the way.
     """
-    state = space.random(x, generator) if random_start else space.zeros(x)
+    state = space.random(x, seed, positions) if random_start else space.zeros(x)
     trace = []
     for it in range(steps + 1):
         last = it == steps
@@ -78,6 +84,8 @@ def pgd(
             k: torch.zeros_like(state[k]) if g is None else g
             for k, g in zip(keys, grads, strict=True)
         }
+        if reduce is not None:
+            found = {k: g if space.batched[k] else reduce(g) for k, g in found.items()}
         detached = {k: v.detach() for k, v in state.items()}
         state = space.step(x, detached, found, alpha)
     return {k: v.detach() for k, v in state.items()}, torch.tensor(trace)
@@ -93,7 +101,8 @@ def _pgd_run(
     steps: int,
     alpha: float,
     random_start: bool,
-    generator: torch.Generator,
+    seed: int,
+    positions: Tensor,
 ) -> Tensor:
     """One PGD run on the rows ``index``, offering every iterate to ``best``; the loss trace."""
     xs, ys = x[index], y[index]
@@ -110,7 +119,8 @@ def _pgd_run(
         alpha=alpha,
         loss=loss,
         random_start=random_start,
-        generator=generator,
+        seed=seed,
+        positions=positions[index],
         on_iterate=offer,
     )
     return trace
@@ -154,6 +164,7 @@ def attack(
     random_start: bool | None = None,
     samples: int = 100,
     seed: int = 0,
+    positions: Tensor | None = None,
 ) -> AttackResult:
     """Attack ``model`` at ``(x, y)`` under the joint ``threat``; the model is never modified.
 
@@ -166,6 +177,9 @@ def attack(
     step_size:    step as a fraction of each ball's radius (default ``2.5 / steps``, 1 for FGSM),
                   so the input and every weight variable move in proportion to their budget.
     random_start: start inside the ball at random (default: when ``steps > 1``).
+    seed:         seeds every random draw, example by example, with ``positions``: each
+                  example's place in its data set (default 0..B-1), so an example's result
+                  never depends on the batch it is attacked in.
     """
     _check_options(method, steps, restarts, loss, step_size, samples, seed)
     if not isinstance(threat, Threat):
@@ -174,10 +188,10 @@ def attack(
     device = x.device
     clean = margins(logits, y)
     check_domain(x, threat)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    positions = check_positions(positions, len(x))
 
     if method == "noise":
-        return noise(graph, x, y, threat, clean, samples, seed)
+        return noise(graph, x, y, threat, clean, samples, seed, positions)
 
     space = JointSpace(graph, threat, x)
     best = BestSoFar(space, x, clean, shared=space.is_shared)
@@ -191,7 +205,10 @@ def attack(
             rows = all_rows if space.is_shared else all_rows[best.margins > 0]
             if len(rows) == 0:
                 break
-            t = _pgd_run(space, x, y, rows, best, loss_name, steps, alpha, start, generator)
+            run_seed = mix(seed, "run", run)
+            t = _pgd_run(
+                space, x, y, rows, best, loss_name, steps, alpha, start, run_seed, positions
+            )
             trace = t if run == 0 else trace
 
     state = best.state

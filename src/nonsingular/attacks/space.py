@@ -25,6 +25,7 @@ from ..balls import Ball, make_ball
 from ..errors import InputError
 from ..model.graph import Graph
 from ..model.lemma import LayerBudget, nonnegative_nodes, perturbed_layers, tied
+from ..seeds import generator, mix, per_example
 from ..threat import Threat
 
 State = dict[str, Tensor]
@@ -35,6 +36,19 @@ def margins(logits: Tensor, y: Tensor) -> Tensor:
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
     return true - other
+
+
+def check_positions(positions: object, batch: int) -> Tensor:
+    """Each example's place in its data set (default 0..B-1), checked."""
+    if positions is None:
+        return torch.arange(batch)
+    if not isinstance(positions, Tensor) or positions.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"positions must be an integer tensor, got {type(positions).__name__}")
+    if positions.shape != (batch,) or (batch and int(positions.min()) < 0):
+        raise InputError(
+            f"positions must hold {batch} non-negative places, got shape {tuple(positions.shape)}"
+        )
+    return positions.cpu().long()
 
 
 def check_domain(x: Tensor, threat: Threat) -> None:
@@ -117,12 +131,28 @@ class JointSpace:
         """The unperturbed point."""
         return {key: x.new_zeros(shape) for key, shape in self._shapes(x).items()}
 
-    def random(self, x: Tensor, generator: torch.Generator | None = None) -> State:
-        """A point drawn uniformly from every ball (input then clamped into the domain)."""
-        state = {
-            key: self.balls[key].random(x.new_empty(shape), generator)
-            for key, shape in self._shapes(x).items()
-        }
+    def random(self, x: Tensor, seed: int, positions: Tensor | None = None) -> State:
+        """A point drawn uniformly from every ball (input then clamped into the domain).
+
+        Each example's part of a per-example variable is drawn from its own generator, seeded
+        by ``(seed, variable, its position)`` (``positions``: each example's place in its data
+        set, default 0..B-1): an example's start never depends on the batch it is in. Draws
+        are made on the CPU, so they are the same on every device.
+        """
+        where = range(len(x)) if positions is None else positions.tolist()
+        state = {}
+        for key, shape in self._shapes(x).items():
+            ball = self.balls[key]
+            if self.batched[key]:
+                like = torch.empty((1, *shape[1:]), dtype=x.dtype)
+
+                def draw(g: torch.Generator, b: Ball = ball, e: Tensor = like) -> Tensor:
+                    return b.random(e, g)[0]
+
+                value = per_example(draw, mix(seed, key), where)
+            else:
+                value = ball.random(torch.empty(shape, dtype=x.dtype), generator(seed, key))
+            state[key] = value.to(x.device)
         return self.clamp_input(x, state)
 
     def clamp_input(self, x: Tensor, state: State) -> State:

@@ -1,8 +1,9 @@
 """The training loop shared by every method, and the run directory it keeps.
 
-Every epoch's randomness (data order, augmentation, attack starts) is drawn from a generator
-seeded by ``(seed, epoch)``, so a run resumed after being killed continues exactly where an
-uninterrupted run would be. A run directory holds:
+Every epoch's randomness is seeded by ``(seed, epoch)``: the data order for the whole epoch,
+and each example's augmentation and attack start by its place in the training set too (so
+the draws never depend on how a batch is split). A run resumed after being killed continues
+exactly where an uninterrupted run would be. A run directory holds:
 
 - ``config.json``: the resolved config, data, model description, library and torch versions;
 - ``config.toml``: the same config with CLI-flag keys (``nonsingular train --config``);
@@ -37,9 +38,10 @@ from ..data import Dataset, load
 from ..errors import ConfigError, TrainingError
 from ..files import exclusive, write_json, write_text
 from ..models import Architecture
+from ..seeds import mix
 from .augment import random_shift
 from .config import TrainConfig
-from .methods import make_method
+from .methods import Batch, make_method
 from .state import load_state, restore, save_state
 
 STATE = "state.safetensors"
@@ -296,12 +298,14 @@ def _train_epoch(
         disable=None if progress else True,
         leave=False,
     )
+    seed = mix(config.seed, "epoch", epoch)
     for step in bar:
         idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-        xb = random_shift(x_train[idx], config.augment, generator)
+        positions = idx.cpu()
+        xb = random_shift(x_train[idx], config.augment, seed, positions)
         yb = y_train[idx]
         done = (epoch + step / steps) / config.epochs
-        loss, logits = method.loss(model, xb, yb, done, generator)
+        loss, logits = method.loss(model, xb, yb, done, Batch(positions, seed))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

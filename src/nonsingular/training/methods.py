@@ -10,7 +10,9 @@ statistics, Dropout), whose parameters get the gradient.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,8 +26,20 @@ from ..threat import Threat
 from .config import TrainConfig
 
 
+@dataclass
+class Batch:
+    """Where a batch comes from: ``positions``, its examples' places in the training set, and
+    the epoch's ``seed`` (together they seed every random draw example by example, so a
+    result never depends on how a batch was split across processes); ``reduce`` sums a
+    gradient shared by the whole batch over the processes that hold parts of it."""
+
+    positions: Tensor
+    seed: int
+    reduce: Callable[[Tensor], Tensor] | None = None
+
+
 class Method:
-    """``loss(model, x, y, progress, generator)``; ``progress`` in [0, 1] is how far training is.
+    """``loss(model, x, y, progress, batch)``; ``progress`` in [0, 1] is how far training is.
 
     Robust methods ramp their budget up linearly over the first ``ramp`` of training (a large
     budget from a random initialization can stall training at chance level).
@@ -60,7 +74,7 @@ class Method:
         return self.threat.replace(eps_x=self.threat.eps_x * s, eps_w=self.threat.eps_w * s)
 
     def loss(
-        self, model: nn.Module, x: Tensor, y: Tensor, progress: float, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, progress: float, batch: Batch
     ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
@@ -72,7 +86,7 @@ class Standard(Method):
         return None  # runs the model itself: any module trains
 
     def loss(
-        self, model: nn.Module, x: Tensor, y: Tensor, progress: float, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, progress: float, batch: Batch
     ) -> tuple[Tensor, Tensor]:
         logits = model(x)
         return F.cross_entropy(logits, y), logits
@@ -85,7 +99,7 @@ def _attack_state(
     y: Tensor,
     steps: int,
     step_size: float | None,
-    generator: torch.Generator,
+    batch: Batch,
     random_start: bool = True,
 ) -> tuple[dict[str, Tensor], JointSpace]:
     """The final PGD iterate under ``threat`` on the detached reading ``graph``, and the space
@@ -95,7 +109,15 @@ def _attack_state(
         return space.zeros(x), space
     alpha = step_size if step_size is not None else default_step_size(steps)
     state, _ = pgd(
-        space, x, y, steps=steps, alpha=alpha, random_start=random_start, generator=generator
+        space,
+        x,
+        y,
+        steps=steps,
+        alpha=alpha,
+        random_start=random_start,
+        seed=batch.seed,
+        positions=batch.positions,
+        reduce=batch.reduce,
     )
     return state, space
 
@@ -110,12 +132,12 @@ class Adversarial(Method):
             self.threat = self.threat.replace(eps_w=0.0)
 
     def loss(
-        self, model: nn.Module, x: Tensor, y: Tensor, progress: float, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, progress: float, batch: Batch
     ) -> tuple[Tensor, Tensor]:
         c, threat = self.config, self.budget(progress)
         live = self.graph(model, x)
         state, space = _attack_state(
-            threat, live.detached(), x, y, c.attack_steps, c.attack_step_size, generator
+            threat, live.detached(), x, y, c.attack_steps, c.attack_step_size, batch
         )
         logits = space.forward(x, state, graph=live, training=True)
         return F.cross_entropy(logits, y), logits
@@ -127,18 +149,18 @@ class AWP(Method):
     weight ball; the gradient is taken there and applies to the unperturbed weights."""
 
     def loss(
-        self, model: nn.Module, x: Tensor, y: Tensor, progress: float, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, progress: float, batch: Batch
     ) -> tuple[Tensor, Tensor]:
         c, threat = self.config, self.budget(progress)
         live = self.graph(model, x)
         detached = live.detached()
         inputs, _ = _attack_state(
-            threat.replace(eps_w=0.0), detached, x, y, c.attack_steps, c.attack_step_size, generator
+            threat.replace(eps_w=0.0), detached, x, y, c.attack_steps, c.attack_step_size, batch
         )
         x_adv = x + inputs["x"] if "x" in inputs else x
         weights_only = threat.replace(eps_x=0.0)
         delta, space = _attack_state(
-            weights_only, detached, x_adv, y, 1, 1.0, generator, random_start=False
+            weights_only, detached, x_adv, y, 1, 1.0, batch, random_start=False
         )
         logits = space.forward(x_adv, delta, graph=live, training=True)
         return F.cross_entropy(logits, y), logits
@@ -159,7 +181,7 @@ class BoundRegularized(Method):
         dense_layers(self.graph(model, x), x, f"bound-reg ({self.config.bound})")
 
     def loss(
-        self, model: nn.Module, x: Tensor, y: Tensor, progress: float, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, progress: float, batch: Batch
     ) -> tuple[Tensor, Tensor]:
         c, threat = self.config, self.budget(progress)
         live = self.graph(model, x)
@@ -180,7 +202,7 @@ class IntervalBound(Method):
     cross-entropy of the worst-case margins."""
 
     def loss(
-        self, model: nn.Module, x: Tensor, y: Tensor, progress: float, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, progress: float, batch: Batch
     ) -> tuple[Tensor, Tensor]:
         threat = self.budget(progress)
         live = self.graph(model, x)
