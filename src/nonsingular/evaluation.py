@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -22,6 +23,8 @@ from .certificates import METHODS as CERTIFY_METHODS
 from .certificates import certify as run_certify
 from .checks import MAX_BATCH, integer
 from .data import Dataset
+from .distributed import gather, part, ranks
+from .distributed import total as distributed_total
 from .errors import ConfigError, InputError
 from .files import write_json
 from .threat import Threat
@@ -107,9 +110,9 @@ class EvaluationTable:
             "warnings": self.warnings,
         }
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the table as JSON (atomically)."""
-        write_json(path, self.to_dict())
+    def save(self, path: str | os.PathLike[str], **about: Any) -> None:
+        """Write the table as JSON (atomically), with ``about`` (e.g. ``world_size``) beside."""
+        write_json(path, {**self.to_dict(), **about})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -213,8 +216,10 @@ def evaluate(
     data: a Dataset (its test split) or ``(x, y)``. attack_kwargs: options of ``attack``
     (steps, restarts, loss, method, ...); ``attack=False`` skips attacking. certify: methods
     of ``nonsingular.certify`` to run too (``"ibp"``, ``"crown"``, ...), with ``certify_kwargs``
-    (intermediate, dtype, batch_size). Shared-scope points
-    attack the whole data set as one batch, so one weight perturbation serves every example.
+    (intermediate, dtype, batch_size). Shared-scope points attack the whole data set as one
+    batch, so one weight perturbation serves every example. In a torch.distributed process
+    group, each process takes its share of the examples (a shared-scope point, all of them)
+    and every process returns the whole table: the numbers are those of one process.
     """
     grid = list(grid)
     if not grid or not all(isinstance(t, Threat) for t in grid):
@@ -232,23 +237,33 @@ def evaluate(
     x, y = _tensors(data)
     if len(x) == 0:
         raise InputError("data holds no examples")
-    rows: list[Row] = []
+    where = ranks()
+    share = part(len(x), where)  # this process's examples (all of them in one process)
+    positions = torch.arange(len(x))
     bar = tqdm(
-        total=len(grid) * len(x), disable=None if progress else True, unit="ex", desc="evaluate"
+        total=len(grid),
+        disable=None if progress and where.lead else True,
+        unit="point",
+        desc="evaluate",
     )
-    for threat in grid:
-        rows.append(
-            _evaluate_point(
-                model,
-                x,
-                y,
-                threat,
-                options if attack else None,
-                methods,
-                certify_kwargs or {},
-                len(x) if threat.scope == "shared" else batch_size,
-                bar,
+    rows: list[Row] = []
+    for i, threat in enumerate(grid):
+        args = (options if attack else None, methods, certify_kwargs or {})
+        if threat.scope == "shared":  # one perturbation for every example: one process's work
+            owner = i % where.world
+            counts = None
+            if where.rank == owner:
+                counts = _evaluate_point(model, x, y, positions, threat, len(x), *args)
+            counts = gather(counts)[owner]
+        else:
+            local = _evaluate_point(
+                model, x[share], y[share], positions[share], threat, batch_size, *args
             )
+            counts = local.total()
+        rows.append(counts.row(threat, len(x), moved_needed=attack))
+        bar.update(1)
+        bar.set_postfix(
+            {c: f"{rows[-1].value(c):.1%}" for c in ["attacked", *methods][not attack :]}
         )
     bar.close()
     table = EvaluationTable(rows, options if attack else None)
@@ -256,57 +271,91 @@ def evaluate(
     return table
 
 
+@dataclass
+class Counts:
+    """What one process counted at one grid point (summed over processes by ``total``)."""
+
+    clean: int = 0
+    attacked: int = 0
+    certified: dict[str, int] = field(default_factory=dict)
+    unsound: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    moved: bool = False
+
+    def total(self) -> Counts:
+        """The counts of every process, summed (the loss moved if it moved anywhere)."""
+        keys = list(self.certified)  # the same order on every process
+        seconds = list(self.seconds)
+        values = [self.clean, self.attacked, float(self.moved)]
+        values += [self.certified[k] for k in keys] + [self.unsound[k] for k in keys]
+        values += [self.seconds[k] for k in seconds]
+        summed = distributed_total(values)
+        n = len(keys)
+        return Counts(
+            int(summed[0]),
+            int(summed[1]),
+            {k: int(v) for k, v in zip(keys, summed[3 : 3 + n], strict=True)},
+            {k: int(v) for k, v in zip(keys, summed[3 + n : 3 + 2 * n], strict=True)},
+            dict(zip(seconds, summed[3 + 2 * n :], strict=True)),
+            summed[2] > 0,
+        )
+
+    def row(self, threat: Threat, n: int, moved_needed: bool) -> Row:
+        perturbs = threat.eps_x > 0 or threat.eps_w > 0
+        return Row(
+            threat,
+            n,
+            self.clean / n,
+            self.attacked / n if moved_needed else None,
+            {m: c / n for m, c in self.certified.items()},
+            self.moved or not perturbs or not moved_needed,
+            dict(self.unsound),
+            dict(self.seconds),
+        )
+
+
 def _evaluate_point(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
+    positions: Tensor,
     threat: Threat,
+    size: int,
     options: dict[str, Any] | None,
     methods: list[str],
     certify_kwargs: dict[str, Any],
-    size: int,
-    bar: tqdm,
-) -> Row:
-    clean = attacked = 0
-    moved = False
-    certified = dict.fromkeys(methods, 0)
-    unsound = dict.fromkeys(methods, 0)
-    seconds = dict.fromkeys((["attack"] if options is not None else []) + methods, 0.0)
-    for part in _batches(len(x), size):
+) -> Counts:
+    """Attack and certify ``x`` in batches of ``size`` (``positions``: each example's place in
+    the data set, which seeds its random draws)."""
+    counts = Counts(
+        certified=dict.fromkeys(methods, 0),
+        unsound=dict.fromkeys(methods, 0),
+        seconds=dict.fromkeys((["attack"] if options is not None else []) + methods, 0.0),
+    )
+    for batch in _batches(len(x), size):
         broken = None
         if options is not None:
             start = time.perf_counter()
-            res = run_attack(model, x[part], y[part], threat, **options)
-            seconds["attack"] += time.perf_counter() - start
-            clean += int((res.clean_margins > 0).sum())
-            attacked += int((~res.success).sum())
+            res = run_attack(
+                model, x[batch], y[batch], threat, positions=positions[batch], **options
+            )
+            counts.seconds["attack"] += time.perf_counter() - start
+            counts.clean += int((res.clean_margins > 0).sum())
+            counts.attacked += int((~res.success).sum())
             broken = res.success
             trace = res.loss_trace
-            moved |= bool(trace.numel() > 1 and trace.max() > trace.min())
+            counts.moved |= bool(trace.numel() > 1 and trace.max() > trace.min())
         for method in methods:
             start = time.perf_counter()
-            cert = run_certify(model, x[part], y[part], threat, method, **certify_kwargs)
-            seconds[method] += time.perf_counter() - start
-            certified[method] += int(cert.certified.sum())
+            cert = run_certify(model, x[batch], y[batch], threat, method, **certify_kwargs)
+            counts.seconds[method] += time.perf_counter() - start
+            counts.certified[method] += int(cert.certified.sum())
             if broken is not None:
-                unsound[method] += int((cert.certified & broken.to(cert.certified.device)).sum())
+                hit = cert.certified & broken.to(cert.certified.device)
+                counts.unsound[method] += int(hit.sum())
             if options is None and method == methods[0]:  # no attack to count clean ones
-                clean += int((cert.clean_margins > 0).sum())
-        bar.update(part.stop - part.start)
-    n = len(x)
-    perturbs = threat.eps_x > 0 or threat.eps_w > 0
-    row = Row(
-        threat,
-        n,
-        clean / n,
-        None if options is None else attacked / n,
-        {m: c / n for m, c in certified.items()},
-        moved or not perturbs or options is None,
-        unsound,
-        seconds,
-    )
-    bar.set_postfix({c: f"{row.value(c):.1%}" for c in ["attacked", *methods][options is None :]})
-    return row
+                counts.clean += int((cert.clean_margins > 0).sum())
+    return counts
 
 
 def _same_family(a: Threat, b: Threat) -> bool:

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, distributed
 from ..checks import MAX_SEED
 from ..data import NAMES, Dataset
 from ..errors import ConfigError
@@ -44,7 +44,12 @@ def names(text: str) -> list[str]:
 
 
 def device(name: str) -> torch.device:
-    """The device ``name`` names, checked to exist here (``auto``: CUDA when there is one)."""
+    """The device ``name`` names, checked to exist here (``auto``: CUDA when there is one);
+    under torchrun, this process joins the process group (and takes its own GPU)."""
+    return distributed.start(_device(name))
+
+
+def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -77,8 +82,8 @@ def seed(text: str) -> int:
 
 
 def say(args: argparse.Namespace, text: str) -> None:
-    """A message for people (stderr), silenced by --quiet."""
-    if not args.quiet:
+    """A message for people (stderr), silenced by --quiet; one process speaks for all."""
+    if not args.quiet and distributed.ranks().lead:
         print(text, file=sys.stderr)
 
 

@@ -9,6 +9,7 @@ from ..attacks import LOSSES, METHODS
 from ..certificates import METHODS as CERTIFY_METHODS
 from ..certificates.crown import INTERMEDIATE
 from ..data import load
+from ..distributed import ranks
 from ..evaluation import EvaluationTable, evaluate
 from ..threat import grid
 from . import common
@@ -24,8 +25,10 @@ def _prepare(args: argparse.Namespace) -> tuple[list, Any, Any, Any]:
 
 
 def _report(args: argparse.Namespace, table: EvaluationTable) -> None:
+    if not ranks().lead:  # every process holds the whole table: one writes and prints it
+        return
     if args.out is not None:
-        table.save(args.out)
+        table.save(args.out, world_size=ranks().world)
     print(table)
     for column in table.columns():
         kind = "attacked" if column == "attacked" else f"certified ({column})"

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..distributed import ranks
 from ..models import BUILTIN
 from ..training import METHODS, TrainConfig, train
 from ..training.config import BOUNDS, OPTIMIZERS, read_toml
@@ -93,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args).resolved()  # validate before any work
     out = args.out or Path("runs") / config.method
     result = train(config, out_dir=out, resume=args.resume, device=where, progress=not args.quiet)
+    if not ranks().lead:  # one process reports for all
+        return 0
     print(f"{'epoch':>5}  {'loss':>7}  {'train':>6}  {'test':>6}  {'robust':>6}  seconds")
     for m in result.history:
         robust = "-" if m["robust_accuracy"] is None else f"{m['robust_accuracy']:.1%}"

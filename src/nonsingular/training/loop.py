@@ -29,12 +29,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .. import checkpoint
 from .._version import __version__
 from ..attacks import attack
 from ..data import Dataset, load
+from ..distributed import Ranks, part, ranks, sum_gradient
+from ..distributed import total as distributed_total
 from ..errors import ConfigError, TrainingError
 from ..files import exclusive, write_json, write_text
 from ..models import Architecture
@@ -154,6 +157,7 @@ def _run_info(
             "classes": data.classes,
         },
         "model": _model_info(model, architecture),
+        "world_size": ranks().world,  # processes the global batch was split over
         "versions": {
             "nonsingular": __version__,
             "torch": torch.__version__,
@@ -208,16 +212,20 @@ def train(
     steps_per_epoch = -(-len(x_train) // config.batch_size)
     opt, schedule = _optimizer(config, model, config.epochs * steps_per_epoch)
     history: list[dict[str, Any]] = []
+    where = ranks()
+    writes = out is not None and where.lead  # other processes never touch the run's files
+    objective = _objective(model, method, where)
     with contextlib.ExitStack() as held:
         if out is not None:
             if resume and not (out / STATE).exists():
                 _check_dir(out, resume)  # nothing to resume: say so before creating anything
-            _make_dir(out)
-            held.enter_context(exclusive(out))  # one writer per run directory
+            if writes:
+                _make_dir(out)
+                held.enter_context(exclusive(out))  # one writer per run directory
             _check_dir(out, resume)
             if resume:
                 history = _resume(out, config, model, opt, schedule)
-            else:
+            elif writes:
                 write_json(out / "config.json", _run_info(config, data, model, architecture))
                 write_text(out / "config.toml", config.to_toml())
         test = (data.x_test.to(device), data.y_test.to(device))
@@ -227,7 +235,7 @@ def train(
                 generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
                 start = time.perf_counter()
                 loss, train_accuracy = _train_epoch(
-                    method,
+                    objective,
                     model,
                     opt,
                     schedule,
@@ -235,7 +243,7 @@ def train(
                     config,
                     epoch,
                     generator,
-                    progress,
+                    progress and where.lead,
                 )
                 model.eval()
                 history.append(
@@ -249,13 +257,13 @@ def train(
                         test,
                     )
                 )
-                if out is not None:
+                if writes:
                     save_state(
                         out / STATE, model, opt, schedule, epoch + 1, history, config.to_dict()
                     )
                     _write_outputs(out, model, architecture, config, history)
         model.eval()
-        if out is not None and resume:
+        if writes and resume:
             _write_outputs(out, model, architecture, config, history)  # killed after the state
     return TrainResult(model, config, history, out)
 
@@ -275,8 +283,30 @@ def _resume(
     return meta["history"]
 
 
+class _Objective(nn.Module):
+    """A method's loss on a model, as a module: what DistributedDataParallel wraps, so that
+    every backward pass averages the gradients over the processes."""
+
+    def __init__(self, model: nn.Module, method: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, progress: float, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.method.loss(self.model, x, y, progress, batch)
+
+
+def _objective(model: nn.Module, method: Any, where: Ranks) -> nn.Module:
+    objective = _Objective(model, method)
+    if not where.many:
+        return objective
+    return DistributedDataParallel(objective, find_unused_parameters=True)
+
+
 def _train_epoch(
-    method: Any,
+    objective: nn.Module,
     model: nn.Module,
     opt: Any,
     schedule: Any,
@@ -286,8 +316,14 @@ def _train_epoch(
     generator: torch.Generator,
     progress: bool,
 ) -> tuple[float, float]:
-    """One epoch of ``method`` in the data order drawn from ``generator``: mean loss, accuracy."""
+    """One epoch in the data order drawn from ``generator``: mean loss, accuracy.
+
+    Every process draws the same order and takes its share of each global batch; the loss is
+    scaled so that the averaged gradient is the one of the whole batch (shares may differ by
+    one example), and the epoch's figures are summed over the processes.
+    """
     x_train, y_train = train_set
+    where = ranks()
     steps = -(-len(x_train) // config.batch_size)
     order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
     model.train()
@@ -299,27 +335,33 @@ def _train_epoch(
         leave=False,
     )
     seed = mix(config.seed, "epoch", epoch)
+    reduce = sum_gradient if where.many else None
     for step in bar:
-        idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+        batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+        idx = batch[part(len(batch), where)]
         positions = idx.cpu()
         xb = random_shift(x_train[idx], config.augment, seed, positions)
         yb = y_train[idx]
         done = (epoch + step / steps) / config.epochs
-        loss, logits = method.loss(model, xb, yb, done, Batch(positions, seed))
+        loss, logits = objective(xb, yb, done, Batch(positions, seed, reduce))
+        scaled = loss * (len(idx) * where.world / len(batch)) if where.many else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaled.backward()
         opt.step()
         schedule.step()
-        value = loss.item()
+        value, hits = distributed_total(
+            [loss.item() * len(idx), float((logits.detach().argmax(1) == yb).sum())]
+        )
+        value /= len(batch)
         if not math.isfinite(value):
             raise TrainingError(
                 f"the training loss became {value} in epoch {epoch + 1}, step {step + 1}: the "
                 "learning rate, the method's budget or its weights (lambda_x, lambda_w) are too "
                 "large; the run directory keeps the last completed epoch"
             )
-        total += value * len(idx)
-        correct += int((logits.detach().argmax(1) == yb).sum())
-        seen += len(idx)
+        total += value * len(batch)
+        correct += hits
+        seen += len(batch)
         bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.1%}")
     return total / seen, correct / seen
 

@@ -1,0 +1,117 @@
+"""Work spread over torch.distributed processes: who does what, and putting results back.
+
+Data-parallel throughout. Examples (and, for ``reproduce``, whole models) are split over the
+ranks of the default process group; results are summed or gathered on every rank; rank 0
+alone writes outputs. Per-example randomness is seeded by each example's place in its data
+set (``seeds.py``), so numbers never depend on the split. Without a process group (or with
+one process) everything below is the identity: one code path for one process or many.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's ``rank`` among ``world`` processes."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0: the one that writes outputs."""
+        return self.rank == 0
+
+    @property
+    def many(self) -> bool:
+        return self.world > 1
+
+
+def ranks() -> Ranks:
+    """The default process group's view of this process (one process when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks()
+
+
+def launched() -> bool:
+    """Started by torchrun (or any launcher that sets ``WORLD_SIZE`` above 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start(device: torch.device) -> torch.device:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA), once; the
+    device of this process (``cuda:LOCAL_RANK`` when ``device`` is CUDA)."""
+    if not launched() or not dist.is_available():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def part(n: int, where: Ranks | None = None) -> slice:
+    """This rank's contiguous share of ``n`` items (shares differ by one at most)."""
+    where = where or ranks()
+    return slice(n * where.rank // where.world, n * (where.rank + 1) // where.world)
+
+
+def mine(items: Sequence[T], where: Ranks | None = None) -> list[tuple[int, T]]:
+    """``(index, item)`` for the items this rank handles, dealt round robin."""
+    where = where or ranks()
+    return [(i, item) for i, item in enumerate(items) if i % where.world == where.rank]
+
+
+def total(values: Sequence[float], device: torch.device | None = None) -> list[float]:
+    """``values`` summed over the ranks (each rank gets the sums)."""
+    if not ranks().many:
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device or _device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def largest(values: Sequence[float], device: torch.device | None = None) -> list[float]:
+    """The largest of ``values`` over the ranks."""
+    if not ranks().many:
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device or _device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (JSON-like objects)."""
+    if not ranks().many:
+        return [value]
+    found: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, value)
+    return found
+
+
+def sum_gradient(gradient: Tensor) -> Tensor:
+    """A gradient summed over the ranks (a variable shared by a batch split across them)."""
+    if ranks().many:
+        gradient = gradient.clone()
+        dist.all_reduce(gradient)
+    return gradient
+
+
+def _device() -> torch.device:
+    """Where collectives run: CUDA for NCCL, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
