@@ -9,8 +9,9 @@ one process) everything below is the identity: one code path for one process or 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,11 +39,26 @@ class Ranks:
         return self.world > 1
 
 
+_ALONE = [0]  # > 0 inside ``alone()``
+
+
 def ranks() -> Ranks:
-    """The default process group's view of this process (one process when there is none)."""
-    if dist.is_available() and dist.is_initialized():
+    """The default process group's view of this process (one process when there is none, or
+    inside ``alone()``)."""
+    if not _ALONE[0] and dist.is_available() and dist.is_initialized():
         return Ranks(dist.get_rank(), dist.get_world_size())
     return Ranks()
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Work that belongs to this process only (a whole model ``reproduce`` gave it): inside,
+    nothing is split or summed with the other processes."""
+    _ALONE[0] += 1
+    try:
+        yield
+    finally:
+        _ALONE[0] -= 1
 
 
 def launched() -> bool:

@@ -21,6 +21,7 @@ evaluated and a hash of the weights, so a rerun reuses all finished work.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -35,6 +36,7 @@ from torch import nn
 from ._version import __version__
 from .checks import integer
 from .data import Dataset, load
+from .distributed import alone, gather, mine, ranks
 from .errors import ConfigError
 from .evaluation import evaluate
 from .files import exclusive, write_json
@@ -268,28 +270,56 @@ def run_experiment(
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train and evaluate everything ``exp`` describes; return ``results.json``'s content.
-    One process at a time works in ``out`` (the others get a clear error)."""
+
+    One job at a time works in ``out`` (another gets a clear error). In a torch.distributed
+    process group the models are dealt to the processes, each training and evaluating its own
+    (and writing only their run directories and caches); every process returns the results.
+    """
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot write to {out}: {exc.strerror}") from None
-    with exclusive(out):
-        return _run(exp, out, device, say)
+    where = ranks()
+    if where.lead:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot write to {out}: {exc.strerror}") from None
+    with exclusive(out) if where.lead else contextlib.nullcontext():
+        gather(None)  # the others start once the directory exists and is held
+        return _run(exp, out, torch.device(device), say)
 
 
 def _run(
-    exp: Experiment, out: Path, device: str | torch.device, say: Callable[[str], None]
+    exp: Experiment, out: Path, device: torch.device, say: Callable[[str], None]
 ) -> dict[str, Any]:
     start = time.perf_counter()
-    device = torch.device(device)
     data = load(exp.data, seed=0)
     n = min(exp.eval_size, len(data.x_test))
-    x, y = data.x_test[:n].to(device), data.y_test[:n].to(device)
     nc = min(exp.cert_size, n)
-    attack_options = {"steps": exp.attack_steps, "restarts": exp.attack_restarts, "loss": "ce"}
-    views = exp.views()
-    results: dict[str, Any] = {
+    work = [(seed, method) for seed in range(exp.seeds) for method in exp.methods]
+    done = []
+    assigned = mine(work)  # dealt among the processes (all of it to one process)
+    with alone():  # each model is one process's work, start to end
+        for _, (seed, method) in assigned:
+            done.append(_study(exp, out, seed, method, data, n, nc, device, say))
+    studies = {(s["seed"], s["method"]): s for part in gather(done) for s in part}
+    results = _skeleton(exp, data, n, nc)
+    for seed, method in work:  # assembled in one order, whoever computed what
+        _record(results, exp, studies[(seed, method)])
+    results["seconds"] = time.perf_counter() - start
+    every = list(studies.values())
+    results["compute_seconds"] = sum(s["compute_seconds"] for s in every)
+    results["reused"] = {
+        "models": sum(s["info"]["reused"] for s in every),
+        "of_models": len(every),
+        "evaluations": sum(s["evaluations"]["reused"] for s in every),
+        "of_evaluations": sum(sum(s["evaluations"].values()) for s in every),
+    }
+    results["world_size"] = ranks().world
+    return results
+
+
+def _skeleton(exp: Experiment, data: Dataset, n: int, nc: int) -> dict[str, Any]:
+    """``results.json`` before any model has been measured."""
+    return {
         "experiment": exp.to_dict(),
         "data": {
             "name": data.name,
@@ -298,7 +328,7 @@ def _run(
             "shape": list(data.in_shape),
             "classes": data.classes,
         },
-        "attack": attack_options,
+        "attack": _attack_options(exp),
         "models": {m: {} for m in exp.methods},
         "views": {
             v.name: {
@@ -308,7 +338,7 @@ def _run(
                 "threat": v.threat,
                 "accuracy": {m: {} for m in exp.methods},
             }
-            for v in views
+            for v in exp.views()
         },
         "joint": {
             "eps_x": list(exp.joint_eps_x),
@@ -325,87 +355,104 @@ def _run(
         "warnings": [],
     }
 
+
+def _record(results: dict[str, Any], exp: Experiment, study: dict[str, Any]) -> None:
+    """Put one model's study into ``results``."""
+    method, seed = study["method"], str(study["seed"])
+    results["models"][method][seed] = study["info"]
+    for name, accuracy in study["views"].items():
+        results["views"][name]["accuracy"][method][seed] = accuracy
+    results["joint"]["accuracy"][method][seed] = study["joint"]
+    certified = results["certified"]
+    certified["attacked"][method][seed] = study["certified_attacked"]
+    for c in exp.certify:
+        certified["accuracy"][c][method][seed] = study["certified"][c]
+    results["warnings"] += study["warnings"]
+
+
+def _attack_options(exp: Experiment) -> dict[str, Any]:
+    return {"steps": exp.attack_steps, "restarts": exp.attack_restarts, "loss": "ce"}
+
+
+def _study(
+    exp: Experiment,
+    out: Path,
+    seed: int,
+    method: str,
+    data: Dataset,
+    n: int,
+    nc: int,
+    device: torch.device,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Train (or reuse) one model and measure it under every threat of the experiment: a
+    JSON-able record (processes exchange them)."""
+    model, info = _model(exp, out, method, seed, data, device, say)
+    x, y = data.x_test[:n].to(device), data.y_test[:n].to(device)
+    attack_options = _attack_options(exp)
+    warnings: list[str] = []
+
     def warn(text: str) -> None:
         say(f"warning: {text}")
-        results["warnings"].append(text)
+        warnings.append(text)
 
-    joint = grid(exp.joint_eps_x, exp.joint_eps_w)
     evaluations = {"computed": 0, "reused": 0}
-    compute_seconds = 0.0  # of everything the results rest on, reused work included
-    for seed in range(exp.seeds):
-        say(f"seed {seed}: training")
-        models = {}
-        for method in exp.methods:
-            models[method], info = _model(exp, out, method, seed, data, device, say)
-            results["models"][method][str(seed)] = info
-        say(f"seed {seed}: evaluating")
-        for method, model in models.items():
-            cache = _EvalCache(out / "evals" / f"seed{seed}" / f"{method}.json", evaluations, warn)
-            compute_seconds += results["models"][method][str(seed)]["train_seconds"]
-            weights = _weights_hash(model)
+    cache = _EvalCache(out / "evals" / f"seed{seed}" / f"{method}.json", evaluations, warn)
+    weights = _weights_hash(model)
+    seconds = [info["train_seconds"]]
 
-            def table(
-                threats: list[Threat],
-                kind: str,
-                rows: int,
-                model: nn.Module = model,
-                cache: _EvalCache = cache,
-                weights: str = weights,
-            ) -> dict[str, Any]:
-                key = {
-                    "kind": kind,
-                    "threats": [t.to_dict() for t in threats],
-                    "n": rows,
-                    "attack": attack_options,
-                    "weights": weights,
-                }
-                certify = list(exp.certify) if kind == "certify" else []
-                if certify:
-                    key["intermediate"] = exp.intermediate
+    def table(threats: list[Threat], kind: str, rows: int) -> dict[str, Any]:
+        key = {
+            "kind": kind,
+            "threats": [t.to_dict() for t in threats],
+            "n": rows,
+            "attack": attack_options,
+            "weights": weights,
+        }
+        certify = list(exp.certify) if kind == "certify" else []
+        if certify:
+            key["intermediate"] = exp.intermediate
 
-                def compute() -> dict[str, Any]:
-                    return evaluate(
-                        model,
-                        (x[:rows], y[:rows]),
-                        threats,
-                        attack_options,
-                        certify=certify,
-                        certify_kwargs={"intermediate": exp.intermediate},
-                        progress=False,
-                    ).to_dict()
+        def compute() -> dict[str, Any]:
+            return evaluate(
+                model,
+                (x[:rows], y[:rows]),
+                threats,
+                attack_options,
+                certify=certify,
+                certify_kwargs={"intermediate": exp.intermediate},
+                progress=False,
+            ).to_dict()
 
-                value = cache.get(key, compute)
-                nonlocal compute_seconds
-                compute_seconds += sum(sum(r["seconds"].values()) for r in value["rows"])
-                return value
+        value = cache.get(key, compute)
+        seconds.append(sum(sum(r["seconds"].values()) for r in value["rows"]))
+        return value
 
-            for view in views:
-                got = table(view.threats(), "attack", n)
-                results["views"][view.name]["accuracy"][method][str(seed)] = [
-                    r["attacked"] for r in got["rows"]
-                ]
-                results["models"][method][str(seed)]["clean"] = got["rows"][0]["clean"]
-                results["warnings"] += [f"{method}, {view.name}: {w}" for w in got["warnings"]]
-            got = table(joint, "attack", n)
-            results["joint"]["accuracy"][method][str(seed)] = _matrix(got, exp, "attacked")
-            results["warnings"] += [f"{method}, joint: {w}" for w in got["warnings"]]
-            got = table(joint, "certify", nc)  # attacked too: the same examples, checked
-            certified = results["certified"]
-            certified["attacked"][method][str(seed)] = _matrix(got, exp, "attacked")
-            for c in exp.certify:
-                certified["accuracy"][c][method][str(seed)] = _matrix(got, exp, c)
-            results["warnings"] += [f"{method}, certified: {w}" for w in got["warnings"]]
-            say(f"  {method}: done")
-    results["seconds"] = time.perf_counter() - start
-    results["compute_seconds"] = compute_seconds
-    models = [info for per in results["models"].values() for info in per.values()]
-    results["reused"] = {
-        "models": sum(i["reused"] for i in models),
-        "of_models": len(models),
-        "evaluations": evaluations["reused"],
-        "of_evaluations": sum(evaluations.values()),
+    views = {}
+    for view in exp.views():
+        got = table(view.threats(), "attack", n)
+        views[view.name] = [r["attacked"] for r in got["rows"]]
+        info["clean"] = got["rows"][0]["clean"]
+        warnings += [f"{method}, {view.name}: {w}" for w in got["warnings"]]
+    joint = grid(exp.joint_eps_x, exp.joint_eps_w)
+    got = table(joint, "attack", n)
+    joint_matrix = _matrix(got, exp, "attacked")
+    warnings += [f"{method}, joint: {w}" for w in got["warnings"]]
+    got = table(joint, "certify", nc)  # attacked too: the same examples, checked
+    warnings += [f"{method}, certified: {w}" for w in got["warnings"]]
+    say(f"  {method} (seed {seed}): done")
+    return {
+        "seed": seed,
+        "method": method,
+        "info": info,
+        "views": views,
+        "joint": joint_matrix,
+        "certified_attacked": _matrix(got, exp, "attacked"),
+        "certified": {c: _matrix(got, exp, c) for c in exp.certify},
+        "warnings": warnings,
+        "evaluations": evaluations,
+        "compute_seconds": sum(seconds),
     }
-    return results
 
 
 def _matrix(table: dict[str, Any], exp: Experiment, column: str) -> list[list[float]]:

@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..distributed import ranks
 from ..experiment import ARCHITECTURES, Experiment, run_experiment
 from ..report import write_report
 from . import common
@@ -22,11 +22,9 @@ def run(args: argparse.Namespace) -> int:
         changes["epochs"] = args.epochs
     exp = Experiment.quick(**changes) if args.quick else Experiment(**changes)
     out: Path = args.out or Path("runs") / ("reproduce-quick" if args.quick else "reproduce")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot write to {out}: {exc.strerror}") from None
     results = run_experiment(exp, out, device=where, say=lambda text: common.say(args, text))
+    if not ranks().lead:  # every process holds the results: one writes the report
+        return 0
     command = "nonsingular " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
     report = write_report(results, out, command, datetime.now().isoformat(timespec="minutes"))
     print(f"{'claim':5}  {'family':16}  {'model':>7}  {'standard':>8}  {'diff':>6}  verdict")

@@ -40,6 +40,7 @@ from ..distributed import Ranks, part, ranks, sum_gradient
 from ..distributed import total as distributed_total
 from ..errors import ConfigError, TrainingError
 from ..files import exclusive, write_json, write_text
+from ..model import read_model
 from ..models import Architecture
 from ..seeds import mix
 from .augment import random_shift
@@ -214,7 +215,7 @@ def train(
     history: list[dict[str, Any]] = []
     where = ranks()
     writes = out is not None and where.lead  # other processes never touch the run's files
-    objective = _objective(model, method, where)
+    objective = _objective(model, method, where, data.x_train[: config.batch_size].to(device))
     with contextlib.ExitStack() as held:
         if out is not None:
             if resume and not (out / STATE).exists():
@@ -298,11 +299,15 @@ class _Objective(nn.Module):
         return self.method.loss(self.model, x, y, progress, batch)
 
 
-def _objective(model: nn.Module, method: Any, where: Ranks) -> nn.Module:
+def _objective(model: nn.Module, method: Any, where: Ranks, x: torch.Tensor) -> nn.Module:
+    """The loss module, wrapped for several processes (told whether some parameters never
+    reach the output, which DistributedDataParallel must know and otherwise warns about)."""
     objective = _Objective(model, method)
     if not where.many:
         return objective
-    return DistributedDataParallel(objective, find_unused_parameters=True)
+    used = read_model(model, x).uses()
+    unused = any(name not in used for name, _ in model.named_parameters())
+    return DistributedDataParallel(objective, find_unused_parameters=unused)
 
 
 def _train_epoch(

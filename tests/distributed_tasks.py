@@ -1,0 +1,98 @@
+"""Work run the same way in one process and in several (``tests/test_distributed.py``): each
+task returns plain numbers, so the two can be compared exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import nonsingular as ns
+from nonsingular.data import load
+from nonsingular.experiment import Experiment, run_experiment
+from nonsingular.models import mlp
+from nonsingular.training import TrainConfig, train
+
+METHODS = ("standard", "pgd-at", "awp", "joint-at", "bound-reg", "ibp")
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return mlp((1, 8, 8), hidden=(16,), classes=10).eval()
+
+
+def evaluate(out: Path) -> dict:
+    data = load("digits", test_size=45)
+    grid = ns.grid(eps_x=[0.0, 0.05], eps_w=[0.0, 0.02])
+    shared = ns.grid(eps_x=[0.05], eps_w=[0.02], scope="shared")
+    table = ns.evaluate(
+        _model(),
+        data,
+        grid + shared,
+        {"steps": 5, "restarts": 2, "loss": "both"},
+        certify=["ibp", "crown"],
+        batch_size=16,
+        progress=False,
+    )
+    certified = ns.evaluate(_model(), data, grid, certify=["crown"], attack=False, progress=False)
+    return {"attack": table.to_dict()["rows"], "certify": certified.to_dict()["rows"]}
+
+
+def training(out: Path) -> dict:
+    data = load("digits")
+    weights = {}
+    for method in METHODS:
+        config = TrainConfig(
+            data="digits",
+            method=method,
+            hidden=(16,),
+            epochs=1,
+            eval_size=20,
+            batch_size=64,
+            attack_steps=None if method in ("standard", "bound-reg", "ibp") else 2,
+        )
+        result = train(config, data, progress=False, out_dir=out / method)
+        weights[method] = {k: v.tolist() for k, v in result.model.state_dict().items()}
+        weights[method + " history"] = [
+            {k: m[k] for k in ("loss", "train_accuracy", "test_accuracy", "robust_accuracy")}
+            for m in result.history
+        ]
+    return weights
+
+
+def reproduce(out: Path) -> dict:
+    exp = Experiment.quick(
+        data="digits",
+        epochs=1,
+        eval_size=40,
+        cert_size=8,
+        attack_steps=2,
+        methods=("standard", "pgd-at", "awp"),
+        eps_x=(0.0, 0.1),
+        eps_w_absolute=(0.0, 0.01),
+        eps_w_relative=(0.0, 0.1),
+        eps_w_shared=(0.0, 0.05),
+        joint_eps_x=(0.0, 0.1),
+        joint_eps_w=(0.0, 0.01),
+    )
+    results = run_experiment(exp, out, say=lambda text: None)
+    return {k: results[k] for k in ("views", "joint", "certified", "models", "world_size")}
+
+
+TASKS = {"evaluate": evaluate, "training": training, "reproduce": reproduce}
+
+
+def worker(rank: int, world: int, port: int, task: str, out: str) -> None:
+    """One process of ``world``: join the gloo group, run ``task``, rank 0 writes its result."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = TASKS[task](Path(out) / "work")
+        if rank == 0:
+            (Path(out) / "result.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
