@@ -61,6 +61,9 @@ def alone() -> Iterator[None]:
         _ALONE[0] -= 1
 
 
+_STARTED = [False]  # whether ``start`` made the process group (and ``stop`` should end it)
+
+
 def launched() -> bool:
     """Started by torchrun (or any launcher that sets ``WORLD_SIZE`` above 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -76,13 +79,30 @@ def start(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        _STARTED[0] = True
     return device
+
+
+def stop() -> None:
+    """Leave the process group ``start`` joined (a group the caller made is left alone).
+    Without this, a gloo process can abort at exit ("terminate called without an active
+    exception") while its connection threads still run, and torchrun fails the job."""
+    if _STARTED[0] and dist.is_initialized():
+        dist.destroy_process_group()
+    _STARTED[0] = False
 
 
 def part(n: int, where: Ranks | None = None) -> slice:
     """This rank's contiguous share of ``n`` items (shares differ by one at most)."""
     where = where or ranks()
     return slice(n * where.rank // where.world, n * (where.rank + 1) // where.world)
+
+
+def dealt(n: int, where: Ranks | None = None) -> slice:
+    """This rank's share of ``n`` items dealt in turn (0, W, 2W, ... for rank 0): hard and easy
+    examples, often grouped in a data set, spread evenly over the processes."""
+    where = where or ranks()
+    return slice(where.rank, n, where.world)
 
 
 def mine(items: Sequence[T], where: Ranks | None = None) -> list[tuple[int, T]]:

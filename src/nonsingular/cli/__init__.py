@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from .. import distributed
 from .._version import __version__
 from ..errors import NonsingularError
 from . import evaluate, reproduce, train
@@ -52,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nonsingular: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.stop()
 
 
 def _first_line(exc: BaseException) -> str:
