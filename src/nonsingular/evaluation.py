@@ -23,7 +23,7 @@ from .certificates import METHODS as CERTIFY_METHODS
 from .certificates import certify as run_certify
 from .checks import MAX_BATCH, integer
 from .data import Dataset
-from .distributed import gather, part, ranks
+from .distributed import dealt, gather, ranks
 from .distributed import total as distributed_total
 from .errors import ConfigError, InputError
 from .files import write_json
@@ -238,7 +238,7 @@ def evaluate(
     if len(x) == 0:
         raise InputError("data holds no examples")
     where = ranks()
-    share = part(len(x), where)  # this process's examples (all of them in one process)
+    share = dealt(len(x), where)  # this process's examples (all of them in one process)
     positions = torch.arange(len(x))
     bar = tqdm(
         total=len(grid),

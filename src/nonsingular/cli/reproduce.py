@@ -11,7 +11,6 @@ from typing import Any
 
 from ..distributed import ranks
 from ..experiment import ARCHITECTURES, Experiment, run_experiment
-from ..report import write_report
 from . import common
 
 
@@ -25,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     results = run_experiment(exp, out, device=where, say=lambda text: common.say(args, text))
     if not ranks().lead:  # every process holds the results: one writes the report
         return 0
+    from ..report import write_report  # matplotlib: imported by the command that draws
+
     command = "nonsingular " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
     report = write_report(results, out, command, datetime.now().isoformat(timespec="minutes"))
     print(f"{'claim':5}  {'family':16}  {'model':>7}  {'standard':>8}  {'diff':>6}  verdict")
