@@ -5,7 +5,7 @@ taken pair by pair, so drift of a shared machine cancels; medians are reported.
 
 Target (issue 12): two processes take at most 0.6x the time of one on a 2-core machine.
 
-    python benchmarks/distributed_speed.py [--rounds 5] [--steps 50]
+    python benchmarks/distributed_speed.py [--rounds 3] [--steps 50]
 """
 
 from __future__ import annotations
@@ -35,67 +35,71 @@ def wall(command: list[str]) -> float:
     return time.perf_counter() - start
 
 
+JOBS = {  # certificate methods: the attack-and-IBP job, and the one that also runs CROWN
+    "attack + IBP": "ibp",
+    "attack + IBP + CROWN": "ibp,crown",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
-
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        f"evaluate on the 1,000 mnist5k test digits (a 784-256-256-10 MLP), 4 x 4 joint grid, "
+        f"PGD-{args.steps}, 2 restarts, CE and margin; {args.rounds} alternating rounds, one "
+        "thread per process, whole-process wall time (start-up included)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         train(TrainConfig(epochs=10, eval_size=0), load("mnist5k"), out_dir=run, progress=False)
-        job = [
-            "-m",
-            "nonsingular",
-            "evaluate",
-            "--checkpoint",
-            str(run / "model.safetensors"),
-            "--eps-x",
-            "0,0.01,0.02,0.05",
-            "--eps-w",
-            "0,2e-4,5e-4,1e-3",
-            "--steps",
-            str(args.steps),
-            "--restarts",
-            "2",
-            "--loss",
-            "both",
-            "--certify",
-            "ibp",
-            "--quiet",
-        ]
-        one = [sys.executable, *job]
-        two = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            *job,
-        ]
-        wall(one), wall(two)  # warm-up: file caches
-        times = {"one process": [], "two processes": []}
-        ratios = []
-        for _ in range(args.rounds):
-            a, b = wall(one), wall(two)
-            times["one process"].append(a)
-            times["two processes"].append(b)
-            ratios.append(b / a)
+        for name, certify in JOBS.items():
+            job = [
+                "-m",
+                "nonsingular",
+                "evaluate",
+                "--checkpoint",
+                str(run / "model.safetensors"),
+                "--eps-x",
+                "0,0.01,0.02,0.05",
+                "--eps-w",
+                "0,2e-4,5e-4,1e-3",
+                "--steps",
+                str(args.steps),
+                "--restarts",
+                "2",
+                "--loss",
+                "both",
+                "--certify",
+                certify,
+                "--quiet",
+            ]
+            compare(name, job, args.rounds)
 
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-        f"job: evaluate on the 1,000 mnist5k test digits, 4 x 4 joint grid, PGD-{args.steps}, "
-        f"2 restarts, CE and margin, IBP; {args.rounds} alternating rounds, one thread per "
-        "process, whole-process wall time (start-up included)\n"
-    )
-    for name, values in times.items():
+
+def compare(name: str, job: list[str], rounds: int) -> None:
+    """Time ``job`` in one process and in two, alternating; print medians and the ratio."""
+    one = [sys.executable, *job]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two += job
+    wall(one), wall(two)  # warm-up: file caches
+    times: dict[str, list[float]] = {"one process": [], "two processes": []}
+    ratios = []
+    for _ in range(rounds):
+        a, b = wall(one), wall(two)
+        times["one process"].append(a)
+        times["two processes"].append(b)
+        ratios.append(b / a)
+    print(f"\n{name}")
+    for label, values in times.items():
         print(
-            f"{name:14s}  median {statistics.median(values):6.2f} s  "
+            f"  {label:14s}  median {statistics.median(values):6.2f} s  "
             f"(min {min(values):.2f}, max {max(values):.2f})"
         )
     print(
-        f"\ntwo / one processes: median {statistics.median(ratios):.2f}x "
+        f"  two / one processes: median {statistics.median(ratios):.2f}x "
         f"(per round: {', '.join(f'{r:.2f}' for r in ratios)}; target <= 0.6)"
     )
 

@@ -23,7 +23,7 @@ from .certificates import METHODS as CERTIFY_METHODS
 from .certificates import certify as run_certify
 from .checks import MAX_BATCH, integer
 from .data import Dataset
-from .distributed import dealt, gather, ranks
+from .distributed import dealt, ranks
 from .distributed import total as distributed_total
 from .errors import ConfigError, InputError
 from .files import write_json
@@ -246,26 +246,32 @@ def evaluate(
         unit="point",
         desc="evaluate",
     )
-    rows: list[Row] = []
+    args = (options if attack else None, methods, certify_kwargs or {})
+    local: list[Counts] = []
     for i, threat in enumerate(grid):
-        args = (options if attack else None, methods, certify_kwargs or {})
         if threat.scope == "shared":  # one perturbation for every example: one process's work
-            owner = i % where.world
-            counts = None
-            if where.rank == owner:
-                counts = _evaluate_point(model, x, y, positions, threat, len(x), *args)
-            counts = gather(counts)[owner]
+            if where.rank == i % where.world:
+                local.append(_evaluate_point(model, x, y, positions, threat, len(x), *args))
+            else:  # nothing here: the sum over processes is the owner's count
+                local.append(Counts.none(*args))
         else:
-            local = _evaluate_point(
-                model, x[share], y[share], positions[share], threat, batch_size, *args
+            local.append(
+                _evaluate_point(
+                    model, x[share], y[share], positions[share], threat, batch_size, *args
+                )
             )
-            counts = local.total()
-        rows.append(counts.row(threat, len(x), moved_needed=attack))
         bar.update(1)
-        bar.set_postfix(
-            {c: f"{rows[-1].value(c):.1%}" for c in ["attacked", *methods][not attack :]}
-        )
+        if not where.many:  # the running accuracy, where this process holds all of it
+            row = local[-1].row(threat, len(x), moved_needed=attack)
+            bar.set_postfix(
+                {c: f"{row.value(c):.1%}" for c in ["attacked", *methods][not attack :]}
+            )
     bar.close()
+    # one exchange at the end: no process waits for the others point by point
+    rows = [
+        counts.row(threat, len(x), moved_needed=attack)
+        for counts, threat in zip(Counts.total(local), grid, strict=True)
+    ]
     table = EvaluationTable(rows, options if attack else None)
     table.warnings = check(table)
     return table
@@ -282,23 +288,35 @@ class Counts:
     seconds: dict[str, float] = field(default_factory=dict)
     moved: bool = False
 
-    def total(self) -> Counts:
-        """The counts of every process, summed (the loss moved if it moved anywhere)."""
-        keys = list(self.certified)  # the same order on every process
-        seconds = list(self.seconds)
-        values = [self.clean, self.attacked, float(self.moved)]
-        values += [self.certified[k] for k in keys] + [self.unsound[k] for k in keys]
-        values += [self.seconds[k] for k in seconds]
-        summed = distributed_total(values)
-        n = len(keys)
-        return Counts(
-            int(summed[0]),
-            int(summed[1]),
-            {k: int(v) for k, v in zip(keys, summed[3 : 3 + n], strict=True)},
-            {k: int(v) for k, v in zip(keys, summed[3 + n : 3 + 2 * n], strict=True)},
-            dict(zip(seconds, summed[3 + 2 * n :], strict=True)),
-            summed[2] > 0,
+    @classmethod
+    def none(
+        cls, options: dict[str, Any] | None, methods: list[str], certify_kwargs: dict[str, Any]
+    ) -> Counts:
+        """Nothing counted yet, with the keys ``_evaluate_point`` fills."""
+        return cls(
+            certified=dict.fromkeys(methods, 0),
+            unsound=dict.fromkeys(methods, 0),
+            seconds=dict.fromkeys((["attack"] if options is not None else []) + methods, 0.0),
         )
+
+    @staticmethod
+    def total(points: list[Counts]) -> list[Counts]:
+        """Every point's counts summed over the processes, in one exchange (the loss moved if
+        it moved anywhere)."""
+        values: list[float] = []
+        for c in points:  # the same keys in the same order on every process
+            values += [c.clean, c.attacked, float(c.moved)]
+            values += list(c.certified.values()) + list(c.unsound.values())
+            values += list(c.seconds.values())
+        summed = iter(distributed_total(values))
+        out = []
+        for c in points:
+            clean, attacked, moved = (next(summed) for _ in range(3))
+            certified = {k: int(next(summed)) for k in c.certified}
+            unsound = {k: int(next(summed)) for k in c.unsound}
+            seconds = {k: next(summed) for k in c.seconds}
+            out.append(Counts(int(clean), int(attacked), certified, unsound, seconds, moved > 0))
+        return out
 
     def row(self, threat: Threat, n: int, moved_needed: bool) -> Row:
         perturbs = threat.eps_x > 0 or threat.eps_w > 0
@@ -327,11 +345,7 @@ def _evaluate_point(
 ) -> Counts:
     """Attack and certify ``x`` in batches of ``size`` (``positions``: each example's place in
     the data set, which seeds its random draws)."""
-    counts = Counts(
-        certified=dict.fromkeys(methods, 0),
-        unsound=dict.fromkeys(methods, 0),
-        seconds=dict.fromkeys((["attack"] if options is not None else []) + methods, 0.0),
-    )
+    counts = Counts.none(options, methods, certify_kwargs)
     for batch in _batches(len(x), size):
         broken = None
         if options is not None:
