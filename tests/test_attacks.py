@@ -165,6 +165,38 @@ def test_more_restarts_and_losses_never_hurt(mnist, standard_mlp):
     assert many.robust_accuracy <= one.robust_accuracy
 
 
+@pytest.mark.parametrize(
+    "threat",
+    [
+        Threat(eps_x=0.03, eps_w=3e-4),
+        Threat(eps_x=0.1),
+        Threat(eps_w=2e-3, w_mode="relative"),
+    ],
+    ids=["joint", "input", "weights-relative"],
+)
+def test_until_broken_breaks_the_same_examples_and_stops_on_them(mnist, standard_mlp, threat):
+    """Dropping an example once misclassified changes which examples break in no case (the
+    others' runs are theirs alone); the broken ones keep a margin below zero that replays."""
+    x, y = mnist.x_test[:200], mnist.y_test[:200]
+    full = ns.attack(standard_mlp, x, y, threat, steps=15, restarts=2, loss="both")
+    quick = ns.attack(
+        standard_mlp, x, y, threat, steps=15, restarts=2, loss="both", until_broken=True
+    )
+    assert 0 < int(full.success.sum()) < len(y)  # some examples break, some hold
+    assert torch.equal(quick.success, full.success)
+    assert bool((quick.margins[quick.success] <= 0).all())
+    assert bool((quick.margins >= full.margins - 1e-6).all())  # never stronger than the full run
+    if threat.eps_w > 0:  # the weights it found replay on the unmodified model
+        rows = torch.nonzero(quick.success).flatten()[:5].tolist()
+        check_materialized(standard_mlp, x, y, quick, threat, rows)
+
+
+def test_until_broken_must_be_a_flag(standard_mlp, sample):
+    x, y = sample
+    with pytest.raises(ConfigError, match="until_broken"):
+        ns.attack(standard_mlp, x, y, Threat(eps_x=0.01), until_broken="yes")
+
+
 def test_fgsm_is_one_signed_step(mnist, standard_mlp):
     x, y = mnist.x_test[:50], mnist.y_test[:50]
     res = ns.attack(standard_mlp, x, y, Threat(eps_x=0.1), steps=1)

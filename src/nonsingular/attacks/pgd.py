@@ -50,7 +50,7 @@ def pgd(
     random_start: bool = True,
     seed: int = 0,
     positions: Tensor | None = None,
-    on_iterate: Callable[[Tensor, State], None] | None = None,
+    on_iterate: Callable[[Tensor, State], Tensor | None] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[State, Tensor]:
     """The one PGD loop: ``steps`` projected ascent steps on every variable of ``space``.
@@ -58,7 +58,9 @@ def pgd(
     ``seed`` and ``positions`` (each example's place in its data set, default 0..B-1) seed the
     random start example by example (``JointSpace.random``). ``on_iterate(logits, state)``
     sees every iterate, the start included (evaluation tracks the best of them; training uses
-    only the final state). ``reduce`` sums the gradient of a variable shared by the batch over
+    only the final state); when it returns a mask, only the rows it keeps are attacked on (a
+    per-example space only: the rows of a shared one are never dropped), and the final state
+    holds those rows. ``reduce`` sums the gradient of a variable shared by the batch over
     the processes that hold the rest of it (distributed training). Returns the final state
     and the mean loss along the way.
     """
@@ -73,8 +75,7 @@ def pgd(
             logits = space.forward(x, state)
             per_example = attack_loss(loss, logits, y)
         trace.append(float(per_example.detach().mean()))
-        if on_iterate is not None:
-            on_iterate(logits.detach(), state)
+        keep = None if on_iterate is None else on_iterate(logits.detach(), state)
         if last:
             break
         keys = list(state)
@@ -87,6 +88,12 @@ def pgd(
         if reduce is not None:
             found = {k: g if space.batched[k] else reduce(g) for k, g in found.items()}
         detached = {k: v.detach() for k, v in state.items()}
+        if keep is not None and not space.is_shared and not bool(keep.all()):
+            if not bool(keep.any()):
+                break  # nothing left to attack
+            x, y = x[keep], y[keep]
+            detached = {k: v[keep] if space.batched[k] else v for k, v in detached.items()}
+            found = {k: g[keep] if space.batched[k] else g for k, g in found.items()}
         state = space.step(x, detached, found, alpha)
     return {k: v.detach() for k, v in state.items()}, torch.tensor(trace)
 
@@ -103,18 +110,26 @@ def _pgd_run(
     random_start: bool,
     seed: int,
     positions: Tensor,
+    until_broken: bool,
 ) -> Tensor:
-    """One PGD run on the rows ``index``, offering every iterate to ``best``; the loss trace."""
-    xs, ys = x[index], y[index]
+    """One PGD run on the rows ``index``, offering every iterate to ``best``; the loss trace.
+    ``until_broken``: a row is dropped from the run as soon as it is misclassified."""
+    live = [index, x[index], y[index]]  # the rows still attacked, their inputs and labels
 
-    def offer(logits: Tensor, state: State) -> None:
-        x_adv = xs + state["x"] if "x" in state else xs
-        best.offer(index, margins(logits, ys), state, x_adv)
+    def offer(logits: Tensor, state: State) -> Tensor | None:
+        rows, xs, ys = live
+        m = margins(logits, ys)
+        best.offer(rows, m, state, xs + state["x"] if "x" in state else xs)
+        if not until_broken:
+            return None
+        keep = m > 0
+        live[:] = [rows[keep], xs[keep], ys[keep]]
+        return keep
 
     _, trace = pgd(
         space,
-        xs,
-        ys,
+        x[index],
+        y[index],
         steps=steps,
         alpha=alpha,
         loss=loss,
@@ -165,6 +180,7 @@ def attack(
     samples: int = 100,
     seed: int = 0,
     positions: Tensor | None = None,
+    until_broken: bool = False,
 ) -> AttackResult:
     """Attack ``model`` at ``(x, y)`` under the joint ``threat``; the model is never modified.
 
@@ -180,8 +196,13 @@ def attack(
     seed:         seeds every random draw, example by example, with ``positions``: each
                   example's place in its data set (default 0..B-1), so an example's result
                   never depends on the batch it is attacked in.
+    until_broken: stop attacking an example once it is misclassified (per-example threats):
+                  whether it breaks is unchanged, but its margin is then the first one found
+                  below zero, not the lowest; what evaluation needs, at a fraction of the cost.
     """
     _check_options(method, steps, restarts, loss, step_size, samples, seed)
+    if not isinstance(until_broken, bool):
+        raise ConfigError(f"until_broken must be True or False, got {until_broken!r}")
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
     graph, x, y, logits = read_batch(model, x, y)
@@ -207,7 +228,18 @@ def attack(
                 break
             run_seed = mix(seed, "run", run)
             t = _pgd_run(
-                space, x, y, rows, best, loss_name, steps, alpha, start, run_seed, positions
+                space,
+                x,
+                y,
+                rows,
+                best,
+                loss_name,
+                steps,
+                alpha,
+                start,
+                run_seed,
+                positions,
+                until_broken and not space.is_shared,
             )
             trace = t if run == 0 else trace
 
