@@ -1,11 +1,14 @@
 """The command line: readable results, and one line with exit code 2 for every bad input."""
 
+import hashlib
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
+import nonsingular as ns
 from nonsingular import checkpoint
 from nonsingular.cli import main
 from nonsingular.models import mlp
@@ -50,6 +53,13 @@ def test_evaluate_a_checkpoint_prints_a_table_and_writes_json(capsys, ckpt, tmp_
     assert len(result["rows"]) == 4 and result["rows"][0]["n"] == 200
     assert result["attack"]["steps"] == 5
     assert result["rows"][3]["attacked"] <= result["rows"][1]["attacked"]
+    about = result["provenance"]  # where the numbers came from
+    assert about["command"].startswith("nonsingular evaluate --checkpoint")
+    assert about["nonsingular"] == ns.__version__ and about["torch"] == torch.__version__
+    assert about["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert about["data"] == {"name": "mnist5k", "split": "test", "split_seed": 0, "examples": 200}
+    assert about["date"].endswith("+00:00")
+    assert len(result["rows"][1]["outcomes"]["attacked"]) == 200
 
 
 def test_evaluate_with_certified_columns_and_the_certify_command(capsys, ckpt, tmp_path):

@@ -31,6 +31,33 @@ def test_grid_evaluation_table(mnist, standard_mlp, tmp_path):
     assert table.to_markdown().count("\n") == 5
 
 
+def test_per_example_outcomes_are_each_examples_own_attack_and_certificate(mnist, standard_mlp):
+    """Row.outcomes, example by example in data order: attacking or certifying example i alone
+    (with its place in the data as its seed) gives the same outcome, whatever the batching."""
+    x, y = mnist.x_test[:40], mnist.y_test[:40]
+    threat = Threat(eps_x=0.03, eps_w=3e-4)
+    options = {"steps": 8, "restarts": 2, "loss": "both"}
+    table = evaluate(
+        standard_mlp, (x, y), [threat], options, certify=["ibp"], batch_size=16, progress=False
+    )
+    row = table.rows[0]
+    assert set(row.outcomes) == {"clean", "attacked", "ibp"}
+    assert row.attacked == pytest.approx(float(row.outcomes["attacked"].float().mean()))
+    assert 0 < int(row.outcomes["attacked"].sum()) < 40  # a mix, or the check shows nothing
+    for i in range(40):
+        alone = ns.attack(
+            standard_mlp, x[i : i + 1], y[i : i + 1], threat, positions=torch.tensor([i]), **options
+        )
+        assert bool(row.outcomes["attacked"][i]) == (not bool(alone.success[0])), i
+        cert = ns.certify(standard_mlp, x[i : i + 1], y[i : i + 1], threat, "ibp")
+        assert bool(row.outcomes["ibp"][i]) == bool(cert.certified[0]), i
+    saved = row.to_dict()["outcomes"]
+    assert saved["attacked"] == "".join("1" if v else "0" for v in row.outcomes["attacked"])
+    assert evaluation.unbits(saved["attacked"]) == row.outcomes["attacked"].tolist()
+    with pytest.raises(InputError, match="0 and 1"):
+        evaluation.unbits("01x")
+
+
 def test_shared_scope_uses_one_perturbation_for_the_whole_data(mnist, standard_mlp, monkeypatch):
     seen = []
     original = evaluation.run_attack

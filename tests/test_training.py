@@ -101,7 +101,15 @@ def test_run_directory_files_and_refusals(mnist, tmp_path):
         "state.safetensors",
     ]
     info = json.loads((out / "config.json").read_text())
-    assert info["config"]["method"] == "standard" and info["versions"]["torch"]
+    assert info["config"]["method"] == "standard"
+    about = info["provenance"]
+    assert about["torch"] == torch.__version__ and about["command"].startswith("python ")
+    assert about["data"] == {  # the caller's data: its split is not ours to name
+        "name": mnist.name,
+        "split": "train",
+        "split_seed": None,
+        "examples": len(mnist.x_train),
+    }
     assert [
         json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
     ] == result.history

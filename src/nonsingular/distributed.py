@@ -120,6 +120,15 @@ def total(values: Sequence[float], device: torch.device | None = None) -> list[f
     return tensor.tolist()
 
 
+def summed(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the ranks (a new tensor; ``tensor`` itself is left alone)."""
+    if not ranks().many:
+        return tensor.clone()
+    out = tensor.to(_device(), copy=True)
+    dist.all_reduce(out)
+    return out.to(tensor.device)
+
+
 def largest(values: Sequence[float], device: torch.device | None = None) -> list[float]:
     """The largest of ``values`` over the ranks."""
     if not ranks().many:

@@ -23,7 +23,7 @@ from .certificates import METHODS as CERTIFY_METHODS
 from .certificates import certify as run_certify
 from .checks import MAX_BATCH, integer
 from .data import Dataset
-from .distributed import dealt, ranks
+from .distributed import dealt, ranks, summed
 from .distributed import total as distributed_total
 from .errors import ConfigError, InputError
 from .files import write_json
@@ -38,6 +38,9 @@ class Row:
 
     ``certified`` maps a certificate method to its certified accuracy; ``unsound`` counts,
     per method, examples it certified that the attack broke (always 0 unless there is a bug).
+    ``outcomes`` holds the examples one by one, in data-set order: per column (``clean``,
+    ``attacked``, each method), True where the example is right, survives, or is certified;
+    what paired comparisons of two models need. JSON writes each as a string of 0 and 1.
     """
 
     threat: Threat
@@ -48,6 +51,7 @@ class Row:
     loss_moved: bool = True
     unsound: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    outcomes: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def eps_x(self) -> float:
@@ -73,7 +77,20 @@ class Row:
             "certified": dict(self.certified),
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
             "threat": self.threat.to_dict(),
+            "outcomes": {c: bits(v) for c, v in self.outcomes.items()},
         }
+
+
+def bits(outcomes: Tensor) -> str:
+    """Per-example outcomes as text, one ``0`` or ``1`` per example (compact, readable JSON)."""
+    return "".join("1" if v else "0" for v in outcomes.tolist())
+
+
+def unbits(text: str) -> list[bool]:
+    """The outcomes ``bits`` wrote."""
+    if set(text) - {"0", "1"}:
+        raise InputError("per-example outcomes must be a string of 0 and 1")
+    return [c == "1" for c in text]
 
 
 @dataclass
@@ -251,13 +268,13 @@ def evaluate(
     for i, threat in enumerate(grid):
         if threat.scope == "shared":  # one perturbation for every example: one process's work
             if where.rank == i % where.world:
-                local.append(_evaluate_point(model, x, y, positions, threat, len(x), *args))
-            else:  # nothing here: the sum over processes is the owner's count
-                local.append(Counts.none(*args))
+                local.append(_evaluate_point(model, x, y, positions, threat, len(x), len(x), *args))
+            else:  # nothing here: the sum over processes is the owner's
+                local.append(Counts.none(len(x), *args))
         else:
             local.append(
                 _evaluate_point(
-                    model, x[share], y[share], positions[share], threat, batch_size, *args
+                    model, x[share], y[share], positions[share], threat, batch_size, len(x), *args
                 )
             )
         bar.update(1)
@@ -279,56 +296,62 @@ def evaluate(
 
 @dataclass
 class Counts:
-    """What one process counted at one grid point (summed over processes by ``total``)."""
+    """What one process found at one grid point: per example and column (``clean``,
+    ``attacked``, each certificate method), 1 where the example is classified right, survives
+    the attack, or is certified (``total`` sums the processes' shares into whole vectors)."""
 
-    clean: int = 0
-    attacked: int = 0
-    certified: dict[str, int] = field(default_factory=dict)
-    unsound: dict[str, int] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
+    hits: dict[str, Tensor]
+    seconds: dict[str, float]
     moved: bool = False
 
     @classmethod
     def none(
-        cls, options: dict[str, Any] | None, methods: list[str], certify_kwargs: dict[str, Any]
+        cls,
+        n: int,
+        options: dict[str, Any] | None,
+        methods: list[str],
+        certify_kwargs: dict[str, Any],
     ) -> Counts:
-        """Nothing counted yet, with the keys ``_evaluate_point`` fills."""
+        """Nothing found yet for ``n`` examples, with the keys ``_evaluate_point`` fills."""
+        attacked = ["attacked"] if options is not None else []
         return cls(
-            certified=dict.fromkeys(methods, 0),
-            unsound=dict.fromkeys(methods, 0),
+            hits={c: torch.zeros(n, dtype=torch.int32) for c in ["clean", *attacked, *methods]},
             seconds=dict.fromkeys((["attack"] if options is not None else []) + methods, 0.0),
         )
 
     @staticmethod
     def total(points: list[Counts]) -> list[Counts]:
-        """Every point's counts summed over the processes, in one exchange (the loss moved if
-        it moved anywhere)."""
+        """Every point summed over the processes, in two exchanges for the whole grid (the loss
+        moved if it moved anywhere)."""
+        if not points:
+            return []
+        hits = summed(torch.stack([torch.stack(list(c.hits.values())) for c in points]))
         values: list[float] = []
         for c in points:  # the same keys in the same order on every process
-            values += [c.clean, c.attacked, float(c.moved)]
-            values += list(c.certified.values()) + list(c.unsound.values())
-            values += list(c.seconds.values())
-        summed = iter(distributed_total(values))
+            values += [float(c.moved), *c.seconds.values()]
+        numbers = iter(distributed_total(values))
         out = []
-        for c in points:
-            clean, attacked, moved = (next(summed) for _ in range(3))
-            certified = {k: int(next(summed)) for k in c.certified}
-            unsound = {k: int(next(summed)) for k in c.unsound}
-            seconds = {k: next(summed) for k in c.seconds}
-            out.append(Counts(int(clean), int(attacked), certified, unsound, seconds, moved > 0))
+        for c, found in zip(points, hits, strict=True):
+            moved = next(numbers) > 0
+            seconds = {k: next(numbers) for k in c.seconds}
+            out.append(Counts(dict(zip(c.hits, found, strict=True)), seconds, moved))
         return out
 
     def row(self, threat: Threat, n: int, moved_needed: bool) -> Row:
         perturbs = threat.eps_x > 0 or threat.eps_w > 0
+        methods = [c for c in self.hits if c not in ("clean", "attacked")]
+        outcomes = {c: v > 0 for c, v in self.hits.items()}
+        broken = ~outcomes["attacked"] if "attacked" in outcomes else None
         return Row(
             threat,
             n,
-            self.clean / n,
-            self.attacked / n if moved_needed else None,
-            {m: c / n for m, c in self.certified.items()},
+            int(self.hits["clean"].sum()) / n,
+            int(self.hits["attacked"].sum()) / n if "attacked" in self.hits else None,
+            {m: int(self.hits[m].sum()) / n for m in methods},
             self.moved or not perturbs or not moved_needed,
-            dict(self.unsound),
+            {m: 0 if broken is None else int((outcomes[m] & broken).sum()) for m in methods},
             dict(self.seconds),
+            outcomes,
         )
 
 
@@ -339,36 +362,33 @@ def _evaluate_point(
     positions: Tensor,
     threat: Threat,
     size: int,
+    n: int,
     options: dict[str, Any] | None,
     methods: list[str],
     certify_kwargs: dict[str, Any],
 ) -> Counts:
     """Attack and certify ``x`` in batches of ``size`` (``positions``: each example's place in
-    the data set, which seeds its random draws)."""
-    counts = Counts.none(options, methods, certify_kwargs)
+    the data set of ``n``, which seeds its random draws and says where its outcome goes)."""
+    counts = Counts.none(n, options, methods, certify_kwargs)
     for batch in _batches(len(x), size):
-        broken = None
+        where = positions[batch]  # the examples' places in the data set
         if options is not None:
             start = time.perf_counter()
-            res = run_attack(
-                model, x[batch], y[batch], threat, positions=positions[batch], **options
-            )
+            # an example counts as broken once misclassified: attacking it on is wasted work
+            kwargs = {"until_broken": True, **options}
+            res = run_attack(model, x[batch], y[batch], threat, positions=where, **kwargs)
             counts.seconds["attack"] += time.perf_counter() - start
-            counts.clean += int((res.clean_margins > 0).sum())
-            counts.attacked += int((~res.success).sum())
-            broken = res.success
+            counts.hits["clean"][where] = (res.clean_margins > 0).int().cpu()
+            counts.hits["attacked"][where] = (~res.success).int().cpu()
             trace = res.loss_trace
             counts.moved |= bool(trace.numel() > 1 and trace.max() > trace.min())
         for method in methods:
             start = time.perf_counter()
             cert = run_certify(model, x[batch], y[batch], threat, method, **certify_kwargs)
             counts.seconds[method] += time.perf_counter() - start
-            counts.certified[method] += int(cert.certified.sum())
-            if broken is not None:
-                hit = cert.certified & broken.to(cert.certified.device)
-                counts.unsound[method] += int(hit.sum())
-            if options is None and method == methods[0]:  # no attack to count clean ones
-                counts.clean += int((cert.clean_margins > 0).sum())
+            counts.hits[method][where] = cert.certified.int().cpu()
+            if options is None and method == methods[0]:  # no attack to tell the clean ones
+                counts.hits["clean"][where] = (cert.clean_margins > 0).int().cpu()
     return counts
 
 

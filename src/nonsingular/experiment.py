@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import checkpoint
 from ._version import __version__
 from .checks import integer
 from .data import Dataset, load
@@ -257,6 +258,7 @@ def _model(
     return model, {
         "reused": reused,
         "run_dir": str(run.relative_to(out)),
+        "checkpoint_sha256": checkpoint.read_info(run / "model.safetensors")["sha256"],
         "clean_full_test": history[-1]["test_accuracy"],
         "train_seconds": sum(m["seconds"] for m in history),
     }
@@ -323,6 +325,8 @@ def _skeleton(exp: Experiment, data: Dataset, n: int, nc: int) -> dict[str, Any]
         "experiment": exp.to_dict(),
         "data": {
             "name": data.name,
+            "split": "test",
+            "split_seed": 0,  # load(exp.data, seed=0): the same split for every seed and model
             "test_examples": n,
             "certified_examples": nc,
             "shape": list(data.in_shape),
@@ -352,6 +356,11 @@ def _skeleton(exp: Experiment, data: Dataset, n: int, nc: int) -> dict[str, Any]
             "accuracy": {c: {m: {} for m in exp.methods} for c in exp.certify},
             "attacked": {m: {} for m in exp.methods},  # on the same examples
         },
+        # per example (a string of 0/1, 1: survived), per budget, per model and seed: what the
+        # paired tests compare; the joint family's budgets in grid order (eps_x slowest)
+        "outcomes": {
+            f: {m: {} for m in exp.methods} for f in [*(v.name for v in exp.views()), "joint"]
+        },
         "warnings": [],
     }
 
@@ -363,6 +372,8 @@ def _record(results: dict[str, Any], exp: Experiment, study: dict[str, Any]) -> 
     for name, accuracy in study["views"].items():
         results["views"][name]["accuracy"][method][seed] = accuracy
     results["joint"]["accuracy"][method][seed] = study["joint"]
+    for family, bits in study["outcomes"].items():
+        results["outcomes"][family][method][seed] = bits
     certified = results["certified"]
     certified["attacked"][method][seed] = study["certified_attacked"]
     for c in exp.certify:
@@ -408,6 +419,7 @@ def _study(
             "n": rows,
             "attack": attack_options,
             "weights": weights,
+            "format": 2,  # rows carry per-example outcomes
         }
         certify = list(exp.certify) if kind == "certify" else []
         if certify:
@@ -428,15 +440,17 @@ def _study(
         seconds.append(sum(sum(r["seconds"].values()) for r in value["rows"]))
         return value
 
-    views = {}
+    views, outcomes = {}, {}
     for view in exp.views():
         got = table(view.threats(), "attack", n)
         views[view.name] = [r["attacked"] for r in got["rows"]]
+        outcomes[view.name] = [r["outcomes"]["attacked"] for r in got["rows"]]
         info["clean"] = got["rows"][0]["clean"]
         warnings += [f"{method}, {view.name}: {w}" for w in got["warnings"]]
     joint = grid(exp.joint_eps_x, exp.joint_eps_w)
     got = table(joint, "attack", n)
     joint_matrix = _matrix(got, exp, "attacked")
+    outcomes["joint"] = [r["outcomes"]["attacked"] for r in got["rows"]]  # eps_x slowest
     warnings += [f"{method}, joint: {w}" for w in got["warnings"]]
     got = table(joint, "certify", nc)  # attacked too: the same examples, checked
     warnings += [f"{method}, certified: {w}" for w in got["warnings"]]
@@ -447,6 +461,7 @@ def _study(
         "info": info,
         "views": views,
         "joint": joint_matrix,
+        "outcomes": outcomes,
         "certified_attacked": _matrix(got, exp, "attacked"),
         "certified": {c: _matrix(got, exp, c) for c in exp.certify},
         "warnings": warnings,

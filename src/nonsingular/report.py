@@ -3,28 +3,47 @@ results dict, so every number in the report is one in the JSON (the tests check 
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 from pathlib import Path
 from typing import Any
 
 import matplotlib
-import torch
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
 
-from ._version import __version__
 from .files import write_json, write_text
-from .verdicts import RULE, verdicts
+from .provenance import provenance
+from .verdicts import RULE, Verdict, verdicts
 
+# Okabe-Ito colours (told apart with any colour vision deficiency), and a marker per model so
+# the lines also part in greyscale
 COLORS = {
-    "standard": "#333333",
-    "pgd-at": "#1f77b4",
-    "awp": "#ff7f0e",
-    "joint-at": "#2ca02c",
-    "bound-reg": "#d62728",
-    "ibp": "#9467bd",
+    "standard": "#000000",
+    "pgd-at": "#0072B2",
+    "awp": "#E69F00",
+    "joint-at": "#009E73",
+    "bound-reg": "#D55E00",
+    "ibp": "#CC79A7",
 }
+MARKERS = {
+    "standard": "o",
+    "pgd-at": "s",
+    "awp": "^",
+    "joint-at": "D",
+    "bound-reg": "v",
+    "ibp": "P",
+}
+HEATMAP = "cividis"  # perceptually uniform and colour-blind safe (not red-green)
+
+
+def caption(results: dict[str, Any], certified: bool = False, bands: bool = True) -> str:
+    """What a figure shows: examples, seeds and, for line plots, what the bands are."""
+    data = results["data"]
+    n = data["certified_examples"] if certified else data["test_examples"]
+    seeds = len(next(iter(results["models"].values())))
+    text = f"{n} {data['name']} test examples, {seeds} seed{'s' if seeds != 1 else ''}"
+    if seeds > 1:
+        text += "; mean over seeds" + ("; bands: ± 1 sd over seeds" if bands else "")
+    return text
 
 
 def pct(value: float) -> str:
@@ -84,8 +103,8 @@ def _plot_lines(ax: Any, budgets: list[float], summary: dict[str, Any], label: s
         ax.plot(
             budgets,
             [100 * v for v in mean],
-            marker="o",
-            ms=3,
+            marker=MARKERS.get(method, "o"),
+            ms=4,
             label=method,
             color=COLORS.get(method),
         )
@@ -117,7 +136,7 @@ def figures(results: dict[str, Any], summary: dict[str, Any], folder: Path) -> d
     _plot_lines(ax, views["input"]["budgets"], summary["views"]["input"], "eps_x (linf)")
     ax.set_title("Input-only attacks")
     ax.legend(fontsize=8)
-    made["input"] = _save(fig, folder / "accuracy_vs_eps_x.png")
+    made["input"] = _save(fig, folder / "accuracy_vs_eps_x.png", caption(results))
 
     weight_views = [v for v in views if v.startswith("weight")]
     fig = Figure(figsize=(5 * len(weight_views), 4))
@@ -127,7 +146,7 @@ def figures(results: dict[str, Any], summary: dict[str, Any], folder: Path) -> d
         ax.set_title(views[name]["label"].replace("weights only, ", ""), fontsize=10)
     axes[0].legend(fontsize=8)
     fig.suptitle("Weight-only attacks in three views")
-    made["weights"] = _save(fig, folder / "accuracy_vs_eps_w.png")
+    made["weights"] = _save(fig, folder / "accuracy_vs_eps_w.png", caption(results))
 
     xs, ws = results["joint"]["eps_x"], results["joint"]["eps_w"]
     methods = list(summary["joint"])
@@ -135,7 +154,9 @@ def figures(results: dict[str, Any], summary: dict[str, Any], folder: Path) -> d
         fig = Figure(figsize=(4.2, 3.6))
         ax = fig.subplots()
         _heatmap(ax, summary["joint"][method]["mean"], xs, ws, method)
-        made[f"heatmap-{method}"] = _save(fig, folder / f"heatmap_{method}.png")
+        made[f"heatmap-{method}"] = _save(
+            fig, folder / f"heatmap_{method}.png", caption(results, bands=False)
+        )
     cols = 3
     rows = -(-len(methods) // cols)
     fig = Figure(figsize=(4.2 * cols, 3.6 * rows))
@@ -145,7 +166,7 @@ def figures(results: dict[str, Any], summary: dict[str, Any], folder: Path) -> d
     for ax in list(axes.flat)[len(methods) :]:
         ax.axis("off")
     fig.suptitle("Joint attacks: robust accuracy (%) over eps_x x eps_w")
-    made["heatmaps"] = _save(fig, folder / "heatmaps.png")
+    made["heatmaps"] = _save(fig, folder / "heatmaps.png", caption(results, bands=False))
 
     certifier = results["certified"]["methods"][-1]
     fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
@@ -173,7 +194,9 @@ def figures(results: dict[str, Any], summary: dict[str, Any], folder: Path) -> d
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"Attacked (solid, upper bound) vs certified by {certifier} (dashed, lower bound)")
-    made["certified"] = _save(fig, folder / "attacked_vs_certified.png")
+    made["certified"] = _save(
+        fig, folder / "attacked_vs_certified.png", caption(results, certified=True, bands=False)
+    )
     return made
 
 
@@ -181,10 +204,11 @@ def _heatmap(
     ax: Any, matrix: list[list[float]], xs: list[float], ws: list[float], title: str
 ) -> None:
     values = [[100 * v for v in row] for row in matrix]
-    ax.imshow(values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+    ax.imshow(values, vmin=0, vmax=100, cmap=HEATMAP, aspect="auto")
     for i, row in enumerate(values):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
+        for j, v in enumerate(row):  # dark text on the light (yellow) end, light on the dark
+            color = "black" if v > 60 else "white"
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color=color)
     ax.set_xticks(range(len(ws)), [f"{w:g}" for w in ws])
     ax.set_yticks(range(len(xs)), [f"{x:g}" for x in xs])
     ax.set_xlabel("eps_w (absolute, per-example)")
@@ -192,8 +216,10 @@ def _heatmap(
     ax.set_title(title)
 
 
-def _save(fig: Figure, path: Path) -> str:
-    fig.tight_layout()
+def _save(fig: Figure, path: Path, text: str) -> str:
+    """Write ``fig`` with its caption ``text`` along the bottom."""
+    fig.text(0.5, 0.005, text, ha="center", va="bottom", fontsize=7, color="#444444")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     return f"{path.parent.name}/{path.name}"
 
@@ -207,7 +233,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def markdown(
     results: dict[str, Any],
     summary: dict[str, Any],
-    claims: list[dict[str, Any]],
+    claims: list[Verdict],
     made: dict[str, str],
 ) -> str:
     exp, run = results["experiment"], results["run"]
@@ -229,20 +255,23 @@ def markdown(
     )
     out += ["", "## Verdicts", ""]
 
-    def numbers(c: dict[str, Any]) -> list[str]:
-        if c["verdict"] == "not run":
-            return ["-", "-", "-", "-", f"**not run** ({c['reason']})"]
+    def numbers(c: Verdict) -> list[str]:
+        if c.verdict == "not run":
+            return ["-", "-", "-", "-", "-", f"**not run** ({c.reason})"]
+        p = "-" if c.p_holm is None else f"{c.p_holm:.3g}"
+        verdict = f"**{c.verdict}**" + (f" ({c.reason})" if c.reason else "")
         return [
-            pct(c["metric_model"]),
-            pct(c["metric_standard"]),
-            f"{100 * c['difference']:+.1f}",
-            f"{100 * c['margin']:.1f}",
-            f"**{c['verdict']}**",
+            pct(c.metric_model),
+            pct(c.metric_standard),
+            f"{100 * c.difference:+.1f}",
+            p,
+            f"{c.unit}, {c.seeds} seed{'s' if c.seeds != 1 else ''}",
+            verdict,
         ]
 
     family = {name: view["label"] for name, view in views.items()}
     family["joint"] = "joint (eps_x x eps_w, absolute per-example)"
-    rows = [[c["claim"], c["statement"], family[c["family"]], *numbers(c)] for c in claims]
+    rows = [[c.claim, c.statement, family[c.family], *numbers(c)] for c in claims]
     out.append(
         _table(
             [
@@ -252,7 +281,8 @@ def markdown(
                 "model",
                 "standard",
                 "difference (points)",
-                "2 se",
+                "p (Holm)",
+                "replicated over",
                 "verdict",
             ],
             rows,
@@ -303,8 +333,10 @@ def markdown(
         out += ["", f"## {title}", ""]
         if name == "input":
             out.append(f"![accuracy vs eps_x]({made['input']})")
+            out += ["", f"*{caption(results)}.*"]
         elif name == "weight-absolute":
             out.append(f"![accuracy vs eps_w, three views]({made['weights']})")
+            out += ["", f"*{caption(results)}.*"]
         out.append("")
         header = ["model"] + [f"{view['axis']}={b:g}" for b in view["budgets"]]
         out.append(
@@ -318,6 +350,7 @@ def markdown(
         )
     xs, ws = results["joint"]["eps_x"], results["joint"]["eps_w"]
     out += ["", "## Joint attacks", "", f"![joint heatmaps]({made['heatmaps']})", ""]
+    out += [f"*{caption(results, bands=False)}; cells: robust accuracy (%).*", ""]
     out.append(
         "Per-model heatmaps: " + ", ".join(f"[{m}]({made[f'heatmap-{m}']})" for m in methods) + "."
     )
@@ -338,6 +371,9 @@ def markdown(
         "## Attacked vs certified",
         "",
         f"![attacked vs certified]({made['certified']})",
+        "",
+        f"*{caption(results, certified=True, bands=False)}; solid: attacked (an upper bound), "
+        "dashed: certified (a lower bound).*",
         "",
     ]
     for c in results["certified"]["methods"]:
@@ -376,25 +412,16 @@ def markdown(
     return "\n".join(out) + "\n"
 
 
-def write_report(results: dict[str, Any], out: str | Path, command: str, date: str) -> Path:
-    """Add the summary and verdicts to ``results``, write figures, JSON and Markdown."""
+def write_report(
+    results: dict[str, Any], out: str | Path, command: list[str] | None = None
+) -> Path:
+    """Add the provenance, summary and verdicts to ``results``; write figures, JSON and Markdown.
+    ``command``: the arguments after ``nonsingular`` (by default, this process's command)."""
     out = Path(out)
-    results["run"] = {
-        "command": command,
-        "date": date,
-        "minutes": results["seconds"] / 60,
-        "machine": f"{platform.machine()} {platform.system()}, {_cores()} CPU cores",
-        "nonsingular": __version__,
-        "torch": torch.__version__,
-    }
+    results["run"] = {**provenance(command), "minutes": results["seconds"] / 60}
     summary = summarize(results)
     claims = verdicts(results)
-    results["summary"], results["claims"] = summary, claims
+    results["summary"], results["claims"] = summary, [c.to_dict() for c in claims]
     made = figures(results, summary, out / "figures")
     write_json(out / "results.json", results)
-    path = write_text(out / "report.md", markdown(results, summary, claims, made))
-    return path
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return write_text(out / "report.md", markdown(results, summary, claims, made))

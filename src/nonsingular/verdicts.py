@@ -1,29 +1,47 @@
 """The paper's claims, decided from the measured numbers by one stated rule.
 
-Each claim compares a model A against the standard model B under one family of threats. The
+Each claim compares a model A against the standard model under one family of threats. The
 metric is a model's robust accuracy averaged over the family's nonzero budgets (the area under
-its accuracy curve); the claim is directional ("A is less robust than B", or "more robust").
+its accuracy curve); the claim is directional ("A is less robust than standard", or "more").
 
-Rule: ``d`` is the mean over seeds of ``metric(A) - metric(B)``. Its uncertainty ``se``
-combines the spread over seeds (``sd(d_seed) / sqrt(N)``, when N >= 2) and the sampling error
-of the test set (binomial, ``sqrt((p_A (1 - p_A) + p_B (1 - p_B)) / (n N))``). A claim is
-*supported* when ``d`` lies beyond ``2 se`` in the claimed direction, *contradicted* when it
-lies beyond ``2 se`` in the other, and *inconclusive* otherwise.
+Both models are attacked on the same test examples, so the comparison is paired, and the unit
+of replication depends on the threat:
+
+- per-example threats (input, per-example weights, joint): each example is attacked on its
+  own. Its score is the share of the family's budgets it survives; the per-example
+  differences A - standard, over examples and seeds, are tested by a paired bootstrap
+  (``stats.bootstrap_p``: examples and, with several seeds, seeds resampled).
+- one shared weight perturbation: it hits every example at once, so one run's examples are
+  not independent and only seeds replicate. The per-seed differences are tested by a t-test
+  (``stats.seeds_t_p``), which needs ``MIN_SHARED_SEEDS`` seeds; with fewer the verdict says
+  so rather than guess.
+
+The p-values of all tested claims are adjusted together by Holm's method. A claim is
+*supported* when its adjusted p is below ``ALPHA`` and the difference lies in the claimed
+direction, *contradicted* when below ``ALPHA`` the other way, and *inconclusive* otherwise.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from .stats import bootstrap_p, holm, seeds_t_p
+
+ALPHA = 0.05
+MIN_SHARED_SEEDS = 3
+
 RULE = (
-    "The metric is robust accuracy averaged over a threat family's nonzero budgets. d = mean "
-    "over seeds of metric(A) - metric(standard); se = sqrt(se_seeds^2 + se_test^2) with "
-    "se_seeds = sd of the per-seed differences / sqrt(N) (0 for a single seed) and se_test = "
-    "sqrt((pA(1-pA) + pB(1-pB)) / (n N)) the binomial error of n test examples. Supported: "
-    "d beyond 2 se in the claimed direction; contradicted: beyond 2 se the other way; "
-    "inconclusive: within 2 se."
+    "The metric is robust accuracy averaged over a threat family's nonzero budgets; d is its "
+    "difference A - standard, averaged over seeds. Both models are attacked on the same "
+    "examples, so the tests are paired. Per-example threats: each example's share of budgets "
+    "survived, differenced between the models, tested by a paired bootstrap over examples "
+    "and seeds. One shared perturbation: only seeds replicate (its examples are hit "
+    f"together), so the per-seed differences are tested by a t-test, which needs "
+    f"{MIN_SHARED_SEEDS} seeds or more. The p-values of all claims are Holm-adjusted together; "
+    f"supported: adjusted p < {ALPHA} in the claimed direction; contradicted: adjusted "
+    f"p < {ALPHA} the other way; inconclusive otherwise."
 )
 
 # (id, statement, model A, threat family, +1: A more robust than standard, -1: less robust)
@@ -66,63 +84,105 @@ CLAIMS: list[tuple[str, str, str, str, int]] = [
 ]
 
 
+@dataclass
+class Verdict:
+    """One claim decided: the numbers behind it and the verdict."""
+
+    claim: str
+    statement: str
+    model: str
+    family: str
+    direction: str  # "more robust" or "less robust"
+    verdict: str  # supported, contradicted, inconclusive, not run, needs seeds
+    reason: str = ""
+    unit: str = ""  # what replicates: "examples and seeds" or "seeds"
+    seeds: int = 0
+    metric_model: float | None = None
+    metric_standard: float | None = None
+    difference: float | None = None
+    per_seed_differences: tuple[float, ...] = ()
+    p: float | None = None
+    p_holm: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["per_seed_differences"] = list(self.per_seed_differences)
+        return out
+
+
+def scores(results: dict[str, Any], family: str, method: str, seed: str) -> list[float]:
+    """Per example, the share of ``family``'s nonzero budgets the example survives."""
+    kept = [k for k, zero in enumerate(_zero_budgets(results, family)) if not zero]
+    bits = [results["outcomes"][family][method][seed][k] for k in kept]
+    return [sum(b[i] == "1" for b in bits) / len(bits) for i in range(len(bits[0]))]
+
+
+def _zero_budgets(results: dict[str, Any], family: str) -> list[bool]:
+    """For each budget of ``family`` in outcome order: whether it perturbs nothing."""
+    if family == "joint":
+        xs, ws = results["joint"]["eps_x"], results["joint"]["eps_w"]
+        return [x == 0 and w == 0 for x in xs for w in ws]
+    return [b == 0 for b in results["views"][family]["budgets"]]
+
+
 def family_metric(results: dict[str, Any], family: str, method: str, seed: str) -> float:
     """Robust accuracy of ``method`` averaged over the nonzero budgets of ``family``."""
-    if family == "joint":
-        cells = results["joint"]["accuracy"][method][seed]
-        values = [c for i, row in enumerate(cells) for j, c in enumerate(row) if i or j]
-    else:
-        accuracy = results["views"][family]["accuracy"][method][seed]
-        budgets = results["views"][family]["budgets"]
-        values = [a for a, b in zip(accuracy, budgets, strict=True) if b > 0]
-    return sum(values) / len(values)
+    return statistics.fmean(scores(results, family, method, seed))
 
 
-def decide(d: float, se: float, direction: int) -> str:
-    if d * direction > 2 * se:
-        return "supported"
-    if d * direction < -2 * se:
-        return "contradicted"
-    return "inconclusive"
+def _shared(results: dict[str, Any], family: str) -> bool:
+    return family != "joint" and results["views"][family]["threat"].get("scope") == "shared"
 
 
-def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every claim with the numbers behind its verdict."""
-    n = results["data"]["test_examples"]
+def verdicts(results: dict[str, Any]) -> list[Verdict]:
+    """Every claim with the numbers behind its verdict (p-values Holm-adjusted together)."""
     out = []
     for claim_id, statement, model, family, direction in CLAIMS:
-        base = {
-            "claim": claim_id,
-            "statement": statement,
-            "model": model,
-            "family": family,
-            "direction": "more robust" if direction > 0 else "less robust",
-        }
-        if model not in results["models"]:
-            out.append(
-                {**base, "verdict": "not run", "reason": f"no {model} model in this experiment"}
-            )
-            continue
-        seeds = sorted(results["models"][model])
-        a = [family_metric(results, family, model, s) for s in seeds]
-        b = [family_metric(results, family, "standard", s) for s in seeds]
-        diffs = [x - z for x, z in zip(a, b, strict=True)]
-        count = len(seeds)
-        d = statistics.fmean(diffs)
-        se_seeds = statistics.stdev(diffs) / math.sqrt(count) if count >= 2 else 0.0
-        pa, pb = statistics.fmean(a), statistics.fmean(b)
-        se_test = math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / (n * count))
-        se = math.sqrt(se_seeds**2 + se_test**2)
-        out.append(
-            {
-                **base,
-                "metric_model": pa,
-                "metric_standard": pb,
-                "difference": d,
-                "per_seed_differences": diffs,
-                "se": se,
-                "margin": 2 * se,
-                "verdict": decide(d, se, direction),
-            }
+        base = Verdict(
+            claim_id,
+            statement,
+            model,
+            family,
+            "more robust" if direction > 0 else "less robust",
+            "inconclusive",
         )
+        if model not in results["models"]:
+            base.verdict, base.reason = "not run", f"no {model} model in this experiment"
+            out.append(base)
+            continue
+        out.append(_measure(results, base))
+    tested = [v for v in out if v.p is not None]
+    for v, adjusted in zip(tested, holm([v.p for v in tested]), strict=True):
+        v.p_holm = adjusted
+        sign = 1 if v.direction == "more robust" else -1
+        if adjusted < ALPHA:
+            v.verdict = "supported" if v.difference * sign > 0 else "contradicted"
     return out
+
+
+def _measure(results: dict[str, Any], v: Verdict) -> Verdict:
+    """The claim's numbers and its raw p-value (None where it cannot be tested)."""
+    seeds = sorted(results["models"][v.model])
+    a = [scores(results, v.family, v.model, s) for s in seeds]
+    b = [scores(results, v.family, "standard", s) for s in seeds]
+    per_seed = [statistics.fmean(x) - statistics.fmean(z) for x, z in zip(a, b, strict=True)]
+    v.seeds = len(seeds)
+    v.metric_model = statistics.fmean(statistics.fmean(x) for x in a)
+    v.metric_standard = statistics.fmean(statistics.fmean(z) for z in b)
+    v.difference = statistics.fmean(per_seed)
+    v.per_seed_differences = tuple(per_seed)
+    if _shared(results, v.family):
+        v.unit = "seeds"
+        if len(seeds) < MIN_SHARED_SEEDS:
+            v.verdict = "needs seeds"
+            v.reason = (
+                f"one shared perturbation hits all examples at once, so only seeds replicate: "
+                f"this needs {MIN_SHARED_SEEDS} seeds, the run has {len(seeds)}"
+            )
+            return v
+        v.p = seeds_t_p(per_seed)
+    else:
+        v.unit = "examples and seeds" if len(seeds) > 1 else "examples (one seed)"
+        diffs = [[p - q for p, q in zip(x, z, strict=True)] for x, z in zip(a, b, strict=True)]
+        v.p = bootstrap_p(diffs)
+    return v

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from .. import distributed
 from .._version import __version__
 from ..errors import NonsingularError
+from ..provenance import command_line
 from . import evaluate, reproduce, train
 from .common import Parser
 
@@ -33,8 +34,10 @@ def build_parser() -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what outputs record
     try:
-        return int(args.func(args))
+        with command_line(args.argv):
+            return int(args.func(args))
     except NonsingularError as exc:
         print(f"nonsingular {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .. import checkpoint
 from ..attacks import LOSSES, METHODS
 from ..certificates import METHODS as CERTIFY_METHODS
 from ..certificates.crown import INTERMEDIATE
-from ..data import load
+from ..data import Dataset, load
 from ..distributed import ranks
 from ..evaluation import EvaluationTable, evaluate
+from ..provenance import provenance
 from ..threat import grid
 from . import common
 
@@ -24,11 +26,16 @@ def _prepare(args: argparse.Namespace) -> tuple[list, Any, Any, Any]:
     return threats, data, common.load_model(args, data, where), where
 
 
-def _report(args: argparse.Namespace, table: EvaluationTable) -> None:
+def _report(args: argparse.Namespace, table: EvaluationTable, data: Dataset) -> None:
     if not ranks().lead:  # every process holds the whole table: one writes and prints it
         return
     if args.out is not None:
-        table.save(args.out, world_size=ranks().world)
+        made = None
+        if args.checkpoint is not None:
+            info = checkpoint.read_info(args.checkpoint)
+            made = {"path": str(args.checkpoint), "sha256": info["sha256"]}
+        about = provenance(args.argv, data, split_seed=args.seed, checkpoint=made)
+        table.save(args.out, world_size=ranks().world, provenance=about)
     print(table)
     for column in table.columns():
         kind = "attacked" if column == "attacked" else f"certified ({column})"
@@ -59,7 +66,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    _report(args, table)
+    _report(args, table, data)
     return 0
 
 
@@ -75,7 +82,7 @@ def run_certify(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    _report(args, table)
+    _report(args, table, data)
     return 0
 
 

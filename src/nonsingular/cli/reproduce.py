@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +23,25 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..report import write_report  # matplotlib: imported by the command that draws
 
-    command = "nonsingular " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
-    report = write_report(results, out, command, datetime.now().isoformat(timespec="minutes"))
-    print(f"{'claim':5}  {'family':16}  {'model':>7}  {'standard':>8}  {'diff':>6}  verdict")
+    report = write_report(results, out, args.argv)
+    print(
+        f"{'claim':5}  {'family':16}  {'model':>7}  {'standard':>8}  {'diff':>6}  "
+        f"{'p (Holm)':>8}  verdict"
+    )
     for c in results["claims"]:
-        if c["verdict"] == "not run":
+        if c["metric_model"] is None:  # not run
             print(
-                f"{c['claim']:5}  {c['family']:16}  {'-':>7}  {'-':>8}  {'-':>6}  not run "
-                f"({c['reason']})"
+                f"{c['claim']:5}  {c['family']:16}  {'-':>7}  {'-':>8}  {'-':>6}  {'-':>8}  ",
+                end="",
             )
-            continue
-        print(
-            f"{c['claim']:5}  {c['family']:16}  {100 * c['metric_model']:6.1f}%  "
-            f"{100 * c['metric_standard']:7.1f}%  {100 * c['difference']:+6.1f}  {c['verdict']}"
-        )
+        else:
+            p = "-" if c["p_holm"] is None else f"{c['p_holm']:.3g}"
+            print(
+                f"{c['claim']:5}  {c['family']:16}  {100 * c['metric_model']:6.1f}%  "
+                f"{100 * c['metric_standard']:7.1f}%  {100 * c['difference']:+6.1f}  {p:>8}  ",
+                end="",
+            )
+        print(c["verdict"] + (f" ({c['reason']})" if c["reason"] else ""))
     print(f"\nreport: {report}\nfigures: {out / 'figures'}\nnumbers: {out / 'results.json'}")
     return 0
 
@@ -83,4 +85,4 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
-    p.set_defaults(func=run, argv=None)
+    p.set_defaults(func=run)

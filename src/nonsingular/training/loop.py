@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import time
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .. import checkpoint
-from .._version import __version__
 from ..attacks import attack
 from ..data import Dataset, load
 from ..distributed import Ranks, part, ranks, sum_gradient
@@ -42,6 +40,7 @@ from ..errors import ConfigError, TrainingError
 from ..files import exclusive, write_json, write_text
 from ..model import read_model
 from ..models import Architecture
+from ..provenance import provenance
 from ..seeds import mix
 from .augment import random_shift
 from .config import TrainConfig
@@ -145,7 +144,11 @@ def _model_info(model: nn.Module, architecture: Architecture | None) -> dict[str
 
 
 def _run_info(
-    config: TrainConfig, data: Dataset, model: nn.Module, architecture: Architecture | None
+    config: TrainConfig,
+    data: Dataset,
+    model: nn.Module,
+    architecture: Architecture | None,
+    split_seed: int | None,
 ) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
@@ -159,11 +162,8 @@ def _run_info(
         },
         "model": _model_info(model, architecture),
         "world_size": ranks().world,  # processes the global batch was split over
-        "versions": {
-            "nonsingular": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        # versions, machine, date, command, data split
+        "provenance": provenance(data=data, split="train", split_seed=split_seed),
     }
 
 
@@ -203,6 +203,7 @@ def train(
     continues the run it holds from its last completed epoch. Returns the model in eval mode.
     """
     config = config.resolved()
+    split_seed = config.seed if data is None else None  # None: the caller's data, split its way
     data = data if data is not None else load(config.data, seed=config.seed)
     model, architecture = _starting_model(config, data, model)
     model = model.to(device)
@@ -227,7 +228,9 @@ def train(
             if resume:
                 history = _resume(out, config, model, opt, schedule)
             elif writes:
-                write_json(out / "config.json", _run_info(config, data, model, architecture))
+                write_json(
+                    out / "config.json", _run_info(config, data, model, architecture, split_seed)
+                )
                 write_text(out / "config.toml", config.to_toml())
         test = (data.x_test.to(device), data.y_test.to(device))
         with torch.random.fork_rng(devices=[]):  # Dropout's randomness, not the caller's

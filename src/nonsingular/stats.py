@@ -1,0 +1,94 @@
+"""Paired tests for comparing two models measured on the same examples, and Holm's correction.
+
+Two models evaluated on the same test examples are paired: an example hard for one is often
+hard for the other, so the difference of their accuracies varies far less than two independent
+binomials suggest. Each test here takes per-unit differences ``a - b`` (per example, per seed)
+and returns a two-sided p-value for "the mean difference is zero".
+
+- ``bootstrap_p``: paired bootstrap over examples and, with several seeds, over seeds too (a
+  two-way resampling: both the test set and the training runs are samples). The unit for
+  per-example threats, where each example is attacked on its own.
+- ``seeds_t_p``: a one-sample t-test on per-seed differences. The unit for a shared
+  perturbation, where one perturbation hits every example at once, so the examples of one
+  run are not independent: only runs (seeds) are.
+- ``holm``: Holm's step-down adjustment of several p-values, controlling the chance of any
+  false claim at the chosen level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import ConfigError
+
+BOOTSTRAP_DRAWS = 4000
+
+
+def bootstrap_p(
+    differences: Sequence[Sequence[float]], draws: int = BOOTSTRAP_DRAWS, seed: int = 0
+) -> float:
+    """Two-sided p-value of mean difference 0, by a paired bootstrap.
+
+    differences: one row per seed, one column per example (the same examples in every row):
+    ``a_i - b_i`` for example ``i``. Each draw resamples the examples (the same ones for both
+    models: the pairing) and, with several seeds, the seeds, and recentres on the observed mean
+    (the null). The p-value is the share of draws at least as far from 0 as the observed mean,
+    counting the observed one (never 0)."""
+    d = _matrix(differences)
+    seeds, examples = d.shape
+    rng = np.random.default_rng(seed)
+    observed = d.mean()
+    centred = d - observed
+    far = 0
+    for _ in range(draws):
+        rows = rng.integers(0, seeds, seeds) if seeds > 1 else np.zeros(1, dtype=np.int64)
+        cols = rng.integers(0, examples, examples)
+        mean = centred[np.ix_(rows, cols)].mean()
+        far += abs(mean) >= abs(observed) - 1e-12
+    return (far + 1) / (draws + 1)
+
+
+def seeds_t_p(per_seed: Sequence[float]) -> float:
+    """Two-sided p-value of a one-sample t-test that the per-seed differences have mean 0
+    (needs two seeds at least; identical differences give 0 or 1)."""
+    values = np.asarray(per_seed, dtype=np.float64)
+    if values.ndim != 1 or len(values) < 2 or not np.isfinite(values).all():
+        raise ConfigError("a t-test over seeds needs two or more finite per-seed differences")
+    mean, sd = values.mean(), values.std(ddof=1)
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    t = mean / (sd / math.sqrt(len(values)))
+    return float(_t_two_sided(abs(t), len(values) - 1))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's adjusted p-values, in the input order: the k-th smallest is multiplied by
+    ``m - k + 1`` (k from 1), made non-decreasing, and capped at 1."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (m - k) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def _matrix(differences: Sequence[Sequence[float]]) -> np.ndarray:
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 2 or d.shape[0] < 1 or d.shape[1] < 2 or not np.isfinite(d).all():
+        raise ConfigError(
+            "a paired bootstrap needs a finite seeds x examples matrix with two examples or more"
+        )
+    return d
+
+
+def _t_two_sided(t: float, df: int) -> float:
+    """P(|T| >= t) for Student's t with ``df`` degrees of freedom, through the regularized
+    incomplete beta function: I_x(df/2, 1/2) with x = df / (df + t^2)."""
+    from scipy.special import betainc  # scikit-learn's dependency: always installed with us
+
+    return float(betainc(df / 2, 0.5, df / (df + t * t)))
