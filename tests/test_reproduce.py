@@ -9,9 +9,9 @@ import pytest
 
 from nonsingular import ConfigError, experiment
 from nonsingular.experiment import Experiment, run_experiment
-from nonsingular.report import cell, pct, write_report
+from nonsingular.report import cell, pct, stronger_attack, write_report
 from nonsingular.training import loop
-from nonsingular.verdicts import CLAIMS, verdicts
+from nonsingular.verdicts import CLAIMS, at_key_budgets, verdicts
 
 TINY = {
     "epochs": 1,
@@ -97,6 +97,16 @@ def test_the_report_shows_the_verdicts_and_numbers_of_the_json(reproduced):
     assert "Rule:" in report and "Holm" in report and "paired" in report
     for c in results["claims"]:
         assert f"{100 * c['difference']:+.1f}" in report
+    # the stronger check ran at every family's key budget, for every model
+    assert "## Stronger attack" in report and "verdicts change with the stronger attack" in report
+    for family, entry in results["stronger"].items():
+        for method in experiment.COMPARISON:
+            found = entry["outcomes"][method]["0"]
+            assert len(found["stronger"]) == TINY["eval_size"], family
+            if entry["threat"]["scope"] == "shared":  # the worse of two whole perturbations
+                assert found["stronger"].count("1") <= found["default"].count("1")
+            else:  # example by example
+                assert all(s <= d for s, d in zip(found["stronger"], found["default"], strict=True))
     # one seed: the shared view cannot be judged, and says why
     shared = [c for c in results["claims"] if c["family"] == "weight-shared"]
     assert shared[0]["verdict"] == "needs seeds" and "3 seeds" in shared[0]["reason"]
@@ -152,7 +162,8 @@ def test_rerun_reuses_models_and_evaluations(reproduced, monkeypatch):
     again = run_experiment(Experiment.quick(**TINY), out, say=messages.append)
     assert sum("reusing" in m for m in messages) == len(experiment.COMPARISON)
     assert again["views"] == results["views"] and again["joint"] == results["joint"]
-    assert again["reused"] == {"models": 6, "of_models": 6, "evaluations": 36, "of_evaluations": 36}
+    # per model: 4 views, the joint grid, its certificates, 5 key budgets attacked harder
+    assert again["reused"] == {"models": 6, "of_models": 6, "evaluations": 66, "of_evaluations": 66}
 
 
 def test_a_model_trained_with_other_options_is_not_silently_reused(reproduced):
@@ -207,7 +218,7 @@ def test_a_small_difference_on_the_same_examples_is_significant_when_paired():
     claim = got[("pgd-at", "weight-absolute")]
     assert claim.difference == pytest.approx(-0.04)
     assert claim.verdict == "supported" and claim.p_holm < 0.01
-    assert claim.unit == "examples (one seed)"
+    assert claim.unit == "examples" and claim.seeds == 1
     flipped = by_family(fake({"standard": [range(460)], "pgd-at": [half]}))
     assert flipped[("pgd-at", "weight-absolute")].verdict == "contradicted"
     same = by_family(fake({"standard": [half], "pgd-at": [half]}))
@@ -243,6 +254,62 @@ def test_holm_turns_a_lone_small_p_into_inconclusive_among_more_claims():
     claim = more[("pgd-at", "weight-absolute")]
     assert claim.p == pytest.approx(alone[("pgd-at", "weight-absolute")].p)
     assert claim.p_holm > 0.05 and claim.verdict == "inconclusive"
+
+
+def with_stronger(results: dict, stronger: dict[str, list], n: int = 1000) -> dict:
+    """``results`` (from ``fake``) with key budgets: the default attack's outcomes are the
+    family's nonzero budget; ``stronger`` gives per method and seed the survivors of both."""
+
+    def bits(alive) -> str:
+        return "".join("1" if i in alive else "0" for i in range(n))
+
+    results["stronger"] = {
+        family: {
+            "threat": {
+                "eps_x": 1.0 if family in ("input", "joint") else 0.0,
+                "eps_w": 0.0 if family == "input" else 1.0,
+                **results["views"].get(family, {}).get("threat", {}),
+            },
+            "outcomes": {
+                m: {
+                    s: {"default": o[-1], "stronger": bits(stronger[m][int(s)])}
+                    for s, o in results["outcomes"][family][m].items()
+                }
+                for m in results["models"]
+            },
+        }
+        for family in FAMILIES
+    }
+    for family in FAMILIES[:-1]:
+        results["views"][family]["axis"] = "eps_x" if family == "input" else "eps_w"
+        results["views"][family]["label"] = family
+    results["attack"] = {"steps": 10, "restarts": 1, "loss": "both"}
+    results["stronger_attack"] = {"steps": 20, "restarts": 2, "loss": "both"}
+    return results
+
+
+def test_a_verdict_that_rests_on_a_weak_attack_is_shown_to_change():
+    """pgd-at looks 4 points less robust under the default attack, but the stronger attack
+    breaks 40 more of the standard model's examples: the difference vanishes, the verdict
+    moves from supported to inconclusive, and the report's section says so."""
+    results = with_stronger(
+        fake({"standard": [range(500)], "pgd-at": [range(460)]}),
+        {"standard": [range(460)], "pgd-at": [range(460)]},
+    )
+    before = {(v.model, v.family): v for v in at_key_budgets(results, "default")}
+    after = {(v.model, v.family): v for v in at_key_budgets(results, "stronger")}
+    assert before[("pgd-at", "weight-absolute")].verdict == "supported"
+    assert after[("pgd-at", "weight-absolute")].verdict == "inconclusive"
+    assert after[("pgd-at", "weight-absolute")].difference == 0
+    text = "\n".join(stronger_attack(results, {f: f for f in FAMILIES}))
+    assert "## Stronger attack" in text and "PGD-20, 2 restarts" in text
+    assert "50.0% → 46.0%" in text  # the standard model, default → stronger
+    assert "2 of 5 verdicts change with the stronger attack" in text  # absolute and relative
+    steady = with_stronger(
+        fake({"standard": [range(500)], "pgd-at": [range(460)]}),
+        {"standard": [range(500)], "pgd-at": [range(460)]},
+    )
+    assert "0 of 5 verdicts change" in "\n".join(stronger_attack(steady, {f: f for f in FAMILIES}))
 
 
 def test_experiment_refuses_a_comparison_without_its_models():

@@ -35,7 +35,8 @@ from torch import nn
 
 from . import checkpoint
 from ._version import __version__
-from .checks import integer
+from .attacks import LOSSES
+from .checks import choice, integer
 from .data import Dataset, load
 from .distributed import alone, gather, mine, ranks
 from .errors import ConfigError
@@ -74,8 +75,10 @@ class Experiment:
     methods: tuple[str, ...] | None = None  # None: all six (bound-reg for an MLP only)
     eval_size: int = 1000
     cert_size: int = 200
-    attack_steps: int = 20
-    attack_restarts: int = 1
+    attack_steps: int = 50
+    attack_restarts: int = 2
+    attack_loss: str = "both"  # cross-entropy, then the margin (CW) loss: best per example
+    stronger: bool = True  # attack each family's key budget again, twice as hard
     eps_x: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2)
     eps_w_absolute: tuple[float, ...] = (0.0, 5e-4, 1e-3, 2e-3, 3e-3, 4e-3)
     eps_w_relative: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -94,7 +97,8 @@ class Experiment:
             "epochs": 5,
             "eval_size": 300,
             "cert_size": 60,
-            "attack_steps": 10,
+            "attack_steps": 20,
+            "attack_restarts": 1,
             "eps_x": (0.0, 0.05, 0.1, 0.2),
             "eps_w_absolute": (0.0, 1e-3, 2e-3, 4e-3),
             "eps_w_relative": (0.0, 0.02, 0.05, 0.2),
@@ -114,6 +118,9 @@ class Experiment:
         for name in ("standard", "pgd-at", "awp"):
             if name not in self.methods:
                 raise ConfigError(f"the comparison needs the {name} model (its claims use it)")
+        choice("attack_loss", self.attack_loss, LOSSES)
+        if not isinstance(self.stronger, bool):
+            raise ConfigError(f"stronger must be true or false, got {self.stronger!r}")
         if self.intermediate is None:
             object.__setattr__(self, "intermediate", "crown" if self.model == "mlp" else "ibp")
         if self.model != "mlp" and "bound-reg" in self.methods:
@@ -160,6 +167,38 @@ class Experiment:
                 {"scope": "shared"},
             ),
         ]
+
+    def attack_options(self, strength: int = 1) -> dict[str, Any]:
+        """The attack's options; ``strength`` times the steps and restarts."""
+        return {
+            "steps": self.attack_steps * strength,
+            "restarts": self.attack_restarts * strength,
+            "loss": self.attack_loss,
+        }
+
+    def key_threats(self) -> dict[str, Threat]:
+        """Each claim family's key budget: the middle of its nonzero budgets (for the joint
+        grid, the middle eps_x with the middle eps_w)."""
+
+        def middle(values: tuple[float, ...]) -> float:
+            nonzero = [v for v in values if v > 0]
+            return nonzero[len(nonzero) // 2] if nonzero else 0.0
+
+        out = {}
+        for view in self.views():
+            out[view.name] = Threat(**{**view.threat, view.axis: middle(view.budgets)})
+        out["joint"] = Threat(eps_x=middle(self.joint_eps_x), eps_w=middle(self.joint_eps_w))
+        return out
+
+    def key_index(self, family: str) -> int:
+        """Where the key budget of ``family`` sits among its budgets (the joint grid's, eps_x
+        slowest)."""
+        key = self.key_threats()[family]
+        if family == "joint":
+            i, j = self.joint_eps_x.index(key.eps_x), self.joint_eps_w.index(key.eps_w)
+            return i * len(self.joint_eps_w) + j
+        view = next(v for v in self.views() if v.name == family)
+        return view.budgets.index(getattr(key, view.axis))
 
     def train_config(self, method: str, seed: int) -> TrainConfig:
         return TrainConfig(
@@ -332,7 +371,14 @@ def _skeleton(exp: Experiment, data: Dataset, n: int, nc: int) -> dict[str, Any]
             "shape": list(data.in_shape),
             "classes": data.classes,
         },
-        "attack": _attack_options(exp),
+        "attack": exp.attack_options(),
+        "stronger_attack": exp.attack_options(2) if exp.stronger else None,
+        # per family: its key budget (eps_x, eps_w and the threat), and per model and seed
+        # the outcomes of the default and the stronger attack there
+        "stronger": {
+            f: {"threat": t.to_dict(), "outcomes": {m: {} for m in exp.methods}}
+            for f, t in (exp.key_threats().items() if exp.stronger else [])
+        },
         "models": {m: {} for m in exp.methods},
         "views": {
             v.name: {
@@ -374,6 +420,8 @@ def _record(results: dict[str, Any], exp: Experiment, study: dict[str, Any]) -> 
     results["joint"]["accuracy"][method][seed] = study["joint"]
     for family, bits in study["outcomes"].items():
         results["outcomes"][family][method][seed] = bits
+    for family, found in (study["stronger"] or {}).items():
+        results["stronger"][family]["outcomes"][method][seed] = found
     certified = results["certified"]
     certified["attacked"][method][seed] = study["certified_attacked"]
     for c in exp.certify:
@@ -381,8 +429,62 @@ def _record(results: dict[str, Any], exp: Experiment, study: dict[str, Any]) -> 
     results["warnings"] += study["warnings"]
 
 
-def _attack_options(exp: Experiment) -> dict[str, Any]:
-    return {"steps": exp.attack_steps, "restarts": exp.attack_restarts, "loss": "ce"}
+class _Measure:
+    """One model's evaluations, each cached under what was asked and the model's weights."""
+
+    def __init__(
+        self,
+        exp: Experiment,
+        out: Path,
+        model: nn.Module,
+        data: Dataset,
+        n: int,
+        device: torch.device,
+        seed: int,
+        method: str,
+        warn: Callable[[str], None],
+    ) -> None:
+        self.exp, self.model, self.method = exp, model, method
+        self.x, self.y = data.x_test[:n].to(device), data.y_test[:n].to(device)
+        self.evaluations = {"computed": 0, "reused": 0}
+        path = out / "evals" / f"seed{seed}" / f"{method}.json"
+        self.cache = _EvalCache(path, self.evaluations, warn)
+        self.weights = _weights_hash(model)
+        self.seconds: list[float] = []
+        self.warnings: list[str] = []
+
+    def table(
+        self, threats: list[Threat], kind: str, rows: int, attack: dict[str, Any], label: str
+    ) -> dict[str, Any]:
+        """``evaluate`` on the first ``rows`` examples (certificates too for kind "certify")."""
+        exp = self.exp
+        key = {
+            "kind": kind,
+            "threats": [t.to_dict() for t in threats],
+            "n": rows,
+            "attack": attack,
+            "weights": self.weights,
+            "format": 2,  # rows carry per-example outcomes
+        }
+        certify = list(exp.certify) if kind == "certify" else []
+        if certify:
+            key["intermediate"] = exp.intermediate
+
+        def compute() -> dict[str, Any]:
+            return evaluate(
+                self.model,
+                (self.x[:rows], self.y[:rows]),
+                threats,
+                attack,
+                certify=certify,
+                certify_kwargs={"intermediate": exp.intermediate},
+                progress=False,
+            ).to_dict()
+
+        value = self.cache.get(key, compute)
+        self.seconds.append(sum(sum(r["seconds"].values()) for r in value["rows"]))
+        self.warnings += [f"{self.method}, {label}: {w}" for w in value["warnings"]]
+        return value
 
 
 def _study(
@@ -399,61 +501,26 @@ def _study(
     """Train (or reuse) one model and measure it under every threat of the experiment: a
     JSON-able record (processes exchange them)."""
     model, info = _model(exp, out, method, seed, data, device, say)
-    x, y = data.x_test[:n].to(device), data.y_test[:n].to(device)
-    attack_options = _attack_options(exp)
     warnings: list[str] = []
 
     def warn(text: str) -> None:
         say(f"warning: {text}")
         warnings.append(text)
 
-    evaluations = {"computed": 0, "reused": 0}
-    cache = _EvalCache(out / "evals" / f"seed{seed}" / f"{method}.json", evaluations, warn)
-    weights = _weights_hash(model)
-    seconds = [info["train_seconds"]]
-
-    def table(threats: list[Threat], kind: str, rows: int) -> dict[str, Any]:
-        key = {
-            "kind": kind,
-            "threats": [t.to_dict() for t in threats],
-            "n": rows,
-            "attack": attack_options,
-            "weights": weights,
-            "format": 2,  # rows carry per-example outcomes
-        }
-        certify = list(exp.certify) if kind == "certify" else []
-        if certify:
-            key["intermediate"] = exp.intermediate
-
-        def compute() -> dict[str, Any]:
-            return evaluate(
-                model,
-                (x[:rows], y[:rows]),
-                threats,
-                attack_options,
-                certify=certify,
-                certify_kwargs={"intermediate": exp.intermediate},
-                progress=False,
-            ).to_dict()
-
-        value = cache.get(key, compute)
-        seconds.append(sum(sum(r["seconds"].values()) for r in value["rows"]))
-        return value
-
+    measure = _Measure(exp, out, model, data, n, device, seed, method, warn)
+    attack = exp.attack_options()
     views, outcomes = {}, {}
     for view in exp.views():
-        got = table(view.threats(), "attack", n)
+        got = measure.table(view.threats(), "attack", n, attack, view.name)
         views[view.name] = [r["attacked"] for r in got["rows"]]
         outcomes[view.name] = [r["outcomes"]["attacked"] for r in got["rows"]]
         info["clean"] = got["rows"][0]["clean"]
-        warnings += [f"{method}, {view.name}: {w}" for w in got["warnings"]]
     joint = grid(exp.joint_eps_x, exp.joint_eps_w)
-    got = table(joint, "attack", n)
+    got = measure.table(joint, "attack", n, attack, "joint")
     joint_matrix = _matrix(got, exp, "attacked")
     outcomes["joint"] = [r["outcomes"]["attacked"] for r in got["rows"]]  # eps_x slowest
-    warnings += [f"{method}, joint: {w}" for w in got["warnings"]]
-    got = table(joint, "certify", nc)  # attacked too: the same examples, checked
-    warnings += [f"{method}, certified: {w}" for w in got["warnings"]]
+    certified = measure.table(joint, "certify", nc, attack, "certified")  # attacked too
+    stronger = _stronger(exp, measure, n, outcomes) if exp.stronger else None
     say(f"  {method} (seed {seed}): done")
     return {
         "seed": seed,
@@ -462,12 +529,35 @@ def _study(
         "views": views,
         "joint": joint_matrix,
         "outcomes": outcomes,
-        "certified_attacked": _matrix(got, exp, "attacked"),
-        "certified": {c: _matrix(got, exp, c) for c in exp.certify},
-        "warnings": warnings,
-        "evaluations": evaluations,
-        "compute_seconds": sum(seconds),
+        "certified_attacked": _matrix(certified, exp, "attacked"),
+        "certified": {c: _matrix(certified, exp, c) for c in exp.certify},
+        "stronger": stronger,
+        "warnings": warnings + measure.warnings,
+        "evaluations": measure.evaluations,
+        "compute_seconds": info["train_seconds"] + sum(measure.seconds),
     }
+
+
+def _stronger(
+    exp: Experiment, measure: _Measure, n: int, outcomes: dict[str, list[str]]
+) -> dict[str, Any]:
+    """Each family's key budget attacked again with twice the steps and restarts: per family,
+    the outcomes of the default attack there (taken from ``outcomes``) and of both attacks
+    together: an example survives only if it survives both (for a shared perturbation, which
+    is one perturbation for all examples, the outcomes of the one that broke more)."""
+    out = {}
+    for family, threat in exp.key_threats().items():
+        got = measure.table([threat], "attack", n, exp.attack_options(2), f"{family}, stronger")
+        default = outcomes[family][exp.key_index(family)]
+        harder = got["rows"][0]["outcomes"]["attacked"]
+        if threat.scope == "shared":  # one perturbation each: the worse of the two, whole
+            both = min(default, harder, key=lambda bits: bits.count("1"))
+        else:
+            both = "".join(
+                "1" if a == b == "1" else "0" for a, b in zip(default, harder, strict=True)
+            )
+        out[family] = {"default": default, "stronger": both}
+    return out
 
 
 def _matrix(table: dict[str, Any], exp: Experiment, column: str) -> list[list[float]]:

@@ -95,7 +95,7 @@ class Verdict:
     direction: str  # "more robust" or "less robust"
     verdict: str  # supported, contradicted, inconclusive, not run, needs seeds
     reason: str = ""
-    unit: str = ""  # what replicates: "examples and seeds" or "seeds"
+    unit: str = ""  # what replicates: "examples", "examples and seeds" or "seeds"
     seeds: int = 0
     metric_model: float | None = None
     metric_standard: float | None = None
@@ -182,7 +182,35 @@ def _measure(results: dict[str, Any], v: Verdict) -> Verdict:
             return v
         v.p = seeds_t_p(per_seed)
     else:
-        v.unit = "examples and seeds" if len(seeds) > 1 else "examples (one seed)"
+        v.unit = "examples and seeds" if len(seeds) > 1 else "examples"
         diffs = [[p - q for p, q in zip(x, z, strict=True)] for x, z in zip(a, b, strict=True)]
         v.p = bootstrap_p(diffs)
     return v
+
+
+def at_key_budgets(results: dict[str, Any], attack: str) -> list[Verdict]:
+    """The claims decided at each family's key budget alone, from the outcomes of the
+    ``"default"`` or ``"stronger"`` attack there (``results["stronger"]``): the same rule, so
+    that a verdict that moves between the two moved because the attack got stronger."""
+    views = {}
+    for family, entry in results["stronger"].items():
+        threat = entry["threat"]
+        if family != "joint":
+            views[family] = {
+                "budgets": [threat[results["views"][family]["axis"]]],
+                "threat": threat,
+            }
+    joint = results["stronger"]["joint"]["threat"]
+    narrowed = {
+        "models": results["models"],
+        "views": views,
+        "joint": {"eps_x": [joint["eps_x"]], "eps_w": [joint["eps_w"]]},
+        "outcomes": {
+            family: {
+                m: {seed: [found[attack]] for seed, found in per_seed.items()}
+                for m, per_seed in entry["outcomes"].items()
+            }
+            for family, entry in results["stronger"].items()
+        },
+    }
+    return verdicts(narrowed)
