@@ -18,6 +18,7 @@ TINY = {
     "eval_size": 60,
     "cert_size": 12,
     "attack_steps": 3,
+    "min_clean": 0.0,  # one epoch: no model is trained enough for the stated threshold
     "eps_x": (0.0, 0.05, 0.2),
     "eps_w_absolute": (0.0, 1e-3, 4e-3),
     "eps_w_relative": (0.0, 0.05, 0.2),
@@ -91,7 +92,9 @@ def test_report_figures_and_json_exist_and_agree(reproduced):
 def test_the_report_shows_the_verdicts_and_numbers_of_the_json(reproduced):
     out, results = reproduced
     report = (out / "report.md").read_text()
-    shown = re.findall(r"\*\*(supported|contradicted|inconclusive|needs seeds)\*\*", report)
+    shown = re.findall(
+        r"\*\*(supported|contradicted|inconclusive|needs seeds|excluded)\*\*", report
+    )
     assert shown == [c["verdict"] for c in results["claims"]]
     assert len(shown) == len(CLAIMS) == 5
     assert "Rule:" in report and "Holm" in report and "paired" in report
@@ -162,8 +165,9 @@ def test_rerun_reuses_models_and_evaluations(reproduced, monkeypatch):
     again = run_experiment(Experiment.quick(**TINY), out, say=messages.append)
     assert sum("reusing" in m for m in messages) == len(experiment.COMPARISON)
     assert again["views"] == results["views"] and again["joint"] == results["joint"]
-    # per model: 4 views, the joint grid, its certificates, 5 key budgets attacked harder
-    assert again["reused"] == {"models": 6, "of_models": 6, "evaluations": 66, "of_evaluations": 66}
+    # per model: 4 views, the joint grid, its certificates, the training threats, 5 key
+    # budgets attacked harder
+    assert again["reused"] == {"models": 6, "of_models": 6, "evaluations": 72, "of_evaluations": 72}
 
 
 def test_a_model_trained_with_other_options_is_not_silently_reused(reproduced):
@@ -199,7 +203,10 @@ def fake(survivors: dict[str, list[range | set]], n: int = 1000) -> dict:
         for f in FAMILIES[:-1]
     }
     return {
-        "models": {m: {str(s): {} for s in range(len(v))} for m, v in survivors.items()},
+        "experiment": {"min_clean": 0.8},
+        "models": {
+            m: {str(s): {"clean": 0.9} for s in range(len(v))} for m, v in survivors.items()
+        },
         "views": views,
         "joint": {"eps_x": [0.0, 1.0], "eps_w": [0.0, 1.0]},
         "outcomes": outcomes,
@@ -310,6 +317,32 @@ def test_a_verdict_that_rests_on_a_weak_attack_is_shown_to_change():
         {"standard": [range(500)], "pgd-at": [range(460)]},
     )
     assert "0 of 5 verdicts change" in "\n".join(stronger_attack(steady, {f: f for f in FAMILIES}))
+
+
+def test_an_undertrained_model_is_kept_out_of_verdicts_and_adjusted_figures_shown():
+    """The same outcomes, but pgd-at right on only 70% of clean examples: excluded, with the
+    reason; the clean-adjusted difference divides each model's robust accuracy by its clean."""
+    results = fake({"standard": [range(500)], "pgd-at": [range(460)]})
+    fine = by_family(results)[("pgd-at", "weight-absolute")]
+    assert fine.verdict == "supported"
+    assert fine.difference_clean_adjusted == pytest.approx(0.46 / 0.9 - 0.5 / 0.9)
+    results["models"]["pgd-at"]["0"]["clean"] = 0.7
+    claim = by_family(results)[("pgd-at", "weight-absolute")]
+    assert (
+        claim.verdict == "excluded" and "pgd-at's clean accuracy 70.0% is below 80%" in claim.reason
+    )
+    assert claim.p is None and claim.difference == pytest.approx(-0.04)  # numbers still shown
+    assert claim.difference_clean_adjusted == pytest.approx(0.46 / 0.7 - 0.5 / 0.9)  # +0.1
+    # the other tested claim (relative weights) is no longer corrected for this one
+    others = by_family(results)
+    assert others[("pgd-at", "weight-relative")].verdict == "excluded"
+    results["models"]["standard"]["0"]["clean"] = 0.5
+    results["models"]["pgd-at"]["0"]["clean"] = 0.9
+    assert (
+        "standard's clean accuracy 50.0%" in by_family(results)[("pgd-at", "input")].reason
+        if ("pgd-at", "input") in by_family(results)
+        else True
+    )
 
 
 def test_experiment_refuses_a_comparison_without_its_models():

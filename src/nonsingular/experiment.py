@@ -36,7 +36,7 @@ from torch import nn
 from . import checkpoint
 from ._version import __version__
 from .attacks import LOSSES
-from .checks import choice, integer
+from .checks import choice, integer, number
 from .data import Dataset, load
 from .distributed import alone, gather, mine, ranks
 from .errors import ConfigError
@@ -79,6 +79,7 @@ class Experiment:
     attack_restarts: int = 2
     attack_loss: str = "both"  # cross-entropy, then the margin (CW) loss: best per example
     stronger: bool = True  # attack each family's key budget again, twice as hard
+    min_clean: float = 0.8  # a model below this clean accuracy is flagged, kept out of verdicts
     eps_x: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2)
     eps_w_absolute: tuple[float, ...] = (0.0, 5e-4, 1e-3, 2e-3, 3e-3, 4e-3)
     eps_w_relative: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -119,6 +120,7 @@ class Experiment:
             if name not in self.methods:
                 raise ConfigError(f"the comparison needs the {name} model (its claims use it)")
         choice("attack_loss", self.attack_loss, LOSSES)
+        number("min_clean", self.min_clean, 0.0, 1.0)
         if not isinstance(self.stronger, bool):
             raise ConfigError(f"stronger must be true or false, got {self.stronger!r}")
         if self.intermediate is None:
@@ -141,6 +143,15 @@ class Experiment:
             raise ConfigError(
                 f"model must be one of {', '.join(ARCHITECTURES)}, got {self.model!r}"
             )
+
+    def training_threats(self) -> dict[str, Threat]:
+        """Each method's own training threat (methods that train against one)."""
+        out = {}
+        for method in self.methods:
+            threat = self.train_config(method, 0).resolved_threat()
+            if threat is not None and (threat.eps_x > 0 or threat.eps_w > 0):
+                out[method] = threat
+        return out
 
     def views(self) -> list[View]:
         """Input-only, the three weight-only views, in report order."""
@@ -407,6 +418,11 @@ def _skeleton(exp: Experiment, data: Dataset, n: int, nc: int) -> dict[str, Any]
         "outcomes": {
             f: {m: {} for m in exp.methods} for f in [*(v.name for v in exp.views()), "joint"]
         },
+        # every model under every method's training threat: comparisons on a threat's own terms
+        "matched": {
+            "threats": {m: t.to_dict() for m, t in exp.training_threats().items()},
+            "accuracy": {m: {} for m in exp.methods},
+        },
         "warnings": [],
     }
 
@@ -420,6 +436,7 @@ def _record(results: dict[str, Any], exp: Experiment, study: dict[str, Any]) -> 
     results["joint"]["accuracy"][method][seed] = study["joint"]
     for family, bits in study["outcomes"].items():
         results["outcomes"][family][method][seed] = bits
+    results["matched"]["accuracy"][method][seed] = study["matched"]
     for family, found in (study["stronger"] or {}).items():
         results["stronger"][family]["outcomes"][method][seed] = found
     certified = results["certified"]
@@ -520,6 +537,9 @@ def _study(
     joint_matrix = _matrix(got, exp, "attacked")
     outcomes["joint"] = [r["outcomes"]["attacked"] for r in got["rows"]]  # eps_x slowest
     certified = measure.table(joint, "certify", nc, attack, "certified")  # attacked too
+    own = exp.training_threats()
+    got = measure.table(list(own.values()), "attack", n, attack, "training threats")
+    matched = {m: r["attacked"] for m, r in zip(own, got["rows"], strict=True)}
     stronger = _stronger(exp, measure, n, outcomes) if exp.stronger else None
     say(f"  {method} (seed {seed}): done")
     return {
@@ -532,6 +552,7 @@ def _study(
         "certified_attacked": _matrix(certified, exp, "attacked"),
         "certified": {c: _matrix(certified, exp, c) for c in exp.certify},
         "stronger": stronger,
+        "matched": matched,
         "warnings": warnings + measure.warnings,
         "evaluations": measure.evaluations,
         "compute_seconds": info["train_seconds"] + sum(measure.seconds),

@@ -16,7 +16,9 @@ of replication depends on the threat:
   (``stats.seeds_t_p``), which needs ``MIN_SHARED_SEEDS`` seeds; with fewer the verdict says
   so rather than guess.
 
-The p-values of all tested claims are adjusted together by Holm's method. A claim is
+A claim whose model or standard model falls below the experiment's ``min_clean`` accuracy is
+*excluded* (an undertrained model says nothing about robustness). The p-values of all tested
+claims are adjusted together by Holm's method. A claim is
 *supported* when its adjusted p is below ``ALPHA`` and the difference lies in the claimed
 direction, *contradicted* when below ``ALPHA`` the other way, and *inconclusive* otherwise.
 """
@@ -39,7 +41,9 @@ RULE = (
     "survived, differenced between the models, tested by a paired bootstrap over examples "
     "and seeds. One shared perturbation: only seeds replicate (its examples are hit "
     f"together), so the per-seed differences are tested by a t-test, which needs "
-    f"{MIN_SHARED_SEEDS} seeds or more. The p-values of all claims are Holm-adjusted together; "
+    f"{MIN_SHARED_SEEDS} seeds or more. A claim whose model (or the standard one) is below "
+    "the stated clean accuracy is excluded. The p-values of all claims tested are "
+    "Holm-adjusted together; "
     f"supported: adjusted p < {ALPHA} in the claimed direction; contradicted: adjusted "
     f"p < {ALPHA} the other way; inconclusive otherwise."
 )
@@ -103,6 +107,9 @@ class Verdict:
     per_seed_differences: tuple[float, ...] = ()
     p: float | None = None
     p_holm: float | None = None
+    # the difference of robust accuracy as a share of clean accuracy (metric / clean), which
+    # does not reward a model for being right on fewer examples to begin with
+    difference_clean_adjusted: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -130,6 +137,16 @@ def family_metric(results: dict[str, Any], family: str, method: str, seed: str) 
     return statistics.fmean(scores(results, family, method, seed))
 
 
+def min_clean(results: dict[str, Any]) -> float:
+    """The clean accuracy a model needs to enter verdicts (the experiment states it)."""
+    return results["experiment"]["min_clean"]
+
+
+def mean_clean(results: dict[str, Any], method: str) -> float:
+    """Clean accuracy of ``method`` on the attacked examples, mean over seeds."""
+    return statistics.fmean(info["clean"] for info in results["models"][method].values())
+
+
 def _shared(results: dict[str, Any], family: str) -> bool:
     return family != "joint" and results["views"][family]["threat"].get("scope") == "shared"
 
@@ -151,6 +168,15 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
             out.append(base)
             continue
         out.append(_measure(results, base))
+        low = [m for m in (model, "standard") if mean_clean(results, m) < min_clean(results)]
+        if low:
+            base.verdict = "excluded"
+            base.reason = ", ".join(
+                f"{m}'s clean accuracy {100 * mean_clean(results, m):.1f}% is below "
+                f"{100 * min_clean(results):.0f}%"
+                for m in low
+            )
+            base.p = None
     tested = [v for v in out if v.p is not None]
     for v, adjusted in zip(tested, holm([v.p for v in tested]), strict=True):
         v.p_holm = adjusted
@@ -171,6 +197,13 @@ def _measure(results: dict[str, Any], v: Verdict) -> Verdict:
     v.metric_standard = statistics.fmean(statistics.fmean(z) for z in b)
     v.difference = statistics.fmean(per_seed)
     v.per_seed_differences = tuple(per_seed)
+    info_a, info_b = results["models"][v.model], results["models"]["standard"]
+    adjusted = [
+        statistics.fmean(x) / info_a[s]["clean"] - statistics.fmean(z) / info_b[s]["clean"]
+        for s, x, z in zip(seeds, a, b, strict=True)
+        if info_a[s]["clean"] > 0 and info_b[s]["clean"] > 0
+    ]
+    v.difference_clean_adjusted = statistics.fmean(adjusted) if adjusted else None
     if _shared(results, v.family):
         v.unit = "seeds"
         if len(seeds) < MIN_SHARED_SEEDS:
@@ -202,6 +235,7 @@ def at_key_budgets(results: dict[str, Any], attack: str) -> list[Verdict]:
             }
     joint = results["stronger"]["joint"]["threat"]
     narrowed = {
+        "experiment": results["experiment"],
         "models": results["models"],
         "views": views,
         "joint": {"eps_x": [joint["eps_x"]], "eps_w": [joint["eps_w"]]},
