@@ -350,3 +350,42 @@ def test_experiment_refuses_a_comparison_without_its_models():
         Experiment(methods=("standard", "awp", "bound-reg"))
     with pytest.raises(ConfigError, match="seeds"):
         Experiment(seeds=0)
+
+
+def test_an_experiment_comes_from_a_toml_file_and_flags_override_it(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text(
+        'methods = ["standard", "pgd-at", "awp"]\n'
+        "eps-x = [0, 0.03, 0.3]\n"
+        "attack-steps = 7\n"
+        "seeds = 2\n"
+    )
+    exp = Experiment.from_toml(path)
+    assert exp.methods == ("standard", "pgd-at", "awp") and exp.eps_x == (0, 0.03, 0.3)
+    assert exp.attack_steps == 7 and exp.seeds == 2 and exp.epochs == 20
+    quick = Experiment.from_toml(path, quick=True)
+    assert quick.epochs == 5 and quick.eps_x == (0, 0.03, 0.3)  # the file wins over quick
+    (tmp_path / "bad.toml").write_text("eps-x = [0, 0.1]\nstpes = 3\n")
+    with pytest.raises(ConfigError, match="unknown experiment option.*stpes"):
+        Experiment.from_toml(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize(
+    "budgets",
+    [[0.1, 0.05], [0, -0.1], [0, 0], [], [0, float("nan")], [0, True], "0.1"],
+)
+def test_budget_lists_are_checked(budgets):
+    with pytest.raises(ConfigError, match="increasing non-negative"):
+        Experiment.from_dict({"joint_eps_w": budgets})
+
+
+def test_reproduce_config_flag_reads_the_file_and_refuses_a_bad_one(tmp_path, capsys):
+    from nonsingular.cli import main
+
+    (tmp_path / "bad.toml").write_text("cert-dtype = 'float16'\n")
+    code = main(["reproduce", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cert_dtype" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+    code = main(["reproduce", "--config", str(tmp_path / "none.toml")])
+    assert code == 2 and "config file not found" in capsys.readouterr().err

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
+import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,17 @@ from .files import exclusive, write_json
 from .models import BUILTIN
 from .threat import Threat, grid
 from .training import TrainConfig, train
+from .training.config import read_toml
 
+# the experiment's budget lists (eps_x in units of the data's range: every loader gives [0, 1])
+BUDGETS = (
+    "eps_x",
+    "eps_w_absolute",
+    "eps_w_relative",
+    "eps_w_shared",
+    "joint_eps_x",
+    "joint_eps_w",
+)
 COMPARISON = ("standard", "pgd-at", "awp", "joint-at", "bound-reg", "ibp")
 ARCHITECTURES = tuple(BUILTIN)  # the experiment's architectures: the built-in ones
 
@@ -76,10 +88,11 @@ class Experiment:
     eval_size: int = 1000
     cert_size: int = 200
     attack_steps: int = 50
-    attack_restarts: int = 2
+    attack_restarts: int = 1  # per loss
     attack_loss: str = "both"  # cross-entropy, then the margin (CW) loss: best per example
     stronger: bool = True  # attack each family's key budget again, twice as hard
     min_clean: float = 0.8  # a model below this clean accuracy is flagged, kept out of verdicts
+    cert_dtype: str = "float32"  # the bounds' arithmetic (its rounding is bounded too: sound)
     eps_x: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2)
     eps_w_absolute: tuple[float, ...] = (0.0, 5e-4, 1e-3, 2e-3, 3e-3, 4e-3)
     eps_w_relative: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -109,7 +122,33 @@ class Experiment:
         }
         return cls(**{**settings, **changes})
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], quick: bool = False) -> Experiment:
+        """From a dict (a TOML file's tables flattened) whose keys are field names, with ``-``
+        or ``_``; lists become tuples. ``quick``: start from ``quick()``'s settings."""
+        known = {f.name for f in fields(cls)}
+        clean = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(clean) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown experiment option(s) {', '.join(unknown)}; known: "
+                f"{', '.join(sorted(known))}"
+            )
+        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in clean.items()}
+        return cls.quick(**clean) if quick else cls(**clean)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, quick: bool = False) -> Experiment:
+        """From an experiment TOML file (``reproduce --config``; see docs/reproduce.md)."""
+        return cls.from_dict(read_toml(path), quick=quick)
+
     def __post_init__(self) -> None:
+        for name in BUDGETS:
+            _check_budgets(name, getattr(self, name))
+        if self.methods is not None and (
+            not isinstance(self.methods, tuple) or not all(isinstance(m, str) for m in self.methods)
+        ):
+            raise ConfigError(f"methods must be a list of method names, got {self.methods!r}")
         if self.methods is None:  # the paper's bound (closed-form) is defined for MLPs only
             chosen = tuple(m for m in COMPARISON if self.model == "mlp" or m != "bound-reg")
             object.__setattr__(self, "methods", chosen)
@@ -121,6 +160,7 @@ class Experiment:
                 raise ConfigError(f"the comparison needs the {name} model (its claims use it)")
         choice("attack_loss", self.attack_loss, LOSSES)
         number("min_clean", self.min_clean, 0.0, 1.0)
+        choice("cert_dtype", self.cert_dtype, ("float32", "float64"))
         if not isinstance(self.stronger, bool):
             raise ConfigError(f"stronger must be true or false, got {self.stronger!r}")
         if self.intermediate is None:
@@ -235,6 +275,22 @@ def _weights_hash(model: nn.Module) -> str:
 
 def _sha256(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _check_budgets(name: str, values: object) -> None:
+    """A budget list: numbers from 0 up, increasing, at least one above 0."""
+    ok = (
+        isinstance(values, tuple)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        and all(math.isfinite(v) and v >= 0 for v in values)
+        and all(a < b for a, b in itertools.pairwise(values))
+        and any(v > 0 for v in values)
+    )
+    if not ok:
+        raise ConfigError(
+            f"{name} must be a list of increasing non-negative numbers with one above 0, "
+            f"like [0, 0.05, 0.1]; got {values!r}"
+        )
 
 
 class _EvalCache:
@@ -483,18 +539,22 @@ class _Measure:
             "weights": self.weights,
             "format": 2,  # rows carry per-example outcomes
         }
-        certify = list(exp.certify) if kind == "certify" else []
-        if certify:
-            key["intermediate"] = exp.intermediate
+        certifying = kind == "certify"  # certificates alone: the attack is the joint grid's
+        if certifying:
+            key.update(attack=None, intermediate=exp.intermediate, dtype=exp.cert_dtype)
 
         def compute() -> dict[str, Any]:
             return evaluate(
                 self.model,
                 (self.x[:rows], self.y[:rows]),
                 threats,
-                attack,
-                certify=certify,
-                certify_kwargs={"intermediate": exp.intermediate},
+                None if certifying else attack,
+                attack=not certifying,
+                certify=list(exp.certify) if certifying else [],
+                certify_kwargs={
+                    "intermediate": exp.intermediate,
+                    "dtype": getattr(torch, exp.cert_dtype),
+                },
                 progress=False,
             ).to_dict()
 
@@ -528,18 +588,20 @@ def _study(
     attack = exp.attack_options()
     views, outcomes = {}, {}
     for view in exp.views():
-        got = measure.table(view.threats(), "attack", n, attack, view.name)
-        views[view.name] = [r["attacked"] for r in got["rows"]]
-        outcomes[view.name] = [r["outcomes"]["attacked"] for r in got["rows"]]
-        info["clean"] = got["rows"][0]["clean"]
+        evaluated = measure.table(view.threats(), "attack", n, attack, view.name)
+        views[view.name] = [r["attacked"] for r in evaluated["rows"]]
+        outcomes[view.name] = [r["outcomes"]["attacked"] for r in evaluated["rows"]]
+        info["clean"] = evaluated["rows"][0]["clean"]
     joint = grid(exp.joint_eps_x, exp.joint_eps_w)
-    got = measure.table(joint, "attack", n, attack, "joint")
-    joint_matrix = _matrix(got, exp, "attacked")
-    outcomes["joint"] = [r["outcomes"]["attacked"] for r in got["rows"]]  # eps_x slowest
-    certified = measure.table(joint, "certify", nc, attack, "certified")  # attacked too
+    evaluated = measure.table(joint, "attack", n, attack, "joint")
+    joint_matrix = _shape(exp, [r["attacked"] for r in evaluated["rows"]])
+    outcomes["joint"] = [r["outcomes"]["attacked"] for r in evaluated["rows"]]  # eps_x slowest
+    certified = measure.table(joint, "certify", nc, attack, "certified")
+    attacked_nc = _on_first(outcomes["joint"], nc)  # the attack on the certified examples
+    warnings += _unsound(certified, attacked_nc, method)
     own = exp.training_threats()
-    got = measure.table(list(own.values()), "attack", n, attack, "training threats")
-    matched = {m: r["attacked"] for m, r in zip(own, got["rows"], strict=True)}
+    evaluated = measure.table(list(own.values()), "attack", n, attack, "training threats")
+    matched = {m: r["attacked"] for m, r in zip(own, evaluated["rows"], strict=True)}
     stronger = _stronger(exp, measure, n, outcomes) if exp.stronger else None
     say(f"  {method} (seed {seed}): done")
     return {
@@ -549,8 +611,10 @@ def _study(
         "views": views,
         "joint": joint_matrix,
         "outcomes": outcomes,
-        "certified_attacked": _matrix(certified, exp, "attacked"),
-        "certified": {c: _matrix(certified, exp, c) for c in exp.certify},
+        "certified_attacked": _shape(exp, [bits.count("1") / nc for bits in attacked_nc]),
+        "certified": {
+            c: _shape(exp, [r["certified"][c] for r in certified["rows"]]) for c in exp.certify
+        },
         "stronger": stronger,
         "matched": matched,
         "warnings": warnings + measure.warnings,
@@ -568,9 +632,11 @@ def _stronger(
     is one perturbation for all examples, the outcomes of the one that broke more)."""
     out = {}
     for family, threat in exp.key_threats().items():
-        got = measure.table([threat], "attack", n, exp.attack_options(2), f"{family}, stronger")
+        harder_table = measure.table(
+            [threat], "attack", n, exp.attack_options(2), f"{family}, stronger"
+        )
         default = outcomes[family][exp.key_index(family)]
-        harder = got["rows"][0]["outcomes"]["attacked"]
+        harder = harder_table["rows"][0]["outcomes"]["attacked"]
         if threat.scope == "shared":  # one perturbation each: the worse of the two, whole
             both = min(default, harder, key=lambda bits: bits.count("1"))
         else:
@@ -581,12 +647,28 @@ def _stronger(
     return out
 
 
-def _matrix(table: dict[str, Any], exp: Experiment, column: str) -> list[list[float]]:
-    """A table's rows as a matrix: rows eps_x, columns eps_w."""
-    cells = {
-        (r["eps_x"], r["eps_w"]): (
-            r["attacked"] if column == "attacked" else r["certified"][column]
-        )
-        for r in table["rows"]
-    }
-    return [[cells[(ex, ew)] for ew in exp.joint_eps_w] for ex in exp.joint_eps_x]
+def _on_first(outcomes: list[str], n: int) -> list[str]:
+    return [bits[:n] for bits in outcomes]
+
+
+def _unsound(certified: dict[str, Any], attacked: list[str], method: str) -> list[str]:
+    """Examples a certificate certified that the attack broke: always none, unless a bound is
+    wrong (a soundness bug, reported loudly)."""
+    out = []
+    for row, broken_by in zip(certified["rows"], attacked, strict=True):
+        for c, bits in row["outcomes"].items():
+            if c == "clean":
+                continue
+            both = sum(a == "1" and b == "0" for a, b in zip(bits, broken_by, strict=True))
+            if both:
+                out.append(
+                    f"{method}: {both} examples certified by {c} were broken by the attack at "
+                    f"eps_x={row['eps_x']:g}, eps_w={row['eps_w']:g}: a soundness bug"
+                )
+    return out
+
+
+def _shape(exp: Experiment, cells: list[float]) -> list[list[float]]:
+    """Joint-grid values in grid order (eps_x slowest) as a matrix: rows eps_x, columns eps_w."""
+    w = len(exp.joint_eps_w)
+    return [cells[i * w : (i + 1) * w] for i in range(len(exp.joint_eps_x))]

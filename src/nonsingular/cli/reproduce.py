@@ -8,15 +8,17 @@ from typing import Any
 
 from ..distributed import ranks
 from ..experiment import ARCHITECTURES, Experiment, run_experiment
+from ..training.config import read_toml
 from . import common
 
 
 def run(args: argparse.Namespace) -> int:
     where = common.device(args.device)
-    changes: dict[str, Any] = {"data": args.data, "model": args.model, "seeds": args.seeds}
-    if args.epochs is not None:
-        changes["epochs"] = args.epochs
-    exp = Experiment.quick(**changes) if args.quick else Experiment(**changes)
+    settings = read_toml(args.config) if args.config is not None else {}
+    for name in ("data", "model", "seeds", "epochs"):  # flags given override the file
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    exp = Experiment.from_dict(settings, quick=args.quick)
     out: Path = args.out or Path("runs") / ("reproduce-quick" if args.quick else "reproduce")
     results = run_experiment(exp, out, device=where, say=lambda text: common.say(args, text))
     if not ranks().lead:  # every process holds the results: one writes the report
@@ -67,17 +69,25 @@ def register(sub: Any) -> None:
         action="store_true",
         help="fewer epochs, smaller grids and test sets (a few minutes)",
     )
-    p.add_argument("--data", default="mnist5k", help="data set (default mnist5k)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="experiment TOML: methods, budgets, grids, attack, seeds... (see docs/reproduce.md); "
+        "flags given on the command line override it",
+    )
+    p.add_argument("--data", default=None, help="data set (default mnist5k)")
     p.add_argument(
         "--model",
         choices=ARCHITECTURES,
-        default="mlp",
+        default=None,
         help="architecture of every model (default mlp)",
     )
     p.add_argument(
         "--seeds",
         type=int,
-        default=1,
+        default=None,
         help="repeat with N seeds; the report gives mean and spread (default 1)",
     )
     p.add_argument(
