@@ -9,7 +9,7 @@ import pytest
 
 from nonsingular import ConfigError, experiment
 from nonsingular.experiment import Experiment, run_experiment
-from nonsingular.report import cell, pct, stronger_attack, write_report
+from nonsingular.report import cell, pct, recipe_section, stronger_attack, write_report
 from nonsingular.training import loop
 from nonsingular.verdicts import CLAIMS, at_key_budgets, verdicts
 
@@ -110,6 +110,13 @@ def test_the_report_shows_the_verdicts_and_numbers_of_the_json(reproduced):
                 assert found["stronger"].count("1") <= found["default"].count("1")
             else:  # example by example
                 assert all(s <= d for s, d in zip(found["stronger"], found["default"], strict=True))
+    # the claims again on models trained without augmentation, beside the default recipe
+    assert "## Sensitivity to the recipe" in report and "no-augmentation (augment=0)" in report
+    plain = results["recipes"]["no-augmentation"]
+    assert set(plain["models"]) == {"standard", "pgd-at", "awp", "bound-reg"}
+    info = json.loads((out / "models/seed0/no-augmentation/pgd-at/config.json").read_text())
+    assert info["config"]["augment"] == 0
+    assert len(plain["outcomes"]["joint"]["pgd-at"]["0"]) == 4  # the 2 x 2 joint grid
     # one seed: the shared view cannot be judged, and says why
     shared = [c for c in results["claims"] if c["family"] == "weight-shared"]
     assert shared[0]["verdict"] == "needs seeds" and "3 seeds" in shared[0]["reason"]
@@ -163,11 +170,21 @@ def test_rerun_reuses_models_and_evaluations(reproduced, monkeypatch):
     monkeypatch.setattr(loop, "make_method", lambda config: NoTraining())  # used by any step
     monkeypatch.setattr(experiment, "evaluate", no_evaluation)
     again = run_experiment(Experiment.quick(**TINY), out, say=messages.append)
-    assert sum("reusing" in m for m in messages) == len(experiment.COMPARISON)
+    # the six models, and the four claim models trained without augmentation
+    assert sum("reusing" in m for m in messages) == len(experiment.COMPARISON) + 4
     assert again["views"] == results["views"] and again["joint"] == results["joint"]
-    # per model: 4 views, the joint grid, its certificates, the training threats, 5 key
-    # budgets attacked harder
-    assert again["reused"] == {"models": 6, "of_models": 6, "evaluations": 72, "of_evaluations": 72}
+    for part in ("views", "joint", "outcomes"):
+        assert (
+            again["recipes"]["no-augmentation"][part] == results["recipes"]["no-augmentation"][part]
+        )
+    # per main model: 4 views, the joint grid, its certificates, the training threats, 5 key
+    # budgets attacked harder (6 x 12); per recipe model: 4 views and the joint grid (4 x 5)
+    assert again["reused"] == {
+        "models": 10,
+        "of_models": 10,
+        "evaluations": 92,
+        "of_evaluations": 92,
+    }
 
 
 def test_a_model_trained_with_other_options_is_not_silently_reused(reproduced):
@@ -389,3 +406,17 @@ def test_reproduce_config_flag_reads_the_file_and_refuses_a_bad_one(tmp_path, ca
     assert not (tmp_path / "o").exists()  # refused before anything was written
     code = main(["reproduce", "--config", str(tmp_path / "none.toml")])
     assert code == 2 and "config file not found" in capsys.readouterr().err
+
+
+def test_a_claim_that_moves_with_the_training_recipe_is_shown_to():
+    """Default recipe: pgd-at 4 points below standard (supported); without augmentation the
+    two are equal: the section shows both verdicts and counts the change."""
+    results = fake({"standard": [range(500)], "pgd-at": [range(460)]})
+    plain = fake({"standard": [range(500)], "pgd-at": [range(500)]})
+    results["recipes"] = {"no-augmentation": {**plain, "changes": {"augment": 0}}}
+    claims = verdicts(results)
+    text = "\n".join(recipe_section(results, claims, {f: f for f in FAMILIES}))
+    row = next(line for line in text.splitlines() if line.startswith("| 1 | weight-absolute"))
+    assert "supported (-4.0 points)" in row and "inconclusive (+0.0 points)" in row
+    assert "no-augmentation (augment=0)" in text
+    assert "2 of 5 verdicts differ between recipes" in text  # absolute and relative views

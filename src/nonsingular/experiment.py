@@ -59,7 +59,11 @@ BUDGETS = (
     "joint_eps_w",
 )
 COMPARISON = ("standard", "pgd-at", "awp", "joint-at", "bound-reg", "ibp")
-ARCHITECTURES = tuple(BUILTIN)  # the experiment's architectures: the built-in ones
+ARCHITECTURES = tuple(BUILTIN)
+# a recipe: the training options it changes (the default recipe changes none)
+RECIPES: dict[str, dict[str, Any]] = {
+    "no-augmentation": {"augment": 0}
+}  # the experiment's architectures: the built-in ones
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,10 @@ class Experiment:
     stronger: bool = True  # attack each family's key budget again, twice as hard
     min_clean: float = 0.8  # a model below this clean accuracy is flagged, kept out of verdicts
     cert_dtype: str = "float32"  # the bounds' arithmetic (its rounding is bounded too: sound)
+    # training recipes besides the default one, under which the claims are decided again (the
+    # claims' models only: recipe_methods), shown side by side in the report
+    recipes: tuple[str, ...] = ("no-augmentation",)
+    recipe_methods: tuple[str, ...] = ("standard", "pgd-at", "awp", "bound-reg")
     eps_x: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2)
     eps_w_absolute: tuple[float, ...] = (0.0, 5e-4, 1e-3, 2e-3, 3e-3, 4e-3)
     eps_w_relative: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -161,6 +169,12 @@ class Experiment:
         choice("attack_loss", self.attack_loss, LOSSES)
         number("min_clean", self.min_clean, 0.0, 1.0)
         choice("cert_dtype", self.cert_dtype, ("float32", "float64"))
+        for recipe in self.recipes:
+            choice("recipes", recipe, tuple(RECIPES))
+        for method in self.recipe_methods:
+            choice("recipe_methods", method, COMPARISON)
+        if self.recipes and "standard" not in self.recipe_methods:
+            raise ConfigError("recipe_methods needs standard: every claim compares with it")
         if not isinstance(self.stronger, bool):
             raise ConfigError(f"stronger must be true or false, got {self.stronger!r}")
         if self.intermediate is None:
@@ -251,7 +265,8 @@ class Experiment:
         view = next(v for v in self.views() if v.name == family)
         return view.budgets.index(getattr(key, view.axis))
 
-    def train_config(self, method: str, seed: int) -> TrainConfig:
+    def train_config(self, method: str, seed: int, recipe: str | None = None) -> TrainConfig:
+        """How ``method`` is trained with ``seed`` (under ``recipe``'s changes, if any)."""
         return TrainConfig(
             data=self.data,
             model=self.model,
@@ -259,7 +274,22 @@ class Experiment:
             epochs=self.epochs,
             seed=seed,
             eval_size=0,
+            **(RECIPES[recipe] if recipe else {}),
         )
+
+    def work(self) -> list[tuple[int, str, str | None]]:
+        """Every model to train and measure: (seed, method, recipe or None), in one order."""
+        out: list[tuple[int, str, str | None]] = [
+            (seed, m, None) for seed in range(self.seeds) for m in self.methods
+        ]
+        for recipe in self.recipes:
+            out += [
+                (seed, m, recipe)
+                for seed in range(self.seeds)
+                for m in self.methods
+                if m in self.recipe_methods
+            ]
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -346,14 +376,15 @@ def _model(
     data: Dataset,
     device: torch.device,
     say: Callable[[str], None],
+    recipe: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The trained model of ``method`` and ``seed``: from its run directory, or trained now."""
-    run = out / "models" / f"seed{seed}" / method
-    config = exp.train_config(method, seed)
+    run = out / "models" / f"seed{seed}" / (f"{recipe}/{method}" if recipe else method)
+    config = exp.train_config(method, seed, recipe)
     done = run / "metrics.jsonl"
     reused = done.exists() and len(done.read_text().splitlines()) == config.epochs
     say(
-        f"  {method} (seed {seed}): "
+        f"  {_name(method, recipe)} (seed {seed}): "
         + (f"reusing {run}" if reused else f"training {config.epochs} epochs")
     )
     # a finished run is loaded, an interrupted one continued (both from their state), and a
@@ -368,6 +399,10 @@ def _model(
         "clean_full_test": history[-1]["test_accuracy"],
         "train_seconds": sum(m["seconds"] for m in history),
     }
+
+
+def _name(method: str, recipe: str | None) -> str:
+    return f"{method} ({recipe})" if recipe else method
 
 
 def run_experiment(
@@ -402,16 +437,19 @@ def _run(
     data = load(exp.data, seed=0)
     n = min(exp.eval_size, len(data.x_test))
     nc = min(exp.cert_size, n)
-    work = [(seed, method) for seed in range(exp.seeds) for method in exp.methods]
+    work = exp.work()
     done = []
     assigned = mine(work)  # dealt among the processes (all of it to one process)
     with alone():  # each model is one process's work, start to end
-        for _, (seed, method) in assigned:
-            done.append(_study(exp, out, seed, method, data, n, nc, device, say))
-    studies = {(s["seed"], s["method"]): s for part in gather(done) for s in part}
+        for _, (seed, method, recipe) in assigned:
+            if recipe is None:
+                done.append(_study(exp, out, seed, method, data, n, nc, device, say))
+            else:
+                done.append(_recipe_study(exp, out, seed, method, recipe, data, n, device, say))
+    studies = {(s["seed"], s["method"], s["recipe"]): s for part in gather(done) for s in part}
     results = _skeleton(exp, data, n, nc)
-    for seed, method in work:  # assembled in one order, whoever computed what
-        _record(results, exp, studies[(seed, method)])
+    for key in work:  # assembled in one order, whoever computed what
+        _record(results, exp, studies[key])
     results["seconds"] = time.perf_counter() - start
     every = list(studies.values())
     results["compute_seconds"] = sum(s["compute_seconds"] for s in every)
@@ -479,13 +517,45 @@ def _skeleton(exp: Experiment, data: Dataset, n: int, nc: int) -> dict[str, Any]
             "threats": {m: t.to_dict() for m, t in exp.training_threats().items()},
             "accuracy": {m: {} for m in exp.methods},
         },
+        # the claims' models trained by each other recipe, measured under the same attacks
+        "recipes": {r: _recipe_skeleton(exp, r) for r in exp.recipes},
         "warnings": [],
     }
 
 
+def _views_skeleton(exp: Experiment) -> dict[str, Any]:
+    return {
+        v.name: {
+            "label": v.label,
+            "axis": v.axis,
+            "budgets": list(v.budgets),
+            "threat": v.threat,
+            "accuracy": {},
+        }
+        for v in exp.views()
+    }
+
+
+def _recipe_skeleton(exp: Experiment, recipe: str) -> dict[str, Any]:
+    """A recipe's part of ``results.json``: laid out as the main results, so that the same
+    verdicts read it."""
+    return {
+        "changes": RECIPES[recipe],
+        "experiment": exp.to_dict(),
+        "models": {},
+        "views": _views_skeleton(exp),
+        "joint": {"eps_x": list(exp.joint_eps_x), "eps_w": list(exp.joint_eps_w), "accuracy": {}},
+        "outcomes": {f: {} for f in [*(v.name for v in exp.views()), "joint"]},
+    }
+
+
 def _record(results: dict[str, Any], exp: Experiment, study: dict[str, Any]) -> None:
-    """Put one model's study into ``results``."""
+    """Put one model's study into ``results`` (a recipe's into ``results["recipes"]``)."""
     method, seed = study["method"], str(study["seed"])
+    if study["recipe"] is not None:
+        _record_attacks(results["recipes"][study["recipe"]], study)
+        results["warnings"] += study["warnings"]
+        return
     results["models"][method][seed] = study["info"]
     for name, accuracy in study["views"].items():
         results["views"][name]["accuracy"][method][seed] = accuracy
@@ -500,6 +570,17 @@ def _record(results: dict[str, Any], exp: Experiment, study: dict[str, Any]) -> 
     for c in exp.certify:
         certified["accuracy"][c][method][seed] = study["certified"][c]
     results["warnings"] += study["warnings"]
+
+
+def _record_attacks(into: dict[str, Any], study: dict[str, Any]) -> None:
+    """A recipe's model: its clean accuracy and attack outcomes, where verdicts read them."""
+    method, seed = study["method"], str(study["seed"])
+    into["models"].setdefault(method, {})[seed] = study["info"]
+    for name, accuracy in study["views"].items():
+        into["views"][name]["accuracy"].setdefault(method, {})[seed] = accuracy
+    into["joint"]["accuracy"].setdefault(method, {})[seed] = study["joint"]
+    for family, bits in study["outcomes"].items():
+        into["outcomes"][family].setdefault(method, {})[seed] = bits
 
 
 class _Measure:
@@ -586,16 +667,8 @@ def _study(
 
     measure = _Measure(exp, out, model, data, n, device, seed, method, warn)
     attack = exp.attack_options()
-    views, outcomes = {}, {}
-    for view in exp.views():
-        evaluated = measure.table(view.threats(), "attack", n, attack, view.name)
-        views[view.name] = [r["attacked"] for r in evaluated["rows"]]
-        outcomes[view.name] = [r["outcomes"]["attacked"] for r in evaluated["rows"]]
-        info["clean"] = evaluated["rows"][0]["clean"]
+    views, joint_matrix, outcomes = _attacked(exp, measure, n, info)
     joint = grid(exp.joint_eps_x, exp.joint_eps_w)
-    evaluated = measure.table(joint, "attack", n, attack, "joint")
-    joint_matrix = _shape(exp, [r["attacked"] for r in evaluated["rows"]])
-    outcomes["joint"] = [r["outcomes"]["attacked"] for r in evaluated["rows"]]  # eps_x slowest
     certified = measure.table(joint, "certify", nc, attack, "certified")
     attacked_nc = _on_first(outcomes["joint"], nc)  # the attack on the certified examples
     warnings += _unsound(certified, attacked_nc, method)
@@ -607,6 +680,7 @@ def _study(
     return {
         "seed": seed,
         "method": method,
+        "recipe": None,
         "info": info,
         "views": views,
         "joint": joint_matrix,
@@ -618,6 +692,55 @@ def _study(
         "stronger": stronger,
         "matched": matched,
         "warnings": warnings + measure.warnings,
+        "evaluations": measure.evaluations,
+        "compute_seconds": info["train_seconds"] + sum(measure.seconds),
+    }
+
+
+def _attacked(
+    exp: Experiment, measure: _Measure, n: int, info: dict[str, Any]
+) -> tuple[dict[str, list[float]], list[list[float]], dict[str, list[str]]]:
+    """The four views and the joint grid, attacked: accuracies, the joint matrix, per-example
+    outcomes (``info`` gets the clean accuracy)."""
+    attack = exp.attack_options()
+    views, outcomes = {}, {}
+    for view in exp.views():
+        evaluated = measure.table(view.threats(), "attack", n, attack, view.name)
+        views[view.name] = [r["attacked"] for r in evaluated["rows"]]
+        outcomes[view.name] = [r["outcomes"]["attacked"] for r in evaluated["rows"]]
+        info["clean"] = evaluated["rows"][0]["clean"]
+    joint = grid(exp.joint_eps_x, exp.joint_eps_w)
+    evaluated = measure.table(joint, "attack", n, attack, "joint")
+    outcomes["joint"] = [r["outcomes"]["attacked"] for r in evaluated["rows"]]  # eps_x slowest
+    return views, _shape(exp, [r["attacked"] for r in evaluated["rows"]]), outcomes
+
+
+def _recipe_study(
+    exp: Experiment,
+    out: Path,
+    seed: int,
+    method: str,
+    recipe: str,
+    data: Dataset,
+    n: int,
+    device: torch.device,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """A model trained by another recipe, attacked as the main ones (no certificates, no
+    stronger or matched attacks: what the verdicts need)."""
+    model, info = _model(exp, out, method, seed, data, device, say, recipe)
+    measure = _Measure(exp, out, model, data, n, device, seed, f"{recipe}/{method}", say)
+    views, joint_matrix, outcomes = _attacked(exp, measure, n, info)
+    say(f"  {_name(method, recipe)} (seed {seed}): done")
+    return {
+        "seed": seed,
+        "method": method,
+        "recipe": recipe,
+        "info": info,
+        "views": views,
+        "joint": joint_matrix,
+        "outcomes": outcomes,
+        "warnings": measure.warnings,
         "evaluations": measure.evaluations,
         "compute_seconds": info["train_seconds"] + sum(measure.seconds),
     }

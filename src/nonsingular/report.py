@@ -255,6 +255,7 @@ def markdown(
         header(results),
         verdict_section(claims, labels),
         stronger_attack(results, labels),
+        recipe_section(results, claims, labels),
         what_was_run(results),
         clean_section(results, summary),
         views_section(results, summary, made),
@@ -552,6 +553,40 @@ def stronger_attack(results: dict[str, Any], family: dict[str, str]) -> list[str
         "",
     ]
     return out
+
+
+def recipe_section(
+    results: dict[str, Any], claims: list[Verdict], labels: dict[str, str]
+) -> list[str]:
+    """The claims decided again on the models each other training recipe made, beside the
+    default recipe's verdicts: a claim that moves with the recipe rests on it."""
+    recipes = results.get("recipes") or {}
+    if not recipes:
+        return []
+    decided = {r: verdicts(part) for r, part in recipes.items()}
+    head = ["claim", "threat family", "default recipe"] + [
+        f"{r} ({', '.join(f'{k}={v}' for k, v in part['changes'].items())})"
+        for r, part in recipes.items()
+    ]
+    rows = [
+        [c.claim, labels[c.family], f"{c.verdict} ({_points(c)})"]
+        + [f"{decided[r][i].verdict} ({_points(decided[r][i])})" for r in recipes]
+        for i, c in enumerate(claims)
+    ]
+    moved = sum(
+        any(decided[r][i].verdict != c.verdict for r in recipes) for i, c in enumerate(claims)
+    )
+    return [
+        "## Sensitivity to the recipe",
+        "",
+        "The claims' models trained again with each other recipe, attacked the same way, and "
+        "decided by the same rule (their own Holm correction):",
+        "",
+        _table(head, rows),
+        "",
+        f"**{moved} of {len(claims)} verdicts differ between recipes.**",
+        "",
+    ]
 
 
 def _points(v: Verdict) -> str:
