@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/nonsingular reproduce --quick --out runs/reproduce-quick
 
+# the full experiment, 3 seeds, one process per core (models are dealt to the processes)
+CORES = $(shell $(PYTHON) -c "import os; print(len(os.sched_getaffinity(0)))")
 reproduce: $(STAMP)
-	$(VENV)/bin/nonsingular reproduce --out runs/reproduce
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(CORES) \
+		-m nonsingular reproduce --seeds 3 --out runs/reproduce
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nonsingular.distributed import Ranks, mine
 
 from .distributed_tasks import METHODS, TASKS, worker
 
@@ -194,3 +198,20 @@ def test_torchrun_evaluates_like_one_process_and_a_killed_process_fails_the_job(
     assert killed.returncode != 0
     assert "exitcode" in killed.stderr and "-9" in killed.stderr  # torchrun names the death
     assert not (tmp_path / "killed.json").exists()  # never a partial result as if whole
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 50), st.integers(1, 5))
+def test_dealing_gives_every_item_to_exactly_one_process_in_even_shares(n, world):
+    shares = [[i for i, _ in mine(range(n), Ranks(rank, world))] for rank in range(world)]
+    assert sorted(i for share in shares for i in share) == list(range(n))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_dealing_spreads_a_repeating_pattern_of_costs():
+    """Six methods per seed, the dear ones (pgd-at, joint-at, ibp) at odd places: dealt in
+    turn, one process would get all of them; dealt back and forth, each gets some."""
+    work = [(seed, m) for seed in range(3) for m in range(6)]
+    for rank in range(2):
+        dear = [m for _, (_, m) in mine(work, Ranks(rank, 2)) if m % 2 == 1]
+        assert 0 < len(dear) < 9

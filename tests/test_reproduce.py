@@ -4,6 +4,7 @@ import hashlib
 import json
 import re
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -420,3 +421,11 @@ def test_a_claim_that_moves_with_the_training_recipe_is_shown_to():
     assert "supported (-4.0 points)" in row and "inconclusive (+0.0 points)" in row
     assert "no-augmentation (augment=0)" in text
     assert "2 of 5 verdicts differ between recipes" in text  # absolute and relative views
+
+
+def test_the_toml_example_in_the_docs_is_a_valid_experiment(tmp_path):
+    docs = (Path(__file__).parent.parent / "docs" / "reproduce.md").read_text()
+    block = docs.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "exp.toml").write_text(block)
+    exp = Experiment.from_toml(tmp_path / "exp.toml")
+    assert exp.model == "cnn" and exp.attack_restarts == 2 and exp.recipes == ("no-augmentation",)

@@ -106,9 +106,17 @@ def dealt(n: int, where: Ranks | None = None) -> slice:
 
 
 def mine(items: Sequence[T], where: Ranks | None = None) -> list[tuple[int, T]]:
-    """``(index, item)`` for the items this rank handles, dealt round robin."""
+    """``(index, item)`` for the items this rank handles, dealt back and forth (0, 1, ...,
+    W-1, W-1, ..., 1, 0, 0, 1, ...): lists that repeat a pattern of costs (the same methods
+    for each seed) then spread the dear items over the ranks instead of giving them all to
+    one."""
     where = where or ranks()
-    return [(i, item) for i, item in enumerate(items) if i % where.world == where.rank]
+    return [(i, item) for i, item in enumerate(items) if _dealt_to(i, where.world) == where.rank]
+
+
+def _dealt_to(i: int, world: int) -> int:
+    turn, place = divmod(i, world)
+    return place if turn % 2 == 0 else world - 1 - place
 
 
 def total(values: Sequence[float], device: torch.device | None = None) -> list[float]:

@@ -89,8 +89,8 @@ class Experiment:
     seeds: int = 1
     epochs: int = 20
     methods: tuple[str, ...] | None = None  # None: all six (bound-reg for an MLP only)
-    eval_size: int = 1000
-    cert_size: int = 200
+    eval_size: int = 500  # attacked test examples
+    cert_size: int = 100
     attack_steps: int = 50
     attack_restarts: int = 1  # per loss
     attack_loss: str = "both"  # cross-entropy, then the margin (CW) loss: best per example

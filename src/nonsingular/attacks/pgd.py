@@ -141,6 +141,34 @@ def _pgd_run(
     return trace
 
 
+def _runs(
+    space: JointSpace,
+    x: Tensor,
+    y: Tensor,
+    best: BestSoFar,
+    positions: Tensor,
+    loss: str,
+    restarts: int,
+    seed: int,
+    options: tuple[int, float, bool, bool],
+) -> Tensor:
+    """Every PGD run (``restarts`` per loss), each on the examples still unbroken (all of
+    them for a shared perturbation); the first run's loss trace. ``options``: steps, step
+    size, random start, until_broken."""
+    steps, alpha, start, until_broken = options
+    runs = ["ce", "margin"] if loss == "both" else [loss]
+    all_rows = torch.arange(len(y), device=x.device)
+    trace = torch.zeros(1)
+    for run, loss_name in enumerate(n for n in runs for _ in range(restarts)):
+        rows = all_rows if space.is_shared else all_rows[best.margins > 0]
+        if len(rows) == 0:
+            break
+        args = (loss_name, steps, alpha, start, mix(seed, "run", run), positions, until_broken)
+        t = _pgd_run(space, x, y, rows, best, *args)
+        trace = t if run == 0 else trace
+    return trace
+
+
 def default_step_size(steps: int) -> float:
     """PGD's step as a fraction of each ball's radius: 2.5 radii in all (1 for FGSM)."""
     return 1.0 if steps == 1 else 2.5 / steps
@@ -220,29 +248,8 @@ def attack(
     if space.balls:
         alpha = step_size if step_size is not None else default_step_size(steps)
         start = steps > 1 if random_start is None else random_start
-        runs = ["ce", "margin"] if loss == "both" else [loss]
-        all_rows = torch.arange(len(y), device=device)
-        for run, (loss_name, _) in enumerate((n, r) for n in runs for r in range(restarts)):
-            rows = all_rows if space.is_shared else all_rows[best.margins > 0]
-            if len(rows) == 0:
-                break
-            run_seed = mix(seed, "run", run)
-            t = _pgd_run(
-                space,
-                x,
-                y,
-                rows,
-                best,
-                loss_name,
-                steps,
-                alpha,
-                start,
-                run_seed,
-                positions,
-                until_broken and not space.is_shared,
-            )
-            trace = t if run == 0 else trace
-
+        options = (steps, alpha, start, until_broken and not space.is_shared)
+        trace = _runs(space, x, y, best, positions, loss, restarts, seed, options)
     state = best.state
 
     def deltas(i: int) -> dict[str, Tensor]:

@@ -219,19 +219,8 @@ def train(
     objective = _objective(model, method, where, data.x_train[: config.batch_size].to(device))
     with contextlib.ExitStack() as held:
         if out is not None:
-            if resume and not (out / STATE).exists():
-                _check_dir(out, resume)  # nothing to resume: say so before creating anything
-            if writes:
-                _make_dir(out)
-                held.enter_context(exclusive(out))  # one writer per run directory
-            _check_dir(out, resume)
-            if resume:
-                history = _resume(out, config, model, opt, schedule)
-            elif writes:
-                write_json(
-                    out / "config.json", _run_info(config, data, model, architecture, split_seed)
-                )
-                write_text(out / "config.toml", config.to_toml())
+            info = _run_info(config, data, model, architecture, split_seed)
+            history = _open_run(out, resume, writes, held, info, (config, model, opt, schedule))
         test = (data.x_test.to(device), data.y_test.to(device))
         with torch.random.fork_rng(devices=[]):  # Dropout's randomness, not the caller's
             for epoch in range(len(history), config.epochs):
@@ -270,6 +259,30 @@ def train(
         if writes and resume:
             _write_outputs(out, model, architecture, config, history)  # killed after the state
     return TrainResult(model, config, history, out)
+
+
+def _open_run(
+    out: Path,
+    resume: bool,
+    writes: bool,
+    held: contextlib.ExitStack,
+    info: dict[str, Any],
+    training: tuple[TrainConfig, nn.Module, Any, Any],
+) -> list[dict[str, Any]]:
+    """Make or check the run directory (held by this writer); the history it resumes."""
+    config, model, opt, schedule = training
+    if resume and not (out / STATE).exists():
+        _check_dir(out, resume)  # nothing to resume: say so before creating anything
+    if writes:
+        _make_dir(out)
+        held.enter_context(exclusive(out))  # one writer per run directory
+    _check_dir(out, resume)
+    if resume:
+        return _resume(out, config, model, opt, schedule)
+    if writes:
+        write_json(out / "config.json", info)
+        write_text(out / "config.toml", config.to_toml())
+    return []
 
 
 def _resume(

@@ -453,16 +453,11 @@ class Activation:
         b_l = use_l * (f_u - slope_l * u) + (1.0 - use_l) * m
         return a_l, b_l, a_u, b_u
 
-    def _smooth_bounds(
-        self, l: Tensor, u: Tensor, dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Parallel lines with the chord slope through the exact extremes of f(x) - a x."""
+    def _candidates(self, l: Tensor, u: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Candidate rows x, f(x) and f'(x) (empty where f' jumps): l, u and each breakpoint
+        clamped into [l, u]. f (and f' where it is continuous) at a clamped breakpoint is
+        f(l), f(u) or one constant: no evaluation."""
         spec = self._smooth
-        shape = l.shape
-        l, u = l.reshape(-1), u.reshape(-1)
-        x_mag = torch.maximum(l.abs(), u.abs())
-        # Candidate rows: l, u and each breakpoint clamped into [l, u]. f (and f' where it is
-        # continuous) at a clamped breakpoint is f(l), f(u) or one constant: no evaluation.
         ends = torch.stack([l, u])
         f_ends = self(ends)
         d_ends = spec.df(ends) if spec.continuous else None
@@ -477,6 +472,18 @@ class Activation:
             if d_ends is not None:
                 d_b = torch.where(above, d_ends[1], spec.df(bt))
                 rows_d.append(torch.where(below, d_ends[0], d_b))
+        return rows_x, rows_f, rows_d
+
+    def _smooth_bounds(
+        self, l: Tensor, u: Tensor, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Parallel lines with the chord slope through the exact extremes of f(x) - a x."""
+        spec = self._smooth
+        shape = l.shape
+        l, u = l.reshape(-1), u.reshape(-1)
+        x_mag = torch.maximum(l.abs(), u.abs())
+        rows_x, rows_f, rows_d = self._candidates(l, u)
+        f_ends = (rows_f[0], rows_f[1])
         xs, fx = torch.stack(rows_x), torch.stack(rows_f)
 
         rise = fx[1] - fx[0]
