@@ -43,6 +43,7 @@ from nonsingular.training import TrainConfig, train
 from nonsingular.training.state import load_state
 
 from .conftest import assert_state_equal, malicious_pickle, state_copy
+from .test_reproduce import TINY as TINY_SETTINGS
 
 
 def exit_code(args):
@@ -1140,14 +1141,16 @@ def test_a_state_written_by_the_library_loads(run_dir):
 
 
 # ------------------------------------------------------------------------- caches (reproduce)
+# the reproduction's tiny settings, without the parts these cases do not need
+CACHED = {**TINY_SETTINGS, "stronger": False, "recipes": ()}
+
+
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
     from nonsingular.experiment import Experiment, run_experiment
 
-    from .test_reproduce import TINY
-
     out = tmp_path_factory.mktemp("cached")
-    return out, run_experiment(Experiment.quick(**TINY), out, say=lambda text: None)
+    return out, run_experiment(Experiment.quick(**CACHED), out, say=lambda text: None)
 
 
 def _cache_edit(change):
@@ -1198,16 +1201,14 @@ def test_damaged_or_stale_caches_are_recomputed_never_trusted(case, reproduced, 
 
     from nonsingular.experiment import Experiment, run_experiment
 
-    from .test_reproduce import TINY
-
     source, original = reproduced
     out = tmp_path / "copy"
     shutil.copytree(source, out)
     hack, warning = CACHE_CASES[case]
     hack(out / "evals" / "seed0" / "standard.json")
     messages = []
-    again = run_experiment(Experiment.quick(**TINY), out, say=messages.append)
-    assert again["reused"]["models"] == again["reused"]["of_models"] == 10  # models intact
+    again = run_experiment(Experiment.quick(**CACHED), out, say=messages.append)
+    assert again["reused"]["models"] == again["reused"]["of_models"] == 6  # models intact
     assert again["reused"]["evaluations"] < original["reused"]["of_evaluations"]  # recomputed
     assert again["views"] == original["views"] and again["joint"] == original["joint"]
     added = [w for w in again["warnings"] if w not in original["warnings"]]
