@@ -5,11 +5,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
 
 from .errors import ConfigError, NonsingularError
 
 MAX_SEED = 2**31 - 1  # numpy, torch and the per-epoch seed arithmetic all take it
 MAX_BATCH = 1 << 20  # examples per batch
+
+
+def options(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """``data``'s keys as the field names of dataclass ``cls`` (``-`` read as ``_``, as in
+    flags and TOML files); unknown keys are a ConfigError naming them and the known ones."""
+    known = {f.name for f in fields(cls)}
+    clean = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(clean) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown {what} options: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    return clean
 
 
 def integer(

@@ -28,7 +28,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from torch import nn
 from . import checkpoint
 from ._version import __version__
 from .attacks import LOSSES
-from .checks import choice, integer, number
+from .checks import choice, integer, number, options
 from .data import Dataset, load
 from .distributed import alone, gather, mine, ranks
 from .errors import ConfigError
@@ -134,14 +134,7 @@ class Experiment:
     def from_dict(cls, data: dict[str, Any], quick: bool = False) -> Experiment:
         """From a dict (a TOML file's tables flattened) whose keys are field names, with ``-``
         or ``_``; lists become tuples. ``quick``: start from ``quick()``'s settings."""
-        known = {f.name for f in fields(cls)}
-        clean = {str(k).replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(clean) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown experiment option(s) {', '.join(unknown)}; known: "
-                f"{', '.join(sorted(known))}"
-            )
+        clean = options(cls, data, "experiment")
         clean = {k: tuple(v) if isinstance(v, list) else v for k, v in clean.items()}
         return cls.quick(**clean) if quick else cls(**clean)
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..checks import MAX_BATCH, MAX_SEED, choice, integer, number
+from ..checks import MAX_BATCH, MAX_SEED, choice, integer, number, options
 from ..errors import ConfigError, ThreatError
 from ..models import Architecture, check_factory_name
 from ..threat import MAX_BUDGET, Threat
@@ -189,13 +189,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """From a dict whose keys are field names or CLI flags (``eps-x``)."""
-        known = {f.name for f in fields(cls)}
-        clean = {str(k).replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(clean) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown training options: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        clean = options(cls, data, "training")
         if isinstance(clean.get("hidden"), list):
             clean["hidden"] = tuple(clean["hidden"])
         return cls(**clean)
