@@ -270,7 +270,7 @@ def evaluate(
             if where.rank == i % where.world:
                 local.append(_evaluate_point(model, x, y, positions, threat, len(x), len(x), *args))
             else:  # nothing here: the sum over processes is the owner's
-                local.append(Counts.none(len(x), *args))
+                local.append(Counts.none(len(x), args[0], methods))
         else:
             local.append(
                 _evaluate_point(
@@ -305,13 +305,7 @@ class Counts:
     moved: bool = False
 
     @classmethod
-    def none(
-        cls,
-        n: int,
-        options: dict[str, Any] | None,
-        methods: list[str],
-        certify_kwargs: dict[str, Any],
-    ) -> Counts:
+    def none(cls, n: int, options: dict[str, Any] | None, methods: list[str]) -> Counts:
         """Nothing found yet for ``n`` examples, with the keys ``_evaluate_point`` fills."""
         attacked = ["attacked"] if options is not None else []
         return cls(
@@ -369,7 +363,7 @@ def _evaluate_point(
 ) -> Counts:
     """Attack and certify ``x`` in batches of ``size`` (``positions``: each example's place in
     the data set of ``n``, which seeds its random draws and says where its outcome goes)."""
-    counts = Counts.none(n, options, methods, certify_kwargs)
+    counts = Counts.none(n, options, methods)
     for batch in _batches(len(x), size):
         where = positions[batch]  # the examples' places in the data set
         if options is not None:
