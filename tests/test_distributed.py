@@ -82,11 +82,11 @@ def _flat(value):
 def test_reproduce_in_two_processes_gives_the_numbers_of_one(tmp_path):
     one = in_one_process("reproduce", tmp_path / "one")
     two = in_two_processes("reproduce", tmp_path / "two")
-    for key in ("views", "joint", "certified"):
-        assert two[key] == one[key], key
-    for method, seeds in one["models"].items():
-        for seed, info in seeds.items():
-            assert two["models"][method][seed]["clean"] == info["clean"]
+    assert len(one["models"]) == len(two["models"]) == 3 + 3  # and the recipe's three
+    for a, b in zip(one["models"], two["models"], strict=True):
+        assert (a["method"], a["seed"], a["recipe"]) == (b["method"], b["seed"], b["recipe"])
+        for key in ("clean", "accuracy", "joint", "outcomes", "certified", "matched", "stronger"):
+            assert a[key] == b[key], (a["method"], a["recipe"], key)
     assert (one["world_size"], two["world_size"]) == (1, 2)
 
 

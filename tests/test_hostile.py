@@ -1208,10 +1208,11 @@ def test_damaged_or_stale_caches_are_recomputed_never_trusted(case, reproduced, 
     hack(out / "evals" / "seed0" / "standard.json")
     messages = []
     again = run_experiment(Experiment.quick(**CACHED), out, say=messages.append)
-    assert again["reused"]["models"] == again["reused"]["of_models"] == 6  # models intact
-    assert again["reused"]["evaluations"] < original["reused"]["of_evaluations"]  # recomputed
-    assert again["views"] == original["views"] and again["joint"] == original["joint"]
-    added = [w for w in again["warnings"] if w not in original["warnings"]]
+    assert len(again.models) == 6 and all(m.reused for m in again.models)  # models intact
+    assert sum(m.evaluations_computed for m in again.models) > 0  # recomputed
+    for model, earlier in zip(again.models, original.models, strict=True):
+        assert model.accuracy == earlier.accuracy and model.joint == earlier.joint
+    added = [w for w in again.warnings if w not in original.warnings]
     if warning is None:  # not a damaged cache: quietly not reused
         assert not added
     else:

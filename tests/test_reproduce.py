@@ -9,10 +9,19 @@ from pathlib import Path
 import pytest
 
 from nonsingular import ConfigError, experiment
-from nonsingular.experiment import Experiment, run_experiment
+from nonsingular.experiment import (
+    AtKeyBudget,
+    DataInfo,
+    Experiment,
+    Measured,
+    Results,
+    run_experiment,
+    spread,
+)
+from nonsingular.experiment import run as running
 from nonsingular.report import cell, pct, recipe_section, stronger_attack, write_report
 from nonsingular.training import loop
-from nonsingular.verdicts import CLAIMS, at_key_budgets, verdicts
+from nonsingular.verdicts import CLAIMS, verdicts
 
 TINY = {
     "epochs": 1,
@@ -34,7 +43,8 @@ def reproduced(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
     results = run_experiment(Experiment.quick(**TINY), out, say=lambda text: None)
     write_report(results, out, ["reproduce", "--quick", "(test)"])
-    return out, json.loads((out / "results.json").read_text())
+    document = json.loads((out / "results.json").read_text())
+    return out, Results.from_dict(document), document
 
 
 def table_rows(report: str, heading: str, keys: int = 1) -> dict:
@@ -51,7 +61,7 @@ def table_rows(report: str, heading: str, keys: int = 1) -> dict:
 
 
 def test_report_figures_and_json_exist_and_agree(reproduced):
-    out, results = reproduced
+    out, results, document = reproduced
     report = (out / "report.md").read_text()
     for name in [
         "accuracy_vs_eps_x.png",
@@ -65,97 +75,106 @@ def test_report_figures_and_json_exist_and_agree(reproduced):
         width, height = struct.unpack(">II", data[16:24])
         assert width > 300 and height > 250
         assert f"(figures/{name})" in report, name  # embedded or linked
-    summary = results["summary"]
-    for name, view in results["views"].items():
-        rows = table_rows(report, f"## {view['label'][0].upper() + view['label'][1:]}")
+    exp = results.experiment
+    summary = document["summary"]
+    for family in exp.families():
+        rows = table_rows(report, f"## {family.label[0].upper() + family.label[1:]}")
         assert set(rows) == set(experiment.COMPARISON)
         for method, cells in rows.items():
-            expected = [cell(summary["views"][name][method], i) for i in range(len(cells))]
-            assert cells == expected, (name, method)
-            raw = view["accuracy"][method]["0"]
-            assert cells == [pct(v) for v in raw]  # one seed: the raw numbers themselves
+            (model,) = results.of(method)
+            assert cells == [pct(v) for v in model.accuracy[family.name]]  # one seed: raw
+            means = summary["families"][family.name][method]["mean"]
+            assert means == model.accuracy[family.name]
     joint = table_rows(report, "Robust accuracy under joint attacks:", keys=2)
-    assert len(joint) == len(experiment.COMPARISON) * len(results["joint"]["eps_x"])
+    assert len(joint) == len(experiment.COMPARISON) * len(exp.joint_eps_x)
     for (method, eps_x), cells in joint.items():
-        i = [f"{x:g}" for x in results["joint"]["eps_x"]].index(eps_x)
-        assert cells == [pct(v) for v in results["joint"]["accuracy"][method]["0"][i]]
-    for c in results["certified"]["methods"]:
+        i = [f"{x:g}" for x in exp.joint_eps_x].index(eps_x)
+        assert cells == [pct(v) for v in results.of(method)[0].joint[i]]
+    for c in exp.certify:
         certified = table_rows(report, f"Certified by {c}, on the first", keys=2)
         for (method, eps_x), cells in certified.items():
-            i = [f"{x:g}" for x in results["certified"]["eps_x"]].index(eps_x)
-            assert cells == [pct(v) for v in results["certified"]["accuracy"][c][method]["0"][i]]
+            i = [f"{x:g}" for x in exp.joint_eps_x].index(eps_x)
+            assert cells == [pct(v) for v in results.of(method)[0].certified[c][i]]
     clean = table_rows(report, "## Clean accuracy")
     assert {m: c[0] for m, c in clean.items()} == {
-        m: pct(results["models"][m]["0"]["clean"]) for m in experiment.COMPARISON
+        m: pct(results.of(m)[0].clean) for m in experiment.COMPARISON
     }
 
 
 def test_the_report_shows_the_verdicts_and_numbers_of_the_json(reproduced):
-    out, results = reproduced
+    out, results, document = reproduced
     report = (out / "report.md").read_text()
     shown = re.findall(
         r"\*\*(supported|contradicted|inconclusive|needs seeds|excluded)\*\*", report
     )
-    assert shown == [c["verdict"] for c in results["claims"]]
+    assert shown == [c["verdict"] for c in document["claims"]]
     assert len(shown) == len(CLAIMS) == 5
     assert "Rule:" in report and "Holm" in report and "paired" in report
-    for c in results["claims"]:
+    for c in document["claims"]:
         assert f"{100 * c['difference']:+.1f}" in report
     # the stronger check ran at every family's key budget, for every model
     assert "## Stronger attack" in report and "verdicts change with the stronger attack" in report
-    for family, entry in results["stronger"].items():
+    for family, threat in results.experiment.key_threats().items():
         for method in experiment.COMPARISON:
-            found = entry["outcomes"][method]["0"]
-            assert len(found["stronger"]) == TINY["eval_size"], family
-            if entry["threat"]["scope"] == "shared":  # the worse of two whole perturbations
-                assert found["stronger"].count("1") <= found["default"].count("1")
+            found = results.of(method)[0].stronger[family]
+            assert len(found.stronger) == TINY["eval_size"], family
+            if threat.scope == "shared":  # the worse of two whole perturbations
+                assert found.stronger.count("1") <= found.default.count("1")
             else:  # example by example
-                assert all(s <= d for s, d in zip(found["stronger"], found["default"], strict=True))
+                assert all(s <= d for s, d in zip(found.stronger, found.default, strict=True))
     # the claims again on models trained without augmentation, beside the default recipe
     assert "## Sensitivity to the recipe" in report and "no-augmentation (augment=0)" in report
-    plain = results["recipes"]["no-augmentation"]
-    assert set(plain["models"]) == {"standard", "pgd-at", "awp", "bound-reg"}
+    assert set(results.methods("no-augmentation")) == {"standard", "pgd-at", "awp", "bound-reg"}
     info = json.loads((out / "models/seed0/no-augmentation/pgd-at/config.json").read_text())
     assert info["config"]["augment"] == 0
-    assert len(plain["outcomes"]["joint"]["pgd-at"]["0"]) == 4  # the 2 x 2 joint grid
+    (plain,) = results.of("pgd-at", "no-augmentation")
+    assert len(plain.outcomes["joint"]) == 4 and not plain.certified  # the 2 x 2 joint grid
     # one seed: the shared view cannot be judged, and says why
-    shared = [c for c in results["claims"] if c["family"] == "weight-shared"]
+    shared = [c for c in document["claims"] if c["family"] == "weight-shared"]
     assert shared[0]["verdict"] == "needs seeds" and "3 seeds" in shared[0]["reason"]
     # per-example outcomes are in the JSON: one 0/1 per attacked example, per budget
-    bits = results["outcomes"]["weight-absolute"]["standard"]["0"]
+    (standard,) = results.of("standard")
+    bits = standard.outcomes["weight-absolute"]
     assert len(bits) == len(TINY["eps_w_absolute"])
     assert all(len(b) == TINY["eval_size"] and set(b) <= {"0", "1"} for b in bits)
-    accuracy = results["views"]["weight-absolute"]["accuracy"]["standard"]["0"]
+    accuracy = standard.accuracy["weight-absolute"]
     assert [b.count("1") / len(b) for b in bits] == pytest.approx(accuracy)
 
 
 def test_results_say_where_they_came_from(reproduced):
-    out, results = reproduced
-    run = results["run"]
+    out, results, _ = reproduced
+    run = results.run
     assert run["command"] == "nonsingular reproduce --quick '(test)'"
     assert run["nonsingular"] and run["torch"] and "CPU cores" in run["machine"]
-    assert results["data"]["split"] == "test" and results["data"]["split_seed"] == 0
-    for seeds in results["models"].values():
-        weights = out / seeds["0"]["run_dir"] / "model.safetensors"
-        assert seeds["0"]["checkpoint_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert results.data.split == "test" and results.data.split_seed == 0
+    for model in results.models:
+        weights = out / model.run_dir / "model.safetensors"
+        assert model.checkpoint_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     report = (out / "report.md").read_text()
     seeds = "1 seed"
     assert report.count(f"{TINY['eval_size']} mnist5k test examples, {seeds}") >= 3  # captions
 
 
+def test_the_json_reads_back_into_the_results_it_was_written_from(reproduced):
+    _, results, document = reproduced
+    assert Results.from_dict(results.to_dict()) == results
+    assert {k: document[k] for k in results.to_dict()} == results.to_dict()
+    assert len(results.models) == len(experiment.COMPARISON) + 4  # and the recipe's four
+
+
 def test_certificates_sit_under_the_attack_on_the_same_examples(reproduced):
-    _, results = reproduced
-    certified = results["certified"]
-    for method in experiment.COMPARISON:
-        attacked = certified["attacked"][method]["0"]
-        for c in certified["methods"]:
-            for row_c, row_a in zip(certified["accuracy"][c][method]["0"], attacked, strict=True):
+    _, results, _ = reproduced
+    for model in results.models:
+        if model.recipe is not None:
+            continue
+        for c in results.experiment.certify:
+            for row_c, row_a in zip(model.certified[c], model.certified_attacked, strict=True):
                 assert all(cv <= av + 1e-12 for cv, av in zip(row_c, row_a, strict=True))
-    assert not [w for w in results["warnings"] if "soundness" in w]
+    assert not [w for w in results.warnings if "soundness" in w]
 
 
 def test_rerun_reuses_models_and_evaluations(reproduced, monkeypatch):
-    out, results = reproduced
+    out, results, _ = reproduced
     messages = []
 
     class NoTraining:
@@ -169,27 +188,22 @@ def test_rerun_reuses_models_and_evaluations(reproduced, monkeypatch):
         raise AssertionError("a finished evaluation was computed again")
 
     monkeypatch.setattr(loop, "make_method", lambda config: NoTraining())  # used by any step
-    monkeypatch.setattr(experiment, "evaluate", no_evaluation)
+    monkeypatch.setattr(running, "evaluate", no_evaluation)
     again = run_experiment(Experiment.quick(**TINY), out, say=messages.append)
     # the six models, and the four claim models trained without augmentation
     assert sum("reusing" in m for m in messages) == len(experiment.COMPARISON) + 4
-    assert again["views"] == results["views"] and again["joint"] == results["joint"]
-    for part in ("views", "joint", "outcomes"):
-        assert (
-            again["recipes"]["no-augmentation"][part] == results["recipes"]["no-augmentation"][part]
-        )
+    for model, earlier in zip(again.models, results.models, strict=True):
+        assert model.accuracy == earlier.accuracy and model.joint == earlier.joint
+        assert model.outcomes == earlier.outcomes and model.certified == earlier.certified
     # per main model: 4 views, the joint grid, its certificates, the training threats, 5 key
     # budgets attacked harder (6 x 12); per recipe model: 4 views and the joint grid (4 x 5)
-    assert again["reused"] == {
-        "models": 10,
-        "of_models": 10,
-        "evaluations": 92,
-        "of_evaluations": 92,
-    }
+    assert all(m.reused for m in again.models) and len(again.models) == 10
+    assert sum(m.evaluations_reused for m in again.models) == 92
+    assert sum(m.evaluations_computed for m in again.models) == 0
 
 
 def test_a_model_trained_with_other_options_is_not_silently_reused(reproduced):
-    out, _ = reproduced
+    out, _, _ = reproduced
     with pytest.raises(ConfigError, match="other options"):
         run_experiment(Experiment.quick(**{**TINY, "epochs": 2}), out, say=lambda text: None)
 
@@ -197,42 +211,54 @@ def test_a_model_trained_with_other_options_is_not_silently_reused(reproduced):
 FAMILIES = ("input", "weight-absolute", "weight-relative", "weight-shared", "joint")
 
 
-def fake(survivors: dict[str, list[range | set]], n: int = 1000) -> dict:
-    """results.json as the verdicts read it: per method, per seed, the examples that survive
-    every nonzero budget of every family (all survive at budget 0)."""
+def fake(
+    survivors: dict[str, list[range | set]],
+    n: int = 1000,
+    recipe: str | None = None,
+    stronger: dict[str, list] | None = None,
+) -> Results:
+    """Results as the verdicts read them: per method, per seed, the examples that survive
+    every nonzero budget of every family (all survive at budget 0); ``stronger``: per method
+    and seed, the survivors of the default and the stronger attack together at the key
+    budgets (the default attack's there are ``survivors``)."""
     everyone = "1" * n
 
     def bits(alive) -> str:
         return "".join("1" if i in alive else "0" for i in range(n))
 
-    outcomes = {
-        family: {
-            m: {str(s): [everyone, bits(alive)] for s, alive in enumerate(per_seed)}
-            for m, per_seed in survivors.items()
-        }
-        for family in FAMILIES[:-1]
-    }
-    outcomes["joint"] = {  # grid (0, 0), (0, 1), (1, 0), (1, 1): budget 0 first
-        m: {str(s): [everyone, *[bits(alive)] * 3] for s, alive in enumerate(per_seed)}
-        for m, per_seed in survivors.items()
-    }
-    views = {
-        f: {"budgets": [0.0, 1.0], "threat": {"scope": "shared"} if f == "weight-shared" else {}}
-        for f in FAMILIES[:-1]
-    }
-    return {
-        "experiment": {"min_clean": 0.8},
-        "models": {
-            m: {str(s): {"clean": 0.9} for s in range(len(v))} for m, v in survivors.items()
-        },
-        "views": views,
-        "joint": {"eps_x": [0.0, 1.0], "eps_w": [0.0, 1.0]},
-        "outcomes": outcomes,
-    }
+    exp = Experiment(
+        methods=("standard", "pgd-at", "awp", "bound-reg"),
+        attack_steps=10,
+        **{name: (0.0, 0.1) for name in experiment.BUDGETS},
+    )
+    models = []
+    for method, per_seed in survivors.items():
+        for seed, alive in enumerate(per_seed):
+            outcomes = {f.name: [everyone, bits(alive)] for f in exp.families()}
+            outcomes["joint"] = [everyone, *[bits(alive)] * 3]  # grid (0,0), (0,1), (1,0), (1,1)
+            after = bits(stronger[method][seed]) if stronger else bits(alive)
+            models.append(
+                Measured(
+                    method=method,
+                    seed=seed,
+                    recipe=recipe,
+                    clean=0.9,
+                    clean_full_test=0.9,
+                    train_seconds=1.0,
+                    run_dir="",
+                    checkpoint_sha256="",
+                    reused=False,
+                    accuracy={f: [1.0, len(alive) / n] for f in outcomes if f != "joint"},
+                    joint=[[1.0, len(alive) / n], [len(alive) / n] * 2],
+                    outcomes=outcomes,
+                    stronger={f: AtKeyBudget(bits(alive), after) for f in outcomes},
+                )
+            )
+    return Results(exp, DataInfo("fake", n, n, (1,), 10), models)
 
 
-def by_family(results: dict) -> dict:
-    return {(c.model, c.family): c for c in verdicts(results)}
+def by_family(results: Results, **options) -> dict:
+    return {(c.model, c.family): c for c in verdicts(results, **options)}
 
 
 def test_a_small_difference_on_the_same_examples_is_significant_when_paired():
@@ -281,48 +307,16 @@ def test_holm_turns_a_lone_small_p_into_inconclusive_among_more_claims():
     assert claim.p_holm > 0.05 and claim.verdict == "inconclusive"
 
 
-def with_stronger(results: dict, stronger: dict[str, list], n: int = 1000) -> dict:
-    """``results`` (from ``fake``) with key budgets: the default attack's outcomes are the
-    family's nonzero budget; ``stronger`` gives per method and seed the survivors of both."""
-
-    def bits(alive) -> str:
-        return "".join("1" if i in alive else "0" for i in range(n))
-
-    results["stronger"] = {
-        family: {
-            "threat": {
-                "eps_x": 1.0 if family in ("input", "joint") else 0.0,
-                "eps_w": 0.0 if family == "input" else 1.0,
-                **results["views"].get(family, {}).get("threat", {}),
-            },
-            "outcomes": {
-                m: {
-                    s: {"default": o[-1], "stronger": bits(stronger[m][int(s)])}
-                    for s, o in results["outcomes"][family][m].items()
-                }
-                for m in results["models"]
-            },
-        }
-        for family in FAMILIES
-    }
-    for family in FAMILIES[:-1]:
-        results["views"][family]["axis"] = "eps_x" if family == "input" else "eps_w"
-        results["views"][family]["label"] = family
-    results["attack"] = {"steps": 10, "restarts": 1, "loss": "both"}
-    results["stronger_attack"] = {"steps": 20, "restarts": 2, "loss": "both"}
-    return results
-
-
 def test_a_verdict_that_rests_on_a_weak_attack_is_shown_to_change():
     """pgd-at looks 4 points less robust under the default attack, but the stronger attack
     breaks 40 more of the standard model's examples: the difference vanishes, the verdict
     moves from supported to inconclusive, and the report's section says so."""
-    results = with_stronger(
-        fake({"standard": [range(500)], "pgd-at": [range(460)]}),
-        {"standard": [range(460)], "pgd-at": [range(460)]},
+    results = fake(
+        {"standard": [range(500)], "pgd-at": [range(460)]},
+        stronger={"standard": [range(460)], "pgd-at": [range(460)]},
     )
-    before = {(v.model, v.family): v for v in at_key_budgets(results, "default")}
-    after = {(v.model, v.family): v for v in at_key_budgets(results, "stronger")}
+    before = by_family(results, attack="default")
+    after = by_family(results, attack="stronger")
     assert before[("pgd-at", "weight-absolute")].verdict == "supported"
     assert after[("pgd-at", "weight-absolute")].verdict == "inconclusive"
     assert after[("pgd-at", "weight-absolute")].difference == 0
@@ -330,9 +324,9 @@ def test_a_verdict_that_rests_on_a_weak_attack_is_shown_to_change():
     assert "## Stronger attack" in text and "PGD-20, 2 restarts" in text
     assert "50.0% → 46.0%" in text  # the standard model, default → stronger
     assert "2 of 5 verdicts change with the stronger attack" in text  # absolute and relative
-    steady = with_stronger(
-        fake({"standard": [range(500)], "pgd-at": [range(460)]}),
+    steady = fake(
         {"standard": [range(500)], "pgd-at": [range(460)]},
+        stronger={"standard": [range(500)], "pgd-at": [range(460)]},
     )
     assert "0 of 5 verdicts change" in "\n".join(stronger_attack(steady, {f: f for f in FAMILIES}))
 
@@ -344,7 +338,8 @@ def test_an_undertrained_model_is_kept_out_of_verdicts_and_adjusted_figures_show
     fine = by_family(results)[("pgd-at", "weight-absolute")]
     assert fine.verdict == "supported"
     assert fine.difference_clean_adjusted == pytest.approx(0.46 / 0.9 - 0.5 / 0.9)
-    results["models"]["pgd-at"]["0"]["clean"] = 0.7
+    (pgd,) = results.of("pgd-at")
+    pgd.clean = 0.7
     claim = by_family(results)[("pgd-at", "weight-absolute")]
     assert (
         claim.verdict == "excluded" and "pgd-at's clean accuracy 70.0% is below 80%" in claim.reason
@@ -354,13 +349,9 @@ def test_an_undertrained_model_is_kept_out_of_verdicts_and_adjusted_figures_show
     # the other tested claim (relative weights) is no longer corrected for this one
     others = by_family(results)
     assert others[("pgd-at", "weight-relative")].verdict == "excluded"
-    results["models"]["standard"]["0"]["clean"] = 0.5
-    results["models"]["pgd-at"]["0"]["clean"] = 0.9
-    assert (
-        "standard's clean accuracy 50.0%" in by_family(results)[("pgd-at", "input")].reason
-        if ("pgd-at", "input") in by_family(results)
-        else True
-    )
+    results.of("standard")[0].clean, pgd.clean = 0.5, 0.9
+    low = by_family(results)[("pgd-at", "weight-absolute")]
+    assert low.verdict == "excluded" and "standard's clean accuracy 50.0%" in low.reason
 
 
 def test_experiment_refuses_a_comparison_without_its_models():
@@ -413,9 +404,10 @@ def test_a_claim_that_moves_with_the_training_recipe_is_shown_to():
     """Default recipe: pgd-at 4 points below standard (supported); without augmentation the
     two are equal: the section shows both verdicts and counts the change."""
     results = fake({"standard": [range(500)], "pgd-at": [range(460)]})
-    plain = fake({"standard": [range(500)], "pgd-at": [range(500)]})
-    results["recipes"] = {"no-augmentation": {**plain, "changes": {"augment": 0}}}
+    plain = fake({"standard": [range(500)], "pgd-at": [range(500)]}, recipe="no-augmentation")
+    results.models += plain.models
     claims = verdicts(results)
+    assert by_family(results, recipe="no-augmentation")[("pgd-at", "weight-absolute")].p > 0.5
     text = "\n".join(recipe_section(results, claims, {f: f for f in FAMILIES}))
     row = next(line for line in text.splitlines() if line.startswith("| 1 | weight-absolute"))
     assert "supported (-4.0 points)" in row and "inconclusive (+0.0 points)" in row
@@ -429,3 +421,13 @@ def test_the_toml_example_in_the_docs_is_a_valid_experiment(tmp_path):
     (tmp_path / "exp.toml").write_text(block)
     exp = Experiment.from_toml(tmp_path / "exp.toml")
     assert exp.model == "cnn" and exp.attack_restarts == 2 and exp.recipes == ("no-augmentation",)
+
+
+def test_the_summary_over_seeds_is_mean_and_sample_sd_elementwise():
+    per_seed = [[[0.5, 0.6]], [[0.7, 0.8]], [[0.9, 1.0]]]  # three seeds, 1 x 2 matrices
+    summary = spread(per_seed)
+    assert summary.mean[0] == pytest.approx([0.7, 0.8]) and len(summary.mean) == 1
+    assert summary.sd[0] == pytest.approx([0.2, 0.2])
+    assert cell(summary, 0, 1) == "80.0% ± 20.0"
+    one = spread([[0.25, 0.5]])
+    assert one.sd is None and cell(one, 1) == "50.0%"  # one seed: no spread shown

@@ -1,19 +1,20 @@
 """The reproduction's report: ``results.json``, PNG figures and ``report.md``, all from one
-results dict, so every number in the report is one in the JSON (the tests check it)."""
+``Results``, so every number in the report is one in the JSON (the tests check it)."""
 
 from __future__ import annotations
 
-import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
 
+from .experiment import RECIPES, Measured, Results, Spread
 from .files import write_json, write_text
 from .provenance import provenance
-from .threat import Threat
-from .verdicts import RULE, Verdict, at_key_budgets, verdicts
+from .verdicts import RULE, Verdict, verdicts
 
 # Okabe-Ito colours (told apart with any colour vision deficiency), and a marker per model so
 # the lines also part in greyscale
@@ -48,12 +49,12 @@ def _loss(name: str) -> str:
     return LOSS_NAMES.get(name, name)
 
 
-def caption(results: dict[str, Any], certified: bool = False, bands: bool = True) -> str:
+def caption(results: Results, certified: bool = False, bands: bool = True) -> str:
     """What a figure shows: examples, seeds and, for line plots, what the bands are."""
-    data = results["data"]
-    n = data["certified_examples"] if certified else data["test_examples"]
-    seeds = len(next(iter(results["models"].values())))
-    text = f"{n} {data['name']} test examples, {seeds} seed{'s' if seeds != 1 else ''}"
+    data = results.data
+    n = data.certified_examples if certified else data.test_examples
+    seeds = results.seeds
+    text = f"{n} {data.name} test examples, {seeds} seed{'s' if seeds != 1 else ''}"
     if seeds > 1:
         text += "; mean over seeds" + ("; bands: ± 1 sd over seeds" if bands else "")
     return text
@@ -63,69 +64,63 @@ def pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def _mean_sd(per_seed: dict[str, Any]) -> tuple[Any, Any]:
-    """Mean and sd over seeds of numbers, lists or matrices (sd None for a single seed)."""
-    values = list(per_seed.values())
+@dataclass
+class Summary:
+    """Means and spreads over seeds of everything the report's tables and figures show (the
+    default recipe's models), per method."""
 
-    def combine(items: list[Any]) -> tuple[Any, Any]:
-        if isinstance(items[0], list):
-            pairs = [combine([item[i] for item in items]) for i in range(len(items[0]))]
-            return [p[0] for p in pairs], [p[1] for p in pairs]
-        return statistics.fmean(items), (statistics.stdev(items) if len(items) > 1 else None)
+    clean: dict[str, Spread]
+    families: dict[str, dict[str, Spread]]  # per one-axis family: per budget
+    joint: dict[str, Spread]  # joint-grid matrices
+    certified: dict[str, dict[str, Spread]]  # per certificate: joint-grid matrices
+    certified_attacked: dict[str, Spread]  # the attack on the certified examples
 
-    return combine(values)
-
-
-def summarize(results: dict[str, Any]) -> dict[str, Any]:
-    """Means and spreads over seeds of everything, plus the verdicts: what the report shows."""
-    summary: dict[str, Any] = {"clean": {}, "views": {}, "joint": {}, "certified": {}}
-    for method, seeds in results["models"].items():
-        mean, sd = _mean_sd({s: info["clean"] for s, info in seeds.items()})
-        summary["clean"][method] = {"mean": mean, "sd": sd}
-    for name, view in results["views"].items():
-        summary["views"][name] = {
-            m: dict(zip(("mean", "sd"), _mean_sd(acc), strict=True))
-            for m, acc in view["accuracy"].items()
-        }
-    summary["joint"] = {
-        m: dict(zip(("mean", "sd"), _mean_sd(acc), strict=True))
-        for m, acc in results["joint"]["accuracy"].items()
-    }
-    summary["certified"] = {
-        c: {m: dict(zip(("mean", "sd"), _mean_sd(acc), strict=True)) for m, acc in per.items()}
-        for c, per in results["certified"]["accuracy"].items()
-    }
-    summary["certified_attacked"] = {
-        m: dict(zip(("mean", "sd"), _mean_sd(acc), strict=True))
-        for m, acc in results["certified"]["attacked"].items()
-    }
-    return summary
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def cell(entry: dict[str, Any], *index: int) -> str:
+def summarize(results: Results) -> Summary:
+    """Every number the report shows, as mean and sd over seeds (``spread``, the one helper)."""
+    methods = results.methods()
+
+    def per_method(value: Callable[[Measured], Any]) -> dict[str, Spread]:
+        return {m: results.over_seeds(m, value) for m in methods}
+
+    return Summary(
+        clean=per_method(lambda r: r.clean),
+        families={
+            f.name: per_method(lambda r, name=f.name: r.accuracy[name])
+            for f in results.experiment.families()
+        },
+        joint=per_method(lambda r: r.joint),
+        certified={
+            c: per_method(lambda r, c=c: r.certified[c]) for c in results.experiment.certify
+        },
+        certified_attacked=per_method(lambda r: r.certified_attacked),
+    )
+
+
+def cell(entry: Spread, *index: int) -> str:
     """``mean`` (``± sd`` when there are several seeds) of one entry of a summary."""
-    mean, sd = entry["mean"], entry["sd"]
-    for i in index:
-        mean, sd = mean[i], sd[i]
+    mean, sd = entry.at(*index).mean, entry.at(*index).sd
     return pct(mean) if sd is None else f"{pct(mean)} ± {100 * sd:.1f}"
 
 
-def _plot_lines(ax: Any, budgets: list[float], summary: dict[str, Any], label: str) -> None:
-    for method, entry in summary.items():
-        mean, sd = entry["mean"], entry["sd"]
+def _plot_lines(ax: Any, budgets: tuple[float, ...], lines: dict[str, Spread], label: str) -> None:
+    for method, entry in lines.items():
         ax.plot(
             budgets,
-            [100 * v for v in mean],
+            [100 * v for v in entry.mean],
             marker=MARKERS.get(method, "o"),
             ms=4,
             label=method,
             color=COLORS.get(method),
         )
-        if sd[0] is not None:
+        if entry.sd is not None:
             ax.fill_between(
                 budgets,
-                [100 * (m - s) for m, s in zip(mean, sd, strict=True)],
-                [100 * (m + s) for m, s in zip(mean, sd, strict=True)],
+                [100 * (m - s) for m, s in zip(entry.mean, entry.sd, strict=True)],
+                [100 * (m + s) for m, s in zip(entry.mean, entry.sd, strict=True)],
                 color=COLORS.get(method),
                 alpha=0.15,
             )
@@ -138,55 +133,83 @@ def _plot_lines(ax: Any, budgets: list[float], summary: dict[str, Any], label: s
     ax.grid(alpha=0.3)
 
 
-def figures(results: dict[str, Any], summary: dict[str, Any], folder: Path) -> dict[str, str]:
-    """Write the PNG figures; return their paths relative to the report."""
+def figures(results: Results, summary: Summary, folder: Path) -> dict[str, str]:
+    """Write the PNG figures; return each one's path relative to the report, by name."""
     folder.mkdir(parents=True, exist_ok=True)
-    made: dict[str, str] = {}
-    views = results["views"]
+    paths = {
+        "input": input_figure(results, summary, folder),
+        "weights": weights_figure(results, summary, folder),
+        "heatmaps": heatmaps_figure(results, summary, folder),
+        "certified": certified_figure(results, summary, folder),
+    }
+    for method in summary.joint:
+        paths[f"heatmap-{method}"] = heatmap_figure(results, summary, folder, method)
+    return paths
 
+
+def input_figure(results: Results, summary: Summary, folder: Path) -> str:
+    """Robust accuracy against eps_x, a line per model."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    _plot_lines(ax, views["input"]["budgets"], summary["views"]["input"], "eps_x (linf)")
+    budgets = results.experiment.family("input").budgets
+    _plot_lines(ax, budgets, summary.families["input"], "eps_x (linf)")
     ax.set_title("Input-only attacks")
     ax.legend(fontsize=8)
-    made["input"] = _save(fig, folder / "accuracy_vs_eps_x.png", caption(results))
+    return _save(fig, folder / "accuracy_vs_eps_x.png", caption(results))
 
-    weight_views = [v for v in views if v.startswith("weight")]
-    fig = Figure(figsize=(5 * len(weight_views), 4))
-    axes = fig.subplots(1, len(weight_views), squeeze=False)[0]
-    for ax, name in zip(axes, weight_views, strict=True):
-        _plot_lines(ax, views[name]["budgets"], summary["views"][name], "eps_w")
-        ax.set_title(views[name]["label"].replace("weights only, ", ""), fontsize=10)
+
+def weights_figure(results: Results, summary: Summary, folder: Path) -> str:
+    """Robust accuracy against eps_w in each weight-only family, a panel per family."""
+    families = [f for f in results.experiment.families() if f.axis == "eps_w"]
+    fig = Figure(figsize=(5 * len(families), 4))
+    axes = fig.subplots(1, len(families), squeeze=False)[0]
+    for ax, family in zip(axes, families, strict=True):
+        _plot_lines(ax, family.budgets, summary.families[family.name], "eps_w")
+        ax.set_title(family.label.replace("weights only, ", ""), fontsize=10)
     axes[0].legend(fontsize=8)
     fig.suptitle("Weight-only attacks in three views")
-    made["weights"] = _save(fig, folder / "accuracy_vs_eps_w.png", caption(results))
+    return _save(fig, folder / "accuracy_vs_eps_w.png", caption(results))
 
-    xs, ws = results["joint"]["eps_x"], results["joint"]["eps_w"]
-    methods = list(summary["joint"])
-    for method in methods:
-        fig = Figure(figsize=(4.2, 3.6))
-        ax = fig.subplots()
-        _heatmap(ax, summary["joint"][method]["mean"], xs, ws, method)
-        made[f"heatmap-{method}"] = _save(
-            fig, folder / f"heatmap_{method}.png", caption(results, bands=False)
-        )
+
+def heatmap_figure(results: Results, summary: Summary, folder: Path, method: str) -> str:
+    """One model's robust accuracy over the joint grid."""
+    fig = Figure(figsize=(4.2, 3.6))
+    _heatmap(fig.subplots(), results, summary.joint[method].mean, method)
+    return _save(fig, folder / f"heatmap_{method}.png", caption(results, bands=False))
+
+
+def _panels(fig: Figure, count: int) -> list[Any]:
+    """``count`` panels, three to a row, the spare ones hidden."""
     cols = 3
-    rows = -(-len(methods) // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.6 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, method in zip(axes.flat, methods, strict=False):
-        _heatmap(ax, summary["joint"][method]["mean"], xs, ws, method)
-    for ax in list(axes.flat)[len(methods) :]:
+    axes = list(fig.subplots(-(-count // cols), cols, squeeze=False).flat)
+    for ax in axes[count:]:
         ax.axis("off")
-    fig.suptitle("Joint attacks: robust accuracy (%) over eps_x x eps_w")
-    made["heatmaps"] = _save(fig, folder / "heatmaps.png", caption(results, bands=False))
+    return axes[:count]
 
-    certifier = results["certified"]["methods"][-1]
-    fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, method in zip(axes.flat, methods, strict=False):
-        attacked = summary["certified_attacked"][method]["mean"]  # the same examples
-        certified = summary["certified"][certifier][method]["mean"]
+
+def heatmaps_figure(results: Results, summary: Summary, folder: Path) -> str:
+    """Every model's joint-grid heatmap, side by side."""
+    methods = list(summary.joint)
+    rows = -(-len(methods) // 3)
+    fig = Figure(figsize=(4.2 * 3, 3.6 * rows))
+    for ax, method in zip(_panels(fig, len(methods)), methods, strict=True):
+        _heatmap(ax, results, summary.joint[method].mean, method)
+    fig.suptitle("Joint attacks: robust accuracy (%) over eps_x x eps_w")
+    return _save(fig, folder / "heatmaps.png", caption(results, bands=False))
+
+
+def certified_figure(results: Results, summary: Summary, folder: Path) -> str:
+    """Attacked (upper bound) and certified (lower bound) accuracy on the same examples, per
+    model, against eps_x, a colour per eps_w; the last certificate, the tightest."""
+    xs, ws = results.experiment.joint_eps_x, results.experiment.joint_eps_w
+    certifier = results.experiment.certify[-1]
+    methods = list(summary.joint)
+    rows = -(-len(methods) // 3)
+    fig = Figure(figsize=(4.2 * 3, 3.4 * rows))
+    axes = _panels(fig, len(methods))
+    for ax, method in zip(axes, methods, strict=True):
+        attacked = summary.certified_attacked[method].mean
+        certified = summary.certified[certifier][method].mean
         for j, w in enumerate(ws):
             color = matplotlib.colormaps["viridis"](j / max(1, len(ws) - 1))
             ax.plot(
@@ -203,19 +226,14 @@ def figures(results: dict[str, Any], summary: dict[str, Any], folder: Path) -> d
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(methods) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.suptitle(f"Attacked (solid, upper bound) vs certified by {certifier} (dashed, lower bound)")
-    made["certified"] = _save(
-        fig, folder / "attacked_vs_certified.png", caption(results, certified=True, bands=False)
-    )
-    return made
+    text = caption(results, certified=True, bands=False)
+    return _save(fig, folder / "attacked_vs_certified.png", text)
 
 
-def _heatmap(
-    ax: Any, matrix: list[list[float]], xs: list[float], ws: list[float], title: str
-) -> None:
+def _heatmap(ax: Any, results: Results, matrix: list[list[float]], title: str) -> None:
+    xs, ws = results.experiment.joint_eps_x, results.experiment.joint_eps_w
     values = [[100 * v for v in row] for row in matrix]
     ax.imshow(values, vmin=0, vmax=100, cmap=HEATMAP, aspect="auto")
     for i, row in enumerate(values):
@@ -244,13 +262,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown(
-    results: dict[str, Any],
-    summary: dict[str, Any],
-    claims: list[Verdict],
-    made: dict[str, str],
+    results: Results, summary: Summary, claims: list[Verdict], figure: dict[str, str]
 ) -> str:
-    """The report: one section per function, in reading order."""
-    labels = family_labels(results)
+    """The report: one section per function, in reading order (``figure``: the figures'
+    paths, by name)."""
+    labels = results.experiment.labels()
     sections = [
         header(results),
         verdict_section(claims, labels),
@@ -258,33 +274,28 @@ def markdown(
         recipe_section(results, claims, labels),
         what_was_run(results),
         clean_section(results, summary),
-        views_section(results, summary, made),
-        joint_section(results, summary, made),
-        certified_section(results, summary, made),
+        families_section(results, summary, figure),
+        joint_section(results, summary, figure),
+        certified_section(results, summary, figure),
         matched_section(results),
         checks_section(results, summary),
     ]
     return "\n".join(line for section in sections for line in section) + "\n"
 
 
-def family_labels(results: dict[str, Any]) -> dict[str, str]:
-    """What each threat family is called in the report."""
-    labels = {name: view["label"] for name, view in results["views"].items()}
-    labels["joint"] = "joint (eps_x x eps_w, absolute per-example)"
-    return labels
-
-
-def header(results: dict[str, Any]) -> list[str]:
-    run, reused = results["run"], results["reused"]
+def header(results: Results) -> list[str]:
+    run = results.run or provenance()
+    models = results.models
+    evaluations = sum(m.evaluations_computed + m.evaluations_reused for m in models)
     return [
-        f"# Non-singular robustness on {results['data']['name']}: the paper's claims, measured",
+        f"# Non-singular robustness on {results.data.name}: the paper's claims, measured",
         "",
         f"Generated by `{run['command']}` on {run['date']} on {run['machine']} "
         f"(nonsingular {run['nonsingular']}, torch {run['torch']}). Training and "
-        f"evaluation took {results['compute_seconds'] / 60:.1f} minutes of compute; this "
-        f"invocation ran {results['seconds']:.0f} s and reused {reused['models']} of "
-        f"{reused['of_models']} trained models and {reused['evaluations']} of "
-        f"{reused['of_evaluations']} evaluations from earlier runs in its directory. "
+        f"evaluation took {results.compute_seconds / 60:.1f} minutes of compute; this "
+        f"invocation ran {results.seconds:.0f} s and reused {sum(m.reused for m in models)} "
+        f"of {len(models)} trained models and {sum(m.evaluations_reused for m in models)} of "
+        f"{evaluations} evaluations from earlier runs in its directory. "
         "Every number below is in `results.json`; the verdicts are computed from those "
         "numbers by the rule stated under them.",
         "",
@@ -321,25 +332,24 @@ def verdict_section(claims: list[Verdict], labels: dict[str, str]) -> list[str]:
     ]
 
 
-def what_was_run(results: dict[str, Any]) -> list[str]:
-    exp, data, attack = results["experiment"], results["data"], results["attack"]
-    seeds = exp["seeds"]
+def what_was_run(results: Results) -> list[str]:
+    exp, data, attack = results.experiment, results.data, results.experiment.attack_options()
     return [
         "## What was run",
         "",
-        f"- Data: {data['name']}, {data['test_examples']} held-out test examples for attacks, "
-        f"the first {data['certified_examples']} of them for certificates.",
-        f"- Models: the same {exp['model']} for every method, {exp['epochs']} epochs, "
-        f"{seeds} seed{'s' if seeds > 1 else ''} (mean ± sd over seeds where there are "
-        "several). Per-method training budgets: `nonsingular train --help` and each "
+        f"- Data: {data.name}, {data.test_examples} held-out test examples for attacks, "
+        f"the first {data.certified_examples} of them for certificates.",
+        f"- Models: the same {exp.model} for every method, {exp.epochs} epochs, "
+        f"{exp.seeds} seed{'s' if exp.seeds > 1 else ''} (mean ± sd over seeds where there "
+        "are several). Per-method training budgets: `nonsingular train --help` and each "
         "run's `config.json` under `models/`. A model below "
-        f"{pct(exp['min_clean'])} clean accuracy is flagged and kept out of verdicts.",
+        f"{pct(exp.min_clean)} clean accuracy is flagged and kept out of verdicts.",
         f"- Attacks: PGD-{attack['steps']}, {attack['restarts']} restart(s) per loss, "
         f"{_loss(attack['loss'])}, per-example best-so-far (an example counts as broken if "
         "any run broke it); shared-scope points attack the whole test set with one "
         "perturbation.",
-        f"- Certificates: {', '.join(results['certified']['methods'])} on the joint grid "
-        f"(crown's pre-activation bounds by {exp['intermediate']}).",
+        f"- Certificates: {', '.join(exp.certify)} on the joint grid "
+        f"(crown's pre-activation bounds by {exp.intermediate}), in {exp.cert_dtype}.",
         "- Budgets: each grid runs from no perturbation to one at which the standard "
         "model is near zero accuracy, so every curve shows the whole fall (see the span "
         "check below).",
@@ -347,60 +357,54 @@ def what_was_run(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def clean_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
-    floor = results["experiment"]["min_clean"]
+def clean_section(results: Results, summary: Summary) -> list[str]:
+    floor = results.experiment.min_clean
     rows = []
-    for m, seeds in results["models"].items():
-        seconds = statistics.fmean(i["train_seconds"] for i in seeds.values())
-        low = summary["clean"][m]["mean"] < floor
+    for m in results.methods():
+        seconds = results.over_seeds(m, lambda r: r.train_seconds).mean
+        low = summary.clean[m].mean < floor
         flag = f"**below {pct(floor)}: kept out of verdicts**" if low else ""
-        rows.append([m, cell(summary["clean"][m]), f"{seconds:.1f}", flag])
+        rows.append([m, cell(summary.clean[m]), f"{seconds:.1f}", flag])
     head = ["model", "clean accuracy (attacked test examples)", "training seconds", "flag"]
     return ["## Clean accuracy", "", _table(head, rows), ""]
 
 
-def views_section(
-    results: dict[str, Any], summary: dict[str, Any], made: dict[str, str]
-) -> list[str]:
+def families_section(results: Results, summary: Summary, figure: dict[str, str]) -> list[str]:
+    """A table per one-axis family (and its figure, where it has one)."""
     out = []
-    figure = {
-        "input": ("accuracy vs eps_x", "input"),
-        "weight-absolute": ("three views", "weights"),
-    }
-    for name, view in results["views"].items():
-        out += [f"## {view['label'][0].upper() + view['label'][1:]}", ""]
-        if name in figure:
-            alt, key = figure[name]
-            out += [f"![{alt}]({made[key]})", "", f"*{caption(results)}.*", ""]
-        head = ["model"] + [f"{view['axis']}={b:g}" for b in view["budgets"]]
+    drawn = {"input": ("accuracy vs eps_x", "input"), "weight-absolute": ("three views", "weights")}
+    for family in results.experiment.families():
+        out += [f"## {family.label[0].upper() + family.label[1:]}", ""]
+        if family.name in drawn:
+            alt, key = drawn[family.name]
+            out += [f"![{alt}]({figure[key]})", "", f"*{caption(results)}.*", ""]
+        head = ["model"] + [f"{family.axis}={b:g}" for b in family.budgets]
         rows = [
-            [m] + [cell(summary["views"][name][m], i) for i in range(len(view["budgets"]))]
-            for m in results["models"]
+            [m] + [cell(summary.families[family.name][m], i) for i in range(len(family.budgets))]
+            for m in results.methods()
         ]
         out += [_table(head, rows), ""]
     return out
 
 
-def _grid_table(results: dict[str, Any], entries: dict[str, Any]) -> str:
+def _grid_table(results: Results, entries: dict[str, Spread]) -> str:
     """One row per (model, eps_x), one column per eps_w: readable at a glance."""
-    xs, ws = results["joint"]["eps_x"], results["joint"]["eps_w"]
+    xs, ws = results.experiment.joint_eps_x, results.experiment.joint_eps_w
     head = ["model", "eps_x"] + [f"eps_w={w:g}" for w in ws]
     rows = [
         [m, f"{x:g}"] + [cell(entries[m], i, j) for j in range(len(ws))]
-        for m in results["models"]
+        for m in results.methods()
         for i, x in enumerate(xs)
     ]
     return _table(head, rows)
 
 
-def joint_section(
-    results: dict[str, Any], summary: dict[str, Any], made: dict[str, str]
-) -> list[str]:
-    links = ", ".join(f"[{m}]({made[f'heatmap-{m}']})" for m in results["models"])
+def joint_section(results: Results, summary: Summary, figure: dict[str, str]) -> list[str]:
+    links = ", ".join(f"[{m}]({figure[f'heatmap-{m}']})" for m in results.methods())
     return [
         "## Joint attacks",
         "",
-        f"![joint heatmaps]({made['heatmaps']})",
+        f"![joint heatmaps]({figure['heatmaps']})",
         "",
         f"*{caption(results, bands=False)}; cells: robust accuracy (%).*",
         "",
@@ -408,49 +412,46 @@ def joint_section(
         "",
         "Robust accuracy under joint attacks:",
         "",
-        _grid_table(results, summary["joint"]),
+        _grid_table(results, summary.joint),
         "",
     ]
 
 
-def certified_section(
-    results: dict[str, Any], summary: dict[str, Any], made: dict[str, str]
-) -> list[str]:
-    n = results["data"]["certified_examples"]
+def certified_section(results: Results, summary: Summary, figure: dict[str, str]) -> list[str]:
+    n = results.data.certified_examples
     out = [
         "## Attacked vs certified",
         "",
-        f"![attacked vs certified]({made['certified']})",
+        f"![attacked vs certified]({figure['certified']})",
         "",
         f"*{caption(results, certified=True, bands=False)}; solid: attacked (an upper bound), "
         "dashed: certified (a lower bound).*",
         "",
     ]
-    for c in results["certified"]["methods"]:
+    for c in results.experiment.certify:
         out += [f"Certified by {c}, on the first {n} test examples:", ""]
-        out += [_grid_table(results, summary["certified"][c]), ""]
+        out += [_grid_table(results, summary.certified[c]), ""]
     out += [
         "Attacked accuracy on the same examples (the upper bound the certificates sit under):",
         "",
-        _grid_table(results, summary["certified_attacked"]),
+        _grid_table(results, summary.certified_attacked),
         "",
     ]
     return out
 
 
-def matched_section(results: dict[str, Any]) -> list[str]:
+def matched_section(results: Results) -> list[str]:
     """Every model under every method's own training threat: each comparison on the terms
     the method trained for (its own threat in bold)."""
-    matched = results.get("matched")
-    if not matched or not matched["threats"]:
+    threats = results.experiment.training_threats()
+    if not threats:
         return []
-    threats = matched["threats"]
-    head = ["model"] + [f"{m}'s: {_describe(t)}" for m, t in threats.items()]
+    head = ["model"] + [f"{m}'s: {t.describe()}" for m, t in threats.items()]
     rows = []
-    for model, per_seed in matched["accuracy"].items():
+    for model in results.methods():
         row = [model]
         for trained in threats:
-            value = pct(statistics.fmean(seed[trained] for seed in per_seed.values()))
+            value = pct(results.over_seeds(model, lambda r, t=trained: r.matched[t]).mean)
             row.append(f"**{value}**" if trained == model else value)
         rows.append(row)
     return [
@@ -465,24 +466,20 @@ def matched_section(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def _describe(threat: dict[str, Any]) -> str:
-    return Threat.from_dict(threat).describe()
-
-
-def checks_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+def checks_section(results: Results, summary: Summary) -> list[str]:
     out = ["## Checks", ""]
-    floor = 1.5 / results["data"]["classes"]
-    for name, view in results["views"].items():
-        top = summary["views"][name]["standard"]["mean"][-1]
+    floor = 1.5 / results.data.classes
+    for family in results.experiment.families():
+        top = summary.families[family.name]["standard"].mean[-1]
         # one shared perturbation for every example cannot push accuracy much below chance
-        limit = floor if view["threat"].get("scope") == "shared" else 0.05
+        limit = floor if results.experiment.shared(family.name) else 0.05
         verdict = "reaches" if top <= limit else "does NOT reach"
         out.append(
-            f"- Span, {name}: the standard model at the largest budget "
-            f"({view['budgets'][-1]:g}) has {pct(top)}: {verdict} near zero "
+            f"- Span, {family.name}: the standard model at the largest budget "
+            f"({family.budgets[-1]:g}) has {pct(top)}: {verdict} near zero "
             f"(<= {pct(limit)}{', near chance: one shared Delta' if limit == floor else ''})."
         )
-    warnings = results.get("warnings", [])
+    warnings = results.warnings
     out.append(
         "- Evaluation checks (attacked above clean, loss never moved, accuracy rising "
         "with the budget, certified examples broken): "
@@ -492,13 +489,18 @@ def checks_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str
     return out
 
 
-def stronger_attack(results: dict[str, Any], family: dict[str, str]) -> list[str]:
+def _survived(bits: str) -> float:
+    return bits.count("1") / len(bits)
+
+
+def stronger_attack(results: Results, labels: dict[str, str]) -> list[str]:
     """The "Stronger attack" section: each family's key budget attacked again with twice the
     steps and restarts; accuracies under both, and the claims decided at those budgets under
     each, so that a verdict resting on a weak attack shows."""
-    if not results.get("stronger"):
+    exp = results.experiment
+    if not exp.stronger:
         return []
-    default, strong = results["attack"], results["stronger_attack"]
+    default, strong = exp.attack_options(), exp.attack_options(2)
     out = [
         "## Stronger attack",
         "",
@@ -510,39 +512,27 @@ def stronger_attack(results: dict[str, Any], family: dict[str, str]) -> list[str
         "(mean over seeds):",
         "",
     ]
-    methods = list(results["models"])
+    methods = results.methods()
     rows = []
-    for name, entry in results["stronger"].items():
-        t = entry["threat"]
+    for family, t in exp.key_threats().items():
         cells = []
         for m in methods:
-            found = entry["outcomes"][m]
-            acc = {
-                a: statistics.fmean(b[a].count("1") / len(b[a]) for b in found.values())
-                for a in ("default", "stronger")
-            }
-            cells.append(f"{pct(acc['default'])} → {pct(acc['stronger'])}")
-        rows.append([name, f"eps_x={t['eps_x']:g}, eps_w={t['eps_w']:g}", *cells])
+            before = results.over_seeds(m, lambda r, f=family: _survived(r.stronger[f].default))
+            after = results.over_seeds(m, lambda r, f=family: _survived(r.stronger[f].stronger))
+            cells.append(f"{pct(before.mean)} → {pct(after.mean)}")
+        rows.append([family, f"eps_x={t.eps_x:g}, eps_w={t.eps_w:g}", *cells])
     out += [_table(["family", "key budget", *methods], rows), ""]
-    before, after = at_key_budgets(results, "default"), at_key_budgets(results, "stronger")
+    before = verdicts(results, attack="default")
+    after = verdicts(results, attack="stronger")
     changed = [b for b, a in zip(before, after, strict=True) if b.verdict != a.verdict]
-    out.append("The claims decided at the key budgets alone, by the rule above:")
-    out.append("")
-    out.append(
+    pairs = zip(before, after, strict=True)
+    out += [
+        "The claims decided at the key budgets alone, by the rule above:",
+        "",
         _table(
             ["claim", "threat family", "default attack", "stronger attack"],
-            [
-                [
-                    b.claim,
-                    family[b.family],
-                    f"{b.verdict} ({_points(b)})",
-                    f"{a.verdict} ({_points(a)})",
-                ]
-                for b, a in zip(before, after, strict=True)
-            ],
-        )
-    )
-    out += [
+            [[b.claim, labels[b.family], _decided(b), _decided(a)] for b, a in pairs],
+        ),
         "",
         f"**{len(changed)} of {len(before)} verdicts change with the stronger attack**"
         + (
@@ -555,22 +545,18 @@ def stronger_attack(results: dict[str, Any], family: dict[str, str]) -> list[str
     return out
 
 
-def recipe_section(
-    results: dict[str, Any], claims: list[Verdict], labels: dict[str, str]
-) -> list[str]:
+def recipe_section(results: Results, claims: list[Verdict], labels: dict[str, str]) -> list[str]:
     """The claims decided again on the models each other training recipe made, beside the
     default recipe's verdicts: a claim that moves with the recipe rests on it."""
-    recipes = results.get("recipes") or {}
+    recipes = [r for r in results.experiment.recipes if results.methods(r)]
     if not recipes:
         return []
-    decided = {r: verdicts(part) for r, part in recipes.items()}
+    decided = {r: verdicts(results, recipe=r) for r in recipes}
     head = ["claim", "threat family", "default recipe"] + [
-        f"{r} ({', '.join(f'{k}={v}' for k, v in part['changes'].items())})"
-        for r, part in recipes.items()
+        f"{r} ({', '.join(f'{k}={v}' for k, v in RECIPES[r].items())})" for r in recipes
     ]
     rows = [
-        [c.claim, labels[c.family], f"{c.verdict} ({_points(c)})"]
-        + [f"{decided[r][i].verdict} ({_points(decided[r][i])})" for r in recipes]
+        [c.claim, labels[c.family], _decided(c)] + [_decided(decided[r][i]) for r in recipes]
         for i, c in enumerate(claims)
     ]
     moved = sum(
@@ -589,20 +575,35 @@ def recipe_section(
     ]
 
 
-def _points(v: Verdict) -> str:
-    return "-" if v.difference is None else f"{100 * v.difference:+.1f} points"
+def _decided(v: Verdict) -> str:
+    """A verdict and its difference, in a few words."""
+    points = "-" if v.difference is None else f"{100 * v.difference:+.1f} points"
+    return f"{v.verdict} ({points})"
 
 
-def write_report(
-    results: dict[str, Any], out: str | Path, command: list[str] | None = None
-) -> Path:
-    """Add the provenance, summary and verdicts to ``results``; write figures, JSON and Markdown.
-    ``command``: the arguments after ``nonsingular`` (by default, this process's command)."""
+@dataclass
+class Report:
+    """What ``write_report`` wrote: the report's path, the summary and the verdicts."""
+
+    path: Path
+    summary: Summary
+    claims: list[Verdict]
+
+
+def write_report(results: Results, out: str | Path, command: list[str] | None = None) -> Report:
+    """Record the provenance in ``results``; write the figures, ``results.json`` (with the
+    summary and the verdicts) and ``report.md``. ``command``: the arguments after
+    ``nonsingular`` (by default, this process's command)."""
     out = Path(out)
-    results["run"] = {**provenance(command), "minutes": results["seconds"] / 60}
+    results.run = {**provenance(command), "minutes": results.seconds / 60}
     summary = summarize(results)
     claims = verdicts(results)
-    results["summary"], results["claims"] = summary, [c.to_dict() for c in claims]
-    made = figures(results, summary, out / "figures")
-    write_json(out / "results.json", results)
-    return write_text(out / "report.md", markdown(results, summary, claims, made))
+    figure = figures(results, summary, out / "figures")
+    document = {
+        **results.to_dict(),
+        "summary": summary.to_dict(),
+        "claims": [c.to_dict() for c in claims],
+    }
+    write_json(out / "results.json", document)
+    path = write_text(out / "report.md", markdown(results, summary, claims, figure))
+    return Report(path, summary, claims)

@@ -29,6 +29,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .experiment import Measured, Results
 from .stats import bootstrap_p, holm, seeds_t_p
 
 ALPHA = 0.05
@@ -117,42 +118,40 @@ class Verdict:
         return out
 
 
-def scores(results: dict[str, Any], family: str, method: str, seed: str) -> list[float]:
-    """Per example, the share of ``family``'s nonzero budgets the example survives."""
-    kept = [k for k, zero in enumerate(_zero_budgets(results, family)) if not zero]
-    bits = [results["outcomes"][family][method][seed][k] for k in kept]
+def _budget_outcomes(
+    results: Results, family: str, model: Measured, attack: str | None
+) -> list[str]:
+    """The per-example outcomes the metric averages: at every nonzero budget of ``family``
+    or, with ``attack`` (``"default"`` or ``"stronger"``), at its key budget alone under
+    that attack (``Measured.stronger``)."""
+    if attack is not None:
+        return [getattr(model.stronger[family], attack)]
+    zero = results.experiment.zero_budgets(family)
+    return [bits for bits, z in zip(model.outcomes[family], zero, strict=True) if not z]
+
+
+def scores(
+    results: Results, family: str, model: Measured, attack: str | None = None
+) -> list[float]:
+    """Per example, the share of ``family``'s budgets (see ``_budget_outcomes``) it survives."""
+    bits = _budget_outcomes(results, family, model, attack)
     return [sum(b[i] == "1" for b in bits) / len(bits) for i in range(len(bits[0]))]
 
 
-def _zero_budgets(results: dict[str, Any], family: str) -> list[bool]:
-    """For each budget of ``family`` in outcome order: whether it perturbs nothing."""
-    if family == "joint":
-        xs, ws = results["joint"]["eps_x"], results["joint"]["eps_w"]
-        return [x == 0 and w == 0 for x in xs for w in ws]
-    return [b == 0 for b in results["views"][family]["budgets"]]
+def family_metric(results: Results, family: str, model: Measured) -> float:
+    """Robust accuracy of ``model`` averaged over the nonzero budgets of ``family``."""
+    return statistics.fmean(scores(results, family, model))
 
 
-def family_metric(results: dict[str, Any], family: str, method: str, seed: str) -> float:
-    """Robust accuracy of ``method`` averaged over the nonzero budgets of ``family``."""
-    return statistics.fmean(scores(results, family, method, seed))
-
-
-def min_clean(results: dict[str, Any]) -> float:
-    """The clean accuracy a model needs to enter verdicts (the experiment states it)."""
-    return results["experiment"]["min_clean"]
-
-
-def mean_clean(results: dict[str, Any], method: str) -> float:
-    """Clean accuracy of ``method`` on the attacked examples, mean over seeds."""
-    return statistics.fmean(info["clean"] for info in results["models"][method].values())
-
-
-def _shared(results: dict[str, Any], family: str) -> bool:
-    return family != "joint" and results["views"][family]["threat"].get("scope") == "shared"
-
-
-def verdicts(results: dict[str, Any]) -> list[Verdict]:
-    """Every claim with the numbers behind its verdict (p-values Holm-adjusted together)."""
+def verdicts(
+    results: Results, recipe: str | None = None, attack: str | None = None
+) -> list[Verdict]:
+    """Every claim with the numbers behind its verdict (p-values Holm-adjusted together), on
+    the models of ``recipe`` (None: the default one); with ``attack``, decided at the key
+    budgets alone under the ``"default"`` or the ``"stronger"`` attack, so that a verdict that
+    moves between the two moved because the attack got stronger."""
+    floor = results.experiment.min_clean
+    methods = results.methods(recipe)
     out = []
     for claim_id, statement, model, family, direction in CLAIMS:
         base = Verdict(
@@ -163,17 +162,17 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
             "more robust" if direction > 0 else "less robust",
             "inconclusive",
         )
-        if model not in results["models"]:
+        if model not in methods:
             base.verdict, base.reason = "not run", f"no {model} model in this experiment"
             out.append(base)
             continue
-        out.append(_measure(results, base))
-        low = [m for m in (model, "standard") if mean_clean(results, m) < min_clean(results)]
+        out.append(_measure(results, base, recipe, attack))
+        clean = {m: results.over_seeds(m, _clean, recipe).mean for m in (model, "standard")}
+        low = [m for m, c in clean.items() if c < floor]
         if low:
             base.verdict = "excluded"
             base.reason = ", ".join(
-                f"{m}'s clean accuracy {100 * mean_clean(results, m):.1f}% is below "
-                f"{100 * min_clean(results):.0f}%"
+                f"{m}'s clean accuracy {100 * clean[m]:.1f}% is below {100 * floor:.0f}%"
                 for m in low
             )
             base.p = None
@@ -186,65 +185,40 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     return out
 
 
-def _measure(results: dict[str, Any], v: Verdict) -> Verdict:
+def _clean(model: Measured) -> float:
+    return model.clean
+
+
+def _measure(results: Results, v: Verdict, recipe: str | None, attack: str | None) -> Verdict:
     """The claim's numbers and its raw p-value (None where it cannot be tested)."""
-    seeds = sorted(results["models"][v.model])
-    a = [scores(results, v.family, v.model, s) for s in seeds]
-    b = [scores(results, v.family, "standard", s) for s in seeds]
+    standard = {s.seed: s for s in results.of("standard", recipe)}  # paired by seed
+    pairs = [(m, standard[m.seed]) for m in results.of(v.model, recipe) if m.seed in standard]
+    a = [scores(results, v.family, m, attack) for m, _ in pairs]
+    b = [scores(results, v.family, s, attack) for _, s in pairs]
     per_seed = [statistics.fmean(x) - statistics.fmean(z) for x, z in zip(a, b, strict=True)]
-    v.seeds = len(seeds)
+    v.seeds = len(pairs)
     v.metric_model = statistics.fmean(statistics.fmean(x) for x in a)
     v.metric_standard = statistics.fmean(statistics.fmean(z) for z in b)
     v.difference = statistics.fmean(per_seed)
     v.per_seed_differences = tuple(per_seed)
-    info_a, info_b = results["models"][v.model], results["models"]["standard"]
     adjusted = [
-        statistics.fmean(x) / info_a[s]["clean"] - statistics.fmean(z) / info_b[s]["clean"]
-        for s, x, z in zip(seeds, a, b, strict=True)
-        if info_a[s]["clean"] > 0 and info_b[s]["clean"] > 0
+        statistics.fmean(x) / m.clean - statistics.fmean(z) / s.clean
+        for (m, s), x, z in zip(pairs, a, b, strict=True)
+        if m.clean > 0 and s.clean > 0
     ]
     v.difference_clean_adjusted = statistics.fmean(adjusted) if adjusted else None
-    if _shared(results, v.family):
+    if results.experiment.shared(v.family):
         v.unit = "seeds"
-        if len(seeds) < MIN_SHARED_SEEDS:
+        if len(pairs) < MIN_SHARED_SEEDS:
             v.verdict = "needs seeds"
             v.reason = (
                 f"one shared perturbation hits all examples at once, so only seeds replicate: "
-                f"this needs {MIN_SHARED_SEEDS} seeds, the run has {len(seeds)}"
+                f"this needs {MIN_SHARED_SEEDS} seeds, the run has {len(pairs)}"
             )
             return v
         v.p = seeds_t_p(per_seed)
     else:
-        v.unit = "examples and seeds" if len(seeds) > 1 else "examples"
+        v.unit = "examples and seeds" if len(pairs) > 1 else "examples"
         diffs = [[p - q for p, q in zip(x, z, strict=True)] for x, z in zip(a, b, strict=True)]
         v.p = bootstrap_p(diffs)
     return v
-
-
-def at_key_budgets(results: dict[str, Any], attack: str) -> list[Verdict]:
-    """The claims decided at each family's key budget alone, from the outcomes of the
-    ``"default"`` or ``"stronger"`` attack there (``results["stronger"]``): the same rule, so
-    that a verdict that moves between the two moved because the attack got stronger."""
-    views = {}
-    for family, entry in results["stronger"].items():
-        threat = entry["threat"]
-        if family != "joint":
-            views[family] = {
-                "budgets": [threat[results["views"][family]["axis"]]],
-                "threat": threat,
-            }
-    joint = results["stronger"]["joint"]["threat"]
-    narrowed = {
-        "experiment": results["experiment"],
-        "models": results["models"],
-        "views": views,
-        "joint": {"eps_x": [joint["eps_x"]], "eps_w": [joint["eps_w"]]},
-        "outcomes": {
-            family: {
-                m: {seed: [found[attack]] for seed, found in per_seed.items()}
-                for m, per_seed in entry["outcomes"].items()
-            }
-            for family, entry in results["stronger"].items()
-        },
-    }
-    return verdicts(narrowed)

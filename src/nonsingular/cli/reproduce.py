@@ -30,21 +30,18 @@ def run(args: argparse.Namespace) -> int:
         f"{'claim':5}  {'family':16}  {'model':>7}  {'standard':>8}  {'diff':>6}  "
         f"{'p (Holm)':>8}  verdict"
     )
-    for c in results["claims"]:
-        if c["metric_model"] is None:  # not run
-            print(
-                f"{c['claim']:5}  {c['family']:16}  {'-':>7}  {'-':>8}  {'-':>6}  {'-':>8}  ",
-                end="",
-            )
+    for c in report.claims:
+        if c.metric_model is None:  # not run
+            numbers = f"{'-':>7}  {'-':>8}  {'-':>6}  {'-':>8}"
         else:
-            p = "-" if c["p_holm"] is None else f"{c['p_holm']:.3g}"
-            print(
-                f"{c['claim']:5}  {c['family']:16}  {100 * c['metric_model']:6.1f}%  "
-                f"{100 * c['metric_standard']:7.1f}%  {100 * c['difference']:+6.1f}  {p:>8}  ",
-                end="",
+            p = "-" if c.p_holm is None else f"{c.p_holm:.3g}"
+            numbers = (
+                f"{100 * c.metric_model:6.1f}%  {100 * c.metric_standard:7.1f}%  "
+                f"{100 * c.difference:+6.1f}  {p:>8}"
             )
-        print(c["verdict"] + (f" ({c['reason']})" if c["reason"] else ""))
-    print(f"\nreport: {report}\nfigures: {out / 'figures'}\nnumbers: {out / 'results.json'}")
+        reason = f" ({c.reason})" if c.reason else ""
+        print(f"{c.claim:5}  {c.family:16}  {numbers}  {c.verdict}{reason}")
+    print(f"\nreport: {report.path}\nfigures: {out / 'figures'}\nnumbers: {out / 'results.json'}")
     return 0
 
 

@@ -1,0 +1,315 @@
+"""What the experiment runs: its methods, budgets, attacks and recipes (``Experiment``), and
+the threat families it measures (``Family``).
+
+Budgets (for [0, 1] images, checked against the standard model in every report): each grid
+runs from no perturbation to one at which a standard MLP on mnist5k is near zero accuracy, so
+the curves show the whole fall and differences between models are visible somewhere.
+
+- input, linf ``eps_x``: 0.02 barely moves a standard model; at 0.1-0.2 it is near 0%.
+- weights, per-example absolute ``eps_w`` (the paper's view): 5e-4 costs a few points; 3e-3
+  to 4e-3 breaks nearly everything (every weight of a 784-wide layer may move by eps_w).
+- weights, per-example relative (multiplicative hardware noise, ``|Delta| <= eps_w |W|``): 1%
+  to 20%.
+- weights, shared absolute (one fault for the whole test set): a single Delta must hurt every
+  example at once, so it needs about ten times the per-example budget.
+- joint: the product of the first four input and weight budgets, where both matter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..attacks import LOSSES
+from ..checks import choice, integer, number, options
+from ..errors import ConfigError
+from ..models import BUILTIN
+from ..threat import Threat
+from ..training import TrainConfig
+from ..training.config import read_toml
+
+# the experiment's budget lists (eps_x in units of the data's range: every loader gives [0, 1])
+BUDGETS = (
+    "eps_x",
+    "eps_w_absolute",
+    "eps_w_relative",
+    "eps_w_shared",
+    "joint_eps_x",
+    "joint_eps_w",
+)
+COMPARISON = ("standard", "pgd-at", "awp", "joint-at", "bound-reg", "ibp")
+ARCHITECTURES = tuple(BUILTIN)
+# a recipe: the training options it changes (the default recipe changes none)
+RECIPES: dict[str, dict[str, Any]] = {
+    "no-augmentation": {"augment": 0}
+}  # the experiment's architectures: the built-in ones
+
+
+JOINT = "joint"  # the joint family: the grid joint_eps_x x joint_eps_w, absolute per-example
+JOINT_LABEL = "joint (eps_x x eps_w, absolute per-example)"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family of threats along one axis: a name, a label for the report, a base threat,
+    and the budgets (the joint family is the grid of ``Experiment.joint_eps_x/_w``)."""
+
+    name: str
+    label: str
+    axis: str  # "eps_x" or "eps_w"
+    budgets: tuple[float, ...]
+    threat: dict[str, Any] = field(default_factory=dict)
+
+    def threats(self) -> list[Threat]:
+        return [Threat(**{**self.threat, self.axis: b}) for b in self.budgets]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What ``nonsingular reproduce`` runs; ``quick()`` is the few-minute version."""
+
+    data: str = "mnist5k"
+    model: str = "mlp"
+    seeds: int = 1
+    epochs: int = 20
+    methods: tuple[str, ...] | None = None  # None: all six (bound-reg for an MLP only)
+    eval_size: int = 500  # attacked test examples
+    cert_size: int = 100
+    attack_steps: int = 50
+    attack_restarts: int = 1  # per loss
+    attack_loss: str = "both"  # cross-entropy, then the margin (CW) loss: best per example
+    stronger: bool = True  # attack each family's key budget again, twice as hard
+    min_clean: float = 0.8  # a model below this clean accuracy is flagged, kept out of verdicts
+    cert_dtype: str = "float32"  # the bounds' arithmetic (its rounding is bounded too: sound)
+    # training recipes besides the default one, under which the claims are decided again (the
+    # claims' models only: recipe_methods), shown side by side in the report
+    recipes: tuple[str, ...] = ("no-augmentation",)
+    recipe_methods: tuple[str, ...] = ("standard", "pgd-at", "awp", "bound-reg")
+    eps_x: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2)
+    eps_w_absolute: tuple[float, ...] = (0.0, 5e-4, 1e-3, 2e-3, 3e-3, 4e-3)
+    eps_w_relative: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+    eps_w_shared: tuple[float, ...] = (0.0, 2e-3, 5e-3, 1e-2, 2e-2, 4e-2)
+    joint_eps_x: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1)
+    joint_eps_w: tuple[float, ...] = (0.0, 5e-4, 1e-3, 2e-3)
+    certify: tuple[str, ...] = ("ibp", "crown")
+    # crown's pre-activation bounds: "crown" for an MLP; "ibp" for a CNN, whose thousands of
+    # unstable conv neurons make CROWN bounds cost ~30 s per 60 examples per budget (2 cores)
+    intermediate: str | None = None
+
+    @classmethod
+    def quick(cls, **changes: Any) -> Experiment:
+        """Fewer epochs, smaller grids and test sets: minutes instead of a quarter hour."""
+        settings: dict[str, Any] = {
+            "epochs": 5,
+            "eval_size": 300,
+            "cert_size": 60,
+            "attack_steps": 20,
+            "attack_restarts": 1,
+            "eps_x": (0.0, 0.05, 0.1, 0.2),
+            "eps_w_absolute": (0.0, 1e-3, 2e-3, 4e-3),
+            "eps_w_relative": (0.0, 0.02, 0.05, 0.2),
+            "eps_w_shared": (0.0, 5e-3, 1e-2, 4e-2),
+            "joint_eps_x": (0.0, 0.05, 0.1),
+            "joint_eps_w": (0.0, 1e-3, 2e-3),
+        }
+        return cls(**{**settings, **changes})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], quick: bool = False) -> Experiment:
+        """From a dict (a TOML file's tables flattened) whose keys are field names, with ``-``
+        or ``_``; lists become tuples. ``quick``: start from ``quick()``'s settings."""
+        clean = options(cls, data, "experiment")
+        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in clean.items()}
+        return cls.quick(**clean) if quick else cls(**clean)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, quick: bool = False) -> Experiment:
+        """From an experiment TOML file (``reproduce --config``; see docs/reproduce.md)."""
+        return cls.from_dict(read_toml(path), quick=quick)
+
+    def __post_init__(self) -> None:
+        for name in BUDGETS:
+            _check_budgets(name, getattr(self, name))
+        if self.methods is not None and (
+            not isinstance(self.methods, tuple) or not all(isinstance(m, str) for m in self.methods)
+        ):
+            raise ConfigError(f"methods must be a list of method names, got {self.methods!r}")
+        if self.methods is None:  # the paper's bound (closed-form) is defined for MLPs only
+            chosen = tuple(m for m in COMPARISON if self.model == "mlp" or m != "bound-reg")
+            object.__setattr__(self, "methods", chosen)
+        unknown = [m for m in self.methods if m not in COMPARISON]
+        if unknown:
+            raise ConfigError(f"unknown method {unknown[0]!r}; choose from {', '.join(COMPARISON)}")
+        for name in ("standard", "pgd-at", "awp"):
+            if name not in self.methods:
+                raise ConfigError(f"the comparison needs the {name} model (its claims use it)")
+        choice("attack_loss", self.attack_loss, LOSSES)
+        number("min_clean", self.min_clean, 0.0, 1.0)
+        choice("cert_dtype", self.cert_dtype, ("float32", "float64"))
+        for recipe in self.recipes:
+            choice("recipes", recipe, tuple(RECIPES))
+        for method in self.recipe_methods:
+            choice("recipe_methods", method, COMPARISON)
+        if self.recipes and "standard" not in self.recipe_methods:
+            raise ConfigError("recipe_methods needs standard: every claim compares with it")
+        if not isinstance(self.stronger, bool):
+            raise ConfigError(f"stronger must be true or false, got {self.stronger!r}")
+        if self.intermediate is None:
+            object.__setattr__(self, "intermediate", "crown" if self.model == "mlp" else "ibp")
+        if self.model != "mlp" and "bound-reg" in self.methods:
+            raise ConfigError(
+                "bound-reg regularizes the closed-form bound, which is defined for "
+                f"MLPs only; leave it out for --model {self.model}"
+            )
+        for name, high in (
+            ("seeds", 1_000),
+            ("epochs", 100_000),
+            ("eval_size", 10_000_000),
+            ("cert_size", 10_000_000),
+            ("attack_steps", 100_000),
+            ("attack_restarts", 1_000),
+        ):
+            integer(name, getattr(self, name), 1, high)
+        if self.model not in ARCHITECTURES:
+            raise ConfigError(
+                f"model must be one of {', '.join(ARCHITECTURES)}, got {self.model!r}"
+            )
+
+    def training_threats(self) -> dict[str, Threat]:
+        """Each method's own training threat (methods that train against one)."""
+        out = {}
+        for method in self.methods:
+            threat = self.train_config(method, 0).resolved_threat()
+            if threat is not None and (threat.eps_x > 0 or threat.eps_w > 0):
+                out[method] = threat
+        return out
+
+    def families(self) -> list[Family]:
+        """Input-only and the three weight-only views, in report order (the joint family is
+        the grid ``joint_eps_x`` x ``joint_eps_w``)."""
+        return [
+            Family("input", "input only (linf)", "eps_x", self.eps_x),
+            Family(
+                "weight-absolute",
+                "weights only, per-example absolute (the paper's)",
+                "eps_w",
+                self.eps_w_absolute,
+            ),
+            Family(
+                "weight-relative",
+                "weights only, per-example relative (multiplicative noise)",
+                "eps_w",
+                self.eps_w_relative,
+                {"w_mode": "relative"},
+            ),
+            Family(
+                "weight-shared",
+                "weights only, one shared perturbation for the whole test set",
+                "eps_w",
+                self.eps_w_shared,
+                {"scope": "shared"},
+            ),
+        ]
+
+    def family_names(self) -> list[str]:
+        """Every family the claims and outcomes use, in report order, the joint one last."""
+        return [f.name for f in self.families()] + [JOINT]
+
+    def family(self, name: str) -> Family:
+        """The one-axis family called ``name``."""
+        return next(f for f in self.families() if f.name == name)
+
+    def labels(self) -> dict[str, str]:
+        """What each family is called in the report."""
+        return {**{f.name: f.label for f in self.families()}, JOINT: JOINT_LABEL}
+
+    def zero_budgets(self, family: str) -> list[bool]:
+        """For each budget of ``family``, in outcome order (the joint grid's eps_x slowest):
+        whether it perturbs nothing."""
+        if family == JOINT:
+            return [x == 0 and w == 0 for x in self.joint_eps_x for w in self.joint_eps_w]
+        return [b == 0 for b in self.family(family).budgets]
+
+    def shared(self, family: str) -> bool:
+        """Whether ``family`` is one perturbation for every example (only seeds replicate)."""
+        return family != JOINT and self.family(family).threat.get("scope") == "shared"
+
+    def attack_options(self, strength: int = 1) -> dict[str, Any]:
+        """The attack's options; ``strength`` times the steps and restarts."""
+        return {
+            "steps": self.attack_steps * strength,
+            "restarts": self.attack_restarts * strength,
+            "loss": self.attack_loss,
+        }
+
+    def key_threats(self) -> dict[str, Threat]:
+        """Each claim family's key budget: the middle of its nonzero budgets (for the joint
+        grid, the middle eps_x with the middle eps_w)."""
+
+        def middle(values: tuple[float, ...]) -> float:
+            nonzero = [v for v in values if v > 0]
+            return nonzero[len(nonzero) // 2] if nonzero else 0.0
+
+        out = {}
+        for fam in self.families():
+            out[fam.name] = Threat(**{**fam.threat, fam.axis: middle(fam.budgets)})
+        out[JOINT] = Threat(eps_x=middle(self.joint_eps_x), eps_w=middle(self.joint_eps_w))
+        return out
+
+    def key_index(self, family: str) -> int:
+        """Where the key budget of ``family`` sits among its budgets (the joint grid's, eps_x
+        slowest)."""
+        key = self.key_threats()[family]
+        if family == JOINT:
+            i, j = self.joint_eps_x.index(key.eps_x), self.joint_eps_w.index(key.eps_w)
+            return i * len(self.joint_eps_w) + j
+        fam = self.family(family)
+        return fam.budgets.index(getattr(key, fam.axis))
+
+    def train_config(self, method: str, seed: int, recipe: str | None = None) -> TrainConfig:
+        """How ``method`` is trained with ``seed`` (under ``recipe``'s changes, if any)."""
+        return TrainConfig(
+            data=self.data,
+            model=self.model,
+            method=method,
+            epochs=self.epochs,
+            seed=seed,
+            eval_size=0,
+            **(RECIPES[recipe] if recipe else {}),
+        )
+
+    def work(self) -> list[tuple[int, str, str | None]]:
+        """Every model to train and measure: (seed, method, recipe or None), in one order."""
+        out: list[tuple[int, str, str | None]] = [
+            (seed, m, None) for seed in range(self.seeds) for m in self.methods
+        ]
+        for recipe in self.recipes:
+            out += [
+                (seed, m, recipe)
+                for seed in range(self.seeds)
+                for m in self.methods
+                if m in self.recipe_methods
+            ]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _check_budgets(name: str, values: object) -> None:
+    """A budget list: numbers from 0 up, increasing, at least one above 0."""
+    ok = (
+        isinstance(values, tuple)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        and all(math.isfinite(v) and v >= 0 for v in values)
+        and all(a < b for a, b in itertools.pairwise(values))
+        and any(v > 0 for v in values)
+    )
+    if not ok:
+        raise ConfigError(
+            f"{name} must be a list of increasing non-negative numbers with one above 0, "
+            f"like [0, 0.05, 0.1]; got {values!r}"
+        )
