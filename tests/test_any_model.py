@@ -94,7 +94,7 @@ def test_certificates_are_sound_on_every_kind(kind):
         Threat(eps_x=0.02, eps_w=0.005),
         Threat(eps_x=0.1, x_norm="l2", eps_w=0.02, w_mode="relative"),
     ):
-        check_sound(model, x, y, threat, ["ibp", "crown"])
+        check_sound(model, x, y, threat, ["ibp", "crown", "alpha-crown"])
 
 
 # ------------------------------------------------------------------------------ random graphs
@@ -227,7 +227,7 @@ def graph_threats(draw):
 @given(case=random_graphs(), threat=graph_threats())
 def test_ibp_and_crown_are_sound_on_random_graphs(case, threat):
     model, x, y = case
-    check_sound(model, x, y, threat, ["ibp", "crown"])
+    check_sound(model, x, y, threat, ["ibp", "crown", "alpha-crown"])
 
 
 @settings(max_examples=30)

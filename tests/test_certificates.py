@@ -152,12 +152,12 @@ def check_sound(model, x, y, threat, methods):
 
 @given(case=networks(conv=False), threat=threats(modes=DENSE_MODES))
 def test_every_method_is_sound_on_random_mlps(case, threat):
-    check_sound(*case, threat, ["closed-form", "recursive", "ibp", "crown"])
+    check_sound(*case, threat, list(ns.certificates.METHODS))
 
 
 @given(case=networks(), threat=threats())
 def test_ibp_and_crown_are_sound_on_random_dense_and_conv_networks(case, threat):
-    check_sound(*case, threat, ["ibp", "crown"])
+    check_sound(*case, threat, ["ibp", "crown", "alpha-crown"])
 
 
 @given(case=networks(conv=False), threat=threats(modes=DENSE_MODES))
@@ -167,6 +167,7 @@ def test_tighter_methods_are_tighter_where_theory_says_so(case, threat):
     finite = torch.isfinite(bounds["ibp"])
     assert bool((bounds["recursive"][finite] >= bounds["closed-form"][finite] - 1e-9).all())
     assert bool((bounds["crown"][finite] >= bounds["ibp"][finite] - 1e-12).all())
+    assert bool((bounds["alpha-crown"][finite] >= bounds["crown"][finite]).all())
 
 
 @pytest.mark.parametrize("method", ["closed-form", "recursive", "ibp", "crown"])
@@ -307,3 +308,77 @@ def test_worst_wrong_class_terms_match_the_full_terms(case, threat, method):
     ]
     for fast, slow in zip(terms.worst(), full, strict=True):
         torch.testing.assert_close(fast.expand_as(slow), slow, rtol=1e-5, atol=1e-6)
+
+
+def _one_layer_bounds(weight, bias, lower, upper, c, eps_w):
+    """Exact least ``c . ((W + Delta) h + b)`` over ``h`` in ``[lower, upper]`` and
+    ``|Delta| <= eps_w`` for an input that keeps its sign (``|h|`` is linear there), and the
+    same priced at ``max|h|`` (the weight term bounded apart from the input term)."""
+    cw = c @ weight
+    spread = eps_w * c.abs().sum()
+    sign = torch.where(lower >= 0, 1.0, -1.0).double()
+    coefficient = cw - spread * sign  # lam . (W h) - eps ||c||_1 |h|, linear in h
+    exact = torch.minimum(coefficient * lower, coefficient * upper).sum() + c @ bias
+    apart = torch.minimum(cw * lower, cw * upper).sum() + c @ bias
+    apart = apart - spread * torch.maximum(lower.abs(), upper.abs()).sum()
+    return exact, apart
+
+
+@given(st.integers(0, 10_000), st.sampled_from([(0.0, 1.0), (-1.0, 0.0), (-1.0, 1.0)]))
+def test_crown_bounds_a_dense_layer_exactly_where_its_input_keeps_a_sign(seed, domain):
+    """One dense layer, input in a box of one sign: the weight term and the input term are
+    bounded together (exactly), not the weight term at ``max|h|`` on its own; an input box
+    straddling 0 is never bounded looser than that."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(12, 4).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(4, 12, generator=gen, dtype=torch.float64))
+        layer.bias.copy_(torch.randn(4, generator=gen, dtype=torch.float64))
+    model = nn.Sequential(layer).eval()
+    low, high = domain
+    x = low + (high - low) * torch.rand(1, 12, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    threat = Threat(eps_x=0.3, eps_w=0.05, bounds=domain)
+    bound = ns.certify(model, x, y, threat, method="crown", dtype=torch.float64).lower[0]
+    lower, upper = (x[0] - 0.3).clamp(low, high), (x[0] + 0.3).clamp(low, high)
+    straddles = domain == (-1.0, 1.0) and bool(((lower < 0) & (upper > 0)).any())
+    for j in range(4):
+        if j == int(y):
+            continue
+        c = torch.zeros(4, dtype=torch.float64)
+        c[int(y)], c[j] = 1.0, -1.0
+        exact, apart = _one_layer_bounds(
+            layer.weight.detach(), layer.bias.detach(), lower, upper, c, 0.05
+        )
+        assert bound[j] >= apart - 1e-9, (j, bound[j], apart)
+        if not straddles:
+            assert bound[j] == pytest.approx(float(exact), abs=1e-9), (j, float(exact))
+            assert bound[j] <= exact + 1e-12  # sound
+
+
+@given(case=networks(), threat=threats(), seed=st.integers(0, 1000))
+def test_crown_is_sound_for_any_relu_lower_slopes(case, threat, seed):
+    """alpha-CROWN's soundness does not rest on the optimizer: any lower slopes in [0, 1],
+    drawn at random here (0 and 1 included), give a bound under every sampled perturbation."""
+    from nonsingular.certificates.crown import _relu_slopes, crown_bounds
+    from nonsingular.certificates.linear import backward, margin_matrix
+    from nonsingular.certificates.region import InputRegion
+    from nonsingular.certificates.rounding import unit_roundoff
+
+    model, x, y = case
+    graph = read_model(model, x).cast(torch.float64)
+    budgets = {b.index: b for b in perturbed_layers(graph, threat)}
+    region = InputRegion.from_threat(x.double(), threat)
+    c = margin_matrix(y, int(model(x).shape[1]), torch.float64)
+    bounds = crown_bounds(graph, budgets, region, "crown", 2 * unit_roundoff(torch.float32))
+    slopes = _relu_slopes(graph, bounds, c.shape[1], graph.output)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for value in slopes.values():
+            drawn = torch.rand(value.shape, generator=gen, dtype=value.dtype)
+            value.copy_(torch.where(drawn < 0.2, 0.0, torch.where(drawn > 0.8, 1.0, drawn)))
+        lower = backward(graph, region, bounds, c, graph.output, slopes=slopes)
+    lower = lower.scatter(1, y[:, None], float("-inf")).float()
+    samples = random_margins(model, x, y, threat)
+    assert (lower[None] - samples).max() <= TOL

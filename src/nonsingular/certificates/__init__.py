@@ -3,7 +3,8 @@
 ``certify(model, x, y, threat, method)`` returns, per example, a lower bound on every margin
 ``z_y - z_j`` over every input and weight perturbation of the threat; an example is certified
 when all of them are positive. Methods, loosest first: ``closed-form`` (B0, the paper's),
-``recursive`` (B1), ``ibp`` (B2), ``crown`` (B3). Bounds are computed in float64 by default
+``recursive`` (B1), ``ibp`` (B2), ``crown`` (B3), ``alpha-crown`` (B3 with its ReLU
+relaxations optimized per example and output). Bounds are computed in float64 by default
 (so rounding cannot turn a near-zero bound positive), and ``scope="shared"`` is certified
 through the per-example threat, which contains it.
 """
@@ -23,13 +24,13 @@ from ..model.lemma import perturbed_layers
 from ..model.verify import read_batch
 from ..threat import Threat
 from .closed_form import MarginTerms, closed_form_terms, recursive_terms
-from .crown import INTERMEDIATE, crown_margins
+from .crown import INTERMEDIATE, alpha_crown_margins, crown_margins
 from .ibp import ibp_margins, interval_bounds
 from .linear import margin_matrix
 from .region import InputRegion
 from .rounding import unit_roundoff
 
-METHODS = ("closed-form", "recursive", "ibp", "crown")
+METHODS = ("closed-form", "recursive", "ibp", "crown", "alpha-crown")
 
 
 @dataclass
@@ -73,9 +74,10 @@ def _bounds(
 ) -> Tensor:
     budgets = {b.index: b for b in perturbed_layers(graph, threat)}
     region = InputRegion.from_threat(x, threat)
-    if method == "crown":
+    if method in ("crown", "alpha-crown"):
         c = margin_matrix(y, classes, x.dtype)
-        crown, ibp = crown_margins(graph, budgets, region, c, intermediate, unit)
+        margins_of = crown_margins if method == "crown" else alpha_crown_margins
+        crown, ibp = margins_of(graph, budgets, region, c, intermediate, unit)
         return crown.maximum(ibp)  # both are sound: report the tighter, per margin
     if method == "ibp":
         bounds = interval_bounds(graph, budgets, region, unit)
@@ -133,7 +135,7 @@ def certify(
 
 def _default_chunk(graph: Graph, x: Tensor, method: str) -> int:
     """Examples per chunk so that CROWN's largest bound matrix stays near 256 MB."""
-    if method != "crown":
+    if method not in ("crown", "alpha-crown"):
         return max(1, len(x))
     with torch.no_grad():
         values = graph.values(x[:1])

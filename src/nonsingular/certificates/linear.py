@@ -9,7 +9,7 @@ the support of its output-change set (``model/lemma.py``), sized by the bounds o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor
 from ..model.graph import CONSTANT, SHAPE, Graph, Node
 from ..model.lemma import LayerBudget, OutputSet
 from ..model.operators.base import Box, constant_min
+from ..model.operators.elementwise import relu_backward
 from .region import InputRegion
 
 
@@ -33,13 +34,17 @@ class Bounds:
               elementwise box radius (0: nothing) and, for dense layers with Frobenius
               budgets, the lemma's l2 ball (None: none); both already included in its Box,
               and taken off in every backward pass without being recomputed;
-    unit:     the unit roundoff the rounding radii are computed with (0: exact arithmetic).
+    unit:     the unit roundoff the rounding radii are computed with (0: exact arithmetic);
+    linear:   the perturbed dense layers whose weight term a backward pass takes linearly in
+              their input (``LayerBudget.weight_terms``) rather than from ``added``, which
+              then holds only their bias term and rounding.
     """
 
     values: list[Any]
     concrete: list[Any]
     added: list[tuple[Tensor | float, Tensor | None]]
     unit: float
+    linear: dict[int, tuple[LayerBudget, Tensor]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, graph: Graph, region: InputRegion, unit: float) -> Bounds:
@@ -60,6 +65,14 @@ class Bounds:
         self.values[node.index] = self.concrete[node.index] = node.op.forward(*args, **kwargs)
         return True
 
+    def everything_added(self, index: int) -> tuple[Tensor | float, Tensor | None]:
+        """``added`` with the weight term of a ``linear`` node put back in as a box: what
+        interval-style passes take off."""
+        radius, ball = self.added[index]
+        if index in self.linear:
+            radius = radius + self.linear[index][1]
+        return radius, ball
+
     def set(self, index: int, box: Box) -> None:
         self.values[index] = box
         self.concrete[index] = box.lower
@@ -78,16 +91,23 @@ def node_box(graph: Graph, budgets: dict[int, LayerBudget], index: int, bounds: 
     box = node.op.interval(*args, **kwargs)
     added: Tensor | float = 0.0
     ball = None
+    weight_box: Tensor | float = 0.0  # the weight term, where backward passes take it linearly
     if index in budgets:
-        moved = perturbation_set(budgets[index], args[0])
+        budget = budgets[index]
+        moved = perturbation_set(budget, args[0])
         added, ball = (0.0 if moved.box is None else moved.box), moved.ball
         kwargs = {**kwargs, "perturbation": moved.radius()}
+        if budget.linear_in_input(args[0].lower):
+            added = budget.bias_radius_box()
+            weight_box = budget.weight_radius_box(args[0].magnitude())
+            bounds.linear[index] = (budget, weight_box)
     if bounds.unit > 0:  # 0: exact arithmetic (the training losses)
         added = added + node.op.rounding(bounds.unit, *args, **kwargs)
     bounds.added[index] = (added, ball)
+    widen = added + weight_box
     if ball is not None:
-        added = added + ball.reshape(-1, 1)  # the ball's box, for the interval
-    return box.widen(added) if isinstance(added, Tensor) or added > 0 else box
+        widen = widen + ball.reshape(-1, 1)  # the ball's box, for the interval
+    return box.widen(widen) if isinstance(widen, Tensor) or widen > 0 else box
 
 
 def box_support(lam: Tensor, radius: Tensor | float) -> Tensor:
@@ -120,6 +140,7 @@ def backward(
     start: int,
     *,
     relax: bool = True,
+    slopes: dict[int, Tensor] | None = None,
 ) -> Tensor:
     """A lower bound ``(B, K)`` of ``lam . value(start)`` over the joint threat, as the model
     computes it (each node's weight perturbation and rounding are taken off as recorded by
@@ -127,6 +148,8 @@ def backward(
 
     relax: use every operator's linear relaxation; False stops at each operator that is not
     affine and concretizes over its box instead (IBP with the affine tail folded in).
+    slopes: per ReLU node, the lower lines' slopes to use (``(B, K, *shape)`` in [0, 1]:
+    alpha-CROWN's), instead of CROWN's adaptive ones.
     """
     values = bounds.values
     pending: dict[int, Tensor] = {start: lam}
@@ -139,9 +162,16 @@ def backward(
             const = const + constant_min(lam, values[node.index])
             continue
         args, kwargs = node.fill(values, graph.tensors)
-        const = const - added_support(lam, bounds.added[node.index])
-        lams, c = node.op.backward(lam, *args, **kwargs)
-        const = const + c
+        added = bounds.added[node.index] if relax else bounds.everything_added(node.index)
+        if slopes is not None and node.index in slopes:
+            lams, c = relu_backward(lam, args[0], slopes[node.index])
+        else:
+            lams, c = node.op.backward(lam, *args, **kwargs)
+        const = const + c - added_support(lam, added)
+        if relax and node.index in bounds.linear:  # the weight term, linear in the input
+            coef, c = bounds.linear[node.index][0].weight_terms(lam, args[0], bounds.unit)
+            lams = [lams[0] + coef]
+            const = const + c
         for ref, part in zip(node.box_refs, lams, strict=True):
             if part is not None:
                 pending[ref] = pending[ref] + part if ref in pending else part

@@ -23,6 +23,7 @@ from ..errors import ThreatError
 from ..threat import Threat
 from .graph import Graph, Node
 from .operators.affine import Affine
+from .operators.base import Box
 from .operators.elementwise import Elementwise
 from .operators.linear import Identity, LinearMap
 from .operators.normalization import MaxPool
@@ -134,6 +135,50 @@ class LayerBudget:
                 ball = ball + self.bias_radius
             return OutputSet(ball=ball)
         return OutputSet(box=self.activation_radius(h_abs))
+
+    def linear_in_input(self, h: Tensor) -> bool:
+        """Whether a backward bound pass may take this weight term linearly in the input
+        (``weight_terms``): linf weights on a dense layer meeting one vector."""
+        return self.norm == "linf" and self.op.one_vector(h)
+
+    def weight_radius_box(self, h_abs: Tensor) -> Tensor:
+        """Box radius of ``Delta_W h`` alone over linf weights, for every ``|h| <= h_abs``."""
+        return self._through_layer(h_abs, self.weight_radius)
+
+    def bias_radius_box(self) -> Tensor | float:
+        """Box radius of ``Delta_b`` alone, broadcastable to the output (0.0: bias untouched)."""
+        if self.bias_radius is None:
+            return 0.0
+        return self._add_bias(self.bias_radius.new_zeros(()))
+
+    def weight_terms(self, lam: Tensor, h: Box, unit: float) -> tuple[Tensor, Tensor]:
+        """A linear lower bound on the weight term of a backward pass, over the input box.
+
+        For ``lam: (B, K, n_out)``, the least ``lam . (Delta_W h)`` over the budget is exactly
+        ``-g . |h|`` with ``g = |lam| R`` (the lemma, by coordinate). ``|h|`` is convex, so on
+        ``[l, u]`` it lies under its chord ``s h + t`` (exact where ``h`` keeps a sign): the
+        term is at least ``-(g s) . h - g . t``, which goes on back through the input instead
+        of being priced at ``max|h|``. Returns ``(-(g s), -g . t)``: ``(B, K, n_in)``, ``(B, K)``.
+        ``unit`` pads ``t`` for the rounding of computing the chord.
+        """
+        mag = lam.abs()
+        radius = self.weight_radius
+        g = (
+            radius * mag.sum(-1, keepdim=True)
+            if radius.dim() == 0
+            else mag @ radius.expand_as(self.weight)
+        )
+        lower, upper = h.lower, h.upper
+        mixed = (lower < 0) & (upper > 0)
+        width = (upper - lower).clamp_min(torch.finfo(lower.dtype).tiny)
+        slope = torch.where(lower >= 0, 1.0, -1.0).to(lower.dtype)
+        slope = torch.where(mixed, ((upper + lower) / width).clamp(-1.0, 1.0), slope)
+        # the chord is above |h| at both ends of [l, u], hence on all of it (|h| is convex)
+        offset = torch.maximum(lower.abs() - slope * lower, upper.abs() - slope * upper)
+        if unit > 0:
+            offset = offset + 4 * unit * torch.maximum(lower.abs(), upper.abs()) * 2
+        offset = offset.clamp_min(0.0)
+        return -g * slope[:, None, :], -(g * offset[:, None, :]).sum(-1)
 
     def lemma_output(self, h: Tensor, t: Tensor, nonnegative: bool = False) -> Tensor:
         """The dense layer's output at ``h: (B, n_in)`` moved by ``lemma_radius(h) * t``.

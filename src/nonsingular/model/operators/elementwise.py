@@ -32,7 +32,7 @@ class Elementwise(Operator):
 
     def backward(self, lam: Tensor, h: Box) -> tuple[list[Tensor | None], Tensor]:
         if self.act.kind == "relu":
-            return _relu_backward(lam, h)
+            return relu_backward(lam, h)
         a_low, b_low, a_up, b_up = self.act.linear_bounds(h.lower, h.upper)
         positive, negative = lam.clamp(min=0), lam.clamp(max=0)
         lam_in = positive * a_low.unsqueeze(1) + negative * a_up.unsqueeze(1)
@@ -63,13 +63,26 @@ class Elementwise(Operator):
         return TRANSCENDENTAL_ULPS * unit * (out + h.magnitude())
 
 
-def _relu_backward(lam: Tensor, h: Box) -> tuple[list[Tensor | None], Tensor]:
-    """CROWN's ReLU relaxation: the chord above, the adaptive line (slope 0 or 1) below."""
+def relu_lower_slopes(h: Box) -> Tensor:
+    """CROWN's adaptive lower line for each neuron of a ReLU: slope 1 where ``u > -l``, else
+    0 (where the neuron is stable the slope is not used)."""
+    return (h.upper > -h.lower).to(h.lower.dtype)
+
+
+def relu_backward(
+    lam: Tensor, h: Box, lower_slopes: Tensor | None = None
+) -> tuple[list[Tensor | None], Tensor]:
+    """CROWN's ReLU relaxation: the chord above, a line through 0 below. ``lower_slopes``
+    (broadcastable to ``lam``, in [0, 1]; alpha-CROWN optimizes them) are its slopes on the
+    unstable neurons; any value in [0, 1] is sound, as ``a x <= relu(x)`` there. By default
+    CROWN's adaptive choice (``relu_lower_slopes``)."""
     lower, upper = h.lower[:, None], h.upper[:, None]
     active = (lower >= 0).to(lam.dtype)
     unstable = ((lower < 0) & (upper > 0)).to(lam.dtype)
     slope = upper / (upper - lower).clamp_min(1e-30) * unstable
-    below = active + (upper > -lower).to(lam.dtype) * unstable  # slope of the lower line
+    if lower_slopes is None:
+        lower_slopes = (upper > -lower).to(lam.dtype)
+    below = active + lower_slopes * unstable  # slope of the lower line
     negative = lam.clamp(max=0)
     lam_in = torch.where(lam >= 0, lam * below, lam * (active + slope))
     offset = (-slope * lower).flatten(2).transpose(1, 2)  # (B, N, 1): the chord's intercept
