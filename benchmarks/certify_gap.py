@@ -29,14 +29,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(0)
     data = load("mnist5k", seed=0)
     config = TrainConfig(method="standard", epochs=args.epochs, seed=0)
-    model = train(config, data, progress=False).model.eval()
-    x, y = data.x_test[: args.examples], data.y_test[: args.examples]
+    model = train(config, data, progress=False, device=device).model.eval()
+    x, y = data.x_test[: args.examples].to(device), data.y_test[: args.examples].to(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{where}; {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; standard MLP, {args.epochs} epochs; {len(x)} test digits"
     )
     print(f"| eps_x | eps_w | attack leaves | {' | '.join(METHODS)} |")

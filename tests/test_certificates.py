@@ -1,5 +1,7 @@
 """Certificates are sound: no attack, random sample or materialized perturbation goes below."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given
@@ -112,16 +114,19 @@ def sample_inputs(x, threat, n, generator):
     return (x + d).clamp(*threat.bounds)
 
 
-def random_margins(model, x, y, threat, n=200, seed=0):
+def random_margins(model, x, y, threat, n=200, seed=0, device="cpu"):
     """(n, B, K) margins z_y - z_j under n random joint perturbations per example, each run
-    through the unmodified model with its weights materialized."""
+    through the unmodified model with its weights materialized (drawn on the CPU, run on
+    ``device``)."""
     g = torch.Generator().manual_seed(seed)
+    runs = copy.deepcopy(model).to(device)
     out = []
     for i in range(len(x)):
         params = sample_parameters(model, x[i : i + 1], threat, n, g)
-        xs = sample_inputs(x[i], threat, n, g)
-        logits = vmap(lambda p, xi: functional_call(model, p, (xi[None],))[0])(params, xs)
-        out.append(logits[:, y[i] : y[i] + 1] - logits)
+        params = {k: v.to(device) for k, v in params.items()}
+        xs = sample_inputs(x[i], threat, n, g).to(device)
+        logits = vmap(lambda p, xi: functional_call(runs, p, (xi[None],))[0])(params, xs)
+        out.append((logits[:, y[i] : y[i] + 1] - logits).cpu())
     return torch.stack(out, dim=1)
 
 
@@ -382,3 +387,25 @@ def test_crown_is_sound_for_any_relu_lower_slopes(case, threat, seed):
     lower = lower.scatter(1, y[:, None], float("-inf")).float()
     samples = random_margins(model, x, y, threat)
     assert (lower[None] - samples).max() <= TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tf32", [False, True])
+@given(case=networks(), threat=threats(modes=DENSE_MODES))
+def test_certificates_are_sound_on_cuda_as_the_model_runs_there(tf32, case, threat):
+    """On a GPU, with TF32 matrix products allowed or not: bounds computed there hold for the
+    model as it runs there (its perturbed copies run on the GPU too)."""
+    model, x, y = case
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        samples = random_margins(model, x, y, threat, device="cuda")
+        on_gpu = copy.deepcopy(model).cuda()
+        for method in ("ibp", "crown", "alpha-crown"):
+            for dtype in (torch.float32, torch.float64):
+                cert = ns.certify(on_gpu, x.cuda(), y.cuda(), threat, method, dtype=dtype)
+                lower = cert.lower.cpu().float().nan_to_num(posinf=float("-inf"))
+                violation = (lower[None] - samples).max()
+                assert violation <= TOL, (method, dtype, float(violation))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -129,6 +129,16 @@ def test_the_report_shows_the_verdicts_and_numbers_of_the_json(reproduced):
     assert info["config"]["augment"] == 0
     (plain,) = results.of("pgd-at", "no-augmentation")
     assert len(plain.outcomes["joint"]) == 4 and not plain.certified  # the 2 x 2 joint grid
+    # every main model under every method's training threat, its own in bold in the report
+    own = results.experiment.training_threats()
+    assert own and "## Matched comparisons" in report
+    for model in results.models:
+        assert set(model.matched) == (set(own) if model.recipe is None else set())
+    matched = table_rows(report, "## Matched comparisons")
+    for method in own:
+        (model,) = results.of(method)
+        column = list(own).index(method)
+        assert matched[method][column] == f"**{pct(model.matched[method])}**"
     # one seed: the shared view cannot be judged, and says why
     shared = [c for c in document["claims"] if c["family"] == "weight-shared"]
     assert shared[0]["verdict"] == "needs seeds" and "3 seeds" in shared[0]["reason"]
@@ -431,3 +441,44 @@ def test_the_summary_over_seeds_is_mean_and_sample_sd_elementwise():
     assert cell(summary, 0, 1) == "80.0% ± 20.0"
     one = spread([[0.25, 0.5]])
     assert one.sd is None and cell(one, 1) == "50.0%"  # one seed: no spread shown
+
+
+def test_certificates_cached_by_other_bound_code_are_recomputed(reproduced, monkeypatch, tmp_path):
+    """A change to the bounds raises ``certificates.REVISION``: every cached certificate
+    table is computed again, every attack is still reused."""
+    import shutil
+
+    out, results, _ = reproduced
+    shutil.copytree(out, tmp_path / "copy")
+    monkeypatch.setattr(running, "BOUNDS_REVISION", running.BOUNDS_REVISION + 1)
+    again = run_experiment(Experiment.quick(**TINY), tmp_path / "copy", say=lambda text: None)
+    main_models = [m for m in again.models if m.recipe is None]
+    assert sum(m.evaluations_computed for m in again.models) == len(main_models)
+    for model, earlier in zip(again.models, results.models, strict=True):
+        assert model.certified == earlier.certified  # the same bound code: the same numbers
+
+
+def _luminance(rgb) -> float:
+    """Relative luminance (WCAG) of an sRGB colour in [0, 1]."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def test_figures_read_without_colour_vision():
+    """The heatmap's colours rise in lightness from low to high accuracy (so they read in
+    greyscale and without red-green vision: a red-to-green map does not), and every model's
+    line differs from every other one by its marker."""
+    import matplotlib
+
+    from nonsingular import report
+
+    def lightness(name: str) -> list[float]:
+        cmap = matplotlib.colormaps[name]
+        return [_luminance(cmap(i / 20)) for i in range(21)]
+
+    shades = lightness(report.HEATMAP)
+    assert all(a < b for a, b in zip(shades, shades[1:], strict=False))
+    red_green = lightness("RdYlGn")
+    assert not all(a < b for a, b in zip(red_green, red_green[1:], strict=False))
+    assert set(report.MARKERS) == set(experiment.COMPARISON) == set(report.COLORS)
+    assert len(set(report.MARKERS.values())) == len(report.MARKERS)

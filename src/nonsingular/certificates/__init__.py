@@ -31,6 +31,9 @@ from .region import InputRegion
 from .rounding import unit_roundoff
 
 METHODS = ("closed-form", "recursive", "ibp", "crown", "alpha-crown")
+# raised whenever a change makes any method's bounds differ, so that numbers cached by other
+# bound code (``reproduce``'s evaluation caches) are recomputed, never reused
+REVISION = 2
 
 
 @dataclass
@@ -146,6 +149,7 @@ def _default_chunk(graph: Graph, x: Tensor, method: str) -> int:
 
 __all__ = [
     "METHODS",
+    "REVISION",
     "CertifyResult",
     "MarginTerms",
     "certify",

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import checkpoint
 from .._version import __version__
+from ..certificates import REVISION as BOUNDS_REVISION
 from ..data import Dataset, load
 from ..distributed import alone, gather, mine, ranks
 from ..errors import ConfigError
@@ -228,7 +229,12 @@ class _Measure:
         }
         certifying = kind == "certify"  # certificates alone: the attack is the joint grid's
         if certifying:
-            key.update(attack=None, intermediate=exp.intermediate, dtype=exp.cert_dtype)
+            key.update(
+                attack=None,
+                intermediate=exp.intermediate,
+                dtype=exp.cert_dtype,
+                bounds=BOUNDS_REVISION,  # bounds cached by other bound code are not reused
+            )
 
         def compute() -> dict[str, Any]:
             return evaluate(
