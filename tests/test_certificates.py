@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, vmap
@@ -10,6 +10,7 @@ from torch.func import functional_call, vmap
 import nonsingular as ns
 from nonsingular import ConfigError, Threat, UnsupportedLayerError
 from nonsingular.certificates import closed_form_terms
+from nonsingular.certificates.bab import STATUSES
 from nonsingular.model import perturbed_layers, read_model
 
 from .conftest import assert_state_equal, state_copy
@@ -382,3 +383,50 @@ def test_crown_is_sound_for_any_relu_lower_slopes(case, threat, seed):
     lower = lower.scatter(1, y[:, None], float("-inf")).float()
     samples = random_margins(model, x, y, threat)
     assert (lower[None] - samples).max() <= TOL
+
+
+def _absolute_value_model() -> nn.Module:
+    """``z_0 - z_1 = relu(x) + relu(-x) - 0.5 relu(x + 2) + 1.1 = |x| - x/2 + 0.1 > 0`` on
+    [-1, 1]: robust, but CROWN's adaptive lines (slope 0 at l = -u) lose 0.5 at x = 1."""
+    first, last = nn.Linear(1, 3), nn.Linear(3, 2)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[1.0], [-1.0], [1.0]]))
+        first.bias.copy_(torch.tensor([0.0, 0.0, 2.0]))
+        last.weight.copy_(torch.tensor([[1.0, 1.0, -0.5], [0.0, 0.0, 0.0]]))
+        last.bias.copy_(torch.tensor([1.1, 0.0]))
+    return nn.Sequential(first, nn.ReLU(), last).double().eval()
+
+
+def test_optimized_slopes_and_branching_certify_what_crown_cannot():
+    model = _absolute_value_model()
+    x, y = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    for eps_w in (0.0, 1e-3):
+        threat = Threat(eps_x=1.0, eps_w=eps_w, bounds=(-1.0, 1.0))
+        assert not bool(ns.certify(model, x, y, threat, "crown").certified[0])
+        assert bool(ns.certify(model, x, y, threat, "alpha-crown").certified[0])
+        result = ns.bab(model, x, y, threat, time_limit=30.0, steps=10, restarts=1)
+        assert result.status == ["certified"] and int(result.domains[0]) > 0
+    broken = Threat(eps_x=1.0, eps_w=0.2, bounds=(-1.0, 1.0))  # the weights can now flip it
+    result = ns.bab(model, x, y, broken, time_limit=30.0)
+    assert result.status == ["broken"]
+    logits = result.attack.replay(model, 0)[0]
+    assert float(logits[0] - logits[1]) <= 0  # the counterexample, on the unmodified model
+
+
+@settings(max_examples=8, deadline=None)
+@given(case=networks(), threat=threats(modes=DENSE_MODES))
+def test_bab_never_certifies_what_a_perturbation_breaks(case, threat):
+    model, x, y = case
+    result = ns.bab(model, x, y, threat, time_limit=0.5, batch=16, steps=20)
+    samples = random_margins(model, x, y, threat)  # (n, B, K), 0 at j = y
+    worst = samples.scatter(2, y[None, :, None].expand(len(samples), -1, 1), float("inf"))
+    worst = worst.min(2).values.min(0).values  # (B,) the worst sampled margin
+    attacked = attacked_margins(model, x, y, threat)
+    for i, status in enumerate(result.status):
+        assert status in STATUSES
+        if status == "certified":
+            assert float(worst[i]) > -TOL and float(attacked[i]) > -TOL, i
+        if status == "broken":
+            logits = result.attack.replay(model, i)[0]
+            margin = logits[y[i]] - logits.scatter(0, y[i : i + 1], float("-inf")).max()
+            assert float(margin) <= 1e-5, i

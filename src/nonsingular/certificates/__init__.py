@@ -23,6 +23,7 @@ from ..model.graph import VARIABLE, Graph
 from ..model.lemma import perturbed_layers
 from ..model.verify import read_batch
 from ..threat import Threat
+from .bab import BabResult, bab
 from .closed_form import MarginTerms, closed_form_terms, recursive_terms
 from .crown import INTERMEDIATE, alpha_crown_margins, crown_margins
 from .ibp import ibp_margins, interval_bounds
@@ -145,7 +146,9 @@ def _default_chunk(graph: Graph, x: Tensor, method: str) -> int:
 
 
 __all__ = [
+    "BabResult",
     "METHODS",
+    "bab",
     "CertifyResult",
     "MarginTerms",
     "certify",
