@@ -300,3 +300,27 @@ def test_bad_batches_raise_input_errors(standard_mlp, sample):
         ns.certify(standard_mlp, x, y.tolist(), Threat(eps_x=0.1))
     res = ns.attack(standard_mlp, x * 2 - 1, y, Threat(eps_x=0.1, bounds=None), steps=2)
     assert res.x_adv.shape == x.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scope", ["per-example", "shared"])
+def test_attacks_run_on_cuda_and_replay_there(scope):
+    """Every attack path on a GPU (restarts, both losses, stopping on broken examples, the
+    noise baseline): the data, model and perturbations stay there and replay exactly."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 10)
+    )
+    model = model.cuda().eval()
+    x, y = torch.rand(16, 1, 8, 8, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    threat = Threat(eps_x=0.05, eps_w=0.01, scope=scope)
+    for kwargs in (
+        {"steps": 10, "restarts": 2, "loss": "both", "until_broken": True},
+        {"method": "noise", "samples": 8},
+    ):
+        res = ns.attack(model, x, y, threat, **kwargs)
+        assert res.x_adv.device.type == "cuda"
+        for i in range(len(x)):
+            logits = res.replay(model, i)[0]
+            replayed = logits[y[i]] - logits.scatter(0, y[i : i + 1], float("-inf")).max()
+            assert abs(float(replayed - res.margins[i])) <= 1e-4, (kwargs, i)

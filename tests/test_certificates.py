@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, vmap
@@ -12,6 +12,7 @@ from torch.func import functional_call, vmap
 import nonsingular as ns
 from nonsingular import ConfigError, Threat, UnsupportedLayerError
 from nonsingular.certificates import closed_form_terms
+from nonsingular.certificates.bab import STATUSES
 from nonsingular.model import perturbed_layers, read_model
 
 from .conftest import assert_state_equal, state_copy
@@ -409,3 +410,93 @@ def test_certificates_are_sound_on_cuda_as_the_model_runs_there(tf32, case, thre
                 assert violation <= TOL, (method, dtype, float(violation))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _absolute_value_model() -> nn.Module:
+    """``z_0 - z_1 = relu(x) + relu(-x) - 0.5 relu(x + 2) + 1.1 = |x| - x/2 + 0.1 > 0`` on
+    [-1, 1]: robust, but CROWN's adaptive lines (slope 0 at l = -u) lose 0.5 at x = 1."""
+    first, last = nn.Linear(1, 3), nn.Linear(3, 2)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[1.0], [-1.0], [1.0]]))
+        first.bias.copy_(torch.tensor([0.0, 0.0, 2.0]))
+        last.weight.copy_(torch.tensor([[1.0, 1.0, -0.5], [0.0, 0.0, 0.0]]))
+        last.bias.copy_(torch.tensor([1.1, 0.0]))
+    return nn.Sequential(first, nn.ReLU(), last).double().eval()
+
+
+def test_optimized_slopes_and_branching_certify_what_crown_cannot():
+    model = _absolute_value_model()
+    x, y = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    for eps_w in (0.0, 1e-3):
+        threat = Threat(eps_x=1.0, eps_w=eps_w, bounds=(-1.0, 1.0))
+        assert not bool(ns.certify(model, x, y, threat, "crown").certified[0])
+        assert bool(ns.certify(model, x, y, threat, "alpha-crown").certified[0])
+        result = ns.bab(model, x, y, threat, time_limit=30.0, steps=10, restarts=1)
+        assert result.status == ["certified"] and int(result.domains[0]) > 0
+    broken = Threat(eps_x=1.0, eps_w=0.2, bounds=(-1.0, 1.0))  # the weights can now flip it
+    result = ns.bab(model, x, y, broken, time_limit=30.0)
+    assert result.status == ["broken"]
+    logits = result.attack.replay(model, 0)[0]
+    assert float(logits[0] - logits[1]) <= 0  # the counterexample, on the unmodified model
+
+
+@settings(max_examples=8, deadline=None)
+@given(case=networks(), threat=threats(modes=DENSE_MODES))
+def test_bab_never_certifies_what_a_perturbation_breaks(case, threat):
+    model, x, y = case
+    result = ns.bab(model, x, y, threat, time_limit=0.5, batch=16, steps=20)
+    samples = random_margins(model, x, y, threat)  # (n, B, K), 0 at j = y
+    worst = samples.scatter(2, y[None, :, None].expand(len(samples), -1, 1), float("inf"))
+    worst = worst.min(2).values.min(0).values  # (B,) the worst sampled margin
+    attacked = attacked_margins(model, x, y, threat)
+    for i, status in enumerate(result.status):
+        assert status in STATUSES
+        if status == "certified":
+            assert float(worst[i]) > -TOL and float(attacked[i]) > -TOL, i
+        if status == "broken":
+            logits = result.attack.replay(model, i)[0]
+            margin = logits[y[i]] - logits.scatter(0, y[i : i + 1], float("-inf")).max()
+            assert float(margin) <= 1e-5, i
+
+
+def _to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 values rounded to TF32's 10 explicit significand bits (to nearest, ties to
+    even), as tensor cores read their inputs."""
+    bits = t.contiguous().view(torch.int32)
+    bits = (bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return bits.view(torch.float32)
+
+
+@given(st.integers(0, 10_000), st.integers(1, 800))
+def test_dot_products_in_tf32_stay_within_the_bound_the_certificates_use(seed, n):
+    """TF32 products (inputs rounded to 10 bits, summed in float32) are off by at most
+    ``dot_gamma`` relative to the sum of the terms' magnitudes; float32's ``gamma`` alone is
+    not enough once the inputs' rounding is aligned."""
+    from nonsingular.model.operators.base import Unit, dot_gamma, gamma
+
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    tf32 = Unit(2.0**-24, matmul_tf32=True)
+    for u, v in ((a, b), (torch.full((n,), 1 + 3 * 2.0**-12), torch.ones(n))):
+        computed = (_to_tf32(u) * _to_tf32(v)).sum(dtype=torch.float32).double()
+        exact = (u.double() * v.double()).sum()
+        scale = (u.double() * v.double()).abs().sum()
+        assert abs(computed - exact) <= dot_gamma(n, tf32) * scale
+    aligned = abs(n * (1 + 3 * 2.0**-12) - float((_to_tf32(u) * _to_tf32(v)).double().sum()))
+    assert aligned > gamma(n, 2.0**-24) * n  # the float32-only bound would be broken
+    assert dot_gamma(n, 2.0**-24) == gamma(n, 2.0**-24)  # no TF32: float32's bound
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_default_cuda_settings_cost_a_dense_model_no_certificates():
+    """PyTorch's defaults allow TF32 in convolutions, not in matrix products: a dense model
+    on a GPU is certified as on the CPU (its rounding is float32's there too)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x = torch.rand(64, 64)
+    y = model(x).argmax(1)
+    threat = Threat(eps_x=0.002, eps_w=1e-4)
+    on_cpu = ns.certify(model, x, y, threat, "crown", dtype=torch.float32).certified
+    assert bool(on_cpu.float().mean() > 0.5)
+    on_gpu = ns.certify(model.cuda(), x.cuda(), y.cuda(), threat, "crown", dtype=torch.float32)
+    assert torch.equal(on_gpu.certified.cpu(), on_cpu)

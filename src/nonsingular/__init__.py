@@ -2,7 +2,7 @@
 
 from ._version import __version__
 from .attacks import AttackResult, attack
-from .certificates import CertifyResult, certify
+from .certificates import BabResult, CertifyResult, bab, certify
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -22,6 +22,7 @@ __all__ = [
     "__version__",
     "AttackResult",
     "CertifyResult",
+    "BabResult",
     "CheckpointError",
     "ConfigError",
     "EvaluationTable",
@@ -36,6 +37,7 @@ __all__ = [
     "UnsupportedLayerError",
     "UnsupportedModelError",
     "attack",
+    "bab",
     "certify",
     "evaluate",
     "grid",

@@ -135,7 +135,7 @@ def _pgd_run(
         loss=loss,
         random_start=random_start,
         seed=seed,
-        positions=positions[index],
+        positions=positions[index.to(positions.device)],
         on_iterate=offer,
     )
     return trace

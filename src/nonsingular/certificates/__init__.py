@@ -23,12 +23,13 @@ from ..model.graph import VARIABLE, Graph
 from ..model.lemma import perturbed_layers
 from ..model.verify import read_batch
 from ..threat import Threat
+from .bab import BabResult, bab
 from .closed_form import MarginTerms, closed_form_terms, recursive_terms
 from .crown import INTERMEDIATE, alpha_crown_margins, crown_margins
 from .ibp import ibp_margins, interval_bounds
 from .linear import margin_matrix
 from .region import InputRegion
-from .rounding import unit_roundoff
+from .rounding import certificate_unit, exact_products
 
 METHODS = ("closed-form", "recursive", "ibp", "crown", "alpha-crown")
 # raised whenever a change makes any method's bounds differ, so that numbers cached by other
@@ -124,10 +125,10 @@ def certify(
     classes = logits.shape[1]
     check_domain(x, threat)
     bound_graph = graph.cast(dtype)
-    unit = unit_roundoff(logits.dtype, x.device) + unit_roundoff(dtype)
+    unit = certificate_unit(logits.dtype, x.device, dtype)
     size = batch_size or _default_chunk(graph, x, method)
     parts = []
-    with torch.no_grad():
+    with torch.no_grad(), exact_products():
         for i in range(0, len(x), size):
             xs, ys = x[i : i + size].to(dtype), y[i : i + size]
             lower = _bounds(bound_graph, xs, ys, threat, method, intermediate, classes, unit)
@@ -148,8 +149,10 @@ def _default_chunk(graph: Graph, x: Tensor, method: str) -> int:
 
 
 __all__ = [
+    "BabResult",
     "METHODS",
     "REVISION",
+    "bab",
     "CertifyResult",
     "MarginTerms",
     "certify",

@@ -26,7 +26,7 @@ from ..errors import ConfigError, UnsupportedLayerError
 from ..model.graph import VARIABLE, Graph
 from ..model.lemma import LayerBudget, perturbed_layers
 from ..model.operators.affine import Affine
-from ..model.operators.base import gamma
+from ..model.operators.base import dot_gamma
 from ..model.operators.elementwise import Elementwise
 from ..model.operators.linear import Identity, LinearMap
 from ..threat import Threat
@@ -171,7 +171,7 @@ def _row_radius(layer: Dense, budget: LayerBudget | None, h_abs: Tensor, unit: f
         through = F.linear(
             h_abs, layer.weight.abs(), None if layer.bias is None else layer.bias.abs()
         )
-        r = r + gamma(n_in + 1, unit) * (through + r)
+        r = r + dot_gamma(n_in + 1, unit) * (through + r)
     return r.expand(h_abs.shape[0], n_out) if r.dim() else r
 
 

@@ -85,28 +85,52 @@ def _tighten(
     return Box(flat_lower.reshape(box.shape), flat_upper.reshape(box.shape))
 
 
+def split_box(box: Box, signs: Tensor) -> Box:
+    """``box`` within a branch-and-bound domain: where ``signs`` is +1 the value is >= 0, where
+    -1 it is <= 0, where 0 it is free. An empty domain shows as ``lower > upper``."""
+    lower = torch.where(signs > 0, box.lower.clamp(min=0), box.lower)
+    upper = torch.where(signs < 0, box.upper.clamp(max=0), box.upper)
+    return Box(lower, upper)
+
+
 def crown_bounds(
     graph: Graph,
     budgets: dict[int, LayerBudget],
     region: InputRegion,
     intermediate: str,
     unit: float,
+    splits: dict[int, Tensor] | None = None,
+    reuse: tuple[Bounds, int] | None = None,
 ) -> Bounds:
-    """Every node's Box: IBP, tightened by CROWN at the inputs of relaxed operators."""
+    """Every node's Box: IBP, tightened by CROWN at the inputs of relaxed operators.
+    ``splits``: per node, the sign each of its values is held to (``split_box``), the cases
+    of a branch-and-bound domain. ``reuse``: the bounds of the unsplit example and the last
+    node they still hold for (every split is at or after it), copied instead of recomputed."""
     bounds = Bounds.start(graph, region, unit)
     exact = _exact_nodes(graph, region)
     readers = _relaxed_inputs(graph)
+    splits = splits or {}
     for node in graph.nodes[1:]:
         if bounds.fixed(graph, node):
             continue
-        bounds.set(node.index, node_box(graph, budgets, node.index, bounds))
+        if reuse is not None and node.index <= reuse[1]:
+            bounds.copy_node(reuse[0], node.index, region.x.shape[0])
+            if node.index in splits:
+                bounds.set(node.index, split_box(bounds.values[node.index], splits[node.index]))
+            continue
+        box = node_box(graph, budgets, node.index, bounds)
+        if node.index in splits:
+            box = split_box(box, splits[node.index])
+        bounds.set(node.index, box)
         if intermediate == "crown" and node.index in readers and node.index not in exact:
-            box = bounds.values[node.index]
             masks = [graph.nodes[r].op.needs_tightening(box) for r in readers[node.index]]
             masks = [mask for mask in masks if mask is not None]
             if masks:
                 wanted = torch.stack(masks).any(0).flatten(1)
-                bounds.set(node.index, _tighten(graph, region, bounds, node.index, wanted))
+                box = _tighten(graph, region, bounds, node.index, wanted)
+                if node.index in splits:
+                    box = split_box(box, splits[node.index])
+                bounds.set(node.index, box)
     return bounds
 
 

@@ -77,6 +77,24 @@ class Bounds:
         self.values[index] = box
         self.concrete[index] = box.lower
 
+    def copy_node(self, other: Bounds, index: int, count: int) -> None:
+        """Node ``index`` as ``other`` (a pass over one example) bounded it, for ``count``
+        copies of that example (branch and bound's domains, before any split)."""
+
+        def grown(t: Any, ndim: int) -> Any:
+            if isinstance(t, Tensor) and t.dim() == ndim and t.shape[0] == 1:
+                return t.expand(count, *t.shape[1:])
+            return t
+
+        box: Box = other.values[index]
+        ndim = box.lower.dim()
+        self.set(index, Box(grown(box.lower, ndim), grown(box.upper, ndim)))
+        radius, ball = other.added[index]
+        self.added[index] = (grown(radius, ndim), grown(ball, 1))
+        if index in other.linear:
+            budget, weight_box = other.linear[index]
+            self.linear[index] = (budget, grown(weight_box, ndim))
+
 
 def perturbation_set(budget: LayerBudget, box: Box) -> OutputSet:
     """The output-change set of a perturbed node whose input lies in ``box``."""
@@ -141,6 +159,7 @@ def backward(
     *,
     relax: bool = True,
     slopes: dict[int, Tensor] | None = None,
+    betas: dict[int, tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
     """A lower bound ``(B, K)`` of ``lam . value(start)`` over the joint threat, as the model
     computes it (each node's weight perturbation and rounding are taken off as recorded by
@@ -150,12 +169,20 @@ def backward(
     affine and concretizes over its box instead (IBP with the affine tail folded in).
     slopes: per ReLU node, the lower lines' slopes to use (``(B, K, *shape)`` in [0, 1]:
     alpha-CROWN's), instead of CROWN's adaptive ones.
+    betas: per split node of a branch-and-bound domain, ``(beta, signs)``: multipliers
+    ``beta >= 0`` ``(B, K, *shape)`` of the domain's constraints ``signs * value >= 0``
+    (``signs`` in {-1, 0, 1}, ``(B, *shape)``). Each adds ``-beta signs . value``, which is
+    <= 0 inside the domain, so the bound holds over the domain (beta-CROWN's Lagrangian).
     """
     values = bounds.values
     pending: dict[int, Tensor] = {start: lam}
     const = lam.new_zeros(lam.shape[:2])
     for node in reversed(graph.nodes[1 : start + 1]):
         lam = pending.pop(node.index, None)
+        if betas is not None and node.index in betas:
+            beta, signs = betas[node.index]
+            term = -beta * signs[:, None].to(beta.dtype)
+            lam = term if lam is None else lam + term
         if lam is None:
             continue
         if not relax and not node.op.linear:

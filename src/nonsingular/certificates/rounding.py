@@ -13,19 +13,77 @@ rounding is covered by adding its unit roundoff to the model's.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
+from ..model.operators.base import Unit
 
-def unit_roundoff(dtype: torch.dtype, device: torch.device | None = None) -> float:
-    """Half the machine epsilon of ``dtype``; TF32's for float32 on CUDA when PyTorch may use
-    it (``allow_tf32`` or a matmul precision below "highest")."""
-    unit = torch.finfo(dtype).eps / 2
-    if dtype == torch.float32 and device is not None and device.type == "cuda":
-        tf32 = (
-            torch.backends.cuda.matmul.allow_tf32
-            or torch.backends.cudnn.allow_tf32
-            or torch.get_float32_matmul_precision() != "highest"
-        )
-        if tf32:
-            unit = 2.0**-11
-    return unit
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the machine epsilon of ``dtype``."""
+    return torch.finfo(dtype).eps / 2
+
+
+def _new_api() -> bool:
+    """Whether this PyTorch has the per-backend ``fp32_precision`` settings (2.9 and later),
+    which reflect the legacy ones too; mixing the two raises, so only they are used then."""
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(
+        torch.backends.cudnn, "conv"
+    )
+
+
+def _tf32(device: torch.device | None, dtype: torch.dtype) -> tuple[bool, bool]:
+    """Whether PyTorch may run float32 matrix products and convolutions in TF32 on
+    ``device``: ``(matmul, conv)``."""
+    if dtype != torch.float32 or device is None or device.type != "cuda":
+        return False, False
+    if _new_api():
+        top = getattr(torch.backends, "fp32_precision", "none")
+
+        def tf32(value: str, default: str) -> bool:
+            chosen = value if value != "none" else top if top != "none" else default
+            return chosen != "ieee"  # anything but full float32 counts as TF32
+
+        matmul = tf32(torch.backends.cuda.matmul.fp32_precision, "ieee")
+        return matmul, tf32(torch.backends.cudnn.conv.fp32_precision, "tf32")
+    matmul = torch.backends.cuda.matmul.allow_tf32 or (
+        torch.get_float32_matmul_precision() != "highest"
+    )
+    return matmul, bool(torch.backends.cudnn.allow_tf32)
+
+
+def certificate_unit(
+    model_dtype: torch.dtype, device: torch.device | None, bound_dtype: torch.dtype
+) -> Unit:
+    """The unit roundoff the bounds account for: the model's arithmetic (with TF32 products
+    where PyTorch may use them on ``device``) plus the bound computation's own, which
+    ``exact_products`` keeps out of TF32."""
+    matmul, conv = _tf32(device, model_dtype)
+    return Unit(unit_roundoff(model_dtype) + unit_roundoff(bound_dtype), matmul, conv)
+
+
+@contextlib.contextmanager
+def exact_products() -> Iterator[None]:
+    """Float32 matrix products and convolutions in full float32 (no TF32) for the bound
+    computation, whose rounding ``certificate_unit`` covers at float32's unit; the settings
+    are restored afterwards."""
+    if _new_api():
+        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        saved = matmul.fp32_precision, conv.fp32_precision
+        matmul.fp32_precision = conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = saved
+        return
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        torch.set_float32_matmul_precision(precision)

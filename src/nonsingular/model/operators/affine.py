@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Box, Operator, dot, gamma
+from .base import Box, Operator, dot, dot_gamma
 
 _CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d}
 _CONV_INPUT = {"conv1d": torch.nn.grad.conv1d_input, "conv2d": torch.nn.grad.conv2d_input}
@@ -145,10 +145,11 @@ class Affine(Operator):
     ) -> Tensor:
         """``gamma(fan_in + 1) (|W| max|h| + |b|)``: a computed dot product plus bias is the exact
         one with every term perturbed by at most ``gamma`` relatively, in any summation order.
-        ``perturbation`` bounds ``|Delta W| max|h| + |Delta b|`` when the weights are moved."""
+        ``perturbation`` bounds ``|Delta W| max|h| + |Delta b|`` when the weights are moved.
+        With TF32 products (``Unit``), each term is also off by its inputs' TF32 rounding."""
         through = self.apply(h.magnitude(), weight.abs())
         if bias is not None:
             through = through + self.bias_view(bias.abs(), through.dim())
         if perturbation is not None:
             through = through + perturbation
-        return gamma(self.fan_in(weight) + 1, unit) * through
+        return dot_gamma(self.fan_in(weight) + 1, unit, conv=self.is_conv) * through

@@ -152,3 +152,29 @@ def gamma(n: int | float, unit: float) -> float:
     in any summation order (Higham, Accuracy and Stability, section 3.1)."""
     nu = n * unit
     return nu / (1 - nu) if nu < 0.5 else float("inf")
+
+
+TF32_UNIT = 2.0**-11  # TF32 keeps 10 explicit significand bits
+
+
+class Unit(float):
+    """A unit roundoff (it is the float) that also says whether the model's matrix products
+    (``matmul_tf32``: Linear) or convolutions (``conv_tf32``) round their inputs to TF32
+    before accumulating in float32, as PyTorch lets CUDA do."""
+
+    matmul_tf32: bool
+    conv_tf32: bool
+
+    def __new__(cls, value: float, matmul_tf32: bool = False, conv_tf32: bool = False) -> Unit:
+        made = super().__new__(cls, value)
+        made.matmul_tf32, made.conv_tf32 = matmul_tf32, conv_tf32
+        return made
+
+
+def dot_gamma(n: int, unit: float, conv: bool = False) -> float:
+    """The relative error bound of a dot product of ``n`` terms as the model computes it:
+    ``gamma(n)``, or with TF32 inputs ``(1 + 2^-11)^2 (1 + gamma(n)) - 1`` (each product's
+    two inputs rounded to TF32, then exact in float32, then summed in float32)."""
+    tf32 = getattr(unit, "conv_tf32" if conv else "matmul_tf32", False)
+    base = gamma(n, unit)
+    return (1 + TF32_UNIT) ** 2 * (1 + base) - 1 if tf32 else base
