@@ -1,0 +1,61 @@
+"""The README's results are the shipped results: every table marked with the results folder it
+comes from shows that folder's verdicts and numbers, and each folder reads back as Results."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nonsingular.experiment import Results
+
+ROOT = Path(__file__).parent.parent
+MARKER = re.compile(r"<!-- results: (\S+) -->")
+
+
+def marked_tables() -> dict[str, list[list[str]]]:
+    """Per marked results folder, the rows of the Markdown table that follows its marker."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    tables = {}
+    for i, line in enumerate(lines):
+        found = MARKER.search(line)
+        if not found:
+            continue
+        rows = []
+        for row in lines[i + 1 :]:
+            if not row.startswith("|"):
+                if rows:
+                    break
+                continue
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            if cells[0] != "claim" and not set(cells[0]) <= {"-", ":"}:
+                rows.append(cells)
+        tables[found.group(1)] = rows
+    return tables
+
+
+def test_the_readme_marks_an_mlp_and_a_convolutional_run():
+    models = {
+        json.loads((ROOT / folder / "results.json").read_text())["experiment"]["model"]
+        for folder in marked_tables()
+    }
+    assert "mlp" in models and models & {"cnn", "resnet"}
+
+
+@pytest.mark.parametrize("folder", sorted(marked_tables()))
+def test_the_readme_shows_the_verdicts_and_numbers_of_its_results(folder):
+    document = json.loads((ROOT / folder / "results.json").read_text())
+    results = Results.from_dict(document)  # the shipped file reads back
+    assert results.models and (ROOT / folder / "report.md").exists()
+    rows = marked_tables()[folder]
+    claims = document["claims"]
+    assert len(rows) == len(claims)
+    for row, claim in zip(rows, claims, strict=True):
+        shown = " ".join(row)
+        assert claim["verdict"] in shown, (row, claim["verdict"])
+        if claim["difference"] is not None:
+            assert f"{100 * claim['difference']:+.1f}" in row, (row, claim["difference"])
+            assert f"{100 * claim['metric_model']:.1f}%" in row
+            assert f"{100 * claim['metric_standard']:.1f}%" in row
