@@ -196,9 +196,8 @@ def backward(
             lams, c = node.op.backward(lam, *args, **kwargs)
         const = const + c - added_support(lam, added)
         if relax and node.index in bounds.linear:  # the weight term, linear in the input
-            coef, c = bounds.linear[node.index][0].weight_terms(lam, args[0], bounds.unit)
-            lams = [lams[0] + coef]
-            const = const + c
+            budget = bounds.linear[node.index][0]
+            const = const + budget.weight_terms(lam, args[0], bounds.unit, into=lams[0])
         for ref, part in zip(node.box_refs, lams, strict=True):
             if part is not None:
                 pending[ref] = pending[ref] + part if ref in pending else part

@@ -151,34 +151,26 @@ class LayerBudget:
             return 0.0
         return self._add_bias(self.bias_radius.new_zeros(()))
 
-    def weight_terms(self, lam: Tensor, h: Box, unit: float) -> tuple[Tensor, Tensor]:
+    def weight_terms(self, lam: Tensor, h: Box, unit: float, into: Tensor) -> Tensor:
         """A linear lower bound on the weight term of a backward pass, over the input box.
 
         For ``lam: (B, K, n_out)``, the least ``lam . (Delta_W h)`` over the budget is exactly
         ``-g . |h|`` with ``g = |lam| R`` (the lemma, by coordinate). ``|h|`` is convex, so on
         ``[l, u]`` it lies under its chord ``s h + t`` (exact where ``h`` keeps a sign): the
         term is at least ``-(g s) . h - g . t``, which goes on back through the input instead
-        of being priced at ``max|h|``. Returns ``(-(g s), -g . t)``: ``(B, K, n_in)``, ``(B, K)``.
-        ``unit`` pads ``t`` for the rounding of computing the chord.
+        of being priced at ``max|h|``. Adds ``-(g s)`` to ``into`` (the coefficients on ``h``,
+        ``(B, K, n_in)``) in place and returns ``-g . t``, ``(B, K)``. ``unit`` pads ``t`` for
+        the rounding of computing the chord.
         """
-        mag = lam.abs()
+        slope, offset = _chord(h, unit)
         radius = self.weight_radius
-        g = (
-            radius * mag.sum(-1, keepdim=True)
-            if radius.dim() == 0
-            else mag @ radius.expand_as(self.weight)
-        )
-        lower, upper = h.lower, h.upper
-        mixed = (lower < 0) & (upper > 0)
-        width = (upper - lower).clamp_min(torch.finfo(lower.dtype).tiny)
-        slope = torch.where(lower >= 0, 1.0, -1.0).to(lower.dtype)
-        slope = torch.where(mixed, ((upper + lower) / width).clamp(-1.0, 1.0), slope)
-        # the chord is above |h| at both ends of [l, u], hence on all of it (|h| is convex)
-        offset = torch.maximum(lower.abs() - slope * lower, upper.abs() - slope * upper)
-        if unit > 0:
-            offset = offset + 4 * unit * torch.maximum(lower.abs(), upper.abs()) * 2
-        offset = offset.clamp_min(0.0)
-        return -g * slope[:, None, :], -(g * offset[:, None, :]).sum(-1)
+        if radius.dim() == 0:  # g is the same for every input: (B, K, 1)
+            g = radius * torch.linalg.vector_norm(lam, 1, dim=-1, keepdim=True)
+            into.addcmul_(g, slope[:, None, :], value=-1)
+            return -(g.squeeze(-1) * offset.sum(-1, keepdim=True))
+        g = lam.abs() @ radius.expand_as(self.weight)
+        into.addcmul_(g, slope[:, None, :], value=-1)
+        return -torch.bmm(g, offset[:, :, None]).squeeze(-1)
 
     def lemma_output(self, h: Tensor, t: Tensor, nonnegative: bool = False) -> Tensor:
         """The dense layer's output at ``h: (B, n_in)`` moved by ``lemma_radius(h) * t``.
@@ -222,6 +214,21 @@ class LayerBudget:
         if self.bias_radius is not None:
             balls[self.op.bias_name] = make_ball(self.norm, self.bias_radius, batch_dims)
         return balls  # type: ignore[return-value]
+
+
+def _chord(h: Box, unit: float) -> tuple[Tensor, Tensor]:
+    """Slope and offset ``(B, n)`` of a line above ``|h|`` on the box: its chord (``|h|`` itself
+    where the box keeps a sign), the offset padded by ``unit`` for its own rounding."""
+    lower, upper = h.lower, h.upper
+    mixed = (lower < 0) & (upper > 0)
+    width = (upper - lower).clamp_min(torch.finfo(lower.dtype).tiny)
+    slope = torch.where(lower >= 0, 1.0, -1.0).to(lower.dtype)
+    slope = torch.where(mixed, ((upper + lower) / width).clamp(-1.0, 1.0), slope)
+    # the line is above |h| at both ends of [l, u], hence on all of it (|h| is convex)
+    offset = torch.maximum(lower.abs() - slope * lower, upper.abs() - slope * upper)
+    if unit > 0:
+        offset = offset + 8 * unit * torch.maximum(lower.abs(), upper.abs())
+    return slope, offset.clamp_min(0.0)
 
 
 def _module_of(name: str) -> str:
