@@ -31,14 +31,13 @@ from ..model.operators.base import Box
 from ..model.operators.elementwise import Elementwise
 from ..model.verify import read_batch
 from ..threat import Threat
-from .crown import _relu_slopes, crown_bounds
-from .linear import Bounds, backward, margin_matrix
+from .crown import _relu_slopes, crown_bounds, optimized_bound
+from .linear import Bounds, margin_matrix
 from .region import InputRegion
 from .rounding import certificate_unit, exact_products
 
 STATUSES = ("certified", "broken", "unknown")
 OPTIMIZE_STEPS = 10  # gradient steps on each batch of domains' slopes and multipliers
-OPTIMIZE_LR = 0.2
 
 
 def _optimized(
@@ -49,40 +48,15 @@ def _optimized(
     splits: dict[int, Tensor],
     steps: int,
 ) -> Tensor:
-    """The best margin bounds ``(D, K)`` over a few projected Adam steps on the ReLU lower
-    slopes (alpha-CROWN) and the split constraints' multipliers (beta-CROWN); any slope in
-    [0, 1] and multiplier >= 0 gives a sound bound over the domain, so the best one seen is
-    kept, the first being CROWN's."""
-    out = graph.output
-    best = backward(graph, region, bounds, c, out)
-    slopes = _relu_slopes(graph, bounds, c.shape[1], out)
-    signs = {k: v for k, v in splits.items() if bool((v != 0).any())}
+    """The domains' margin bounds ``(D, K)``, optimized over the ReLU lower slopes
+    (alpha-CROWN) and the split constraints' multipliers (beta-CROWN)."""
+    slopes = _relu_slopes(graph, bounds, c.shape[1], graph.output)
     betas = {
-        k: (
-            torch.zeros(
-                v.shape[0], c.shape[1], *v.shape[1:], dtype=c.dtype, device=c.device
-            ).requires_grad_(True),
-            v,
-        )
-        for k, v in signs.items()
+        k: (c.new_zeros(v.shape[0], c.shape[1], *v.shape[1:]).requires_grad_(True), v)
+        for k, v in splits.items()
+        if bool((v != 0).any())
     }
-    params = list(slopes.values()) + [b for b, _ in betas.values()]
-    if not params or steps == 0:
-        return best
-    optimizer = torch.optim.Adam(params, lr=OPTIMIZE_LR)
-    for _ in range(steps):
-        with torch.enable_grad():
-            bound = backward(graph, region, bounds, c, out, slopes=slopes, betas=betas)
-            optimizer.zero_grad()
-            (-bound.sum()).backward()
-        optimizer.step()
-        with torch.no_grad():
-            for value in slopes.values():
-                value.clamp_(0.0, 1.0)
-            for beta, _ in betas.values():
-                beta.clamp_(min=0.0)
-        best = torch.maximum(best, bound.detach())
-    return best
+    return optimized_bound(graph, region, bounds, c, slopes, betas, steps)
 
 
 @dataclass

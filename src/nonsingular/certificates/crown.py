@@ -4,6 +4,8 @@ tightened by CROWN itself at the inputs of relaxed operators)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -168,6 +170,43 @@ def _relu_slopes(graph: Graph, bounds: Bounds, k: int, start: int) -> dict[int, 
     return slopes
 
 
+def optimized_bound(
+    graph: Graph,
+    region: InputRegion,
+    bounds: Bounds,
+    c: Tensor,
+    slopes: dict[int, Tensor],
+    betas: dict[int, tuple[Tensor, Tensor]] | None = None,
+    steps: int = ALPHA_STEPS,
+    done: Callable[[Tensor], bool] | None = None,
+) -> Tensor:
+    """The best lower bound ``(B, K)`` of ``c . logits`` over projected Adam steps on the ReLU
+    lower ``slopes`` (kept in [0, 1]) and the split multipliers ``betas`` (kept >= 0): any such
+    values give a sound bound, so the best met at any step is kept, the first being CROWN's.
+    ``done(best)`` stops early."""
+    out = graph.output
+    best = backward(graph, region, bounds, c, out)
+    params = list(slopes.values()) + [beta for beta, _ in (betas or {}).values()]
+    if not params:
+        return best
+    optimizer = torch.optim.Adam(params, lr=ALPHA_LR)
+    for _ in range(steps):
+        if done is not None and done(best):
+            break
+        with torch.enable_grad():
+            bound = backward(graph, region, bounds, c, out, slopes=slopes, betas=betas)
+            optimizer.zero_grad()
+            (-bound.sum()).backward()
+        optimizer.step()
+        with torch.no_grad():
+            for value in slopes.values():
+                value.clamp_(0.0, 1.0)
+            for beta, _ in (betas or {}).values():
+                beta.clamp_(min=0.0)
+        best = torch.maximum(best, bound.detach())
+    return best
+
+
 def alpha_crown_margins(
     graph: Graph,
     budgets: dict[int, LayerBudget],
@@ -179,27 +218,14 @@ def alpha_crown_margins(
 ) -> tuple[Tensor, Tensor]:
     """``(alpha-CROWN, IBP)`` lower bounds ``(B, K)`` of ``c . logits``: CROWN whose ReLU
     lower slopes (one per neuron, per example and per output row) are optimized by projected
-    gradient ascent on the bound itself (Adam, then clipped to [0, 1]). Every slope in [0, 1]
-    gives a sound bound, so the best bound met at any step is kept; the first step is
-    CROWN's own. Intermediate bounds are CROWN's (or IBP's), not optimized."""
+    gradient ascent on the bound itself (``optimized_bound``), until every margin is
+    certified. Intermediate bounds are CROWN's (or IBP's), not optimized."""
     bounds = crown_bounds(graph, budgets, region, intermediate, unit)
-    out = graph.output
-    ibp = backward(graph, region, bounds, c, out, relax=False)
-    slopes = _relu_slopes(graph, bounds, c.shape[1], out)
-    best = backward(graph, region, bounds, c, out)
-    if not slopes:
-        return best, ibp
-    optimizer = torch.optim.Adam(list(slopes.values()), lr=ALPHA_LR)
-    for _ in range(steps):
-        with torch.enable_grad():
-            bound = backward(graph, region, bounds, c, out, slopes=slopes)
-            optimizer.zero_grad()
-            (-bound.sum()).backward()
-        optimizer.step()
-        with torch.no_grad():
-            for value in slopes.values():
-                value.clamp_(0.0, 1.0)
-        best = torch.maximum(best, bound.detach())
-        if bool((best.maximum(ibp) > 0).all()):
-            break  # every margin is already certified
+    ibp = backward(graph, region, bounds, c, graph.output, relax=False)
+    slopes = _relu_slopes(graph, bounds, c.shape[1], graph.output)
+
+    def certified(best: Tensor) -> bool:
+        return bool((best.maximum(ibp) > 0).all())
+
+    best = optimized_bound(graph, region, bounds, c, slopes, steps=steps, done=certified)
     return best, ibp
