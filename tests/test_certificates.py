@@ -367,7 +367,7 @@ def test_crown_bounds_a_dense_layer_exactly_where_its_input_keeps_a_sign(seed, d
 def test_crown_is_sound_for_any_relu_lower_slopes(case, threat, seed):
     """alpha-CROWN's soundness does not rest on the optimizer: any lower slopes in [0, 1],
     drawn at random here (0 and 1 included), give a bound under every sampled perturbation."""
-    from nonsingular.certificates.crown import _relu_slopes, crown_bounds
+    from nonsingular.certificates.crown import crown_bounds, relu_slopes
     from nonsingular.certificates.linear import backward, margin_matrix
     from nonsingular.certificates.region import InputRegion
     from nonsingular.certificates.rounding import unit_roundoff
@@ -378,7 +378,7 @@ def test_crown_is_sound_for_any_relu_lower_slopes(case, threat, seed):
     region = InputRegion.from_threat(x.double(), threat)
     c = margin_matrix(y, int(model(x).shape[1]), torch.float64)
     bounds = crown_bounds(graph, budgets, region, "crown", 2 * unit_roundoff(torch.float32))
-    slopes = _relu_slopes(graph, bounds, c.shape[1], graph.output)
+    slopes = relu_slopes(graph, bounds, c.shape[1], graph.output)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for value in slopes.values():

@@ -25,13 +25,12 @@ from torch import Tensor, nn
 from ..attacks import AttackResult, attack
 from ..attacks.space import check_domain
 from ..checks import integer, number
-from ..model.graph import VARIABLE, Graph
+from ..model.graph import Graph
 from ..model.lemma import LayerBudget, perturbed_layers
 from ..model.operators.base import Box
-from ..model.operators.elementwise import Elementwise
 from ..model.verify import read_batch
 from ..threat import Threat
-from .crown import _relu_slopes, crown_bounds, optimized_bound
+from .crown import crown_bounds, is_relu, optimized_bound, relu_slopes
 from .linear import Bounds, margin_matrix
 from .region import InputRegion
 from .rounding import certificate_unit, exact_products
@@ -50,7 +49,7 @@ def _optimized(
 ) -> Tensor:
     """The domains' margin bounds ``(D, K)``, optimized over the ReLU lower slopes
     (alpha-CROWN) and the split constraints' multipliers (beta-CROWN)."""
-    slopes = _relu_slopes(graph, bounds, c.shape[1], graph.output)
+    slopes = relu_slopes(graph, bounds, c.shape[1], graph.output)
     betas = {
         k: (c.new_zeros(v.shape[0], c.shape[1], *v.shape[1:]).requires_grad_(True), v)
         for k, v in splits.items()
@@ -88,8 +87,7 @@ def _relu_inputs(graph: Graph) -> list[int]:
     """The nodes read by a ReLU: where domains are split."""
     found = []
     for node in graph.nodes:
-        op = node.op
-        if node.kind == VARIABLE and isinstance(op, Elementwise) and op.act.kind == "relu":
+        if is_relu(node):
             found += [r for r in node.box_refs if r not in found]
     return found
 
@@ -112,7 +110,6 @@ class _Domains:
         self.nodes = _relu_inputs(graph)
         self.bounded = 0
         self.root: Bounds | None = None  # the unsplit example's bounds
-        self.steps = OPTIMIZE_STEPS
 
     def bound(self, splits: dict[int, Tensor]) -> tuple[Tensor, dict[int, Box]]:
         """The worst margin bound of each domain (+inf for an empty one), and its boxes at the
@@ -131,7 +128,7 @@ class _Domains:
             self.root = bounds
         ys = self.y.expand(count)
         c = margin_matrix(ys, self.classes, xs.dtype)
-        lower = _optimized(self.graph, region, bounds, c, splits, self.steps)
+        lower = _optimized(self.graph, region, bounds, c, splits, OPTIMIZE_STEPS)
         lower = lower.scatter(1, ys[:, None], float("inf"))
         worst = lower.min(1).values
         boxes = {k: bounds.values[k] for k in self.nodes}
@@ -174,15 +171,9 @@ class _Domains:
 
     def solve(self, deadline: float, batch: int) -> str:
         """certified, or unknown at ``deadline`` (``time.perf_counter``) or when stuck."""
-        shapes = {}
         with torch.no_grad():
             values = self.graph.values(self.x)
-        for k in self.nodes:
-            shapes[k] = values[k].shape[1:]
-        splits = {
-            k: torch.zeros(1, *shapes[k], dtype=torch.int8, device=self.x.device)
-            for k in self.nodes
-        }
+        splits = {k: torch.zeros_like(values[k], dtype=torch.int8) for k in self.nodes}
         worst, boxes = self.bound(splits)
         while True:
             open_ = worst <= 0
@@ -190,18 +181,13 @@ class _Domains:
                 return "certified"
             if time.perf_counter() > deadline:
                 return "unknown"
-            splits = {k: v[open_] for k, v in splits.items()}
-            boxes = {k: Box(b.lower[open_], b.upper[open_]) for k, b in boxes.items()}
-            worst = worst[open_]
+            splits, boxes, worst = _rows(splits, open_), _box_rows(boxes, open_), worst[open_]
             order = torch.argsort(worst)  # the worst bound first
             take, rest = order[:batch], order[batch:]
-            chosen = self.branch(
-                {k: v[take] for k, v in splits.items()},
-                {k: Box(b.lower[take], b.upper[take]) for k, b in boxes.items()},
-            )
+            chosen = self.branch(_rows(splits, take), _box_rows(boxes, take))
             if bool((chosen < 0).any()):
                 return "unknown"  # a domain with no unstable neuron left and a margin <= 0
-            made = self.children({k: v[take] for k, v in splits.items()}, chosen)
+            made = self.children(_rows(splits, take), chosen)
             new_worst, new_boxes = self.bound(made)
             splits = {k: torch.cat([v[rest], made[k]]) for k, v in splits.items()}
             boxes = {
@@ -212,6 +198,16 @@ class _Domains:
                 for k, b in boxes.items()
             }
             worst = torch.cat([worst[rest], new_worst])
+
+
+def _rows(splits: dict[int, Tensor], index: Tensor) -> dict[int, Tensor]:
+    """The split signs of the domains at ``index``."""
+    return {k: v[index] for k, v in splits.items()}
+
+
+def _box_rows(boxes: dict[int, Box], index: Tensor) -> dict[int, Box]:
+    """The boxes of the domains at ``index``."""
+    return {k: Box(b.lower[index], b.upper[index]) for k, b in boxes.items()}
 
 
 def bab(

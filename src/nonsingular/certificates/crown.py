@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..model.graph import VARIABLE, Graph
+from ..model.graph import VARIABLE, Graph, Node
 from ..model.lemma import LayerBudget
 from ..model.operators.affine import Affine
 from ..model.operators.base import Box
@@ -153,13 +153,18 @@ def crown_margins(
     return crown, ibp
 
 
-def _relu_slopes(graph: Graph, bounds: Bounds, k: int, start: int) -> dict[int, Tensor]:
+def is_relu(node: Node) -> bool:
+    """A ReLU of the model, whose slopes alpha-CROWN optimizes and whose input bab splits."""
+    op = node.op
+    return node.kind == VARIABLE and isinstance(op, Elementwise) and op.act.kind == "relu"
+
+
+def relu_slopes(graph: Graph, bounds: Bounds, k: int, start: int) -> dict[int, Tensor]:
     """Trainable lower slopes, ``(B, K, *shape)`` from CROWN's choice, for every ReLU node
     before ``start`` with an unstable neuron."""
     slopes = {}
     for node in graph.nodes[1 : start + 1]:
-        op = node.op
-        if node.kind != VARIABLE or not isinstance(op, Elementwise) or op.act.kind != "relu":
+        if not is_relu(node):
             continue
         (ref,) = node.box_refs
         box: Box = bounds.values[ref]
@@ -222,7 +227,7 @@ def alpha_crown_margins(
     certified. Intermediate bounds are CROWN's (or IBP's), not optimized."""
     bounds = crown_bounds(graph, budgets, region, intermediate, unit)
     ibp = backward(graph, region, bounds, c, graph.output, relax=False)
-    slopes = _relu_slopes(graph, bounds, c.shape[1], graph.output)
+    slopes = relu_slopes(graph, bounds, c.shape[1], graph.output)
 
     def certified(best: Tensor) -> bool:
         return bool((best.maximum(ibp) > 0).all())
