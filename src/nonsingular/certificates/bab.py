@@ -28,34 +28,17 @@ from ..checks import integer, number
 from ..model.graph import Graph
 from ..model.lemma import LayerBudget, perturbed_layers
 from ..model.operators.base import Box
+from ..model.operators.elementwise import relu_lower_slopes
 from ..model.verify import read_batch
 from ..threat import Threat
-from .crown import crown_bounds, is_relu, optimized_bound, relu_slopes
+from .crown import crown_bounds, is_relu, optimized_bound
 from .linear import Bounds, margin_matrix
 from .region import InputRegion
 from .rounding import certificate_unit, exact_products
 
 STATUSES = ("certified", "broken", "unknown")
-OPTIMIZE_STEPS = 10  # gradient steps on each batch of domains' slopes and multipliers
-
-
-def _optimized(
-    graph: Graph,
-    region: InputRegion,
-    bounds: Bounds,
-    c: Tensor,
-    splits: dict[int, Tensor],
-    steps: int,
-) -> Tensor:
-    """The domains' margin bounds ``(D, K)``, optimized over the ReLU lower slopes
-    (alpha-CROWN) and the split constraints' multipliers (beta-CROWN)."""
-    slopes = relu_slopes(graph, bounds, c.shape[1], graph.output)
-    betas = {
-        k: (c.new_zeros(v.shape[0], c.shape[1], *v.shape[1:]).requires_grad_(True), v)
-        for k, v in splits.items()
-        if bool((v != 0).any())
-    }
-    return optimized_bound(graph, region, bounds, c, slopes, betas, steps)
+ROOT_STEPS = 20  # gradient steps on the example's own slopes before any split
+OPTIMIZE_STEPS = 5  # gradient steps on each batch of domains' slopes and multipliers
 
 
 @dataclass
@@ -83,13 +66,72 @@ class BabResult:
         return float(self.certified.float().mean()) if self.status else 0.0
 
 
-def _relu_inputs(graph: Graph) -> list[int]:
-    """The nodes read by a ReLU: where domains are split."""
-    found = []
-    for node in graph.nodes:
-        if is_relu(node):
-            found += [r for r in node.box_refs if r not in found]
-    return found
+def _relu_inputs(graph: Graph) -> dict[int, int]:
+    """Every ReLU node, with the node it reads: where domains are split."""
+    return {node.index: node.box_refs[0] for node in graph.nodes if is_relu(node)}
+
+
+@dataclass
+class _Open:
+    """Open domains of one example, one row each: the sign each split node's values are held
+    to, the boxes known for the split nodes, the warm starts of the ReLU slopes and split
+    multipliers, the worst margin bound, and each neuron's branching score (flat, over the
+    split nodes in order)."""
+
+    splits: dict[int, Tensor]
+    boxes: dict[int, Box]
+    slopes: dict[int, Tensor]
+    betas: dict[int, Tensor]
+    worst: Tensor
+    scores: Tensor
+
+    def rows(self, index: Tensor) -> _Open:
+        return _Open(
+            {k: v[index] for k, v in self.splits.items()},
+            {k: Box(b.lower[index], b.upper[index]) for k, b in self.boxes.items()},
+            {k: v[index] for k, v in self.slopes.items()},
+            {k: v[index] for k, v in self.betas.items()},
+            self.worst[index],
+            self.scores[index],
+        )
+
+    def cat(self, other: _Open) -> _Open:
+        return _Open(
+            {k: torch.cat([v, other.splits[k]]) for k, v in self.splits.items()},
+            {
+                k: Box(
+                    torch.cat([b.lower, other.boxes[k].lower]),
+                    torch.cat([b.upper, other.boxes[k].upper]),
+                )
+                for k, b in self.boxes.items()
+            },
+            {k: torch.cat([v, other.slopes[k]]) for k, v in self.slopes.items()},
+            {k: torch.cat([v, other.betas[k]]) for k, v in self.betas.items()},
+            torch.cat([self.worst, other.worst]),
+            torch.cat([self.scores, other.scores]),
+        )
+
+
+def _intercept_scores(
+    relus: dict[int, int],
+    boxes: dict[int, Box],
+    splits: dict[int, Tensor],
+    lams: dict[int, Tensor],
+    row: Tensor,
+) -> Tensor:
+    """Per domain and free unstable neuron, what its ReLU's upper line costs the bound on the
+    worst margin (``row``): ``-lam u (-l) / (u - l)`` where ``lam < 0`` (BaBSR's intercept
+    score), plus a small share of the relaxation's area as a tie-break; -1 where nothing is
+    left to split. Flat over the split nodes in order."""
+    scores = []
+    for relu, k in relus.items():
+        lower, upper = boxes[k].lower.flatten(1), boxes[k].upper.flatten(1)
+        free = (splits[k].flatten(1) == 0) & (lower < 0) & (upper > 0)
+        area = -lower * upper / (upper - lower).clamp_min(1e-30)
+        lam = lams[relu][torch.arange(len(row)), row].flatten(1)
+        score = (-lam).clamp(min=0) * area + 1e-4 * lam.abs() * area
+        scores.append(torch.where(free, score, -1.0))
+    return torch.cat(scores, 1)
 
 
 class _Domains:
@@ -107,107 +149,112 @@ class _Domains:
     ) -> None:
         self.graph, self.budgets, self.x, self.y = graph, budgets, x, y
         self.threat, self.unit, self.classes = threat, unit, classes
-        self.nodes = _relu_inputs(graph)
+        self.relus = _relu_inputs(graph)
+        self.nodes = list(self.relus.values())
         self.bounded = 0
         self.root: Bounds | None = None  # the unsplit example's bounds
 
-    def bound(self, splits: dict[int, Tensor]) -> tuple[Tensor, dict[int, Box]]:
-        """The worst margin bound of each domain (+inf for an empty one), and its boxes at the
-        split nodes."""
-        count = next(iter(splits.values())).shape[0]
+    def bound(self, domains: _Open, steps: int) -> _Open:
+        """The domains bounded again: their boxes (within the given ones), slopes and
+        multipliers optimized from the given ones, worst margin bound (+inf for an empty
+        domain) and branching scores."""
+        count = domains.worst.shape[0]
         xs = self.x.expand(count, *self.x.shape[1:])
         region = InputRegion.from_threat(xs, self.threat)
-        reuse = None
-        if self.root is not None:  # every node before the first split holds as at the root
+        splits = domains.splits
+        if self.root is None:
+            bounds = crown_bounds(self.graph, self.budgets, region, "crown", self.unit)
+            self.root = bounds
+            k = self.classes
+            domains.slopes = {  # CROWN's own choice to start from
+                relu: relu_lower_slopes(bounds.values[n])[:, None].expand(
+                    -1, k, *bounds.values[n].shape[1:]
+                )
+                for relu, n in self.relus.items()
+            }
+        else:  # every node before the first split holds as at the root; later ones by IBP
             first = min(
                 (k for k in self.nodes if bool((splits[k] != 0).any())), default=self.graph.output
             )
-            reuse = (self.root, first)
-        bounds = crown_bounds(self.graph, self.budgets, region, "crown", self.unit, splits, reuse)
-        if self.root is None:
-            self.root = bounds
+            bounds = crown_bounds(
+                self.graph,
+                self.budgets,
+                region,
+                "ibp",
+                self.unit,
+                splits,
+                (self.root, first),
+                domains.boxes,
+            )
         ys = self.y.expand(count)
         c = margin_matrix(ys, self.classes, xs.dtype)
-        lower = _optimized(self.graph, region, bounds, c, splits, OPTIMIZE_STEPS)
+        slopes = {k: v.clone().requires_grad_(True) for k, v in domains.slopes.items()}
+        betas = {k: (domains.betas[k].clone().requires_grad_(True), v) for k, v in splits.items()}
+        record: dict[int, Tensor] = {}
+        lower = optimized_bound(self.graph, region, bounds, c, slopes, betas, steps, record=record)
         lower = lower.scatter(1, ys[:, None], float("inf"))
-        worst = lower.min(1).values
+        worst, row = lower.min(1)
         boxes = {k: bounds.values[k] for k in self.nodes}
         empty = torch.zeros(count, dtype=torch.bool, device=xs.device)
         for box in boxes.values():
             empty |= (box.lower > box.upper).flatten(1).any(1)
         self.bounded += count
-        return torch.where(empty, float("inf"), worst), boxes
+        return _Open(
+            splits,
+            boxes,
+            {k: v.detach() for k, v in slopes.items()},
+            {k: beta.detach() for k, (beta, _) in betas.items()},
+            torch.where(empty, float("inf"), worst),
+            _intercept_scores(self.relus, boxes, splits, record, row),
+        )
 
-    def branch(self, splits: dict[int, Tensor], boxes: dict[int, Box]) -> Tensor:
-        """For each domain, the flat index (over the split nodes, in order) of the unstable
-        free neuron with the largest relaxation area ``-l u / (u - l)``; -1 where none is."""
-        scores = []
-        for k in self.nodes:
-            box = boxes[k]
-            lower, upper = box.lower.flatten(1), box.upper.flatten(1)
-            free = (splits[k].flatten(1) == 0) & (lower < 0) & (upper > 0)
-            area = -lower * upper / (upper - lower).clamp_min(1e-30)
-            scores.append(torch.where(free, area, -1.0))
-        flat = torch.cat(scores, 1)
-        best, where = flat.max(1)
-        return torch.where(best > 0, where, -1)
+    def start(self) -> _Open:
+        """The example as one domain, bounded with ``ROOT_STEPS`` from CROWN's slopes."""
+        with torch.no_grad():
+            values = self.graph.values(self.x)
+        k = self.classes
+        splits = {n: torch.zeros_like(values[n], dtype=torch.int8) for n in self.nodes}
+        betas = {n: self.x.new_zeros(1, k, *values[n].shape[1:]) for n in self.nodes}
+        one = _Open(splits, {}, {}, betas, self.x.new_zeros(1), self.x.new_zeros(1, 1))
+        return self.bound(one, ROOT_STEPS)
 
-    def children(self, splits: dict[int, Tensor], chosen: Tensor) -> dict[int, Tensor]:
-        """Each domain split in two at its chosen neuron: the <= 0 halves, then the >= 0."""
-        out = {}
-        offset = 0
+    def children(self, parents: _Open) -> _Open | None:
+        """Each domain split in two at its best-scored neuron: the <= 0 halves, then the >= 0;
+        None where a domain has nothing left to split."""
+        best, chosen = parents.scores.max(1)
+        if bool((best < 0).any()):
+            return None
+        both = parents.cat(parents)
         rows = torch.arange(len(chosen), device=chosen.device)
+        offset = 0
         for k in self.nodes:
-            signs = splits[k].flatten(1)
+            signs = parents.splits[k].flatten(1)
             size = signs.shape[1]
             here = (chosen >= offset) & (chosen < offset + size)
             low, high = signs.clone(), signs.clone()
-            column = (chosen - offset).clamp(0, size - 1)
-            low[rows[here], column[here]] = -1
-            high[rows[here], column[here]] = 1
-            out[k] = torch.cat([low, high]).reshape(-1, *splits[k].shape[1:])
+            column = (chosen - offset)[here]
+            low[rows[here], column] = -1
+            high[rows[here], column] = 1
+            both.splits[k] = torch.cat([low, high]).reshape(-1, *parents.splits[k].shape[1:])
             offset += size
-        return out
+        return both
 
     def solve(self, deadline: float, batch: int) -> str:
         """certified, or unknown at ``deadline`` (``time.perf_counter``) or when stuck."""
-        with torch.no_grad():
-            values = self.graph.values(self.x)
-        splits = {k: torch.zeros_like(values[k], dtype=torch.int8) for k in self.nodes}
-        worst, boxes = self.bound(splits)
+        domains = self.start()
         while True:
-            open_ = worst <= 0
+            open_ = domains.worst <= 0
             if not bool(open_.any()):
                 return "certified"
             if time.perf_counter() > deadline:
                 return "unknown"
-            splits, boxes, worst = _rows(splits, open_), _box_rows(boxes, open_), worst[open_]
-            order = torch.argsort(worst)  # the worst bound first
+            domains = domains.rows(open_.nonzero().flatten())
+            order = torch.argsort(domains.worst)  # the worst bound first
             take, rest = order[:batch], order[batch:]
-            chosen = self.branch(_rows(splits, take), _box_rows(boxes, take))
-            if bool((chosen < 0).any()):
+            made = self.children(domains.rows(take))
+            if made is None:
                 return "unknown"  # a domain with no unstable neuron left and a margin <= 0
-            made = self.children(_rows(splits, take), chosen)
-            new_worst, new_boxes = self.bound(made)
-            splits = {k: torch.cat([v[rest], made[k]]) for k, v in splits.items()}
-            boxes = {
-                k: Box(
-                    torch.cat([b.lower[rest], new_boxes[k].lower]),
-                    torch.cat([b.upper[rest], new_boxes[k].upper]),
-                )
-                for k, b in boxes.items()
-            }
-            worst = torch.cat([worst[rest], new_worst])
-
-
-def _rows(splits: dict[int, Tensor], index: Tensor) -> dict[int, Tensor]:
-    """The split signs of the domains at ``index``."""
-    return {k: v[index] for k, v in splits.items()}
-
-
-def _box_rows(boxes: dict[int, Box], index: Tensor) -> dict[int, Box]:
-    """The boxes of the domains at ``index``."""
-    return {k: Box(b.lower[index], b.upper[index]) for k, b in boxes.items()}
+            domains = domains.rows(rest).cat(self.bound(made, OPTIMIZE_STEPS))
 
 
 def bab(

@@ -87,6 +87,11 @@ def _tighten(
     return Box(flat_lower.reshape(box.shape), flat_upper.reshape(box.shape))
 
 
+def intersect(box: Box, other: Box) -> Box:
+    """The values both boxes hold (empty where ``lower > upper``)."""
+    return Box(torch.maximum(box.lower, other.lower), torch.minimum(box.upper, other.upper))
+
+
 def split_box(box: Box, signs: Tensor) -> Box:
     """``box`` within a branch-and-bound domain: where ``signs`` is +1 the value is >= 0, where
     -1 it is <= 0, where 0 it is free. An empty domain shows as ``lower > upper``."""
@@ -103,35 +108,39 @@ def crown_bounds(
     unit: float,
     splits: dict[int, Tensor] | None = None,
     reuse: tuple[Bounds, int] | None = None,
+    within: dict[int, Box] | None = None,
 ) -> Bounds:
     """Every node's Box: IBP, tightened by CROWN at the inputs of relaxed operators.
     ``splits``: per node, the sign each of its values is held to (``split_box``), the cases
     of a branch-and-bound domain. ``reuse``: the bounds of the unsplit example and the last
-    node they still hold for (every split is at or after it), copied instead of recomputed."""
+    node they still hold for (every split is at or after it), copied instead of recomputed.
+    ``within``: per node, a box known to hold it (a parent domain's), intersected with the
+    one computed."""
     bounds = Bounds.start(graph, region, unit)
     exact = _exact_nodes(graph, region)
     readers = _relaxed_inputs(graph)
-    splits = splits or {}
+    splits, within = splits or {}, within or {}
+
+    def narrowed(index: int, box: Box) -> Box:
+        if index in within:
+            box = intersect(box, within[index])
+        return split_box(box, splits[index]) if index in splits else box
+
     for node in graph.nodes[1:]:
         if bounds.fixed(graph, node):
             continue
         if reuse is not None and node.index <= reuse[1]:
             bounds.copy_node(reuse[0], node.index, region.x.shape[0])
-            if node.index in splits:
-                bounds.set(node.index, split_box(bounds.values[node.index], splits[node.index]))
+            bounds.set(node.index, narrowed(node.index, bounds.values[node.index]))
             continue
-        box = node_box(graph, budgets, node.index, bounds)
-        if node.index in splits:
-            box = split_box(box, splits[node.index])
+        box = narrowed(node.index, node_box(graph, budgets, node.index, bounds))
         bounds.set(node.index, box)
         if intermediate == "crown" and node.index in readers and node.index not in exact:
             masks = [graph.nodes[r].op.needs_tightening(box) for r in readers[node.index]]
             masks = [mask for mask in masks if mask is not None]
             if masks:
                 wanted = torch.stack(masks).any(0).flatten(1)
-                box = _tighten(graph, region, bounds, node.index, wanted)
-                if node.index in splits:
-                    box = split_box(box, splits[node.index])
+                box = narrowed(node.index, _tighten(graph, region, bounds, node.index, wanted))
                 bounds.set(node.index, box)
     return bounds
 
@@ -184,22 +193,27 @@ def optimized_bound(
     betas: dict[int, tuple[Tensor, Tensor]] | None = None,
     steps: int = ALPHA_STEPS,
     done: Callable[[Tensor], bool] | None = None,
+    record: dict[int, Tensor] | None = None,
 ) -> Tensor:
     """The best lower bound ``(B, K)`` of ``c . logits`` over projected Adam steps on the ReLU
-    lower ``slopes`` (kept in [0, 1]) and the split multipliers ``betas`` (kept >= 0): any such
-    values give a sound bound, so the best met at any step is kept, the first being CROWN's.
-    ``done(best)`` stops early."""
+    lower ``slopes`` (kept in [0, 1]) and the split multipliers ``betas`` (kept >= 0), starting
+    from their given values: any such values give a sound bound, so the best met at any step
+    is kept. ``done(best)`` stops early; ``record`` is filled as ``backward`` fills it, at the
+    last values evaluated. Both are updated in place."""
     out = graph.output
-    best = backward(graph, region, bounds, c, out)
     params = list(slopes.values()) + [beta for beta, _ in (betas or {}).values()]
     if not params:
-        return best
+        return backward(graph, region, bounds, c, out, record=record)
     optimizer = torch.optim.Adam(params, lr=ALPHA_LR)
-    for _ in range(steps):
-        if done is not None and done(best):
-            break
+    best = None
+    for step in range(steps + 1):
         with torch.enable_grad():
-            bound = backward(graph, region, bounds, c, out, slopes=slopes, betas=betas)
+            bound = backward(
+                graph, region, bounds, c, out, slopes=slopes, betas=betas, record=record
+            )
+            best = bound.detach() if best is None else torch.maximum(best, bound.detach())
+            if step == steps or (done is not None and done(best)):
+                break
             optimizer.zero_grad()
             (-bound.sum()).backward()
         optimizer.step()
@@ -208,8 +222,10 @@ def optimized_bound(
                 value.clamp_(0.0, 1.0)
             for beta, _ in (betas or {}).values():
                 beta.clamp_(min=0.0)
-        best = torch.maximum(best, bound.detach())
-    return best
+    if record is not None:
+        for key, value in record.items():
+            record[key] = value.detach()
+    return best  # type: ignore[return-value]
 
 
 def alpha_crown_margins(

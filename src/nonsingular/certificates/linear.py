@@ -160,6 +160,7 @@ def backward(
     relax: bool = True,
     slopes: dict[int, Tensor] | None = None,
     betas: dict[int, tuple[Tensor, Tensor]] | None = None,
+    record: dict[int, Tensor] | None = None,
 ) -> Tensor:
     """A lower bound ``(B, K)`` of ``lam . value(start)`` over the joint threat, as the model
     computes it (each node's weight perturbation and rounding are taken off as recorded by
@@ -173,6 +174,8 @@ def backward(
     ``beta >= 0`` ``(B, K, *shape)`` of the domain's constraints ``signs * value >= 0``
     (``signs`` in {-1, 0, 1}, ``(B, *shape)``). Each adds ``-beta signs . value``, which is
     <= 0 inside the domain, so the bound holds over the domain (beta-CROWN's Lagrangian).
+    record: filled with the coefficients ``(B, K, *shape)`` reaching every node that is not
+    affine (branch and bound reads what each ReLU's relaxation costs the bound).
     """
     values = bounds.values
     pending: dict[int, Tensor] = {start: lam}
@@ -185,6 +188,8 @@ def backward(
             lam = term if lam is None else lam + term
         if lam is None:
             continue
+        if record is not None and not node.op.linear:
+            record[node.index] = lam
         if not relax and not node.op.linear:
             const = const + constant_min(lam, values[node.index])
             continue
