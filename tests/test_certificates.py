@@ -459,6 +459,72 @@ def test_bab_never_certifies_what_a_perturbation_breaks(case, threat):
             assert float(margin) <= 1e-5, i
 
 
+def _relu_inputs_sampled(model, x, threat, n, generator):
+    """For ``n`` random joint perturbations of the one example ``x``: the margins' logits
+    ``(n, K)`` and the input of every ReLU module in order ``(n, width)``, each run through the
+    unmodified model with its weights materialized."""
+    params = sample_parameters(model, x, threat, n, generator)
+    xs = sample_inputs(x[0], threat, n, generator)
+    logits, seen, found = [], [], []
+    hooks = [
+        m.register_forward_hook(lambda _m, args, _out: found.append(args[0][0]))
+        for m in model.modules()
+        if isinstance(m, nn.ReLU)
+    ]
+    try:
+        for s in range(n):
+            found.clear()
+            one = {k: v[s] for k, v in params.items()}
+            logits.append(functional_call(model, one, (xs[s : s + 1],))[0])
+            seen.append(list(found))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(logits), [torch.stack(column) for column in zip(*seen, strict=True)]
+
+
+@settings(max_examples=12, deadline=None)
+@given(case=networks(conv=False), threat=threats(modes=DENSE_MODES), rounds=st.integers(1, 4))
+def test_every_branch_and_bound_domain_bounds_the_points_inside_it(case, threat, rounds):
+    """Branch and bound's domains, split ``rounds`` times (every leaf kept, proved or not):
+    every sampled perturbation falls in some leaf (a split covers its parent), and in every
+    leaf it falls in, each margin is at least that leaf's bound for it."""
+    from nonsingular.certificates.bab import _Domains
+    from nonsingular.certificates.rounding import certificate_unit, exact_products
+
+    model, x, y = case
+    model = model.double()
+    x = x.double()
+    graph = read_model(model, x).cast(torch.float64)
+    budgets = {b.index: b for b in perturbed_layers(graph, threat)}
+    unit = certificate_unit(torch.float64, x.device, torch.float64)
+    classes = int(model(x).shape[1])
+    generator = torch.Generator().manual_seed(0)
+    for i in range(len(x)):
+        one = _Domains(graph, budgets, x[i : i + 1], y[i : i + 1], threat, unit, classes)
+        with torch.no_grad(), exact_products():
+            leaves = one.start()
+            for _ in range(rounds if leaves.scores.shape[1] else 0):  # 0: no ReLU
+                split = (leaves.scores.max(1).values >= 0) & (leaves.worst <= 0)
+                splittable, kept = split.nonzero().flatten(), (~split).nonzero().flatten()
+                if len(splittable) == 0:
+                    break
+                made = one.children(leaves.rows(splittable))
+                leaves = leaves.rows(kept).cat(one.bound(made, 3))
+        logits, inputs = _relu_inputs_sampled(model, x[i : i + 1], threat, 64, generator)
+        margins = logits[:, y[i] : y[i] + 1] - logits  # (n, K)
+        inside = torch.ones(len(margins), len(leaves.lower), dtype=torch.bool)
+        for node, z in zip(one.nodes, inputs, strict=True):
+            signs = leaves.splits[node].flatten(1)[None]  # (1, D, width)
+            z = z[:, None]
+            ok = ((signs >= 0) | (z <= 1e-9)) & ((signs <= 0) | (z >= -1e-9))
+            inside &= ok.all(2)
+        assert bool(inside.any(1).all()), "a perturbation outside every domain"
+        lower = leaves.lower.nan_to_num(posinf=-float("inf"))  # (D, K); the label's own: skip
+        gap = torch.where(inside[:, :, None], lower[None] - margins[:, None], -float("inf"))
+        assert float(gap.max()) <= TOL, float(gap.max())
+
+
 def _to_tf32(t: torch.Tensor) -> torch.Tensor:
     """float32 values rounded to TF32's 10 explicit significand bits (to nearest, ties to
     even), as tensor cores read their inputs."""

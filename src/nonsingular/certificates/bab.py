@@ -38,7 +38,7 @@ from .rounding import certificate_unit, exact_products
 
 STATUSES = ("certified", "broken", "unknown")
 ROOT_STEPS = 20  # gradient steps on the example's own slopes before any split
-OPTIMIZE_STEPS = 5  # gradient steps on each batch of domains' slopes and multipliers
+OPTIMIZE_STEPS = 3  # gradient steps on each batch of domains' slopes and multipliers
 
 
 @dataclass
@@ -75,15 +75,20 @@ def _relu_inputs(graph: Graph) -> dict[int, int]:
 class _Open:
     """Open domains of one example, one row each: the sign each split node's values are held
     to, the boxes known for the split nodes, the warm starts of the ReLU slopes and split
-    multipliers, the worst margin bound, and each neuron's branching score (flat, over the
-    split nodes in order)."""
+    multipliers (one per margin), the margins' lower bounds (+inf for the label's own), and
+    each neuron's branching score (flat, over the split nodes in order)."""
 
     splits: dict[int, Tensor]
     boxes: dict[int, Box]
     slopes: dict[int, Tensor]
     betas: dict[int, Tensor]
-    worst: Tensor
+    lower: Tensor
     scores: Tensor
+
+    @property
+    def worst(self) -> Tensor:
+        """Each domain's worst margin bound: it is proved when this is positive."""
+        return self.lower.min(1).values
 
     def rows(self, index: Tensor) -> _Open:
         return _Open(
@@ -91,7 +96,7 @@ class _Open:
             {k: Box(b.lower[index], b.upper[index]) for k, b in self.boxes.items()},
             {k: v[index] for k, v in self.slopes.items()},
             {k: v[index] for k, v in self.betas.items()},
-            self.worst[index],
+            self.lower[index],
             self.scores[index],
         )
 
@@ -107,7 +112,7 @@ class _Open:
             },
             {k: torch.cat([v, other.slopes[k]]) for k, v in self.slopes.items()},
             {k: torch.cat([v, other.betas[k]]) for k, v in self.betas.items()},
-            torch.cat([self.worst, other.worst]),
+            torch.cat([self.lower, other.lower]),
             torch.cat([self.scores, other.scores]),
         )
 
@@ -131,7 +136,7 @@ def _intercept_scores(
         lam = lams[relu][torch.arange(len(row)), row].flatten(1)
         score = (-lam).clamp(min=0) * area + 1e-4 * lam.abs() * area
         scores.append(torch.where(free, score, -1.0))
-    return torch.cat(scores, 1)
+    return torch.cat(scores, 1) if scores else row.new_zeros(len(row), 0, dtype=torch.float)
 
 
 class _Domains:
@@ -152,75 +157,89 @@ class _Domains:
         self.relus = _relu_inputs(graph)
         self.nodes = list(self.relus.values())
         self.bounded = 0
-        self.root: Bounds | None = None  # the unsplit example's bounds
+        self.root = Bounds.start(graph, InputRegion.from_threat(x, threat), unit)  # by start()
 
     def bound(self, domains: _Open, steps: int) -> _Open:
-        """The domains bounded again: their boxes (within the given ones), slopes and
-        multipliers optimized from the given ones, worst margin bound (+inf for an empty
-        domain) and branching scores."""
-        count = domains.worst.shape[0]
+        """The domains bounded again: their boxes (within the given ones), and the margins
+        they have not yet proved, by slopes and multipliers optimized from the given ones (a
+        parent's bound holds in its children, so the better of the two is kept)."""
+        count = domains.lower.shape[0]
         xs = self.x.expand(count, *self.x.shape[1:])
         region = InputRegion.from_threat(xs, self.threat)
         splits = domains.splits
-        if self.root is None:
-            bounds = crown_bounds(self.graph, self.budgets, region, "crown", self.unit)
-            self.root = bounds
-            k = self.classes
-            domains.slopes = {  # CROWN's own choice to start from
-                relu: relu_lower_slopes(bounds.values[n])[:, None].expand(
-                    -1, k, *bounds.values[n].shape[1:]
-                )
-                for relu, n in self.relus.items()
-            }
-        else:  # every node before the first split holds as at the root; later ones by IBP
-            first = min(
-                (k for k in self.nodes if bool((splits[k] != 0).any())), default=self.graph.output
-            )
-            bounds = crown_bounds(
-                self.graph,
-                self.budgets,
-                region,
-                "ibp",
-                self.unit,
-                splits,
-                (self.root, first),
-                domains.boxes,
-            )
-        ys = self.y.expand(count)
-        c = margin_matrix(ys, self.classes, xs.dtype)
-        slopes = {k: v.clone().requires_grad_(True) for k, v in domains.slopes.items()}
-        betas = {k: (domains.betas[k].clone().requires_grad_(True), v) for k, v in splits.items()}
+        # every node before the first split holds as at the root; later ones by IBP
+        first = min(
+            (k for k in self.nodes if bool((splits[k] != 0).any())), default=self.graph.output
+        )
+        bounds = crown_bounds(
+            self.graph,
+            self.budgets,
+            region,
+            "ibp",
+            self.unit,
+            splits,
+            (self.root, first),
+            domains.boxes,
+        )
+        todo = domains.lower <= 0
+        m = max(1, int(todo.sum(1).max()))  # at least one row: shapes stay whole
+        rows = torch.argsort(todo.to(torch.int8), dim=1, descending=True, stable=True)[:, :m]
+        valid = todo.gather(1, rows)
+        c = margin_matrix(self.y.expand(count), self.classes, xs.dtype)
+
+        def picked(t: Tensor) -> Tensor:
+            index = rows.reshape(*rows.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
+            return t.gather(1, index)
+
+        slopes = {k: picked(v).requires_grad_(True) for k, v in domains.slopes.items()}
+        betas = {k: (picked(domains.betas[k]).requires_grad_(True), v) for k, v in splits.items()}
         record: dict[int, Tensor] = {}
-        lower = optimized_bound(self.graph, region, bounds, c, slopes, betas, steps, record=record)
-        lower = lower.scatter(1, ys[:, None], float("inf"))
-        worst, row = lower.min(1)
+        found = optimized_bound(
+            self.graph, region, bounds, picked(c), slopes, betas, steps, record=record
+        )
+        found = torch.where(valid, found, -float("inf"))
+        lower = domains.lower.scatter_reduce(1, rows, found, reduce="amax")
         boxes = {k: bounds.values[k] for k in self.nodes}
-        empty = torch.zeros(count, dtype=torch.bool, device=xs.device)
-        for box in boxes.values():
-            empty |= (box.lower > box.upper).flatten(1).any(1)
+        for box in boxes.values():  # an empty domain proves every margin
+            empty = (box.lower > box.upper).flatten(1).any(1)
+            lower = torch.where(empty[:, None], float("inf"), lower)
         self.bounded += count
+
+        def put(t: Tensor, new: Tensor) -> Tensor:
+            index = rows.reshape(*rows.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
+            return t.scatter(1, index, new.detach())
+
+        worst_row = torch.where(valid, found, float("inf")).argmin(1)
         return _Open(
             splits,
             boxes,
-            {k: v.detach() for k, v in slopes.items()},
-            {k: beta.detach() for k, (beta, _) in betas.items()},
-            torch.where(empty, float("inf"), worst),
-            _intercept_scores(self.relus, boxes, splits, record, row),
+            {k: put(v, slopes[k]) for k, v in domains.slopes.items()},
+            {k: put(v, betas[k][0]) for k, v in domains.betas.items()},
+            lower,
+            _intercept_scores(self.relus, boxes, splits, record, worst_row),
         )
 
     def start(self) -> _Open:
         """The example as one domain, bounded with ``ROOT_STEPS`` from CROWN's slopes."""
-        with torch.no_grad():
-            values = self.graph.values(self.x)
+        region = InputRegion.from_threat(self.x, self.threat)
+        bounds = crown_bounds(self.graph, self.budgets, region, "crown", self.unit)
+        self.root = bounds
         k = self.classes
-        splits = {n: torch.zeros_like(values[n], dtype=torch.int8) for n in self.nodes}
-        betas = {n: self.x.new_zeros(1, k, *values[n].shape[1:]) for n in self.nodes}
-        one = _Open(splits, {}, {}, betas, self.x.new_zeros(1), self.x.new_zeros(1, 1))
+        splits, slopes, betas = {}, {}, {}
+        for relu, n in self.relus.items():
+            box = bounds.values[n]
+            splits[n] = torch.zeros(box.shape, dtype=torch.int8, device=self.x.device)
+            slopes[relu] = relu_lower_slopes(box)[:, None].expand(-1, k, *box.shape[1:])
+            betas[n] = self.x.new_zeros(1, k, *box.shape[1:])
+        lower = self.x.new_full((1, k), -float("inf")).scatter(1, self.y[:, None], float("inf"))
+        one = _Open(splits, {}, slopes, betas, lower, self.x.new_zeros(1, 1))
         return self.bound(one, ROOT_STEPS)
 
     def children(self, parents: _Open) -> _Open | None:
         """Each domain split in two at its best-scored neuron: the <= 0 halves, then the >= 0;
         None where a domain has nothing left to split."""
+        if parents.scores.shape[1] == 0:
+            return None  # no ReLU to split
         best, chosen = parents.scores.max(1)
         if bool((best < 0).any()):
             return None
@@ -264,7 +283,7 @@ def bab(
     threat: Threat,
     *,
     time_limit: float = 5.0,
-    batch: int = 64,
+    batch: int = 256,
     steps: int = 100,
     restarts: int = 2,
     dtype: torch.dtype = torch.float32,
