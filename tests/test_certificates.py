@@ -158,7 +158,7 @@ def check_sound(model, x, y, threat, methods):
 
 @given(case=networks(conv=False), threat=threats(modes=DENSE_MODES))
 def test_every_method_is_sound_on_random_mlps(case, threat):
-    check_sound(*case, threat, list(ns.certificates.METHODS))
+    check_sound(*case, threat, list(ns.certificates.BOUNDS))
 
 
 @given(case=networks(), threat=threats())
@@ -169,7 +169,7 @@ def test_ibp_and_crown_are_sound_on_random_dense_and_conv_networks(case, threat)
 @given(case=networks(conv=False), threat=threats(modes=DENSE_MODES))
 def test_tighter_methods_are_tighter_where_theory_says_so(case, threat):
     model, x, y = case
-    bounds = {m: ns.certify(model, x, y, threat, m).lower for m in ns.certificates.METHODS}
+    bounds = {m: ns.certify(model, x, y, threat, m).lower for m in ns.certificates.BOUNDS}
     finite = torch.isfinite(bounds["ibp"])
     assert bool((bounds["recursive"][finite] >= bounds["closed-form"][finite] - 1e-9).all())
     assert bool((bounds["crown"][finite] >= bounds["ibp"][finite] - 1e-12).all())
@@ -198,7 +198,7 @@ def test_on_the_standard_mlp_clean_attacked_certified_are_ordered(mnist, standar
         attacked = ns.attack(standard_mlp, x, y, threat, steps=20)
         acc = {
             m: ns.certify(standard_mlp, x, y, threat, m).certified_accuracy
-            for m in ns.certificates.METHODS
+            for m in ns.certificates.BOUNDS
         }
         assert acc["closed-form"] <= acc["recursive"] and acc["ibp"] <= acc["crown"]
         assert acc["crown"] <= attacked.robust_accuracy <= attacked.clean_accuracy
@@ -433,9 +433,12 @@ def test_optimized_slopes_and_branching_certify_what_crown_cannot():
         assert bool(ns.certify(model, x, y, threat, "alpha-crown").certified[0])
         result = ns.bab(model, x, y, threat, time_limit=30.0, steps=10, restarts=1)
         assert result.status == ["certified"] and int(result.domains[0]) > 0
+        assert float(result.lower[0, 1]) > 0
+        assert bool(ns.certify(model, x, y, threat, "bab").certified[0])
     broken = Threat(eps_x=1.0, eps_w=0.2, bounds=(-1.0, 1.0))  # the weights can now flip it
     result = ns.bab(model, x, y, broken, time_limit=30.0)
-    assert result.status == ["broken"]
+    assert result.status == ["broken"] and float(result.lower[0, 1]) <= 0
+    assert not bool(ns.certify(model, x, y, broken, "bab").certified[0])
     logits = result.attack.replay(model, 0)[0]
     assert float(logits[0] - logits[1]) <= 0  # the counterexample, on the unmodified model
 
@@ -449,6 +452,9 @@ def test_bab_never_certifies_what_a_perturbation_breaks(case, threat):
     worst = samples.scatter(2, y[None, :, None].expand(len(samples), -1, 1), float("inf"))
     worst = worst.min(2).values.min(0).values  # (B,) the worst sampled margin
     attacked = attacked_margins(model, x, y, threat)
+    lower = result.lower.float().nan_to_num(posinf=float("-inf"))  # skip j = y
+    assert float((lower[None] - samples).max()) <= TOL  # the bound holds, whatever the status
+    assert result.certified.tolist() == (result.lower.min(1).values > 0).tolist()
     for i, status in enumerate(result.status):
         assert status in STATUSES
         if status == "certified":
@@ -503,7 +509,8 @@ def test_every_branch_and_bound_domain_bounds_the_points_inside_it(case, threat,
     for i in range(len(x)):
         one = _Domains(graph, budgets, x[i : i + 1], y[i : i + 1], threat, unit, classes)
         with torch.no_grad(), exact_products():
-            leaves = one.start()
+            unknown = torch.full((classes,), -float("inf"), dtype=torch.float64)
+            leaves = one.start(unknown.scatter(0, y[i : i + 1], float("inf")))
             for _ in range(rounds if leaves.scores.shape[1] else 0):  # 0: no ReLU
                 split = (leaves.scores.max(1).values >= 0) & (leaves.worst <= 0)
                 splittable, kept = split.nonzero().flatten(), (~split).nonzero().flatten()
@@ -523,6 +530,60 @@ def test_every_branch_and_bound_domain_bounds_the_points_inside_it(case, threat,
         lower = leaves.lower.nan_to_num(posinf=-float("inf"))  # (D, K); the label's own: skip
         gap = torch.where(inside[:, :, None], lower[None] - margins[:, None], -float("inf"))
         assert float(gap.max()) <= TOL, float(gap.max())
+
+
+def _first_relu_input_box(model, x, threat):
+    """CROWN's box on the input of the model's first ReLU (float64 bounds)."""
+    from nonsingular.certificates.bab import _relu_inputs
+    from nonsingular.certificates.crown import crown_bounds
+    from nonsingular.certificates.region import InputRegion
+
+    graph = read_model(model, x).cast(torch.float64)
+    budgets = {b.index: b for b in perturbed_layers(graph, threat)}
+    bounds = crown_bounds(graph, budgets, InputRegion.from_threat(x, threat), "crown", 0.0)
+    return bounds.values[min(_relu_inputs(graph).values())]
+
+
+def test_crown_bounds_the_first_layer_over_an_l2_ball_not_its_box():
+    """Looseness fix 1: over an l2 input ball the box around it is not exact, so the first
+    layer is tightened: an unstable neuron's bounds are ``w.x + b -/+ eps ||w||_2``, not the
+    box's ``eps ||w||_1`` (a 64-32-32-5 MLP at eps = 0.3, the ball inside [0, 1])."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)
+    )
+    model = model.double().eval()
+    x = 0.35 + 0.3 * torch.rand(4, 64, dtype=torch.float64)
+    threat = Threat(eps_x=0.3, x_norm="l2")
+    box = _first_relu_input_box(model, x, threat)
+    w, b = model[0].weight.detach(), model[0].bias.detach()
+    center, reach = x @ w.T + b, 0.3 * w.norm(dim=1)
+    unstable = (center - reach < 0) & (center + reach > 0)
+    assert int(unstable.sum()) > 10
+    torch.testing.assert_close(box.lower[unstable], (center - reach)[unstable])
+    torch.testing.assert_close(box.upper[unstable], (center + reach)[unstable])
+
+
+def test_crown_bounds_an_affine_layer_after_overlapping_average_pooling_exactly():
+    """Looseness fix 2: pooling then an affine layer are two maps that mix values, so the
+    box of the pooled values is not exact: the layer's unstable neurons get the exact bounds of
+    the composed map ``M = W P`` over the input box, ``M x + b -/+ eps |M| 1``."""
+    torch.manual_seed(1)
+    pool = nn.AvgPool2d(2, stride=1)
+    model = nn.Sequential(pool, nn.Flatten(), nn.Linear(49, 16), nn.ReLU(), nn.Linear(16, 3))
+    model = model.double().eval()
+    x = 0.1 + 0.8 * torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    threat = Threat(eps_x=0.05)
+    box = _first_relu_input_box(model, x, threat)
+    basis = torch.eye(64, dtype=torch.float64).reshape(64, 1, 8, 8)
+    p = pool(basis).reshape(64, 49).T  # the pooling as a matrix, from its action on a basis
+    m = model[2].weight.detach() @ p
+    center = x.flatten(1) @ m.T + model[2].bias.detach()
+    reach = 0.05 * m.abs().sum(1)
+    unstable = (center - reach < 0) & (center + reach > 0)
+    assert int(unstable.sum()) > 3
+    torch.testing.assert_close(box.lower[unstable], (center - reach)[unstable])
+    torch.testing.assert_close(box.upper[unstable], (center + reach)[unstable])
 
 
 def _to_tf32(t: torch.Tensor) -> torch.Tensor:

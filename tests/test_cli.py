@@ -97,7 +97,9 @@ def test_evaluate_with_certified_columns_and_the_certify_command(capsys, ckpt, t
         "--eps-w",
         "1e-5",
         "--method",
-        "recursive,crown",
+        "recursive,crown,bab",
+        "--time-limit",
+        "0.2",
         "--out",
         str(out_path),
         "--quiet",
@@ -106,11 +108,11 @@ def test_evaluate_with_certified_columns_and_the_certify_command(capsys, ckpt, t
     )
     assert code == 0, err
     result = json.loads(out_path.read_text())
-    assert result["certify"] == ["recursive", "crown"] and result["attack"] is None
+    assert result["certify"] == ["recursive", "crown", "bab"] and result["attack"] is None
     row = result["rows"][0]
-    assert (
-        row["attacked"] is None and 0 <= row["certified"]["recursive"] <= row["certified"]["crown"]
-    )
+    assert row["attacked"] is None
+    assert 0 <= row["certified"]["recursive"] <= row["certified"]["crown"]
+    assert row["certified"]["crown"] <= row["certified"]["bab"]
     assert row["certified"]["crown"] > 0.8
     assert "attacked" not in out and "certified (recursive) accuracy" in out
 

@@ -308,6 +308,8 @@ CERTIFY_CASES = {
     "eps-x huge": (["--eps-x", "1e13"], "eps_x must be at most"),
     "seed negative": (["--seed", "-3"], "a seed must lie"),
     "batch 0": (["--batch-size", "0"], "batch_size must be an integer"),
+    "time limit negative": (["--time-limit", "-1"], "time_limit must"),
+    "time limit not a number": (["--time-limit", "nan"], "time_limit must"),
 }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nonsingular import ConfigError, experiment
+from nonsingular import ConfigError, experiment, report
 from nonsingular.experiment import (
     AtKeyBudget,
     DataInfo,
@@ -362,6 +362,22 @@ def test_an_undertrained_model_is_kept_out_of_verdicts_and_adjusted_figures_show
     results.of("standard")[0].clean, pgd.clean = 0.5, 0.9
     low = by_family(results)[("pgd-at", "weight-absolute")]
     assert low.verdict == "excluded" and "standard's clean accuracy 50.0%" in low.reason
+
+
+def test_the_gap_between_attacked_and_certified_is_shown_per_certificate():
+    """The report's gap table: attacked minus certified accuracy, per model and certificate,
+    its mean over the joint grid and its largest value with where it is."""
+    results = fake({"standard": [range(900)], "pgd-at": [range(900)]})
+    for model in results.models:
+        model.certified_attacked = [[0.9, 0.8], [0.7, 0.5]]
+        model.certified = {"ibp": [[0.9, 0.2], [0.1, 0.0]], "crown": [[0.9, 0.8], [0.6, 0.1]]}
+    results.models[1].certified["crown"] = [[0.9, 0.8], [0.7, 0.5]]  # no gap left
+    text = "\n".join(
+        report.certified_section(results, report.summarize(results), {"certified": "f"})
+    )
+    rows = table_rows(text, "The gap:")
+    assert rows["standard"] == ["42.5; 60.0 at (0, 0.1)", "12.5; 40.0 at (0.1, 0.1)"]
+    assert rows["pgd-at"] == ["42.5; 60.0 at (0, 0.1)", "0.0; 0.0 at (0, 0)"]
 
 
 def test_experiment_refuses_a_comparison_without_its_models():

@@ -4,7 +4,9 @@
 ``z_y - z_j`` over every input and weight perturbation of the threat; an example is certified
 when all of them are positive. Methods, loosest first: ``closed-form`` (B0, the paper's),
 ``recursive`` (B1), ``ibp`` (B2), ``crown`` (B3), ``alpha-crown`` (B3 with its ReLU
-relaxations optimized per example and output). Bounds are computed in float64 by default
+relaxations optimized per example and output), ``bab`` (branch and bound over the ReLUs from
+``crown``'s bounds, with a time limit per example: exact where it finishes, see ``bab.py``).
+Bounds are computed in float64 by default
 (so rounding cannot turn a near-zero bound positive), and ``scope="shared"`` is certified
 through the per-example threat, which contains it.
 """
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks.space import check_domain, margins
-from ..checks import MAX_BATCH, integer
+from ..checks import MAX_BATCH, integer, number
 from ..errors import ConfigError
 from ..model.graph import VARIABLE, Graph
 from ..model.lemma import perturbed_layers
@@ -31,10 +33,12 @@ from .linear import margin_matrix
 from .region import InputRegion
 from .rounding import certificate_unit, exact_products
 
-METHODS = ("closed-form", "recursive", "ibp", "crown", "alpha-crown")
+BOUNDS = ("closed-form", "recursive", "ibp", "crown", "alpha-crown")  # one bound pass each
+METHODS = (*BOUNDS, "bab")
+BAB_SECONDS = 5.0  # bab's default time limit per example
 # raised whenever a change makes any method's bounds differ, so that numbers cached by other
 # bound code (``reproduce``'s evaluation caches) are recomputed, never reused
-REVISION = 2
+REVISION = 3
 
 
 @dataclass
@@ -100,14 +104,17 @@ def certify(
     intermediate: str = "crown",
     batch_size: int | None = None,
     dtype: torch.dtype = torch.float64,
+    time_limit: float = BAB_SECONDS,
 ) -> CertifyResult:
     """Certified lower bounds on the margins of ``model`` at ``(x, y)`` under ``threat``.
 
     x: (B, ...) inside ``threat.bounds``; y: (B,) labels. ``intermediate``: how ``crown``
     bounds the inputs of relaxed operators (``crown`` or ``ibp``). ``batch_size``: examples per
     chunk (default: sized for ~250 MB of bound matrices). ``dtype``: precision of the bound
-    computation (float32 is faster; its rounding is accounted for like the model's). The model
-    is read from its real graph, checked against ``model(x)``, and never modified.
+    computation (float32 is faster; its rounding is accounted for like the model's).
+    ``time_limit``: seconds per example for ``bab`` (``nonsingular.bab`` also says which
+    examples it found broken, with their counterexamples). The model is read from its real
+    graph, checked against ``model(x)``, and never modified.
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -117,6 +124,7 @@ def certify(
         )
     if batch_size is not None:
         integer("batch_size", batch_size, 1, MAX_BATCH)
+    number("time_limit", time_limit, 0.0, 1e9)
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
     if dtype not in (torch.float64, torch.float32):
@@ -124,6 +132,9 @@ def certify(
     graph, x, y, logits = read_batch(model, x, y)
     classes = logits.shape[1]
     check_domain(x, threat)
+    if method == "bab":
+        found = bab(model, x, y, threat, time_limit=time_limit, dtype=dtype)
+        return CertifyResult(found.lower, method, threat, margins(logits, y))
     bound_graph = graph.cast(dtype)
     unit = certificate_unit(logits.dtype, x.device, dtype)
     size = batch_size or _default_chunk(graph, x, method)
@@ -149,6 +160,8 @@ def _default_chunk(graph: Graph, x: Tensor, method: str) -> int:
 
 
 __all__ = [
+    "BAB_SECONDS",
+    "BOUNDS",
     "BabResult",
     "METHODS",
     "REVISION",

@@ -43,11 +43,14 @@ OPTIMIZE_STEPS = 3  # gradient steps on each batch of domains' slopes and multip
 
 @dataclass
 class BabResult:
-    """Per example: ``status`` (certified, broken or unknown), the domains bounded, and the
-    attack that ran first (``attack.replay(model, i)`` reproduces a broken example's
-    counterexample on the unmodified model)."""
+    """Per example: ``status`` (certified, broken or unknown); ``lower`` ``(B, classes)``, a
+    lower bound on every margin (``+inf`` at the label; the worst over the domains, or
+    CROWN's where no branching ran: positive everywhere exactly where certified); the domains
+    bounded, the seconds spent, and the attack that ran first (``attack.replay(model, i)``
+    reproduces a broken example's counterexample on the unmodified model)."""
 
     status: list[str]
+    lower: Tensor
     domains: Tensor
     seconds: Tensor
     attack: AttackResult
@@ -219,8 +222,10 @@ class _Domains:
             _intercept_scores(self.relus, boxes, splits, record, worst_row),
         )
 
-    def start(self) -> _Open:
-        """The example as one domain, bounded with ``ROOT_STEPS`` from CROWN's slopes."""
+    def start(self, known: Tensor) -> _Open:
+        """The example as one domain, bounded with ``ROOT_STEPS`` from CROWN's slopes, where
+        ``known`` ``(K,)`` (its margins' lower bounds so far, ``+inf`` at the label) is not
+        positive."""
         region = InputRegion.from_threat(self.x, self.threat)
         bounds = crown_bounds(self.graph, self.budgets, region, "crown", self.unit)
         self.root = bounds
@@ -231,7 +236,7 @@ class _Domains:
             splits[n] = torch.zeros(box.shape, dtype=torch.int8, device=self.x.device)
             slopes[relu] = relu_lower_slopes(box)[:, None].expand(-1, k, *box.shape[1:])
             betas[n] = self.x.new_zeros(1, k, *box.shape[1:])
-        lower = self.x.new_full((1, k), -float("inf")).scatter(1, self.y[:, None], float("inf"))
+        lower = known.to(self.x.dtype).reshape(1, k)
         one = _Open(splits, {}, slopes, betas, lower, self.x.new_zeros(1, 1))
         return self.bound(one, ROOT_STEPS)
 
@@ -258,21 +263,26 @@ class _Domains:
             offset += size
         return both
 
-    def solve(self, deadline: float, batch: int) -> str:
-        """certified, or unknown at ``deadline`` (``time.perf_counter``) or when stuck."""
-        domains = self.start()
+    def solve(self, known: Tensor, deadline: float, batch: int) -> tuple[str, Tensor]:
+        """certified, or unknown at ``deadline`` (``time.perf_counter``) or when stuck; with a
+        lower bound ``(K,)`` on every margin over the whole example, at least ``known``: the
+        worst over its domains, proved and open."""
+        domains = self.start(known)
+        floor = domains.lower.new_full(domains.lower.shape[1:], float("inf"))
         while True:
             open_ = domains.worst <= 0
+            if not bool(open_.all()):
+                floor = torch.minimum(floor, domains.lower[~open_].amin(0))
             if not bool(open_.any()):
-                return "certified"
-            if time.perf_counter() > deadline:
-                return "unknown"
+                return "certified", floor
             domains = domains.rows(open_.nonzero().flatten())
+            if time.perf_counter() > deadline:
+                return "unknown", torch.minimum(floor, domains.lower.amin(0))
             order = torch.argsort(domains.worst)  # the worst bound first
             take, rest = order[:batch], order[batch:]
             made = self.children(domains.rows(take))
-            if made is None:
-                return "unknown"  # a domain with no unstable neuron left and a margin <= 0
+            if made is None:  # a domain with no unstable neuron left and a margin <= 0
+                return "unknown", torch.minimum(floor, domains.lower.amin(0))
             domains = domains.rows(rest).cat(self.bound(made, OPTIMIZE_STEPS))
 
 
@@ -304,11 +314,12 @@ def bab(
     bound_graph = graph.cast(dtype)
     unit = certificate_unit(logits.dtype, x.device, dtype)
     budgets = {b.index: b for b in perturbed_layers(bound_graph, threat)}
-    proved = certify(model, x, y, threat, "crown", dtype=dtype).certified  # the root bound
+    root = certify(model, x, y, threat, "crown", dtype=dtype)
+    lower = root.lower.clone()
     status, domains, seconds = [], [], []
     for i in range(len(x)):
         start = time.perf_counter()
-        if float(found.margins[i]) <= 0 or bool(proved[i]):
+        if float(found.margins[i]) <= 0 or bool(root.certified[i]):
             status.append("broken" if float(found.margins[i]) <= 0 else "certified")
             domains.append(0)
         else:
@@ -316,7 +327,9 @@ def bab(
                 bound_graph, budgets, x[i : i + 1].to(dtype), y[i : i + 1], threat, unit, classes
             )
             with torch.no_grad(), exact_products():
-                status.append(one.solve(start + time_limit, batch))
+                outcome, bound = one.solve(lower[i], start + time_limit, batch)
+            status.append(outcome)
+            lower[i] = bound.to(lower.dtype)
             domains.append(one.bounded)
         seconds.append(time.perf_counter() - start)
-    return BabResult(status, torch.tensor(domains), torch.tensor(seconds), found, threat)
+    return BabResult(status, lower, torch.tensor(domains), torch.tensor(seconds), found, threat)

@@ -7,6 +7,7 @@ from typing import Any
 
 from .. import checkpoint
 from ..attacks import LOSSES, METHODS
+from ..certificates import BAB_SECONDS
 from ..certificates import METHODS as CERTIFY_METHODS
 from ..certificates.crown import INTERMEDIATE
 from ..data import Dataset, load
@@ -63,6 +64,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         threats,
         options,
         certify=args.certify or (),
+        certify_kwargs={"time_limit": args.time_limit},
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
@@ -77,7 +79,7 @@ def run_certify(args: argparse.Namespace) -> int:
         (data.x_test.to(where), data.y_test.to(where)),
         threats,
         certify=args.method,
-        certify_kwargs={"intermediate": args.intermediate},
+        certify_kwargs={"intermediate": args.intermediate, "time_limit": args.time_limit},
         attack=False,
         batch_size=args.batch_size,
         progress=not args.quiet,
@@ -116,6 +118,7 @@ def register(sub: Any) -> None:
         metavar="METHODS",
         help=f"also certify, e.g. ibp,crown (from {', '.join(CERTIFY_METHODS)})",
     )
+    _add_time_limit(a)
     p.set_defaults(func=run_evaluate)
 
     c = sub.add_parser(
@@ -142,4 +145,15 @@ def register(sub: Any) -> None:
         help="how crown bounds pre-activations (default crown)",
     )
     b.add_argument("--batch-size", type=int, default=1000, help="examples per batch")
+    _add_time_limit(b)
     c.set_defaults(func=run_certify)
+
+
+def _add_time_limit(group: Any) -> None:
+    group.add_argument(
+        "--time-limit",
+        type=float,
+        default=BAB_SECONDS,
+        metavar="SECONDS",
+        help=f"bab's time per example, after which it is unknown (default {BAB_SECONDS:g})",
+    )
