@@ -402,9 +402,11 @@ def test_certificates_are_sound_on_cuda_as_the_model_runs_there(tf32, case, thre
     try:
         samples = random_margins(model, x, y, threat, device="cuda")
         on_gpu = copy.deepcopy(model).cuda()
-        for method in ("ibp", "crown", "alpha-crown"):
+        for method in ("ibp", "crown", "alpha-crown", "bab"):
             for dtype in (torch.float32, torch.float64):
-                cert = ns.certify(on_gpu, x.cuda(), y.cuda(), threat, method, dtype=dtype)
+                cert = ns.certify(
+                    on_gpu, x.cuda(), y.cuda(), threat, method, dtype=dtype, time_limit=0.5
+                )
                 lower = cert.lower.cpu().float().nan_to_num(posinf=float("-inf"))
                 violation = (lower[None] - samples).max()
                 assert violation <= TOL, (method, dtype, float(violation))
