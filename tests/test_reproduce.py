@@ -424,6 +424,20 @@ def test_reproduce_config_flag_reads_the_file_and_refuses_a_bad_one(tmp_path, ca
     assert not (tmp_path / "o").exists()  # refused before anything was written
     code = main(["reproduce", "--config", str(tmp_path / "none.toml")])
     assert code == 2 and "config file not found" in capsys.readouterr().err
+    (tmp_path / "ok.toml").write_text("certify = ['ibp']\n")  # the flag overrides the file
+    code = main(["reproduce", "--config", str(tmp_path / "ok.toml"), "--certify", "crown,lp"])
+    err = capsys.readouterr().err
+    assert code == 2 and "certify must be one of" in err and "got 'lp'" in err
+
+
+@pytest.mark.parametrize("certify", [["lp"], [], "crown", ["crown", 3]])
+def test_the_certificates_of_an_experiment_are_checked(certify):
+    with pytest.raises(ConfigError, match="certify must be"):
+        Experiment.from_dict({"certify": certify})
+    assert Experiment.from_dict({"certify": ["alpha-crown", "bab"]}).certify == (
+        "alpha-crown",
+        "bab",
+    )
 
 
 def test_a_claim_that_moves_with_the_training_recipe_is_shown_to():

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..certificates import METHODS as CERTIFY_METHODS
 from ..distributed import ranks
 from ..experiment import ARCHITECTURES, Experiment, run_experiment
 from ..training.config import read_toml
@@ -15,7 +16,7 @@ from . import common
 def run(args: argparse.Namespace) -> int:
     where = common.device(args.device)
     settings = read_toml(args.config) if args.config is not None else {}
-    for name in ("data", "model", "seeds", "epochs"):  # flags given override the file
+    for name in ("data", "model", "seeds", "epochs", "certify"):  # flags override the file
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     exp = Experiment.from_dict(settings, quick=args.quick)
@@ -89,6 +90,14 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--epochs", type=int, default=None, help="training epochs (default 20, 5 with --quick)"
+    )
+    p.add_argument(
+        "--certify",
+        type=common.names,
+        default=None,
+        metavar="METHODS",
+        help=f"certificates on the joint grid, from {', '.join(CERTIFY_METHODS)} (default "
+        "ibp,crown; bab takes its default time limit per example)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attacks import LOSSES
+from ..certificates import METHODS as CERTIFY_METHODS
 from ..checks import choice, integer, number, options
 from ..errors import ConfigError
 from ..models import BUILTIN
@@ -153,6 +154,10 @@ class Experiment:
             choice("recipes", recipe, tuple(RECIPES))
         for method in self.recipe_methods:
             choice("recipe_methods", method, COMPARISON)
+        if not isinstance(self.certify, tuple) or not self.certify:
+            raise ConfigError(f"certify must be a non-empty list of methods, got {self.certify!r}")
+        for method in self.certify:
+            choice("certify", method, CERTIFY_METHODS)
         if self.recipes and "standard" not in self.recipe_methods:
             raise ConfigError("recipe_methods needs standard: every claim compares with it")
         if not isinstance(self.stronger, bool):
