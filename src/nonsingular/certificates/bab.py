@@ -3,15 +3,18 @@
 Each example is first attacked (a strong PGD: an example it breaks is *broken*, and the attack
 holds the counterexample: an input and per-example weights that replay on the unmodified
 model) and bounded by CROWN. For an example neither settles, the input space is split into
-domains by the sign of an unstable ReLU's input: in each domain that neuron is linear, the
-later bounds tighten, and a domain whose every margin bound is positive is proved. Domains
-are kept in a queue, the worst bound first, and bounded in batches (one bound pass for many
-domains). The example is *certified* when no domain is left, *unknown* at its time limit or
-where a domain has no unstable neuron left to split (with weights perturbed the network is not
-piecewise linear, so splitting every ReLU need not close the gap).
+domains by the sign of an unstable ReLU's input, the neuron whose relaxation costs the worst
+margin's bound most (BaBSR's intercept score). A domain starts from its parent: its boxes
+(later nodes bounded by IBP within them), its ReLU slopes and split multipliers (a few
+projected gradient steps on from there: alpha- and beta-CROWN), and its margin bounds (only
+those not yet proved are bounded again). Domains are kept in a queue, the worst bound first,
+and bounded in batches (one bound pass for many domains). The example is *certified* when no
+domain is left, *unknown* at its time limit or where a domain has no unstable neuron left to
+split (a few multiplier steps need not reach the exact bound of a fully split domain).
 
-Soundness: every domain's bound is CROWN's over the domain's boxes, which hold every point of
-the domain, and the domains of a split cover the parent (a value is <= 0 or >= 0).
+Soundness: every domain's bound is CROWN's over boxes that hold every point of the domain, for
+slopes in [0, 1] and multipliers >= 0; a parent's bound holds in its children; and the domains
+of a split cover the parent (a value is <= 0 or >= 0).
 """
 
 from __future__ import annotations
