@@ -244,12 +244,14 @@ def test_certify_never_touches_the_model(mnist, small_cnn):
     before = state_copy(small_cnn)
     small_cnn.train()
     try:
-        res = ns.certify(small_cnn, x, y, Threat(eps_x=0.01, eps_w=1e-3), "crown")
-        assert res.lower.shape == (5, 10) and bool(
-            torch.isinf(res.lower.gather(1, y[:, None])).all()
-        )
-        assert_state_equal(small_cnn, before)
-        assert small_cnn.training
+        for method in ("crown", "alpha-crown", "bab"):
+            threat = Threat(eps_x=0.01, eps_w=1e-3)
+            res = ns.certify(small_cnn, x, y, threat, method, time_limit=0.3)
+            assert res.lower.shape == (5, 10) and bool(
+                torch.isinf(res.lower.gather(1, y[:, None])).all()
+            )
+            assert_state_equal(small_cnn, before)
+            assert small_cnn.training
     finally:
         small_cnn.eval()
 
@@ -469,8 +471,8 @@ def test_bab_never_certifies_what_a_perturbation_breaks(case, threat):
 
 def _relu_inputs_sampled(model, x, threat, n, generator):
     """For ``n`` random joint perturbations of the one example ``x``: the margins' logits
-    ``(n, K)`` and the input of every ReLU module in order ``(n, width)``, each run through the
-    unmodified model with its weights materialized."""
+    ``(n, K)`` and the input of every ReLU module in order, flat ``(n, width)``, each run
+    through the unmodified model with its weights materialized."""
     params = sample_parameters(model, x, threat, n, generator)
     xs = sample_inputs(x[0], threat, n, generator)
     logits, seen, found = [], [], []
@@ -488,11 +490,11 @@ def _relu_inputs_sampled(model, x, threat, n, generator):
     finally:
         for hook in hooks:
             hook.remove()
-    return torch.stack(logits), [torch.stack(column) for column in zip(*seen, strict=True)]
+    return torch.stack(logits), [torch.stack(c).flatten(1) for c in zip(*seen, strict=True)]
 
 
 @settings(max_examples=12, deadline=None)
-@given(case=networks(conv=False), threat=threats(modes=DENSE_MODES), rounds=st.integers(1, 4))
+@given(case=networks(), threat=threats(modes=DENSE_MODES), rounds=st.integers(1, 4))
 def test_every_branch_and_bound_domain_bounds_the_points_inside_it(case, threat, rounds):
     """Branch and bound's domains, split ``rounds`` times (every leaf kept, proved or not):
     every sampled perturbation falls in some leaf (a split covers its parent), and in every

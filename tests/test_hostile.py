@@ -546,6 +546,31 @@ API_CASES = {
         ConfigError,
         "dtype must be",
     ),
+    "certify time limit nan": (
+        lambda: ns.certify(_model(), X, Y, Threat(), "bab", time_limit=float("nan")),
+        ConfigError,
+        "time_limit must",
+    ),
+    "bab time limit negative": (
+        lambda: ns.bab(_model(), X, Y, Threat(), time_limit=-1.0),
+        ConfigError,
+        "time_limit must",
+    ),
+    "bab batch 0": (
+        lambda: ns.bab(_model(), X, Y, Threat(), batch=0),
+        ConfigError,
+        "batch must be",
+    ),
+    "bab float16": (
+        lambda: ns.bab(_model(), X, Y, Threat(), dtype=torch.float16),
+        ConfigError,
+        "dtype must be",
+    ),
+    "bab threat a dict": (
+        lambda: ns.bab(_model(), X, Y, {"eps_x": 0.1}),
+        ConfigError,
+        "threat must be",
+    ),
     "evaluate empty grid": (
         lambda: ns.evaluate(_model(), (X, Y), []),
         ConfigError,

@@ -31,7 +31,7 @@ from .crown import INTERMEDIATE, alpha_crown_margins, crown_margins
 from .ibp import ibp_margins, interval_bounds
 from .linear import margin_matrix
 from .region import InputRegion
-from .rounding import certificate_unit, exact_products
+from .rounding import certificate_unit, check_bound_dtype, exact_products
 
 BOUNDS = ("closed-form", "recursive", "ibp", "crown", "alpha-crown")  # one bound pass each
 METHODS = (*BOUNDS, "bab")
@@ -127,8 +127,7 @@ def certify(
     number("time_limit", time_limit, 0.0, 1e9)
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
-    if dtype not in (torch.float64, torch.float32):
-        raise ConfigError(f"dtype must be torch.float64 or torch.float32, got {dtype!r}")
+    check_bound_dtype(dtype)
     graph, x, y, logits = read_batch(model, x, y)
     classes = logits.shape[1]
     check_domain(x, threat)

@@ -37,7 +37,7 @@ from ..threat import Threat
 from .crown import crown_bounds, is_relu, optimized_bound
 from .linear import Bounds, margin_matrix
 from .region import InputRegion
-from .rounding import certificate_unit, exact_products
+from .rounding import certificate_unit, check_bound_dtype, exact_products
 
 STATUSES = ("certified", "broken", "unknown")
 ROOT_STEPS = 20  # gradient steps on the example's own slopes before any split
@@ -308,6 +308,7 @@ def bab(
     entropy and margin)."""
     number("time_limit", time_limit, 0.0, 1e9)
     integer("batch", batch, 1, 1 << 20)
+    check_bound_dtype(dtype)
     from . import certify  # the package's entry point, which imports this module
 
     found = attack(model, x, y, threat, steps=steps, restarts=restarts, loss="both", seed=seed)

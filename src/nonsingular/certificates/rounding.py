@@ -18,7 +18,16 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import ConfigError
 from ..model.operators.base import Unit
+
+BOUND_DTYPES = (torch.float64, torch.float32)  # what bounds can be computed in
+
+
+def check_bound_dtype(dtype: object) -> None:
+    """``dtype`` must be one the bound computation runs in (its rounding is accounted for)."""
+    if dtype not in BOUND_DTYPES:
+        raise ConfigError(f"dtype must be torch.float64 or torch.float32, got {dtype!r}")
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
