@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--bab-seconds", type=float, default=3.0, help="bab's limit per example")
+    parser.add_argument("--bab-batch", type=int, default=1024, help="bab's domains per pass")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -64,7 +65,15 @@ def main() -> None:
             share = int(certified.sum()) / max(1, int(standing.sum()))
             cells.append(f"{int(certified.sum())} ({100 * share:.0f}%, {seconds:.1f} s)")
         start = time.perf_counter()
-        found = ns.bab(model, x, y, threat, time_limit=args.bab_seconds, dtype=torch.float32)
+        found = ns.bab(
+            model,
+            x,
+            y,
+            threat,
+            time_limit=args.bab_seconds,
+            batch=args.bab_batch,
+            dtype=torch.float32,
+        )
         seconds = time.perf_counter() - start
         certified = found.certified.to(standing.device)
         if bool((certified & ~standing).any()):

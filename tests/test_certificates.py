@@ -514,7 +514,7 @@ def test_every_branch_and_bound_domain_bounds_the_points_inside_it(case, threat,
         one = _Domains(graph, budgets, x[i : i + 1], y[i : i + 1], threat, unit, classes)
         with torch.no_grad(), exact_products():
             unknown = torch.full((classes,), -float("inf"), dtype=torch.float64)
-            leaves = one.start(unknown.scatter(0, y[i : i + 1], float("inf")))
+            leaves = one.start(unknown.scatter(0, y[i : i + 1], float("inf"))[None])
             for _ in range(rounds if leaves.scores.shape[1] else 0):  # 0: no ReLU
                 split = (leaves.scores.max(1).values >= 0) & (leaves.worst <= 0)
                 splittable, kept = split.nonzero().flatten(), (~split).nonzero().flatten()

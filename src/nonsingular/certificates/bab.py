@@ -79,11 +79,12 @@ def _relu_inputs(graph: Graph) -> dict[int, int]:
 
 @dataclass
 class _Open:
-    """Open domains of one example, one row each: the sign each split node's values are held
-    to, the boxes known for the split nodes, the warm starts of the ReLU slopes and split
-    multipliers (one per margin), the margins' lower bounds (+inf for the label's own), and
-    each neuron's branching score (flat, over the split nodes in order)."""
+    """Open domains, one row each: the example it is a part of, the sign each split node's
+    values are held to, the boxes known for the split nodes, the warm starts of the ReLU slopes
+    and split multipliers (one per margin), the margins' lower bounds (+inf for the label's
+    own), and each neuron's branching score (flat, over the split nodes in order)."""
 
+    example: Tensor
     splits: dict[int, Tensor]
     boxes: dict[int, Box]
     slopes: dict[int, Tensor]
@@ -98,6 +99,7 @@ class _Open:
 
     def rows(self, index: Tensor) -> _Open:
         return _Open(
+            self.example[index],
             {k: v[index] for k, v in self.splits.items()},
             {k: Box(b.lower[index], b.upper[index]) for k, b in self.boxes.items()},
             {k: v[index] for k, v in self.slopes.items()},
@@ -107,19 +109,26 @@ class _Open:
         )
 
     def cat(self, other: _Open) -> _Open:
+        return _Open.join([self, other])
+
+    @staticmethod
+    def join(parts: list[_Open]) -> _Open:
+        """The rows of every part, in order, in one copy."""
+        first = parts[0]
         return _Open(
-            {k: torch.cat([v, other.splits[k]]) for k, v in self.splits.items()},
+            torch.cat([p.example for p in parts]),
+            {k: torch.cat([p.splits[k] for p in parts]) for k in first.splits},
             {
                 k: Box(
-                    torch.cat([b.lower, other.boxes[k].lower]),
-                    torch.cat([b.upper, other.boxes[k].upper]),
+                    torch.cat([p.boxes[k].lower for p in parts]),
+                    torch.cat([p.boxes[k].upper for p in parts]),
                 )
-                for k, b in self.boxes.items()
+                for k in first.boxes
             },
-            {k: torch.cat([v, other.slopes[k]]) for k, v in self.slopes.items()},
-            {k: torch.cat([v, other.betas[k]]) for k, v in self.betas.items()},
-            torch.cat([self.lower, other.lower]),
-            torch.cat([self.scores, other.scores]),
+            {k: torch.cat([p.slopes[k] for p in parts]) for k in first.slopes},
+            {k: torch.cat([p.betas[k] for p in parts]) for k in first.betas},
+            torch.cat([p.lower for p in parts]),
+            torch.cat([p.scores for p in parts]),
         )
 
 
@@ -145,8 +154,80 @@ def _intercept_scores(
     return torch.cat(scores, 1) if scores else row.new_zeros(len(row), 0, dtype=torch.float)
 
 
+def _fair_share(worst: Tensor, example: Tensor, batch: int) -> Tensor:
+    """Which domains to split next (positions in ``worst``, ``example``): about ``batch`` of
+    them, each example's worst-bounded first, as many per example (at least one) so that every
+    open example moves on."""
+    order = torch.argsort(worst, stable=True)
+    example = example[order]
+    grouped = torch.argsort(example, stable=True)  # by example, each the worst first
+    counts = torch.bincount(example)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(grouped)
+    rank[grouped] = torch.arange(len(grouped), device=grouped.device) - first[example[grouped]]
+    share = max(1, batch // int((counts > 0).sum()))
+    return order[rank < share]
+
+
+class _Queue:
+    """The open domains, kept as the chunks the bound passes made, with the rows already taken
+    marked: taking a few domains copies those, never the whole queue."""
+
+    def __init__(self) -> None:
+        self.chunks: list[_Open] = []
+        self.alive: list[Tensor] = []
+
+    def add(self, domains: _Open) -> None:
+        if len(domains.example):
+            self.chunks.append(domains)
+            self.alive.append(torch.ones_like(domains.example, dtype=torch.bool))
+
+    def summary(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Every row's worst bound, example and whether it is still in the queue."""
+        if not self.chunks:
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty.float(), empty, empty.bool()
+        return (
+            torch.cat([c.worst for c in self.chunks]),
+            torch.cat([c.example for c in self.chunks]),
+            torch.cat(self.alive),
+        )
+
+    def take(self, index: Tensor) -> _Open:
+        """The rows at ``index`` (positions in ``summary``), out of the queue."""
+        parts = []
+        start = 0
+        for chunk, alive in zip(self.chunks, self.alive, strict=True):
+            size = len(chunk.example)
+            mine = index[(index >= start) & (index < start + size)] - start
+            if len(mine):
+                parts.append(chunk.rows(mine))
+                alive[mine] = False
+            start += size
+        return _Open.join(parts)
+
+    def compact(self, most: int = 64) -> None:
+        """Chunks with no row left go; beyond ``most`` chunks, the smaller half of them (by
+        rows left) become one."""
+        kept = [i for i, alive in enumerate(self.alive) if bool(alive.any())]
+        self.chunks = [self.chunks[i] for i in kept]
+        self.alive = [self.alive[i] for i in kept]
+        if len(self.chunks) > most:
+            sizes = [int(alive.sum()) for alive in self.alive]
+            small = sorted(range(len(sizes)), key=sizes.__getitem__)[: len(sizes) // 2]
+            merged = _Open.join(
+                [self.chunks[i].rows(self.alive[i].nonzero().flatten()) for i in small]
+            )
+            rest = [i for i in range(len(sizes)) if i not in set(small)]
+            self.chunks = [self.chunks[i] for i in rest] + [merged]
+            self.alive = [self.alive[i] for i in rest] + [
+                torch.ones_like(merged.example, dtype=torch.bool)
+            ]
+
+
 class _Domains:
-    """Branch-and-bound for one example: its graph, threat and the queue of open domains."""
+    """Branch-and-bound for a batch of examples: the graph, threat, and every example's open
+    domains, bounded together (one bound pass for domains of many examples)."""
 
     def __init__(
         self,
@@ -162,15 +243,15 @@ class _Domains:
         self.threat, self.unit, self.classes = threat, unit, classes
         self.relus = _relu_inputs(graph)
         self.nodes = list(self.relus.values())
-        self.bounded = 0
+        self.bounded = torch.zeros(len(x), dtype=torch.long, device=x.device)  # per example
+        self.spent = torch.zeros(len(x), dtype=torch.float64)  # seconds, per example
         self.root = Bounds.start(graph, InputRegion.from_threat(x, threat), unit)  # by start()
 
     def bound(self, domains: _Open, steps: int) -> _Open:
         """The domains bounded again: their boxes (within the given ones), and the margins
         they have not yet proved, by slopes and multipliers optimized from the given ones (a
         parent's bound holds in its children, so the better of the two is kept)."""
-        count = domains.lower.shape[0]
-        xs = self.x.expand(count, *self.x.shape[1:])
+        xs = self.x[domains.example]
         region = InputRegion.from_threat(xs, self.threat)
         splits = domains.splits
         # every node before the first split holds as at the root; later ones by IBP
@@ -184,14 +265,14 @@ class _Domains:
             "ibp",
             self.unit,
             splits,
-            (self.root, first),
+            (self.root, first, domains.example),
             domains.boxes,
         )
         todo = domains.lower <= 0
         m = max(1, int(todo.sum(1).max()))  # at least one row: shapes stay whole
         rows = torch.argsort(todo.to(torch.int8), dim=1, descending=True, stable=True)[:, :m]
         valid = todo.gather(1, rows)
-        c = margin_matrix(self.y.expand(count), self.classes, xs.dtype)
+        c = margin_matrix(self.y[domains.example], self.classes, xs.dtype)
 
         def picked(t: Tensor) -> Tensor:
             index = rows.reshape(*rows.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
@@ -209,7 +290,7 @@ class _Domains:
         for box in boxes.values():  # an empty domain proves every margin
             empty = (box.lower > box.upper).flatten(1).any(1)
             lower = torch.where(empty[:, None], float("inf"), lower)
-        self.bounded += count
+        self.bounded += torch.bincount(domains.example, minlength=len(self.x))
 
         def put(t: Tensor, new: Tensor) -> Tensor:
             index = rows.reshape(*rows.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
@@ -217,6 +298,7 @@ class _Domains:
 
         worst_row = torch.where(valid, found, float("inf")).argmin(1)
         return _Open(
+            domains.example,
             splits,
             boxes,
             {k: put(v, slopes[k]) for k, v in domains.slopes.items()},
@@ -225,9 +307,21 @@ class _Domains:
             _intercept_scores(self.relus, boxes, splits, record, worst_row),
         )
 
+    def bound_alike(self, domains: _Open, steps: int) -> _Open:
+        """``bound``, one pass for the domains with about as many margins left to prove (1, 2,
+        3-4, 5-8, ...): a pass bounds as many margins for each of its domains as the one with
+        the most needs."""
+        todo = (domains.lower <= 0).sum(1).clamp(min=1)
+        group = torch.ceil(torch.log2(todo.double())).long()
+        parts = [
+            self.bound(domains.rows((group == g).nonzero().flatten()), steps)
+            for g in torch.unique(group).tolist()
+        ]
+        return _Open.join(parts)
+
     def start(self, known: Tensor) -> _Open:
-        """The example as one domain, bounded with ``ROOT_STEPS`` from CROWN's slopes, where
-        ``known`` ``(K,)`` (its margins' lower bounds so far, ``+inf`` at the label) is not
+        """Each example as one domain, bounded with ``ROOT_STEPS`` from CROWN's slopes, where
+        ``known`` ``(B, K)`` (its margins' lower bounds so far, ``+inf`` at the label) is not
         positive."""
         region = InputRegion.from_threat(self.x, self.threat)
         bounds = crown_bounds(self.graph, self.budgets, region, "crown", self.unit)
@@ -238,19 +332,16 @@ class _Domains:
             box = bounds.values[n]
             splits[n] = torch.zeros(box.shape, dtype=torch.int8, device=self.x.device)
             slopes[relu] = relu_lower_slopes(box)[:, None].expand(-1, k, *box.shape[1:])
-            betas[n] = self.x.new_zeros(1, k, *box.shape[1:])
-        lower = known.to(self.x.dtype).reshape(1, k)
-        one = _Open(splits, {}, slopes, betas, lower, self.x.new_zeros(1, 1))
+            betas[n] = self.x.new_zeros(len(self.x), k, *box.shape[1:])
+        every = torch.arange(len(self.x), device=self.x.device)
+        lower = known.to(self.x.dtype).reshape(len(self.x), k)
+        one = _Open(every, splits, {}, slopes, betas, lower, self.x.new_zeros(len(self.x), 1))
         return self.bound(one, ROOT_STEPS)
 
-    def children(self, parents: _Open) -> _Open | None:
-        """Each domain split in two at its best-scored neuron: the <= 0 halves, then the >= 0;
-        None where a domain has nothing left to split."""
-        if parents.scores.shape[1] == 0:
-            return None  # no ReLU to split
-        best, chosen = parents.scores.max(1)
-        if bool((best < 0).any()):
-            return None
+    def children(self, parents: _Open) -> _Open:
+        """Each domain split in two at its best-scored neuron (every one must have one): the
+        <= 0 halves, then the >= 0."""
+        chosen = parents.scores.argmax(1)
         both = parents.cat(parents)
         rows = torch.arange(len(chosen), device=chosen.device)
         offset = 0
@@ -266,27 +357,55 @@ class _Domains:
             offset += size
         return both
 
-    def solve(self, known: Tensor, deadline: float, batch: int) -> tuple[str, Tensor]:
-        """certified, or unknown at ``deadline`` (``time.perf_counter``) or when stuck; with a
-        lower bound ``(K,)`` on every margin over the whole example, at least ``known``: the
-        worst over its domains, proved and open."""
-        domains = self.start(known)
-        floor = domains.lower.new_full(domains.lower.shape[1:], float("inf"))
+    def solve(self, known: Tensor, time_limit: float, batch: int) -> tuple[list[str], Tensor]:
+        """Per example: certified, or unknown after ``time_limit`` seconds (each round's time
+        shared among its examples by their domains) or when a domain is stuck; with a lower
+        bound ``(B, K)`` on every margin, at least ``known``: the worst over its domains."""
+        count = len(self.x)
+        status = ["unknown"] * count
+        active = torch.ones(count, dtype=torch.bool, device=self.x.device)
+        floor = known.new_full((count, self.classes), float("inf")).to(self.x.dtype)
+        queue = _Queue()
+
+        def settle(made: _Open) -> None:  # proved rows leave, a stuck one ends its example
+            nonlocal floor
+            proved = made.worst > 0
+            floor = _fold(floor, made.rows(proved.nonzero().flatten()))
+            padded = torch.cat([made.scores, made.scores.new_full((len(proved), 1), -1.0)], 1)
+            splittable = padded.amax(1) >= 0  # a free unstable neuron is left to split
+            stuck = ~proved & ~splittable
+            active[made.example[stuck]] = False
+            queue.add(made.rows((~proved).nonzero().flatten()))
+
+        started = time.perf_counter()
+        settle(self.start(known))
+        self.spent += (time.perf_counter() - started) / count
         while True:
-            open_ = domains.worst <= 0
-            if not bool(open_.all()):
-                floor = torch.minimum(floor, domains.lower[~open_].amin(0))
-            if not bool(open_.any()):
-                return "certified", floor
-            domains = domains.rows(open_.nonzero().flatten())
-            if time.perf_counter() > deadline:
-                return "unknown", torch.minimum(floor, domains.lower.amin(0))
-            order = torch.argsort(domains.worst)  # the worst bound first
-            take, rest = order[:batch], order[batch:]
-            made = self.children(domains.rows(take))
-            if made is None:  # a domain with no unstable neuron left and a margin <= 0
-                return "unknown", torch.minimum(floor, domains.lower.amin(0))
-            domains = domains.rows(rest).cat(self.bound(made, OPTIMIZE_STEPS))
+            started = time.perf_counter()
+            worst, example, alive = queue.summary()
+            left = torch.bincount(example[alive], minlength=count) > 0
+            for i in (active & ~left).nonzero().flatten().tolist():
+                status[i] = "certified"
+            active &= left & (self.spent <= time_limit).to(active.device)
+            gone = alive & ~active[example]
+            if bool(gone.any()):
+                floor = _fold(floor, queue.take(gone.nonzero().flatten()))
+            if not bool(active.any()):
+                return status, floor
+            open_ = (alive & ~gone).nonzero().flatten()
+            take = open_[_fair_share(worst[open_], example[open_], batch)]
+            settle(self.bound_alike(self.children(queue.take(take)), OPTIMIZE_STEPS))
+            queue.compact()
+            share = torch.bincount(example[take], minlength=count).double().cpu()
+            self.spent += (time.perf_counter() - started) * share / share.sum()
+
+
+def _fold(floor: Tensor, domains: _Open) -> Tensor:
+    """``floor`` (B, K) lowered to each of ``domains``' margin bounds, at its example."""
+    if len(domains.example) == 0:
+        return floor
+    index = domains.example[:, None].expand_as(domains.lower)
+    return floor.scatter_reduce(0, index, domains.lower, reduce="amin")
 
 
 def bab(
@@ -296,7 +415,7 @@ def bab(
     threat: Threat,
     *,
     time_limit: float = 5.0,
-    batch: int = 256,
+    batch: int = 1024,
     steps: int = 100,
     restarts: int = 2,
     dtype: torch.dtype = torch.float32,
@@ -304,8 +423,8 @@ def bab(
 ) -> BabResult:
     """Branch and bound on every example of ``(x, y)``: certified, broken (with the attack's
     counterexample) or unknown after ``time_limit`` seconds of its own. ``batch``: domains
-    bounded together; ``steps``, ``restarts``: the PGD attack that runs first (per loss, cross
-    entropy and margin)."""
+    bounded together, shared among the examples still open; ``steps``, ``restarts``: the PGD
+    attack that runs first (per loss, cross entropy and margin)."""
     number("time_limit", time_limit, 0.0, 1e9)
     integer("batch", batch, 1, 1 << 20)
     check_bound_dtype(dtype)
@@ -319,21 +438,22 @@ def bab(
     unit = certificate_unit(logits.dtype, x.device, dtype)
     budgets = {b.index: b for b in perturbed_layers(bound_graph, threat)}
     root = certify(model, x, y, threat, "crown", dtype=dtype)
+    broken = found.margins.to(root.worst.device) <= 0
+    status = [
+        "broken" if b else "certified" if c else "unknown"
+        for b, c in zip(broken.tolist(), root.certified.tolist(), strict=True)
+    ]
     lower = root.lower.clone()
-    status, domains, seconds = [], [], []
-    for i in range(len(x)):
-        start = time.perf_counter()
-        if float(found.margins[i]) <= 0 or bool(root.certified[i]):
-            status.append("broken" if float(found.margins[i]) <= 0 else "certified")
-            domains.append(0)
-        else:
-            one = _Domains(
-                bound_graph, budgets, x[i : i + 1].to(dtype), y[i : i + 1], threat, unit, classes
-            )
-            with torch.no_grad(), exact_products():
-                outcome, bound = one.solve(lower[i], start + time_limit, batch)
-            status.append(outcome)
-            lower[i] = bound.to(lower.dtype)
-            domains.append(one.bounded)
-        seconds.append(time.perf_counter() - start)
-    return BabResult(status, lower, torch.tensor(domains), torch.tensor(seconds), found, threat)
+    domains = torch.zeros(len(x), dtype=torch.long)
+    seconds = torch.zeros(len(x), dtype=torch.float64)
+    hard = (~broken & ~root.certified).nonzero().flatten()
+    if len(hard):
+        pool = _Domains(bound_graph, budgets, x[hard].to(dtype), y[hard], threat, unit, classes)
+        with torch.no_grad(), exact_products():
+            settled, bound = pool.solve(lower[hard], time_limit, batch)
+        for i, outcome in zip(hard.tolist(), settled, strict=True):
+            status[i] = outcome
+        lower[hard] = bound.to(lower.dtype)
+        domains[hard.cpu()] = pool.bounded.cpu()
+        seconds[hard.cpu()] = pool.spent
+    return BabResult(status, lower, domains, seconds, found, threat)

@@ -107,13 +107,14 @@ def crown_bounds(
     intermediate: str,
     unit: float,
     splits: dict[int, Tensor] | None = None,
-    reuse: tuple[Bounds, int] | None = None,
+    reuse: tuple[Bounds, int, Tensor] | None = None,
     within: dict[int, Box] | None = None,
 ) -> Bounds:
     """Every node's Box: IBP, tightened by CROWN at the inputs of relaxed operators.
     ``splits``: per node, the sign each of its values is held to (``split_box``), the cases
-    of a branch-and-bound domain. ``reuse``: the bounds of the unsplit example and the last
-    node they still hold for (every split is at or after it), copied instead of recomputed.
+    of a branch-and-bound domain. ``reuse``: the bounds of the unsplit examples, the last
+    node they still hold for (every split is at or after it) and each domain's example: those
+    nodes are copied instead of recomputed.
     ``within``: per node, a box known to hold it (a parent domain's), intersected with the
     one computed."""
     bounds = Bounds.start(graph, region, unit)
@@ -130,7 +131,7 @@ def crown_bounds(
         if bounds.fixed(graph, node):
             continue
         if reuse is not None and node.index <= reuse[1]:
-            bounds.copy_node(reuse[0], node.index, region.x.shape[0])
+            bounds.copy_node(reuse[0], node.index, reuse[2])
             bounds.set(node.index, narrowed(node.index, bounds.values[node.index]))
             continue
         box = narrowed(node.index, node_box(graph, budgets, node.index, bounds))

@@ -77,23 +77,25 @@ class Bounds:
         self.values[index] = box
         self.concrete[index] = box.lower
 
-    def copy_node(self, other: Bounds, index: int, count: int) -> None:
-        """Node ``index`` as ``other`` (a pass over one example) bounded it, for ``count``
-        copies of that example (branch and bound's domains, before any split)."""
+    def copy_node(self, other: Bounds, index: int, rows: Tensor) -> None:
+        """Node ``index`` as ``other`` bounded it, for its examples at ``rows`` (branch and
+        bound's domains, before any split, each a copy of its example)."""
 
-        def grown(t: Any, ndim: int) -> Any:
-            if isinstance(t, Tensor) and t.dim() == ndim and t.shape[0] == 1:
-                return t.expand(count, *t.shape[1:])
-            return t
+        def picked(t: Any, ndim: int) -> Any:
+            if not isinstance(t, Tensor) or t.dim() != ndim:
+                return t
+            if t.shape[0] == 1:
+                return t.expand(len(rows), *t.shape[1:])
+            return t[rows]
 
         box: Box = other.values[index]
         ndim = box.lower.dim()
-        self.set(index, Box(grown(box.lower, ndim), grown(box.upper, ndim)))
+        self.set(index, Box(picked(box.lower, ndim), picked(box.upper, ndim)))
         radius, ball = other.added[index]
-        self.added[index] = (grown(radius, ndim), grown(ball, 1))
+        self.added[index] = (picked(radius, ndim), picked(ball, 1))
         if index in other.linear:
             budget, weight_box = other.linear[index]
-            self.linear[index] = (budget, grown(weight_box, ndim))
+            self.linear[index] = (budget, picked(weight_box, ndim))
 
 
 def perturbation_set(budget: LayerBudget, box: Box) -> OutputSet:
