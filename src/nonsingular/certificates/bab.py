@@ -173,7 +173,8 @@ class _Queue:
     """The open domains, kept as the chunks the bound passes made, with the rows already taken
     marked: taking a few domains copies those, never the whole queue."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.chunks: list[_Open] = []
         self.alive: list[Tensor] = []
 
@@ -185,7 +186,7 @@ class _Queue:
     def summary(self) -> tuple[Tensor, Tensor, Tensor]:
         """Every row's worst bound, example and whether it is still in the queue."""
         if not self.chunks:
-            empty = torch.zeros(0, dtype=torch.long)
+            empty = torch.zeros(0, dtype=torch.long, device=self.device)
             return empty.float(), empty, empty.bool()
         return (
             torch.cat([c.worst for c in self.chunks]),
@@ -365,7 +366,7 @@ class _Domains:
         status = ["unknown"] * count
         active = torch.ones(count, dtype=torch.bool, device=self.x.device)
         floor = known.new_full((count, self.classes), float("inf")).to(self.x.dtype)
-        queue = _Queue()
+        queue = _Queue(self.x.device)
 
         def settle(made: _Open) -> None:  # proved rows leave, a stuck one ends its example
             nonlocal floor
