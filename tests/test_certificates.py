@@ -602,6 +602,53 @@ def test_crown_bounds_an_affine_layer_after_overlapping_average_pooling_exactly(
     torch.testing.assert_close(box.upper[unstable], (center + reach)[unstable])
 
 
+@given(
+    worst=st.lists(st.floats(-10, 0), min_size=1, max_size=60),
+    seed=st.integers(0, 100),
+    batch=st.integers(1, 40),
+)
+def test_each_pass_takes_every_open_example_its_worst_domains_first(worst, seed, batch):
+    from nonsingular.certificates.bab import _fair_share
+
+    gen = torch.Generator().manual_seed(seed)
+    worst = torch.tensor(worst)
+    example = torch.randint(0, 5, (len(worst),), generator=gen)
+    taken = _fair_share(worst, example, batch)
+    assert len(set(taken.tolist())) == len(taken)
+    open_ = set(example.tolist())
+    assert set(example[taken].tolist()) == open_  # every open example moves on
+    share = max(1, batch // len(open_))
+    for e in open_:
+        mine = (example == e).nonzero().flatten()
+        got = taken[example[taken] == e]
+        assert len(got) == min(share, len(mine))
+        left = [i for i in mine.tolist() if i not in set(got.tolist())]
+        if left:  # nothing left behind is worse than what was taken
+            assert float(worst[left].min()) >= float(worst[got].max())
+
+
+@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=30), seed=st.integers(0, 100))
+def test_the_queue_hands_out_every_domain_once(sizes, seed):
+    from nonsingular.certificates.bab import _Open, _Queue
+
+    gen = torch.Generator().manual_seed(seed)
+    queue, made, handed = _Queue(torch.device("cpu")), 0, []
+    for size in sizes:
+        ids = torch.arange(made, made + size, dtype=torch.float64)[:, None]
+        queue.add(_Open(torch.zeros(size, dtype=torch.long), {}, {}, {}, {}, ids, ids[:, :0]))
+        made += size
+        _, _, alive = queue.summary()
+        open_ = alive.nonzero().flatten()
+        pick = open_[torch.rand(len(open_), generator=gen) < 0.3]
+        if len(pick):
+            handed += queue.take(pick).lower[:, 0].tolist()
+        queue.compact(most=4)
+    _, _, alive = queue.summary()
+    if bool(alive.any()):
+        handed += queue.take(alive.nonzero().flatten()).lower[:, 0].tolist()
+    assert sorted(handed) == list(range(made))
+
+
 def _to_tf32(t: torch.Tensor) -> torch.Tensor:
     """float32 values rounded to TF32's 10 explicit significand bits (to nearest, ties to
     even), as tensor cores read their inputs."""

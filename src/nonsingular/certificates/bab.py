@@ -7,10 +7,12 @@ domains by the sign of an unstable ReLU's input, the neuron whose relaxation cos
 margin's bound most (BaBSR's intercept score). A domain starts from its parent: its boxes
 (later nodes bounded by IBP within them), its ReLU slopes and split multipliers (a few
 projected gradient steps on from there: alpha- and beta-CROWN), and its margin bounds (only
-those not yet proved are bounded again). Domains are kept in a queue, the worst bound first,
-and bounded in batches (one bound pass for many domains). The example is *certified* when no
-domain is left, *unknown* at its time limit or where a domain has no unstable neuron left to
-split (a few multiplier steps need not reach the exact bound of a fully split domain).
+those not yet proved are bounded again). The open domains of every example wait in one queue,
+and each bound pass takes the worst-bounded of every open example alike (one pass for many
+domains, of many examples: large enough for a GPU). An example is *certified* when none of
+its domains is left, *unknown* at its time limit (its share of the passes' time) or where a
+domain has no unstable neuron left to split (a few multiplier steps need not reach the exact
+bound of a fully split domain).
 
 Soundness: every domain's bound is CROWN's over boxes that hold every point of the domain, for
 slopes in [0, 1] and multipliers >= 0; a parent's bound holds in its children; and the domains
@@ -195,7 +197,7 @@ class _Queue:
         )
 
     def take(self, index: Tensor) -> _Open:
-        """The rows at ``index`` (positions in ``summary``), out of the queue."""
+        """The rows at ``index`` (positions in ``summary``, at least one), out of the queue."""
         parts = []
         start = 0
         for chunk, alive in zip(self.chunks, self.alive, strict=True):
