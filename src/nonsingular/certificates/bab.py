@@ -33,10 +33,9 @@ from ..checks import integer, number
 from ..model.graph import Graph
 from ..model.lemma import LayerBudget, perturbed_layers
 from ..model.operators.base import Box
-from ..model.operators.elementwise import relu_lower_slopes
 from ..model.verify import read_batch
 from ..threat import Threat
-from .crown import crown_bounds, is_relu, optimized_bound
+from .crown import crown_bounds, crown_slopes, is_relu, optimized_bound
 from .linear import Bounds, margin_matrix
 from .region import InputRegion
 from .rounding import certificate_unit, check_bound_dtype, exact_products
@@ -277,9 +276,11 @@ class _Domains:
         valid = todo.gather(1, rows)
         c = margin_matrix(self.y[domains.example], self.classes, xs.dtype)
 
+        def at_rows(t: Tensor) -> Tensor:  # ``rows`` as an index into dim 1 of ``t``
+            return rows.reshape(*rows.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
+
         def picked(t: Tensor) -> Tensor:
-            index = rows.reshape(*rows.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
-            return t.gather(1, index)
+            return t.gather(1, at_rows(t))
 
         slopes = {k: picked(v).requires_grad_(True) for k, v in domains.slopes.items()}
         betas = {k: (picked(domains.betas[k]).requires_grad_(True), v) for k, v in splits.items()}
@@ -296,8 +297,7 @@ class _Domains:
         self.bounded += torch.bincount(domains.example, minlength=len(self.x))
 
         def put(t: Tensor, new: Tensor) -> Tensor:
-            index = rows.reshape(*rows.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
-            return t.scatter(1, index, new.detach())
+            return t.scatter(1, at_rows(t), new.detach())
 
         worst_row = torch.where(valid, found, float("inf")).argmin(1)
         return _Open(
@@ -334,7 +334,7 @@ class _Domains:
         for relu, n in self.relus.items():
             box = bounds.values[n]
             splits[n] = torch.zeros(box.shape, dtype=torch.int8, device=self.x.device)
-            slopes[relu] = relu_lower_slopes(box)[:, None].expand(-1, k, *box.shape[1:])
+            slopes[relu] = crown_slopes(box, k)
             betas[n] = self.x.new_zeros(len(self.x), k, *box.shape[1:])
         every = torch.arange(len(self.x), device=self.x.device)
         lower = known.to(self.x.dtype).reshape(len(self.x), k)

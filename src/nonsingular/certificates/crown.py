@@ -169,6 +169,12 @@ def is_relu(node: Node) -> bool:
     return node.kind == VARIABLE and isinstance(op, Elementwise) and op.act.kind == "relu"
 
 
+def crown_slopes(box: Box, k: int) -> Tensor:
+    """CROWN's own lower slopes for a ReLU whose input lies in ``box``, one copy per output
+    row: ``(B, k, *shape)``, where alpha-CROWN's optimization starts."""
+    return relu_lower_slopes(box)[:, None].expand(-1, k, *box.shape[1:])
+
+
 def relu_slopes(graph: Graph, bounds: Bounds, k: int, start: int) -> dict[int, Tensor]:
     """Trainable lower slopes, ``(B, K, *shape)`` from CROWN's choice, for every ReLU node
     before ``start`` with an unstable neuron."""
@@ -180,8 +186,7 @@ def relu_slopes(graph: Graph, bounds: Bounds, k: int, start: int) -> dict[int, T
         box: Box = bounds.values[ref]
         if not ((box.lower < 0) & (box.upper > 0)).any():
             continue
-        start_slopes = relu_lower_slopes(box)[:, None].expand(-1, k, *box.shape[1:])
-        slopes[node.index] = start_slopes.clone().requires_grad_(True)
+        slopes[node.index] = crown_slopes(box, k).clone().requires_grad_(True)
     return slopes
 
 
