@@ -112,7 +112,7 @@ def sample_inputs(x, threat, n, generator):
     else:
         g = torch.randn((n, *x.shape), generator=generator)
         d = g / g.flatten(1).norm(dim=1).reshape(-1, *[1] * x.dim()) * threat.eps_x
-    return (x + d).clamp(*threat.bounds)
+    return x + d if threat.bounds is None else (x + d).clamp(*threat.bounds)
 
 
 def random_margins(model, x, y, threat, n=200, seed=0, device="cpu"):

@@ -11,6 +11,7 @@ follows it (a test checks every module here is listed there).
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable
@@ -225,5 +226,8 @@ def module_operator(module: nn.Module, name: str, args: tuple, kwargs: dict[str,
     if build is not None and getattr(module, "return_indices", False):
         build = None  # MaxPool returning indices: a tuple, run as it is
     if build is None or len(args) != 1 or kwargs:
+        if getattr(module, "inplace", False) is True:  # its write is read by inplace.py
+            module = copy.copy(module)  # a shallow copy: the user's module keeps inplace=True
+            module.inplace = False
         return ModuleCall(module, label), args, kwargs
     return build(module, name, label, args[0])

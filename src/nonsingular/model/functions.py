@@ -1,9 +1,9 @@
 """Which operator stands for each traced function and tensor method (``catalog.py``: modules).
 
 ``function_operator`` turns one traced call into ``(op, args, kwargs)``. Tensor methods are
-first mapped to their functions (``x.relu()`` is ``torch.relu(x)``), in-place variants to
-out-of-place ones (``relu_``, ``+=``: nothing writes into the caller's tensors); then the
-function is looked up in ``FUNCTIONS``. Anything else runs as it is (``Call``).
+first mapped to their functions (``x.relu()`` is ``torch.relu(x)``); then the function is
+looked up in ``FUNCTIONS``. Anything else runs as it is (``Call``). In-place calls never reach
+here: ``inplace.py`` rewrites them first, with their effect on every name of the tensor.
 """
 
 from __future__ import annotations
@@ -70,18 +70,14 @@ def _activation(target: Any, args: tuple, kwargs: dict[str, Any], label: str, _:
 # ------------------------------------------------------------------------------ arithmetic
 ARITHMETIC: dict[Any, str] = {
     operator.add: "add",
-    operator.iadd: "add",
     torch.add: "add",
     operator.sub: "sub",
-    operator.isub: "sub",
     torch.sub: "sub",
     torch.subtract: "sub",
     operator.mul: "mul",
-    operator.imul: "mul",
     torch.mul: "mul",
     torch.multiply: "mul",
     operator.truediv: "div",
-    operator.itruediv: "div",
     torch.div: "div",
     torch.true_divide: "div",
     operator.neg: "neg",
@@ -298,8 +294,6 @@ def method_operator(
     name: str, args: tuple, kwargs: dict[str, Any], label: str, lookup: Lookup
 ) -> Built:
     """The operator for a traced tensor method call ``args[0].name(*args[1:])``."""
-    if name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name[:-1]):
-        name = name[:-1]  # in place -> out of place: never write into the caller's tensors
     if name in METHODS:
         return function_operator(METHODS[name], args, kwargs, label, lookup)
     fn = getattr(torch.Tensor, name)

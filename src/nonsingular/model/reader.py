@@ -25,6 +25,7 @@ from ..errors import InputError, UnsupportedModelError
 from .catalog import MODULES, module_operator
 from .functions import function_operator, method_operator
 from .graph import CONSTANT, INPUT, SHAPE, VARIABLE, Graph, Node, Param, Ref
+from .inplace import WriteProxy, functionalize, written_copy
 from .operators.affine import Affine
 from .operators.call import ModuleCall
 
@@ -46,6 +47,9 @@ class _Root(nn.Module):
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return type(m) in MODULES or super().is_leaf_module(m, qualname)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return WriteProxy(node, self)  # records `h += v` and `h[i] = v` as the writes they are
 
 
 @contextlib.contextmanager
@@ -164,9 +168,19 @@ def _tensor_names(
 
 def _label(node: fx.Node, model_name: str) -> str:
     where = f"'{node.name}' in {model_name}.forward"
+    if node.op == "placeholder":
+        return f"the input of {model_name}.forward"
+    if node.op == "get_attr":
+        return f"the model's tensor '{str(node.target).removeprefix(PREFIX)}'"
+    if node.op == "call_module":
+        module = type(node.graph.owning_module.get_submodule(str(node.target))).__name__
+        return f"{str(node.target).removeprefix(PREFIX)} ({module}) in {model_name}.forward"
     if node.op == "call_method":
         return f"Tensor.{node.target} at {where}"
     target = node.target
+    if target is written_copy:  # an in-place call without an out-of-place twin, on a copy
+        write = node.args[1]
+        return f"{getattr(write, '__name__', write)} on a copy at {where}"
     module = getattr(target, "__module__", None) or "builtins"
     module = {
         "_operator": "operator",
@@ -188,6 +202,8 @@ def read_model(model: nn.Module, x: Tensor, *, detach: bool = True) -> Graph:
     _check_model(model)
     tensors, parameters, aliases = _tensor_names(model, detach)
     traced = _trace(model)
+    # before dead-code elimination, which drops in-place writes (nothing reads their results)
+    functionalize(traced, lambda node: _label(node, type(model).__name__))
     traced.graph.eliminate_dead_code()  # values the output never reads are not the model's
     converter = _Converter(traced, type(model).__name__, tensors, aliases)
     for fx_node in traced.graph.nodes:
