@@ -140,7 +140,7 @@ def functionalize(gm: fx.GraphModule, label: Label) -> None:
     of a written tensor reading the write's result; raise ``UnsupportedModelError`` for a
     write that cannot be read exactly (into the input, a model tensor, a view or an alias)."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    memory = _Memory(label)
+    memory = _Memory()
     for node in list(gm.graph.nodes):
         _undunder(node)
         write = _write(node, gm)
@@ -172,8 +172,12 @@ def _check_exact(
     if not isinstance(write.target, fx.Node):
         raise UnsupportedModelError(f"{what} a value the reading cannot follow; {why}")
     outside = memory.outside(write.target)
+    if outside is write.target:
+        raise UnsupportedModelError(f"{what} {label(outside)}; {why}")
     if outside is not None:
-        raise UnsupportedModelError(f"{what} {outside}; {why}")
+        raise UnsupportedModelError(
+            f"{what} a tensor that may be a view or alias of {label(outside)}; {why}"
+        )
     same = memory.same_tensor(write.target)
     for other in memory.sharing(write.target):
         if other not in same and any(order[user] > order[node] for user in other.users):
@@ -190,8 +194,7 @@ class _Memory:
     which are the very same tensor (a write returns the tensor it wrote into), and which hold
     the model's input or tensors (never written into by the reading)."""
 
-    def __init__(self, label: Label) -> None:
-        self.label = label
+    def __init__(self) -> None:
         self.parent: dict[fx.Node, fx.Node] = {}
         self.identity: dict[fx.Node, fx.Node] = {}
         self.shapes: set[fx.Node] = set()
@@ -226,11 +229,11 @@ class _Memory:
     def same_tensor(self, node: fx.Node) -> list[fx.Node]:
         return [n for n in self.sharing(node) if self.identity[n] is self.identity[node]]
 
-    def outside(self, node: fx.Node) -> str | None:
-        """How messages name the model's input or tensor that ``node`` may share, if any."""
+    def outside(self, node: fx.Node) -> fx.Node | None:
+        """The model's input or tensor that ``node`` may share memory with, if any."""
         for n in self.sharing(node):
             if n.op in ("placeholder", "get_attr"):
-                return self.label(n)
+                return n
         return None
 
 
