@@ -82,7 +82,7 @@ METHOD_WITHOUT_TWIN = {"bernoulli_"}  # x.bernoulli() is another function than x
 # calls whose result is always a new tensor (anything else may share its arguments' memory)
 FRESH_FUNCTIONS = (
     set(ACTIVATIONS)
-    | {fn for fn in ARITHMETIC if fn not in AUGMENTED}
+    | set(ARITHMETIC)
     | REDUCTIONS
     | FILLS
     | {F.linear, F.conv1d, F.conv2d, F.batch_norm, F.layer_norm, torch.matmul, operator.matmul}
