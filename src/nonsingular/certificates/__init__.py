@@ -29,7 +29,7 @@ from .bab import BabResult, bab
 from .closed_form import MarginTerms, closed_form_terms, recursive_terms
 from .crown import INTERMEDIATE, alpha_crown_margins, crown_margins
 from .ibp import ibp_margins, interval_bounds
-from .linear import margin_matrix
+from .linear import margin_matrix, trusted
 from .region import InputRegion
 from .rounding import certificate_unit, check_bound_dtype, exact_products
 
@@ -38,7 +38,7 @@ METHODS = (*BOUNDS, "bab")
 BAB_SECONDS = 5.0  # bab's default time limit per example
 # raised whenever a change makes any method's bounds differ, so that numbers cached by other
 # bound code (``reproduce``'s evaluation caches) are recomputed, never reused
-REVISION = 3
+REVISION = 4
 
 
 @dataclass
@@ -46,7 +46,8 @@ class CertifyResult:
     """Certified lower bounds for a batch.
 
     lower: (B, classes) lower bound of ``z_y - z_j`` for each class j (``+inf`` at ``j = y``),
-           as the model computes it (the rounding of its own arithmetic included).
+           as the model computes it (the rounding of its own arithmetic included); ``-inf``
+           where a value the model computes may overflow. Never NaN.
     clean_margins: (B,) ``z_y - max_{j != y} z_j`` without perturbation.
     """
 
@@ -141,7 +142,9 @@ def certify(
     with torch.no_grad(), exact_products():
         for i in range(0, len(x), size):
             xs, ys = x[i : i + size].to(dtype), y[i : i + size]
-            lower = _bounds(bound_graph, xs, ys, threat, method, intermediate, classes, unit)
+            lower = trusted(
+                _bounds(bound_graph, xs, ys, threat, method, intermediate, classes, unit)
+            )
             parts.append(lower.scatter(1, ys[:, None], float("inf")))
     lower = torch.cat(parts) if parts else x.new_zeros(0, classes, dtype=dtype)
     return CertifyResult(lower, method, threat, margins(logits, y))

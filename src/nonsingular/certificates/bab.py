@@ -427,7 +427,8 @@ def bab(
     """Branch and bound on every example of ``(x, y)``: certified, broken (with the attack's
     counterexample) or unknown after ``time_limit`` seconds of its own. ``batch``: domains
     bounded together, shared among the examples still open; ``steps``, ``restarts``: the PGD
-    attack that runs first (per loss, cross entropy and margin)."""
+    attack that runs first (per loss, cross entropy and margin). An example whose values may
+    overflow (CROWN's bound ``-inf``) is unknown at once."""
     number("time_limit", time_limit, 0.0, 1e9)
     integer("batch", batch, 1, 1 << 20)
     check_bound_dtype(dtype)
@@ -449,7 +450,9 @@ def bab(
     lower = root.lower.clone()
     domains = torch.zeros(len(x), dtype=torch.long)
     seconds = torch.zeros(len(x), dtype=torch.float64)
-    hard = (~broken & ~root.certified).nonzero().flatten()
+    # CROWN's bound is -inf only where a value may overflow: no split can help there
+    open_ = ~broken & ~root.certified & (root.worst > -float("inf"))
+    hard = open_.nonzero().flatten()
     if len(hard):
         pool = _Domains(bound_graph, budgets, x[hard].to(dtype), y[hard], threat, unit, classes)
         with torch.no_grad(), exact_products():

@@ -26,7 +26,7 @@ from ..errors import ConfigError, UnsupportedLayerError
 from ..model.graph import VARIABLE, Graph
 from ..model.lemma import LayerBudget, perturbed_layers
 from ..model.operators.affine import Affine
-from ..model.operators.base import dot_gamma
+from ..model.operators.base import dot_gamma, guarded, tiny_of
 from ..model.operators.elementwise import Elementwise
 from ..model.operators.linear import Identity, LinearMap
 from ..threat import Threat
@@ -164,20 +164,42 @@ def _check_threat(threat: Threat, method: str) -> None:
 
 def _row_radius(layer: Dense, budget: LayerBudget | None, h_abs: Tensor, unit: float) -> Tensor:
     """The layer's output-change radius ``(B, n_out)`` at input magnitude ``h_abs``: the lemma's
-    box (0 if unperturbed) plus the rounding of its own dot products (``unit > 0``)."""
-    n_out, n_in = layer.weight.shape
-    r = h_abs.new_zeros(()) if budget is None else budget.activation_radius(h_abs)
+    box (0 if unperturbed) plus the rounding of its own dot products (``unit > 0``), their
+    absolute part near zero as ``Affine.rounding`` has it; ``inf`` where they may overflow."""
+    n_out = layer.weight.shape[0]
+    r = _unchecked_radius(layer, budget, h_abs, unit)
     if unit > 0:
-        through = F.linear(
-            h_abs, layer.weight.abs(), None if layer.bias is None else layer.bias.abs()
-        )
-        r = r + dot_gamma(n_in + 1, unit) * (through + r)
+        r = guarded(r, _through(layer, h_abs) + r, unit)
     return r.expand(h_abs.shape[0], n_out) if r.dim() else r
+
+
+def _through(layer: Dense, h_abs: Tensor) -> Tensor:
+    """``|W| h_abs + |b|``: a bound on every partial sum of the layer's dot products."""
+    return F.linear(h_abs, layer.weight.abs(), None if layer.bias is None else layer.bias.abs())
+
+
+def _unchecked_radius(
+    layer: Dense, budget: LayerBudget | None, h_abs: Tensor, unit: float
+) -> Tensor:
+    """``_row_radius`` without its overflow check: affine in ``h_abs`` (linf budgets)."""
+    n_in = layer.weight.shape[1]
+    r = h_abs.new_zeros(()) if budget is None else budget.activation_radius(h_abs)
+    if unit == 0:
+        return r
+    error = dot_gamma(n_in + 1, unit) * (_through(layer, h_abs) + r)
+    tiny = tiny_of(unit)
+    if tiny > 0:  # products and additions flushed, and their operands
+        operands = layer.weight.abs().sum(1) + n_in * h_abs.amax(-1, keepdim=True)
+        if budget is not None:
+            operands = operands + budget.activation_radius(torch.ones_like(h_abs[:1]))
+        error = error + tiny * (3 * (n_in + 1) + operands)
+    return r + error
 
 
 def _uniform_radius(layer: Dense, budget: LayerBudget | None, level: Tensor, unit: float) -> Tensor:
     """``_row_radius`` at ``h_abs = level * 1`` for ``level: (B,)``, without a (B, n_in) tensor:
-    the radius is affine in ``h_abs`` for linf budgets, so two probes at 0 and 1 give it."""
+    the radius is affine in ``h_abs`` for linf budgets, so two probes at 0 and 1 give it (and
+    the overflow check is made at ``level`` itself)."""
     if budget is None and unit == 0:
         return level.new_zeros(())
     n_out, n_in = layer.weight.shape
@@ -185,8 +207,14 @@ def _uniform_radius(layer: Dense, budget: LayerBudget | None, level: Tensor, uni
     if uniform and budget.bias_radius is None and unit == 0:  # absolute, layer
         return level[:, None] * (budget.weight_radius * n_in)
     probe = torch.stack([torch.zeros_like(layer.weight[0]), torch.ones_like(layer.weight[0])])
-    at_zero, at_one = _row_radius(layer, budget, probe, unit).expand(2, n_out).to(level.dtype)
-    return at_zero + level[:, None] * (at_one - at_zero)
+    at_zero, at_one = _unchecked_radius(layer, budget, probe, unit).expand(2, n_out).to(level.dtype)
+    r = at_zero + level[:, None] * (at_one - at_zero)
+    if unit == 0:
+        return r
+    through = level[:, None] * layer.weight.abs().sum(1).to(level.dtype)
+    if layer.bias is not None:
+        through = through + layer.bias.abs().to(level.dtype)
+    return guarded(r, through + r, unit)
 
 
 def _spread(last: Dense) -> Tensor:

@@ -57,4 +57,4 @@ def ibp_margins(
     pairs = (weight[:, None, :] - weight[None, :, :]).abs()  # (K, K, n)
     spread = (box.radius @ pairs.reshape(classes * classes, -1).T).reshape(-1, classes, classes)
     bound = z.gather(1, y[:, None]) - z - spread[torch.arange(len(y)), y]
-    return bound - added_support(c, bounds.everything_added(out))
+    return bounds.trusted(bound - added_support(c, bounds.everything_added(out)))

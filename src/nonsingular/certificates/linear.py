@@ -9,6 +9,7 @@ the support of its output-change set (``model/lemma.py``), sized by the bounds o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from ..model.graph import CONSTANT, SHAPE, Graph, Node
 from ..model.lemma import LayerBudget, OutputSet
-from ..model.operators.base import Box, constant_min
+from ..model.operators.base import Box, constant_min, largest_of, tiny_of
 from ..model.operators.elementwise import relu_backward
 from .region import InputRegion
 
@@ -37,7 +38,10 @@ class Bounds:
     unit:     the unit roundoff the rounding radii are computed with (0: exact arithmetic);
     linear:   the perturbed dense layers whose weight term a backward pass takes linearly in
               their input (``LayerBudget.weight_terms``) rather than from ``added``, which
-              then holds only their bias term and rounding.
+              then holds only their bias term and rounding;
+    overflow: (B,) bool, the examples where some value the model computes may overflow (its
+              bound reaches ``largest_of(unit)``, or is not a number): their bounds are
+              ``-inf`` (``trusted``); None: nothing is watched.
     """
 
     values: list[Any]
@@ -45,14 +49,30 @@ class Bounds:
     added: list[tuple[Tensor | float, Tensor | None]]
     unit: float
     linear: dict[int, tuple[LayerBudget, Tensor]] = field(default_factory=dict)
+    overflow: Tensor | None = None
 
     @classmethod
     def start(cls, graph: Graph, region: InputRegion, unit: float) -> Bounds:
         n = len(graph.nodes)
         bounds = cls([None] * n, [None] * n, [(0.0, None)] * n, unit)
-        bounds.values[0] = Box(region.lower, region.upper)
-        bounds.concrete[0] = region.lower
+        bounds.overflow = torch.zeros(len(region.lower), dtype=torch.bool, device=region.x.device)
+        bounds.set(0, Box(region.lower, region.upper))
         return bounds
+
+    def watch(self, box: Box) -> None:
+        """Flag the examples whose ``box`` reaches the overflow limit (NaN counts)."""
+        limit = largest_of(self.unit)
+        if self.overflow is None or limit == math.inf:
+            return
+        beyond = ~(box.magnitude() < limit)
+        self.overflow |= beyond.reshape(beyond.shape[0], -1).any(1).expand_as(self.overflow)
+
+    def trusted(self, lower: Tensor) -> Tensor:
+        """``lower (B, K)``, or ``-inf`` where it is not a finite number or its example may
+        overflow: a bound computed through an overflow is no bound."""
+        if self.overflow is None:
+            return lower
+        return trusted(lower, self.overflow[:, None])
 
     def fixed(self, graph: Graph, node: Node) -> bool:
         """Fill in a constant or shape node; False for nodes that need a Box."""
@@ -74,8 +94,10 @@ class Bounds:
         return radius, ball
 
     def set(self, index: int, box: Box) -> None:
+        """Node ``index``'s Box, watched for overflow."""
         self.values[index] = box
         self.concrete[index] = box.lower
+        self.watch(box)
 
     def copy_node(self, other: Bounds, index: int, rows: Tensor) -> None:
         """Node ``index`` as ``other`` bounded it, for its examples at ``rows`` (branch and
@@ -90,12 +112,24 @@ class Bounds:
 
         box: Box = other.values[index]
         ndim = box.lower.dim()
+        if self.overflow is not None and other.overflow is not None:
+            self.overflow |= picked(other.overflow, 1)
         self.set(index, Box(picked(box.lower, ndim), picked(box.upper, ndim)))
         radius, ball = other.added[index]
         self.added[index] = (picked(radius, ndim), picked(ball, 1))
         if index in other.linear:
             budget, weight_box = other.linear[index]
             self.linear[index] = (budget, picked(weight_box, ndim))
+
+
+def trusted(lower: Tensor, flagged: Tensor | None = None) -> Tensor:
+    """``lower`` with ``-inf`` wherever it is not a finite number (an overflow or NaN in the
+    bound computation: NaN would compare as not certified, ``inf`` as certified) or
+    ``flagged`` (broadcastable to it)."""
+    bad = ~torch.isfinite(lower)
+    if flagged is not None:
+        bad = bad | flagged
+    return lower.masked_fill(bad, -math.inf)
 
 
 def perturbation_set(budget: LayerBudget, box: Box) -> OutputSet:
@@ -117,6 +151,9 @@ def node_box(graph: Graph, budgets: dict[int, LayerBudget], index: int, bounds: 
         moved = perturbation_set(budget, args[0])
         added, ball = (0.0 if moved.box is None else moved.box), moved.ball
         kwargs = {**kwargs, "perturbation": moved.radius()}
+        if tiny_of(bounds.unit) > 0:  # what flushed inputs leave out: at |h| = 1
+            ones = torch.ones_like(args[0].lower[:1])
+            kwargs["perturbation_sum"] = perturbation_set(budget, Box(ones, ones)).radius()
         if budget.linear_in_input(args[0].lower):
             added = budget.bias_radius_box()
             weight_box = budget.weight_radius_box(args[0].magnitude())
@@ -166,7 +203,7 @@ def backward(
 ) -> Tensor:
     """A lower bound ``(B, K)`` of ``lam . value(start)`` over the joint threat, as the model
     computes it (each node's weight perturbation and rounding are taken off as recorded by
-    the pass that made ``bounds``).
+    the pass that made ``bounds``); ``-inf`` where a value may overflow (``Bounds.trusted``).
 
     relax: use every operator's linear relaxation; False stops at each operator that is not
     affine and concretizes over its box instead (IBP with the affine tail folded in).
@@ -210,7 +247,7 @@ def backward(
                 pending[ref] = pending[ref] + part if ref in pending else part
     if 0 in pending:
         const = const + region.minimum(pending.pop(0))
-    return const
+    return bounds.trusted(const)
 
 
 def margin_matrix(y: Tensor, classes: int, dtype: torch.dtype) -> Tensor:

@@ -9,6 +9,13 @@ exact up to a few units in the last place. Every operator states that error for 
 (``Operator.rounding``), and the bound passes carry it as one more small additive box per node,
 propagated like a perturbation (CROWN keeps its cancellations). The bound computation's own
 rounding is covered by adding its unit roundoff to the model's.
+
+Both ends of the range are covered too. Near zero rounding is absolute: a result in the
+subnormal range is off by half the smallest subnormal, or by up to the smallest normal
+(``finfo.tiny``) where the CPU flushes denormals (results, or operands: DAZ); every operator adds
+``tiny`` per rounding (and per operand that may be flushed). At the top, a value whose bound
+reaches ``finfo.max`` (over a safety factor) may be ``inf`` or NaN as the model computes it:
+the bound passes flag such examples and their margins come out ``-inf``, never certified.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from ..errors import ConfigError
 from ..model.operators.base import Unit
 
 BOUND_DTYPES = (torch.float64, torch.float32)  # what bounds can be computed in
+# a bounded value below the dtype's largest over this factor cannot overflow, its rounding and
+# the bound computation's own (relative, far below a factor of 2) included
+OVERFLOW_SAFETY = 4.0
 
 
 def check_bound_dtype(dtype: object) -> None:
@@ -68,9 +78,18 @@ def certificate_unit(
 ) -> Unit:
     """The unit roundoff the bounds account for: the model's arithmetic (with TF32 products
     where PyTorch may use them on ``device``) plus the bound computation's own, which
-    ``exact_products`` keeps out of TF32."""
+    ``exact_products`` keeps out of TF32. Its absolute error near zero is the smallest normal
+    of both dtypes, and values from a quarter of the smaller largest finite value on may
+    overflow (``Unit``)."""
     matmul, conv = _tf32(device, model_dtype)
-    return Unit(unit_roundoff(model_dtype) + unit_roundoff(bound_dtype), matmul, conv)
+    model, bound = torch.finfo(model_dtype), torch.finfo(bound_dtype)
+    return Unit(
+        unit_roundoff(model_dtype) + unit_roundoff(bound_dtype),
+        matmul,
+        conv,
+        tiny=model.tiny + bound.tiny,
+        largest=min(model.max, bound.max) / OVERFLOW_SAFETY,
+    )
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from ..errors import ThreatError
 from ..threat import Threat
 from .graph import Graph, Node
 from .operators.affine import Affine
-from .operators.base import Box
+from .operators.base import Box, tiny_of
 from .operators.elementwise import Elementwise
 from .operators.linear import Identity, LinearMap
 from .operators.normalization import MaxPool
@@ -218,7 +218,8 @@ class LayerBudget:
 
 def _chord(h: Box, unit: float) -> tuple[Tensor, Tensor]:
     """Slope and offset ``(B, n)`` of a line above ``|h|`` on the box: its chord (``|h|`` itself
-    where the box keeps a sign), the offset padded by ``unit`` for its own rounding."""
+    where the box keeps a sign), the offset padded by ``unit`` for its own rounding (and its
+    absolute part near zero, ``tiny_of``)."""
     lower, upper = h.lower, h.upper
     mixed = (lower < 0) & (upper > 0)
     width = (upper - lower).clamp_min(torch.finfo(lower.dtype).tiny)
@@ -227,7 +228,7 @@ def _chord(h: Box, unit: float) -> tuple[Tensor, Tensor]:
     # the line is above |h| at both ends of [l, u], hence on all of it (|h| is convex)
     offset = torch.maximum(lower.abs() - slope * lower, upper.abs() - slope * upper)
     if unit > 0:
-        offset = offset + 8 * unit * torch.maximum(lower.abs(), upper.abs())
+        offset = offset + 8 * (unit * torch.maximum(lower.abs(), upper.abs()) + tiny_of(unit))
     return slope, offset.clamp_min(0.0)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Box, Operator, dot, dot_gamma
+from .base import Box, Operator, dot, dot_gamma, guarded, tiny_of
 
 _CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d}
 _CONV_INPUT = {"conv1d": torch.nn.grad.conv1d_input, "conv2d": torch.nn.grad.conv2d_input}
@@ -142,14 +142,29 @@ class Affine(Operator):
         bias: Tensor | None = None,
         *,
         perturbation: Tensor | None = None,
+        perturbation_sum: Tensor | None = None,
     ) -> Tensor:
         """``gamma(fan_in + 1) (|W| max|h| + |b|)``: a computed dot product plus bias is the exact
         one with every term perturbed by at most ``gamma`` relatively, in any summation order.
-        ``perturbation`` bounds ``|Delta W| max|h| + |Delta b|`` when the weights are moved.
-        With TF32 products (``Unit``), each term is also off by its inputs' TF32 rounding."""
-        through = self.apply(h.magnitude(), weight.abs())
+        ``perturbation`` bounds ``|Delta W| max|h| + |Delta b|`` when the weights are moved,
+        ``perturbation_sum`` ``|Delta W| 1 + |Delta b|``. With TF32 products (``Unit``), each
+        term is also off by its inputs' TF32 rounding. Near zero (``tiny_of(unit)``), each
+        product is off by ``tiny`` (its result flushed) plus ``tiny`` times its other factor (a
+        flushed operand), each addition by ``2 tiny``. ``inf`` where a partial sum, bounded by
+        the same ``|W| |h| + |b|``, may overflow."""
+        h_abs = h.magnitude()
+        through = self.apply(h_abs, weight.abs())
         if bias is not None:
             through = through + self.bias_view(bias.abs(), through.dim())
         if perturbation is not None:
             through = through + perturbation
-        return dot_gamma(self.fan_in(weight) + 1, unit, conv=self.is_conv) * through
+        n = self.fan_in(weight)
+        error = dot_gamma(n + 1, unit, conv=self.is_conv) * through
+        tiny = tiny_of(unit)
+        if tiny > 0:
+            largest_h = h_abs.flatten(1).amax(1).reshape(-1, *[1] * (through.dim() - 1))
+            operands = self.apply(torch.ones_like(h_abs[:1]), weight.abs()) + n * largest_h
+            if perturbation_sum is not None:
+                operands = operands + perturbation_sum
+            error = error + tiny * (3 * (n + 1) + operands)
+        return guarded(error, through, unit)

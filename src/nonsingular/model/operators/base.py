@@ -17,6 +17,7 @@ it as one more small additive box per node (see ``certificates/rounding.py``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -160,15 +161,48 @@ TF32_UNIT = 2.0**-11  # TF32 keeps 10 explicit significand bits
 class Unit(float):
     """A unit roundoff (it is the float) that also says whether the model's matrix products
     (``matmul_tf32``: Linear) or convolutions (``conv_tf32``) round their inputs to TF32
-    before accumulating in float32, as PyTorch lets CUDA do."""
+    before accumulating in float32, as PyTorch lets CUDA do; ``tiny``, the absolute error one
+    rounding may add near zero (underflow, flushed denormals); and ``largest``, the magnitude
+    from which a value may overflow (``certificates/rounding.py`` derives both from dtypes)."""
 
     matmul_tf32: bool
     conv_tf32: bool
+    tiny: float
+    largest: float
 
-    def __new__(cls, value: float, matmul_tf32: bool = False, conv_tf32: bool = False) -> Unit:
+    def __new__(
+        cls,
+        value: float,
+        matmul_tf32: bool = False,
+        conv_tf32: bool = False,
+        tiny: float = 0.0,
+        largest: float = math.inf,
+    ) -> Unit:
         made = super().__new__(cls, value)
         made.matmul_tf32, made.conv_tf32 = matmul_tf32, conv_tf32
+        made.tiny, made.largest = tiny, largest
         return made
+
+
+def tiny_of(unit: float) -> float:
+    """The absolute error of one rounding near zero (0 for a plain float: no underflow)."""
+    return getattr(unit, "tiny", 0.0)
+
+
+def largest_of(unit: float) -> float:
+    """The magnitude from which a value may overflow (inf for a plain float: never)."""
+    return getattr(unit, "largest", math.inf)
+
+
+def guarded(error: Tensor, size: Tensor | float, unit: float) -> Tensor:
+    """``error`` where ``size`` (a bound on the magnitude of every value computed along the
+    way, broadcastable to ``error``) stays below the overflow limit, ``inf`` elsewhere (a
+    NaN ``size`` counts as beyond it): the bound passes then flag those examples."""
+    limit = largest_of(unit)
+    if limit == math.inf:
+        return error
+    size = torch.as_tensor(size, dtype=error.dtype, device=error.device)
+    return torch.where(size < limit, error, math.inf)
 
 
 def dot_gamma(n: int, unit: float, conv: bool = False) -> float:

@@ -53,14 +53,20 @@ class Elementwise(Operator):
     def rounding(self, unit: float, h: Box) -> Tensor | float:
         """Clamps are exact; a leaky slope rounds once; transcendental kernels promise a few
         ulps of ``|f|`` plus, where they cancel (GELU's ``1 + erf`` for negative inputs), of
-        ``|h|``."""
+        ``|h|``. Near zero each is off by as many ``tiny``, and by ``tiny`` times its largest
+        slope (GELU's and SiLU's reach 1.13; ELU's and leaky ReLU's ``|alpha|``) where its input
+        is flushed."""
+        from .base import tiny_of  # here: the rest of this module is another change's
+
+        tiny = tiny_of(unit)
+        flushed = tiny * max(1.25, abs(self.act.alpha))
         kind = self.act.kind
         if kind in ("relu", "relu6", "hardtanh"):
-            return 0.0
+            return flushed
         if kind == "leaky_relu":
-            return unit * abs(self.act.alpha) * h.magnitude()
+            return unit * abs(self.act.alpha) * h.magnitude() + tiny + flushed
         out = Box(*self.act.interval(h.lower, h.upper)).magnitude()
-        return TRANSCENDENTAL_ULPS * unit * (out + h.magnitude())
+        return TRANSCENDENTAL_ULPS * (unit * (out + h.magnitude()) + tiny) + flushed
 
 
 def relu_lower_slopes(h: Box) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Box, Operator, boxes_of, dot, gamma, reduce_to
+from .base import Box, Operator, boxes_of, dot, gamma, guarded, reduce_to, tiny_of
 
 
 def substitute(template: Any, values: Iterator[Any]) -> Any:
@@ -84,7 +84,8 @@ class LinearMap(Operator):
 
     def rounding(self, unit: float, *args: Any, **kwargs: Any) -> Tensor | float:
         """Copies are exact; a pooling or reduction of ``k`` values rounds like a sum of ``k``
-        terms and one division: ``(gamma(k) + u)`` times the map of ``|h|``."""
+        terms and one division: ``(gamma(k) + u)`` times the map of ``|h|``, plus ``2 tiny``
+        per operation near zero; ``inf`` where the sum before the division may overflow."""
         if self.terms == 1:
             return 0.0
         boxes = boxes_of(args, kwargs)
@@ -93,7 +94,8 @@ class LinearMap(Operator):
         terms = self.terms
         if terms < 0:  # windows of ceil(in/out) values per output, overlapping by one per side
             terms = 4 * math.ceil(boxes[0].lower[0].numel() / max(1, out[0].numel()))
-        return (gamma(terms, unit) + unit) * out
+        error = (gamma(terms, unit) + unit) * out + 2 * (terms + 1) * tiny_of(unit)
+        return guarded(error, terms * out, unit)
 
 
 @dataclass
@@ -200,17 +202,26 @@ class Arithmetic(Operator):
         return [reduce_to(lam * factor, box.shape)], const
 
     def rounding(self, unit: float, a: Any, b: Any = None) -> Tensor | float:
-        """One rounding of the result (two when ``alpha`` scales the second term)."""
+        """One rounding of the result (two when ``alpha`` scales the second term); near zero
+        ``tiny`` per rounding and per operand that may be flushed (times what multiplies it).
+        Dividing by a constant that may be flushed to zero may overflow: ``inf``."""
+        tiny = tiny_of(unit)
         if self.kind == "neg":
             return 0.0
         if self.kind in ("add", "sub"):
             roundings = 1 if self.alpha == 1 else 2
-            return roundings * unit * (_size(a) + abs(self.alpha) * _size(b))
+            size = _size(a) + abs(self.alpha) * _size(b)
+            error = roundings * unit * size + tiny * (roundings + 1 + abs(self.alpha))
+            return error if tiny == 0 else guarded(torch.as_tensor(error), size, unit)
         box, factor = (a, b) if isinstance(a, Box) else (b, a)
         scale = factor.abs() if isinstance(factor, Tensor) else abs(factor)
         if self.kind == "div":
+            if tiny > 0 and bool((torch.as_tensor(scale) < tiny).any()):
+                return math.inf  # a subnormal divisor, flushed, divides by zero
             scale = 1 / scale
-        return unit * scale * box.magnitude()
+        magnitude = box.magnitude()
+        # the result flushed, the box's value flushed (times the factor), the constant flushed
+        return unit * scale * magnitude + tiny * (1 + scale + magnitude)
 
 
 def _dot_constant(lam: Tensor, value: Any) -> Tensor:

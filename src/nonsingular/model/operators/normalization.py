@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Box, Operator, dot, gamma
+from .base import Box, Operator, dot, gamma, guarded, tiny_of
 from .layernorm_bounds import layernorm_backward, layernorm_interval
 from .maxpool_bounds import maxpool_backward, maxpool_interval
 
@@ -87,13 +87,22 @@ class BatchNorm(Operator):
         self, unit: float, h: Box, mean: Tensor, var: Tensor, weight: Any, bias: Any, *rest: Any
     ) -> Tensor:
         """``(h - mean) * rsqrt(var + eps) * w + b`` in any association: a handful of roundings
-        of terms no larger than ``|scale| (|h| + |mean|) + |b|``."""
+        of terms no larger than ``|scale| (|h| + |mean|) + |b|``, near zero as many of ``tiny``
+        (times each factor, for flushed operands); ``inf`` where a term of any association,
+        up to ``rsqrt(var + eps) max(1, |w|) (|h| + |mean|) + |b|``, may overflow."""
         scale, _ = self._affine(mean, var, weight, bias, h.lower.dim())
         view = scale.shape
-        size = scale.abs() * (h.magnitude() + mean.abs().reshape(view))
+        centred = h.magnitude() + mean.abs().reshape(view)
+        size = scale.abs() * centred
+        largest = torch.rsqrt(var + self.eps).reshape(view) * centred
+        if weight is not None:
+            largest = largest * weight.abs().reshape(view).clamp(min=1)
         if bias is not None:
             size = size + bias.abs().reshape(view)
-        return _BATCH_NORM_ROUNDINGS * unit * size
+            largest = largest + bias.abs().reshape(view)
+        operands = 1 + centred + scale.abs()
+        error = _BATCH_NORM_ROUNDINGS * (unit * size + tiny_of(unit) * operands)
+        return guarded(error, largest, unit)
 
 
 @dataclass
@@ -129,20 +138,35 @@ class LayerNorm(Operator):
         by ``gamma_(n+1)`` relatively, its root by ``u``; so ``c r`` is off by at most
         ``r_max 2 (gamma_n + u) M + sqrt(n) (gamma_(n+1) + 3u)``, with ``|c r| <= sqrt(n)``,
         ``M`` the group's largest magnitude and ``r_max`` from the smallest variance the box
-        allows. Two more roundings for the scale and the shift."""
+        allows. Two more roundings for the scale and the shift. Near zero (``_underflow``) the
+        centred values and the variance are also off absolutely. ``inf`` where the sum of
+        squares, up to ``n (2M)^2``, may overflow."""
         dims = tuple(range(h.lower.dim() - len(self.shape), h.lower.dim()))
         n = math.prod(self.shape)
-        r_max = torch.rsqrt(_variance_floor(h, dims) + self.eps)
+        floor = _variance_floor(h, dims)
+        r_max = torch.rsqrt(floor + self.eps)
         size = h.magnitude().amax(dim=dims, keepdim=True)
         root = math.sqrt(n)
         normalized = r_max * 2 * (gamma(n, unit) + unit) * size + root * (
             gamma(n + 1, unit) + 3 * unit
         )
+        tiny = tiny_of(unit)
+        if tiny > 0:
+            normalized = normalized + self._underflow(tiny, floor, size)
         scale = weight.abs() if weight is not None else 1.0
-        out = scale * (normalized + 2 * unit * root)
+        out = scale * (normalized + 2 * unit * root) + 3 * tiny * (1 + root)
         if bias is not None:
             out = out + 2 * unit * bias.abs()
-        return out.expand_as(h.lower)
+        return guarded(out, n * (2 * size) ** 2 + n * size, unit).expand_as(h.lower)
+
+    def _underflow(self, tiny: float, floor: Tensor, size: Tensor) -> Tensor:
+        """The error of ``c r`` near zero: each centred value ``c`` is off by ``4 tiny`` (a
+        flushed input, the mean's sum and the subtraction), so the variance by ``A = tiny
+        (16 M + 4)`` (the squares and their sum flushed too), and ``r`` by at most
+        ``A / 2 (v - A + eps)^(-3/2)`` (the derivative of ``rsqrt`` at the lowest variance)."""
+        shift = tiny * (16 * size + 4)
+        r_low = torch.rsqrt((floor - shift).clamp(min=0) + self.eps)
+        return size * shift * r_low**3 + 4 * tiny * r_low  # |c| <= 2M, times A / 2 ...
 
 
 def _variance_floor(box: Box, dims: tuple[int, ...]) -> Tensor:
@@ -181,4 +205,5 @@ class MaxPool(Operator):
         return box.upper > box.lower
 
     def rounding(self, unit: float, h: Box) -> float:
-        return 0.0  # a max is exact
+        """A max is exact, but an operand near zero may be flushed: ``tiny``."""
+        return tiny_of(unit)
