@@ -17,10 +17,12 @@ TRANSCENDENTAL_ULPS = 16
 
 @dataclass
 class Elementwise(Operator):
-    """``act(h)``, elementwise."""
+    """``act(h)``, elementwise. Its bounds are those of ``act`` as torch runs it in
+    ``model_dtype`` (set when the model is read; None: the dtype of the bounds)."""
 
     act: Activation
     label: str = "relu"
+    model_dtype: torch.dtype | None = None
 
     def forward(self, h: Tensor) -> Tensor:
         return self.act(h)
@@ -28,12 +30,12 @@ class Elementwise(Operator):
     def interval(self, h: Box) -> Box:
         if self.act.kind == "relu":
             return Box(h.lower.clamp(min=0), h.upper.clamp(min=0))
-        return Box(*self.act.interval(h.lower, h.upper))
+        return Box(*self.act.interval(h.lower, h.upper, self.model_dtype))
 
     def backward(self, lam: Tensor, h: Box) -> tuple[list[Tensor | None], Tensor]:
         if self.act.kind == "relu":
             return relu_backward(lam, h)
-        a_low, b_low, a_up, b_up = self.act.linear_bounds(h.lower, h.upper)
+        a_low, b_low, a_up, b_up = self.act.linear_bounds(h.lower, h.upper, self.model_dtype)
         positive, negative = lam.clamp(min=0), lam.clamp(max=0)
         lam_in = positive * a_low.unsqueeze(1) + negative * a_up.unsqueeze(1)
         const = dot(positive, b_low.unsqueeze(1)) + dot(negative, b_up.unsqueeze(1))
@@ -51,15 +53,17 @@ class Elementwise(Operator):
         return box.upper > box.lower  # smooth: every neuron's relaxation depends on its bounds
 
     def rounding(self, unit: float, h: Box) -> Tensor | float:
-        """Clamps are exact; a leaky slope rounds once; transcendental kernels promise a few
-        ulps of ``|f|`` plus, where they cancel (GELU's ``1 + erf`` for negative inputs), of
-        ``|h|``."""
+        """Clamps are exact (their bounds, which the bounds use, rounded as the model rounds
+        them); a leaky product of the rounded slope rounds at most twice (in float32, then to a
+        half type); transcendental kernels promise a few ulps of ``|f|`` plus, where they
+        cancel (GELU's ``1 + erf`` for negative inputs), of ``|h|``."""
         kind = self.act.kind
         if kind in ("relu", "relu6", "hardtanh"):
             return 0.0
         if kind == "leaky_relu":
-            return unit * abs(self.act.alpha) * h.magnitude()
-        out = Box(*self.act.interval(h.lower, h.upper)).magnitude()
+            slope = self.act.running_in(self.model_dtype or h.lower.dtype).alpha
+            return 2.0 * unit * abs(slope) * h.magnitude()
+        out = self.interval(h).magnitude()
         return TRANSCENDENTAL_ULPS * unit * (out + h.magnitude())
 
 
