@@ -235,3 +235,17 @@ def test_options_are_rounded_as_torch_rounds_them() -> None:
     assert value.item() != 0.1 and lo.item() <= value.item() <= hi.item()
     lo64, hi64 = act.interval(x.to(f64), x.to(f64))
     assert not (lo64.item() <= value.item() <= hi64.item())  # float64's own function
+
+
+@pytest.mark.parametrize("dtype", MODEL_DTYPES, ids=str)
+def test_max_pool_ties_need_no_window(dtype: torch.dtype) -> None:
+    """A max picks one of equal values: on windows of ties and of neighbouring floats, the
+    interval at a single point is torch's own output in the model's dtype, exactly."""
+    xs = _floats_around(1 / 3, dtype, 3)  # 7 consecutive floats
+    x = torch.stack([xs[:4], xs[:4].flip(0), xs[3:], xs[[3, 3, 3, 3]]]).reshape(1, 1, 4, 4)
+    graph = read_model(nn.Sequential(nn.MaxPool2d(2)), x)
+    (op,) = [n.op for n in graph.nodes[1:]]
+    out = op.interval(Box(x.to(f64), x.to(f64)))
+    with torch.no_grad():
+        value = nn.MaxPool2d(2)(x).to(f64)
+    assert torch.equal(out.lower, value) and torch.equal(out.upper, value)
