@@ -341,8 +341,8 @@ def _check_module_call(module: nn.Module, name: str) -> None:
 
 
 def _classify(graph: Graph, x: Tensor) -> None:
-    """Mark each node variable, constant or shape from what it depends on and what it returns
-    (one run on the first example of ``x``)."""
+    """Mark each node variable, constant or shape from what it depends on and what it returns,
+    and record the dtype of each tensor it returns (one run on the first example of ``x``)."""
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1 or len(x) == 0:
         raise InputError(
             f"x must be a non-empty floating-point tensor with a batch dimension, got "
@@ -364,6 +364,8 @@ def _classify(graph: Graph, x: Tensor) -> None:
             node.kind = VARIABLE
         else:
             node.kind = SHAPE
+        if isinstance(values[node.index], Tensor):  # the dtype torch computes it in
+            node.op.model_dtype = values[node.index].dtype
     for node in graph.nodes:
         node.box_refs = tuple(i for i in node.refs if graph.nodes[i].kind in (INPUT, VARIABLE))
     out = values[graph.output]

@@ -109,13 +109,16 @@ def constant_min(lam: Tensor, box: Box) -> Tensor:
 class Operator:
     """One operation of the graph (see the module docstring for the calling conventions).
 
-    label:     what a user reads in messages, e.g. ``torch.nn.functional.gelu``.
-    linear:    affine in its Box arguments: bound passes never lose anything here, and the IBP
-               margin pass goes through it rather than stopping at its box.
+    label:       what a user reads in messages, e.g. ``torch.nn.functional.gelu``.
+    linear:      affine in its Box arguments: bound passes never lose anything here, and the IBP
+                 margin pass goes through it rather than stopping at its box.
+    model_dtype: the dtype of its value as the model runs (set when the model is read; the
+                 bound passes run a cast copy of the graph, whose operators keep it).
     """
 
     label: str
     linear: bool = False
+    model_dtype: torch.dtype | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError

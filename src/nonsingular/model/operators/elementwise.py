@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Box, Operator, dot
+from .base import Box, Operator, dot, tiny_of
 from .relaxations import Activation
 
 # error of PyTorch's transcendental kernels, in units of roundoff (SLEEF and libm promise a few)
@@ -17,10 +17,12 @@ TRANSCENDENTAL_ULPS = 16
 
 @dataclass
 class Elementwise(Operator):
-    """``act(h)``, elementwise."""
+    """``act(h)``, elementwise. Its bounds are those of ``act`` as torch runs it in
+    ``model_dtype`` (set when the model is read; None: the dtype of the bounds)."""
 
     act: Activation
     label: str = "relu"
+    model_dtype: torch.dtype | None = None
 
     def forward(self, h: Tensor) -> Tensor:
         return self.act(h)
@@ -28,12 +30,12 @@ class Elementwise(Operator):
     def interval(self, h: Box) -> Box:
         if self.act.kind == "relu":
             return Box(h.lower.clamp(min=0), h.upper.clamp(min=0))
-        return Box(*self.act.interval(h.lower, h.upper))
+        return Box(*self.act.interval(h.lower, h.upper, self.model_dtype))
 
     def backward(self, lam: Tensor, h: Box) -> tuple[list[Tensor | None], Tensor]:
         if self.act.kind == "relu":
             return relu_backward(lam, h)
-        a_low, b_low, a_up, b_up = self.act.linear_bounds(h.lower, h.upper)
+        a_low, b_low, a_up, b_up = self.act.linear_bounds(h.lower, h.upper, self.model_dtype)
         positive, negative = lam.clamp(min=0), lam.clamp(max=0)
         lam_in = positive * a_low.unsqueeze(1) + negative * a_up.unsqueeze(1)
         const = dot(positive, b_low.unsqueeze(1)) + dot(negative, b_up.unsqueeze(1))
@@ -51,21 +53,21 @@ class Elementwise(Operator):
         return box.upper > box.lower  # smooth: every neuron's relaxation depends on its bounds
 
     def rounding(self, unit: float, h: Box) -> Tensor | float:
-        """Clamps are exact; a leaky slope rounds once; transcendental kernels promise a few
-        ulps of ``|f|`` plus, where they cancel (GELU's ``1 + erf`` for negative inputs), of
-        ``|h|``. Near zero each is off by as many ``tiny``, and by ``tiny`` times its largest
-        slope (GELU's and SiLU's reach 1.13; ELU's and leaky ReLU's ``|alpha|``) where its input
-        is flushed."""
-        from .base import tiny_of  # here: the rest of this module is another change's
-
+        """Clamps are exact (their bounds, which the bounds use, rounded as the model rounds
+        them); a leaky product of the rounded slope rounds at most twice (in float32, then to a
+        half type); transcendental kernels promise a few ulps of ``|f|`` plus, where they
+        cancel (GELU's ``1 + erf`` for negative inputs), of ``|h|``. Near zero each is off by
+        as many ``tiny``, and by ``tiny`` times its largest slope (GELU's and SiLU's reach 1.13;
+        ELU's and leaky ReLU's ``|alpha|``) where its input is flushed."""
         tiny = tiny_of(unit)
         flushed = tiny * max(1.25, abs(self.act.alpha))
         kind = self.act.kind
         if kind in ("relu", "relu6", "hardtanh"):
             return flushed
         if kind == "leaky_relu":
-            return unit * abs(self.act.alpha) * h.magnitude() + tiny + flushed
-        out = Box(*self.act.interval(h.lower, h.upper)).magnitude()
+            slope = self.act.running_in(self.model_dtype or h.lower.dtype).alpha
+            return 2.0 * unit * abs(slope) * h.magnitude() + tiny + flushed
+        out = self.interval(h).magnitude()
         return TRANSCENDENTAL_ULPS * (unit * (out + h.magnitude()) + tiny) + flushed
 
 

@@ -8,8 +8,8 @@ elementwise input intervals ``[lower, upper]``:
   whole interval (CROWN-style bound propagation: Zhang et al. 2018, auto_LiRPA).
 
 "Sound" is meant against the function PyTorch actually computes (``torch.nn.functional``) in
-the dtype given, including its rounding and softplus's switch to the identity above
-``threshold / beta``.
+the dtype the model runs it in (``model_dtype``; by default the dtype of the bounds), including
+its rounding of the options and softplus's switch to the identity above ``threshold / beta``.
 
 Method
 ------
@@ -42,14 +42,43 @@ bracketed by vectorised bisection instead, and for a bracket ``[A, B]`` holding 
 monotone on it, and that amount is added. Where the interval lies in one convex stretch this
 yields the chord as upper line and the tangent parallel to it as lower line (mirrored where
 concave); across inflections (tanh and sigmoid around 0, GELU, SiLU) it yields the two parallel
-chord-slope lines through the extreme points of ``f - a x``. Softplus additionally gets, when
-its switch point ``t`` lies in the interval, both one-sided limits there (``softplus(t)`` and
-``t``) as candidates, because torch drops from the smooth curve to the identity at ``t``.
+chord-slope lines through the extreme points of ``f - a x``. Where an interval meets softplus's
+switch window (below), the lines take the smooth curve's chord slope and offsets valid for both
+branches: the smooth curve on ``[l, min(u, t_hi)]`` and the identity on ``[max(l, t_lo), u]``.
 
 :meth:`Activation.interval` takes the minimum and maximum of ``f`` at the ends, at the kinks of
 non-monotone kinds (LeakyReLU/ELU with ``alpha < 0``) and, for GELU and SiLU, at their global
-minimiser (solved at import) clamped into the interval; softplus also gets both sides of its
-switch point. The result is clipped to the function's known global range.
+minimiser (solved at import) clamped into the interval; where the interval meets softplus's
+switch window, the range of both branches over the same two parts. The result is clipped to the
+function's known global range (rounded outwards to the output dtype).
+
+The model's dtype
+-----------------
+Torch rounds the options to the dtype its kernel computes in (``at::opmath_type``: float32 for
+bfloat16 and float16, else the tensor's dtype): leaky_relu's negative_slope, elu's alpha,
+softplus's beta and threshold; hardtanh's (and relu6's) bounds go through
+``Scalar.to<scalar_t>``, i.e. float32 then the tensor's dtype. :meth:`Activation.running_in`
+makes those rounded options, and every bound is of the function with them (so leaky_relu with
+slope 0.01 in float32 is bounded with ``fl(0.01)``, clamp(x, 0.1) with ``fl(0.1)``).
+
+Branches: relu, leaky_relu, elu and hardtanh compare the input itself with 0 or a rounded bound,
+which is exact, and are continuous there; max pooling picks one of equal values on ties. GELU
+(tanh form too) has no branch; its float32 constants ``fl(sqrt(2/pi))`` and ``fl(0.044715)``
+move ``0.5 x (1 + tanh(z))`` by at most ``0.5 |x| sech^2(z) |z| 2u <= 0.45 u |x|`` (``u`` the
+unit roundoff; ``|z| sech^2(z) <= 0.45``), inside the ulps of ``|x|`` that
+``Elementwise.rounding`` allows transcendental kernels. Softplus alone decides on a rounded
+product: torch returns ``x`` where ``fl(x * beta) > threshold`` (beta, threshold rounded as
+above, the product rounded in the kernel's dtype, with unit ``u`` and smallest normal ``tiny``).
+With ``p = x * beta`` exact, ``|fl(p) - p| <= u |p| + tiny`` (gradual underflow or flushing to
+zero: so ``beta * x`` underflowing to 0 near a threshold of 0 is included). Hence the identity
+is certain when ``p - threshold > u |p| + tiny``, the smooth curve when
+``threshold - p >= u |p| + tiny``, and either may be taken only where
+``|p - threshold| < (u |threshold| + tiny) / (1 - u) <= 2 (u |threshold| + tiny)``. In ``x`` that
+is the window ``|x - t| <= w`` around ``t = threshold / beta`` with
+``w = 2 (u |threshold| + tiny) / beta + tiny`` (the last ``tiny`` for inputs flushed to zero),
+widened by ``4 eps64 (|t| + w)`` for its own float64 arithmetic. Outside the window the branch
+is the one float64 takes too (float64's own window lies inside it), so ``f`` is evaluated there
+in float64 as usual; an interval that meets the window gets both branches.
 
 Rounding
 --------
@@ -68,8 +97,8 @@ bound (see above) on top.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, replace
+from functools import cached_property, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +144,50 @@ _PIECEWISE_LINEAR = frozenset({"relu", "leaky_relu", "hardtanh", "relu6"})
 _MARGIN = 1e-12
 _ROUNDING_EPS = 64.0
 _CHORD_MIN_WIDTH = 1e-8  # narrower intervals (relative to 1 + |x|) use the derivative as slope
+_EPS64 = torch.finfo(torch.float64).eps
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch's activation kernels compute in for ``dtype`` tensors (float32 for the
+    half types: ``at::opmath_type``)."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _round_to(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to nearest in ``dtype`` (kept as it is where that overflows)."""
+    rounded = torch.tensor(value, dtype=torch.float64).to(dtype).item()
+    return rounded if math.isfinite(rounded) else value
+
+
+@lru_cache(maxsize=512)
+def _running_in(act: Activation, dtype: torch.dtype) -> Activation:
+    """``act.running_in(dtype)`` (cached: its copies keep their solved tables)."""
+    if not dtype.is_floating_point:
+        dtype = torch.float64
+    op = _opmath(dtype)
+
+    def clamp(v: float) -> float:  # hardtanh's bounds: Scalar.to<scalar_t>, via float
+        return _round_to(_round_to(v, op), dtype)
+
+    return replace(
+        act,
+        alpha=_round_to(act.alpha, op),
+        beta=_round_to(act.beta, op),
+        threshold=_round_to(act.threshold, op),
+        min_val=clamp(act.min_val),
+        max_val=clamp(act.max_val),
+        run_dtype=dtype,
+    )
+
+
+def _rounded_outward(value: float, dtype: torch.dtype, direction: float) -> float:
+    """``value`` in ``dtype``, rounded towards ``direction`` (-inf: down, inf: up)."""
+    exact = torch.tensor(value, dtype=torch.float64)
+    near = exact.to(dtype)
+    if (near.to(torch.float64) - exact) * direction < 0:
+        near = torch.nextafter(near, near.new_tensor(direction))
+    return near.item()
 
 
 @dataclass(frozen=True)
@@ -125,6 +198,8 @@ class Activation:
     relu6; the other fields are the PyTorch options of that kind (``alpha``: leaky_relu's
     negative_slope and elu's alpha; ``beta``/``threshold``: softplus; ``approximate``: gelu;
     ``min_val``/``max_val``: hardtanh). Fields that do not concern the kind are ignored.
+    ``run_dtype``: the dtype torch runs it in, whose rounding the bounds follow (None: the
+    dtype of the bounds they are given; :meth:`running_in` sets it).
     """
 
     kind: str
@@ -134,6 +209,7 @@ class Activation:
     approximate: str = "none"
     min_val: float = -1.0
     max_val: float = 1.0
+    run_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -172,6 +248,11 @@ class Activation:
         if k == "hardtanh":
             return F.hardtanh(x, self.min_val, self.max_val)
         return F.relu6(x)
+
+    def running_in(self, dtype: torch.dtype) -> Activation:
+        """This activation as torch runs it on ``dtype`` tensors: its options rounded as torch
+        rounds them (see the module docstring) and ``run_dtype`` set to ``dtype``."""
+        return _running_in(self, dtype)
 
     # ---------------------------------------------------------------- properties
 
@@ -217,13 +298,20 @@ class Activation:
 
     # ---------------------------------------------------------------- interval bounds
 
-    def interval(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    def interval(
+        self, lower: Tensor, upper: Tensor, model_dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``[min f, max f]`` over ``[lower, upper]``, elementwise (exact up to the slack).
 
-        Candidates: both ends, and where f is not monotone its kink or global minimiser clamped
-        into the interval; softplus also gets both sides of its switch point.
+        ``f`` is the function as torch runs it on ``model_dtype`` tensors (default: the dtype
+        of the bounds; see :meth:`running_in`). Candidates: both ends, and where f is not
+        monotone its kink or global minimiser clamped into the interval; near softplus's switch
+        both branches.
         """
         l, u, dtype = self._prepare(lower, upper)
+        return self.running_in(model_dtype or self.run_dtype or dtype)._interval(l, u, dtype)
+
+    def _interval(self, l: Tensor, u: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         crit = self._critical
         if crit:
             xs = torch.stack([l, u] + [torch.clamp(l.new_tensor(c), l, u) for c in crit])
@@ -231,31 +319,38 @@ class Activation:
         else:  # nondecreasing
             lo, hi = self(l), self(u)
         if self.kind == "softplus":
-            near = self._softplus_near(l, u, dtype).nonzero().squeeze(1)
-            if near.numel() > 0:
-                tc = torch.clamp(l.new_tensor(self.threshold / self.beta), l[near], u[near])
-                smooth_t = self._softplus_smooth(tc)
-                lo = lo.index_put((near,), torch.minimum(lo[near], torch.minimum(tc, smooth_t)))
-                hi = hi.index_put((near,), torch.maximum(hi[near], torch.maximum(tc, smooth_t)))
+            near = self._switch_near(l, u)
+            if bool(near.any()):
+                s_lo, s_hi = self._softplus_switch_interval(l, u)
+                lo, hi = torch.where(near, s_lo, lo), torch.where(near, s_hi, hi)
         mag = torch.maximum(lo.abs(), hi.abs())
         slack = (_MARGIN + _ROUNDING_EPS * torch.finfo(dtype).eps) * (1.0 + mag)
-        lo, hi = lo - slack, hi + slack
-        r_lo, r_hi = self._range
+        lo, hi = (lo - slack).to(dtype), (hi + slack).to(dtype)
+        r_lo, r_hi = self._range  # clipped to in dtype, rounded outwards (0.1 is not a float)
         if r_lo is not None:
-            lo = lo.clamp_min(r_lo)
+            lo = lo.clamp_min(_rounded_outward(r_lo, dtype, -math.inf))
         if r_hi is not None:
-            hi = hi.clamp_max(r_hi)
-        return lo.to(dtype), hi.to(dtype)
+            hi = hi.clamp_max(_rounded_outward(r_hi, dtype, math.inf))
+        return lo, hi
 
     # ---------------------------------------------------------------- linear bounds
 
-    def linear_bounds(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def linear_bounds(
+        self, lower: Tensor, upper: Tensor, model_dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(a_l, b_l, a_u, b_u)`` with ``a_l x + b_l <= f(x) <= a_u x + b_u`` on the interval.
 
-        Piecewise-linear kinds use CROWN's closed forms; smooth kinds two lines parallel to the
-        chord through the exact extremes of ``f(x) - a x`` (see the module docstring).
+        ``f`` is the function as torch runs it on ``model_dtype`` tensors (default: the dtype
+        of the bounds; see :meth:`running_in`). Piecewise-linear kinds use CROWN's closed forms;
+        smooth kinds two lines parallel to the chord through the exact extremes of
+        ``f(x) - a x`` (see the module docstring).
         """
         l, u, dtype = self._prepare(lower, upper)
+        return self.running_in(model_dtype or self.run_dtype or dtype)._linear_bounds(l, u, dtype)
+
+    def _linear_bounds(
+        self, l: Tensor, u: Tensor, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         k = self.kind
         if k in ("relu", "leaky_relu"):
             a_l, b_l, a_u, b_u = self._leaky_bounds(l, u, self.alpha if k == "leaky_relu" else 0.0)
@@ -394,16 +489,51 @@ class Activation:
         bx = self.beta * x
         return (torch.relu(bx) + torch.log1p(torch.exp(-bx.abs()))) / self.beta
 
-    def _softplus_near(self, l: Tensor, u: Tensor, dtype: torch.dtype) -> Tensor:
-        """Where softplus's switch point t = threshold / beta may lie in the interval.
-
-        There both one-sided limits at t (the smooth value and the identity) are candidates.
-        The mask is a few ulps of the output dtype generous: the float at which torch switches
-        depends on its rounding of ``beta * x``.
-        """
+    def _switch_window(self) -> tuple[float, float]:
+        """``[t_lo, t_hi]``: outside it torch's softplus takes the smooth curve below ``t_lo``
+        and the identity above ``t_hi`` whatever its rounding of ``beta * x`` (derivation in
+        the module docstring). Needs ``run_dtype``."""
+        info = torch.finfo(_opmath(self.run_dtype or torch.float64))
         t = self.threshold / self.beta
-        delta = 4.0 * torch.finfo(dtype).eps * (1.0 + abs(t))
-        return (l <= t + delta) & (u >= t - delta)
+        w = 2.0 * (info.eps / 2 * abs(self.threshold) + info.tiny) / self.beta + info.tiny
+        w += 4.0 * _EPS64 * (abs(t) + w)  # this float64 arithmetic's own rounding
+        return t - w, t + w
+
+    def _switch_near(self, l: Tensor, u: Tensor) -> Tensor:
+        """Where ``[l, u]`` meets softplus's switch window: there f may be either branch."""
+        t_lo, t_hi = self._switch_window()
+        return (l <= t_hi) & (u >= t_lo)
+
+    def _softplus_switch_interval(self, l: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``[min f, max f]`` where the box meets the switch window: both branches, the smooth
+        curve on ``[l, min(u, t_hi)]`` and the identity on ``[max(l, t_lo), u]``."""
+        t_lo, t_hi = self._switch_window()
+        lo = torch.minimum(self._softplus_smooth(l), l.clamp_min(t_lo))
+        hi = torch.maximum(self._softplus_smooth(u.clamp_max(t_hi)), u)
+        return lo, hi
+
+    def _softplus_switch_offsets(
+        self, l: Tensor, u: Tensor, a: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(min h, max h, max |f|)`` for ``h = f - a x`` where the box meets the switch window,
+        over both branches: the smooth curve on ``[l, s]``, ``s = min(u, t_hi)``, and the
+        identity on ``[max(l, t_lo), u]``. The smooth ``h`` is convex: its maximum is at
+        ``l`` or ``s``, and so is its minimum unless ``h'`` changes sign on ``[l, s]``; then it
+        is at least the tangent's at the closed-form root ``r`` of ``sigmoid(beta x) = a``
+        (clamped into ``[l, s]``), ``h(r) - |h'(r)| (s - l)``."""
+        t_lo, t_hi = self._switch_window()
+        s, q = u.clamp_max(t_hi), l.clamp_min(t_lo)
+        f_l, f_s = self._softplus_smooth(l), self._softplus_smooth(s)
+        ac = a.detach().clamp(0.0, 1.0)  # any r in [l, s] is sound: no gradient through it
+        r = torch.nan_to_num((torch.log(ac) - torch.log1p(-ac)) / self.beta, nan=0.0)
+        r = torch.minimum(torch.maximum(r, l), s)
+        f_r = self._softplus_smooth(r)
+        tangent = f_r - a * r - (torch.sigmoid(self.beta * r) - a).abs() * (s - l)
+        inside = (torch.sigmoid(self.beta * l) < a) & (torch.sigmoid(self.beta * s) > a)
+        ends = torch.stack([f_l - a * l, f_s - a * s, q - a * q, u - a * u])
+        h_min = torch.where(inside, torch.minimum(ends.amin(dim=0), tangent), ends.amin(dim=0))
+        mag = torch.stack([f_l, f_s, f_r, q, u]).abs().amax(dim=0)
+        return h_min, ends.amax(dim=0), mag
 
     @staticmethod
     def _leaky_bounds(l: Tensor, u: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -478,32 +608,54 @@ class Activation:
         self, l: Tensor, u: Tensor, dtype: torch.dtype
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Parallel lines with the chord slope through the exact extremes of f(x) - a x."""
-        spec = self._smooth
         shape = l.shape
         l, u = l.reshape(-1), u.reshape(-1)
         x_mag = torch.maximum(l.abs(), u.abs())
         rows_x, rows_f, rows_d = self._candidates(l, u)
-        f_ends = (rows_f[0], rows_f[1])
         xs, fx = torch.stack(rows_x), torch.stack(rows_f)
+        near = self._switch_near(l, u) if self.kind == "softplus" else None
+        a = self._chord_slope(l, u, fx, near, dtype)
+        h_min, h_max, mag_f = self._piece_extremes(xs, fx, rows_d, a)
+        if near is not None and bool(near.any()):  # both branches of softplus
+            s_min, s_max, s_mag = self._softplus_switch_offsets(l, u, a)
+            h_min, h_max = torch.where(near, s_min, h_min), torch.where(near, s_max, h_max)
+            mag_f = torch.where(near, torch.maximum(mag_f, s_mag), mag_f)
 
+        b_mag = torch.maximum(h_min.abs(), h_max.abs())
+        slack = self._slack(mag_f, a.abs(), x_mag, b_mag, dtype)
+        b_l, b_u = h_min - slack, h_max + slack
+        a = a.to(dtype).reshape(shape)
+        return a, b_l.to(dtype).reshape(shape), a.clone(), b_u.to(dtype).reshape(shape)
+
+    def _chord_slope(
+        self, l: Tensor, u: Tensor, fx: Tensor, near: Tensor | None, dtype: torch.dtype
+    ) -> Tensor:
+        """The lines' slope, rounded to the output dtype: the chord's (where softplus may
+        switch, the smooth curve's: torch's chord is steep across the drop), or the derivative
+        at the midpoint on narrow intervals."""
         rise = fx[1] - fx[0]
-        near = None
-        if self.kind == "softplus":
-            near = self._softplus_near(l, u, dtype).nonzero().squeeze(1)
-            if near.numel() > 0:  # across the drop, the smooth curve's chord (torch's is steep)
-                rise = rise.index_put(
-                    (near,), self._softplus_smooth(u[near]) - self._softplus_smooth(l[near])
-                )
         width = u - l
-        narrow = width <= _CHORD_MIN_WIDTH * (1.0 + x_mag)
+        mid = l + 0.5 * width
+        if near is not None:
+            rise = torch.where(near, self._softplus_smooth(u) - self._softplus_smooth(l), rise)
+        narrow = width <= _CHORD_MIN_WIDTH * (1.0 + torch.maximum(l.abs(), u.abs()))
         a = rise / torch.where(narrow, 1.0, width)
         idx = narrow.nonzero().squeeze(1)
         if idx.numel() > 0:
-            a = a.index_put((idx,), spec.df(l[idx] + 0.5 * width[idx]))
-        a = a.to(dtype).to(torch.float64)  # the slope returned; the offsets are made for it
+            a = a.index_put((idx,), self._smooth.df(mid[idx]))
+            if near is not None:
+                a = torch.where(near & narrow, torch.sigmoid(self.beta * mid), a)
+        return a.to(dtype).to(torch.float64)  # the slope returned; the offsets are made for it
 
+    def _piece_extremes(
+        self, xs: Tensor, fx: Tensor, rows_d: list[Tensor], a: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(min h, max h, max |f|)`` for ``h = f - a x`` over the candidate rows ``xs`` (f at
+        them: ``fx``) and the roots of ``f' = a`` on the pieces where ``h`` is convex or
+        concave (see the module docstring)."""
+        spec = self._smooth
         h_min, h_max = torch.aminmax(fx - a * xs, dim=0)
-        mag_f = torch.maximum(f_ends[0].abs(), f_ends[1].abs())
+        mag_f = fx.abs().amax(dim=0)  # ends and breakpoints inside, e.g. GELU's dip below f(l)
         last = len(spec.pieces) - 1
         for i, piece in enumerate(spec.pieces):
             if piece.shape == 0:
@@ -529,19 +681,4 @@ class Activation:
             else:  # h concave: its maximum is at the root
                 h_max = h_max.index_put((idx,), torch.maximum(h_max[idx], hr + err))
             mag_f = mag_f.index_put((idx,), torch.maximum(mag_f[idx], fr.abs()))
-        if near is not None and near.numel() > 0:
-            # both one-sided limits at the switch point t: the smooth value and t itself
-            tc = torch.clamp(l.new_tensor(self.threshold / self.beta), l[near], u[near])
-            sa = a[near]
-            for v in (tc, self._softplus_smooth(tc)):
-                h_max = h_max.index_put((near,), torch.maximum(h_max[near], v - sa * tc))
-                h_min = h_min.index_put((near,), torch.minimum(h_min[near], v - sa * tc))
-                mag_f = mag_f.index_put((near,), torch.maximum(mag_f[near], v.abs()))
-        for k in range(2, len(rows_f)):  # f at breakpoints inside, e.g. GELU's dip below f(l)
-            mag_f = torch.maximum(mag_f, rows_f[k].abs())
-
-        b_mag = torch.maximum(h_min.abs(), h_max.abs())
-        slack = self._slack(mag_f, a.abs(), x_mag, b_mag, dtype)
-        b_l, b_u = h_min - slack, h_max + slack
-        a = a.to(dtype).reshape(shape)
-        return a, b_l.to(dtype).reshape(shape), a.clone(), b_u.to(dtype).reshape(shape)
+        return h_min, h_max, mag_f
