@@ -14,9 +14,7 @@ import nonsingular as ns
 from nonsingular.data import load
 from nonsingular.experiment import Experiment, run_experiment
 from nonsingular.models import mlp
-from nonsingular.training import TrainConfig, train
-
-METHODS = ("standard", "pgd-at", "awp", "joint-at", "bound-reg", "ibp")
+from nonsingular.training import METHODS, TrainConfig, train
 
 
 def _model() -> torch.nn.Module:
@@ -52,7 +50,7 @@ def training(out: Path) -> dict:
             epochs=1,
             eval_size=20,
             batch_size=64,
-            attack_steps=None if method in ("standard", "bound-reg", "ibp") else 2,
+            attack_steps=2 if METHODS[method].attacks else None,
         )
         result = train(config, data, progress=False, out_dir=out / method)
         weights[method] = {k: v.tolist() for k, v in result.model.state_dict().items()}

@@ -510,5 +510,5 @@ def test_figures_read_without_colour_vision():
     assert all(a < b for a, b in zip(shades, shades[1:], strict=False))
     red_green = lightness("RdYlGn")
     assert not all(a < b for a, b in zip(red_green, red_green[1:], strict=False))
-    assert set(report.MARKERS) == set(experiment.COMPARISON) == set(report.COLORS)
-    assert len(set(report.MARKERS.values())) == len(report.MARKERS)
+    colors, markers = zip(*(report.style(method) for method in experiment.COMPARISON), strict=True)
+    assert len(set(colors)) == len(colors) and len(set(markers)) == len(markers)

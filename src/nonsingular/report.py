@@ -14,26 +14,9 @@ from matplotlib.figure import Figure  # the object API: no pyplot state, no disp
 from .experiment import RECIPES, Measured, Results, Spread
 from .files import write_json, write_text
 from .provenance import provenance
+from .training import METHODS
 from .verdicts import RULE, Verdict, verdicts
 
-# Okabe-Ito colours (told apart with any colour vision deficiency), and a marker per model so
-# the lines also part in greyscale
-COLORS = {
-    "standard": "#000000",
-    "pgd-at": "#0072B2",
-    "awp": "#E69F00",
-    "joint-at": "#009E73",
-    "bound-reg": "#D55E00",
-    "ibp": "#CC79A7",
-}
-MARKERS = {
-    "standard": "o",
-    "pgd-at": "s",
-    "awp": "^",
-    "joint-at": "D",
-    "bound-reg": "v",
-    "ibp": "P",
-}
 HEATMAP = "cividis"  # perceptually uniform and colour-blind safe (not red-green)
 
 
@@ -106,22 +89,23 @@ def cell(entry: Spread, *index: int) -> str:
     return pct(mean) if sd is None else f"{pct(mean)} ± {100 * sd:.1f}"
 
 
+def style(method: str) -> tuple[str, str]:
+    """The colour and marker of ``method``'s lines: its registry entry's."""
+    return METHODS[method].color, METHODS[method].marker
+
+
 def _plot_lines(ax: Any, budgets: tuple[float, ...], lines: dict[str, Spread], label: str) -> None:
     for method, entry in lines.items():
+        color, marker = style(method)
         ax.plot(
-            budgets,
-            [100 * v for v in entry.mean],
-            marker=MARKERS.get(method, "o"),
-            ms=4,
-            label=method,
-            color=COLORS.get(method),
+            budgets, [100 * v for v in entry.mean], marker=marker, ms=4, label=method, color=color
         )
         if entry.sd is not None:
             ax.fill_between(
                 budgets,
                 [100 * (m - s) for m, s in zip(entry.mean, entry.sd, strict=True)],
                 [100 * (m + s) for m, s in zip(entry.mean, entry.sd, strict=True)],
-                color=COLORS.get(method),
+                color=color,
                 alpha=0.15,
             )
     ax.set_xticks(
@@ -339,6 +323,7 @@ def what_was_run(results: Results) -> list[str]:
         "",
         f"- Data: {data.name}, {data.test_examples} held-out test examples for attacks, "
         f"the first {data.certified_examples} of them for certificates.",
+        "- Methods: " + "; ".join(f"{m} ({METHODS[m].label})" for m in exp.methods) + ".",
         f"- Models: the same {exp.model} for every method, {exp.epochs} epochs, "
         f"{exp.seeds} seed{'s' if exp.seeds > 1 else ''} (mean ± sd over seeds where there "
         "are several). Per-method training budgets: `nonsingular train --help` and each "

@@ -9,6 +9,7 @@ from typing import Any
 from ..certificates import METHODS as CERTIFY_METHODS
 from ..distributed import ranks
 from ..experiment import ARCHITECTURES, Experiment, run_experiment
+from ..training import METHODS
 from ..training.config import read_toml
 from . import common
 
@@ -46,14 +47,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods() -> str:
+    """The training methods, MLP-only ones marked."""
+    return ", ".join(m + (" (MLP only)" if METHODS[m].mlp_only else "") for m in METHODS)
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "reproduce",
         help="the paper's experiment end to end, with a report",
-        description="Train the comparison's six models (standard, pgd-at, awp, joint-at, "
-        "bound-reg, ibp), attack and certify each under input, weight (three "
-        "views) and joint threats, and write report.md, figures and results.json. "
-        "Finished models and evaluations in --out are reused.",
+        description=f"Train the comparison's models ({_methods()}), attack and certify each "
+        "under input, weight (three views) and joint threats, and write report.md, figures "
+        "and results.json. Finished models and evaluations in --out are reused.",
     )
     p.add_argument(
         "--out",

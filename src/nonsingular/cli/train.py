@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "train",
-        help="train a model with one of the six methods",
+        help=f"train a model with one of the {len(METHODS)} training methods",
         description="Train a model on the embedded data (or yours) with a robust training "
         "method; writes a run directory that --resume continues after a crash.",
         argument_default=argparse.SUPPRESS,
@@ -121,7 +121,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--method",
         choices=METHODS,
-        help=f"training method: {', '.join(METHODS)} (default standard)",
+        help="training method: "
+        + "; ".join(f"{name} ({method.label})" for name, method in METHODS.items())
+        + " (default standard)",
     )
     p.add_argument(
         "--config",

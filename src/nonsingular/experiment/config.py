@@ -29,7 +29,7 @@ from ..checks import choice, integer, number, options
 from ..errors import ConfigError
 from ..models import BUILTIN
 from ..threat import Threat
-from ..training import TrainConfig
+from ..training import METHODS, TrainConfig
 from ..training.config import read_toml
 
 # the experiment's budget lists (eps_x in units of the data's range: every loader gives [0, 1])
@@ -41,7 +41,7 @@ BUDGETS = (
     "joint_eps_x",
     "joint_eps_w",
 )
-COMPARISON = ("standard", "pgd-at", "awp", "joint-at", "bound-reg", "ibp")
+COMPARISON = METHODS  # the methods it can compare: every registered one (the registry itself)
 ARCHITECTURES = tuple(BUILTIN)
 # a recipe: the training options it changes (the default recipe changes none)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -76,7 +76,7 @@ class Experiment:
     model: str = "mlp"
     seeds: int = 1
     epochs: int = 20
-    methods: tuple[str, ...] | None = None  # None: all six (bound-reg for an MLP only)
+    methods: tuple[str, ...] | None = None  # None: every method (MLP-only ones for an MLP only)
     eval_size: int = 500  # attacked test examples
     cert_size: int = 100
     attack_steps: int = 50
@@ -86,9 +86,10 @@ class Experiment:
     min_clean: float = 0.8  # a model below this clean accuracy is flagged, kept out of verdicts
     cert_dtype: str = "float32"  # the bounds' arithmetic (its rounding is bounded too: sound)
     # training recipes besides the default one, under which the claims are decided again (the
-    # claims' models only: recipe_methods), shown side by side in the report
+    # claims' models only: recipe_methods, None: those marked so in the registry), shown side
+    # by side in the report
     recipes: tuple[str, ...] = ("no-augmentation",)
-    recipe_methods: tuple[str, ...] = ("standard", "pgd-at", "awp", "bound-reg")
+    recipe_methods: tuple[str, ...] | None = None
     eps_x: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2)
     eps_w_absolute: tuple[float, ...] = (0.0, 5e-4, 1e-3, 2e-3, 3e-3, 4e-3)
     eps_w_relative: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -138,12 +139,15 @@ class Experiment:
             not isinstance(self.methods, tuple) or not all(isinstance(m, str) for m in self.methods)
         ):
             raise ConfigError(f"methods must be a list of method names, got {self.methods!r}")
-        if self.methods is None:  # the paper's bound (closed-form) is defined for MLPs only
-            chosen = tuple(m for m in COMPARISON if self.model == "mlp" or m != "bound-reg")
+        if self.methods is None:
+            chosen = tuple(m for m in METHODS if self.model == "mlp" or not METHODS[m].mlp_only)
             object.__setattr__(self, "methods", chosen)
-        unknown = [m for m in self.methods if m not in COMPARISON]
+        if self.recipe_methods is None:
+            chosen = tuple(m for m in METHODS if METHODS[m].recipes)
+            object.__setattr__(self, "recipe_methods", chosen)
+        unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ConfigError(f"unknown method {unknown[0]!r}; choose from {', '.join(COMPARISON)}")
+            raise ConfigError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
         for name in ("standard", "pgd-at", "awp"):
             if name not in self.methods:
                 raise ConfigError(f"the comparison needs the {name} model (its claims use it)")
@@ -153,7 +157,7 @@ class Experiment:
         for recipe in self.recipes:
             choice("recipes", recipe, tuple(RECIPES))
         for method in self.recipe_methods:
-            choice("recipe_methods", method, COMPARISON)
+            choice("recipe_methods", method, METHODS)
         if not isinstance(self.certify, tuple) or not self.certify:
             raise ConfigError(f"certify must be a non-empty list of methods, got {self.certify!r}")
         for method in self.certify:
@@ -164,10 +168,11 @@ class Experiment:
             raise ConfigError(f"stronger must be true or false, got {self.stronger!r}")
         if self.intermediate is None:
             object.__setattr__(self, "intermediate", "crown" if self.model == "mlp" else "ibp")
-        if self.model != "mlp" and "bound-reg" in self.methods:
+        mlp_only = [m for m in self.methods if METHODS[m].mlp_only]
+        if self.model != "mlp" and mlp_only:
             raise ConfigError(
-                "bound-reg regularizes the closed-form bound, which is defined for "
-                f"MLPs only; leave it out for --model {self.model}"
+                f"{mlp_only[0]}: {METHODS[mlp_only[0]].mlp_only}; leave it out for "
+                f"--model {self.model}"
             )
         for name, high in (
             ("seeds", 1_000),

@@ -44,7 +44,8 @@ from ..provenance import provenance
 from ..seeds import mix
 from .augment import random_shift
 from .config import TrainConfig
-from .methods import Batch, make_method
+from .methods import Batch
+from .registry import make_method
 from .state import load_state, restore, save_state
 
 STATE = "state.safetensors"

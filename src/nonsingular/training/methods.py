@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,7 +24,9 @@ from ..certificates.ibp import ibp_margins, interval_bounds
 from ..certificates.region import InputRegion
 from ..model import Graph, check_batch, perturbed_layers, read_model
 from ..threat import Threat
-from .config import TrainConfig
+
+if TYPE_CHECKING:  # the config reads the registry, which imports these classes
+    from .config import TrainConfig
 
 
 @dataclass
@@ -124,12 +127,8 @@ def _attack_state(
 
 class Adversarial(Method):
     """Cross-entropy at the worst case PGD finds: ``pgd-at`` (input only, Madry et al.) and
-    ``joint-at`` (input and per-example weights through the lemma)."""
-
-    def __init__(self, config: TrainConfig) -> None:
-        super().__init__(config)
-        if config.method == "pgd-at":
-            self.threat = self.threat.replace(eps_w=0.0)
+    ``joint-at`` (input and per-example weights through the lemma); pgd-at's config holds
+    ``eps_w = 0`` (its registry entry forces it)."""
 
     def loss(
         self, model: nn.Module, x: Tensor, y: Tensor, progress: float, batch: Batch
@@ -214,15 +213,3 @@ class IntervalBound(Method):
         kappa = 1.0 - (1.0 - self.config.kappa) * self.scale(progress)
         robust = F.cross_entropy(-lower, y)  # worst-case logits z_j - z_y >= -lower_j
         return kappa * F.cross_entropy(logits, y) + (1 - kappa) * robust, logits
-
-
-def make_method(config: TrainConfig) -> Method:
-    kinds: dict[str, type[Method]] = {
-        "standard": Standard,
-        "pgd-at": Adversarial,
-        "joint-at": Adversarial,
-        "awp": AWP,
-        "bound-reg": BoundRegularized,
-        "ibp": IntervalBound,
-    }
-    return kinds[config.method](config)
