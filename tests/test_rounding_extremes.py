@@ -15,6 +15,7 @@ from .test_certificates import sample_inputs, sample_parameters
 
 DTYPES = [torch.float16, torch.float32, torch.float64]
 FAST = ["closed-form", "recursive", "ibp", "crown"]
+GRAPHS = ["ibp", "crown", "alpha-crown", "bab"]  # the methods that bound any graph
 
 
 def dense(weight, bias, dtype):
@@ -91,6 +92,48 @@ def test_float32_bounds_of_a_float64_model_near_1e300_are_not_trusted():
         assert bool(certify(model, x, y, threat, method).certified.all())  # float64 bounds
         result = certify(model, x, y, threat, method, torch.float32)  # 1e300 is inf there
         assert result.worst.item() == float("-inf")
+
+
+class ConstantsAsTheModelComputesThem(nn.Module):
+    """Logits ``fc(x) + k (a / b - c) e_0`` with ``fc`` zero but its bias, ``a = 1`` (a
+    parameter, so that the graph computes the constant), buffers ``b = 25`` and
+    ``c = fl32(0.04)``: float32 divides ``1 / 25`` to ``c`` exactly, so the model computes a
+    tie (class 0 does not win); in float64 ``a / b - c = 8.9e-10`` and ``k = 2**20`` makes it a
+    margin of 9e-4. ``scale`` multiplies the logits by a Python number as the model's kernel
+    holds it (``2**128`` is float32's ``inf``)."""
+
+    def __init__(self, scale: float = 1.0, bias: tuple[float, float] = (1e-10, 1e-10)) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        nn.init.zeros_(self.fc.weight)
+        with torch.no_grad():
+            self.fc.bias.copy_(torch.tensor(bias))
+        self.a = nn.Parameter(torch.tensor(1.0))  # a parameter: the graph computes with it
+        for name, value in (("b", 25.0), ("c", 0.04), ("e", [1.0, 0.0])):
+            self.register_buffer(name, torch.tensor(value))
+        self.scale = scale
+
+    def forward(self, x):
+        logits = self.fc(x) + (self.a / self.b - self.c) * 2.0**20 * self.e
+        return logits * self.scale if self.scale != 1.0 else logits
+
+
+@pytest.mark.parametrize("method", GRAPHS)
+def test_constants_are_computed_in_the_model_dtype(method):
+    model = ConstantsAsTheModelComputesThem()
+    x, y = torch.tensor([[0.5, 0.5]]), torch.tensor([0])
+    logits = model(x)
+    assert logits[0, 0] <= logits[0, 1]  # a tie as the model runs
+    assert not bool(certify(model, x, y, ns.Threat(), method).certified.any())
+
+
+@pytest.mark.parametrize("method", GRAPHS)
+def test_number_operands_are_rounded_as_the_kernel_holds_them(method):
+    # logits (1e-10, 2e-10) 2**128: 3.4e28 and 6.8e28 in float64, inf and inf in float32
+    model = ConstantsAsTheModelComputesThem(scale=2.0**128, bias=(1e-10, 2e-10))
+    x, y = torch.tensor([[0.5, 0.5]]), torch.tensor([1])
+    assert not bool(model(x).isfinite().any())  # inf against inf: class 0 first
+    assert not bool(certify(model, x, y, ns.Threat(), method).certified.any())
 
 
 def random_margins(model, x, y, threat, n):

@@ -76,6 +76,9 @@ class Bounds:
 
     def fixed(self, graph: Graph, node: Node) -> bool:
         """Fill in a constant or shape node; False for nodes that need a Box."""
+        if node.kind == CONSTANT and node.index in graph.constants:  # as the model has it
+            self.values[node.index] = self.concrete[node.index] = graph.constants[node.index]
+            return True
         if node.kind == CONSTANT:
             args, kwargs = node.fill(self.values, graph.tensors)
         elif node.kind == SHAPE:

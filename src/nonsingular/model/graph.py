@@ -156,6 +156,7 @@ class Graph:
         self.aliases = aliases
         self.model_name = model_name
         self.cache: dict[str, Any] = {} if cache is None else cache  # facts about the structure
+        self.constants: dict[int, Any] = {}  # values of constant nodes, set by ``cast``
         for node in nodes:
             node.box_refs = tuple(i for i in node.refs if nodes[i].kind in (INPUT, VARIABLE))
 
@@ -173,10 +174,24 @@ class Graph:
         )
 
     def cast(self, dtype: torch.dtype) -> Graph:
-        """A copy computing in ``dtype`` (certificates run in float64)."""
-        return self.with_tensors(
+        """A copy computing in ``dtype`` (certificates run in float64), its ``constants`` (the
+        values of the nodes that do not depend on the input) computed as the model computes
+        them, in its own dtype, then cast: their rounding is the model's, not ``dtype``'s."""
+        cast = self.with_tensors(
             {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.tensors.items()}
         )
+        values: list[Any] = [None] * len(self.nodes)
+        for node in self.nodes:
+            if node.kind == CONSTANT:
+                args, kwargs = node.fill(values, self.tensors)
+                values[node.index] = node.op.forward(*args, **kwargs)
+                value = values[node.index]
+                cast.constants[node.index] = (
+                    value.to(dtype)
+                    if isinstance(value, Tensor) and value.is_floating_point()
+                    else value
+                )
+        return cast
 
     def detached(self) -> Graph:
         return self.with_tensors({k: v.detach() for k, v in self.tensors.items()})

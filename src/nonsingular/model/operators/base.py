@@ -215,3 +215,23 @@ def dot_gamma(n: int, unit: float, conv: bool = False) -> float:
     tf32 = getattr(unit, "conv_tf32" if conv else "matmul_tf32", False)
     base = gamma(n, unit)
     return (1 + TF32_UNIT) ** 2 * (1 + base) - 1 if tf32 else base
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch's elementwise kernels compute in for ``dtype`` tensors (float32 for the
+    half types: ``at::opmath_type``); number operands and options are rounded to it."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def as_kernel_number(value: Any, dtype: torch.dtype | None) -> Any:
+    """A Python number operand as a kernel on ``dtype`` tensors holds it: rounded to
+    ``opmath_dtype`` (``inf`` where it overflows there). Anything else is returned as it is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if dtype is None or not dtype.is_floating_point:
+        return value
+    return torch.tensor(float(value), dtype=torch.float64).to(opmath_dtype(dtype)).item()
+

@@ -16,7 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Box, Operator, boxes_of, dot, gamma, guarded, reduce_to, tiny_of
+from .base import (
+    Box,
+    Operator,
+    as_kernel_number,
+    boxes_of,
+    dot,
+    gamma,
+    guarded,
+    reduce_to,
+    tiny_of,
+)
 
 
 def substitute(template: Any, values: Iterator[Any]) -> Any:
@@ -157,6 +167,12 @@ class Arithmetic(Operator):
     def _coefficient(self) -> float:
         return self.alpha if self.kind == "add" else -self.alpha
 
+    def _as_run(self, a: Any, b: Any) -> tuple[Any, Any]:
+        """The operands as the model's kernel holds them: a Python number is rounded to the
+        dtype the kernel computes in (``0.1`` is float32's ``0.1`` in a float32 model, ``2**128``
+        its ``inf``); tensors are the model's own already."""
+        return as_kernel_number(a, self.model_dtype), as_kernel_number(b, self.model_dtype)
+
     def _check(self, a: Any, b: Any) -> None:
         if self.kind == "mul" and isinstance(a, Box) and isinstance(b, Box):
             raise self.unsupported("bounds for a product of two values that depend on the input;")
@@ -165,6 +181,7 @@ class Arithmetic(Operator):
 
     def interval(self, a: Any, b: Any = None) -> Box:
         self._check(a, b)
+        a, b = self._as_run(a, b)
         if self.kind == "neg":
             return Box(-a.upper, -a.lower)
         if self.kind in ("add", "sub"):
@@ -185,6 +202,7 @@ class Arithmetic(Operator):
 
     def backward(self, lam: Tensor, a: Any, b: Any = None) -> tuple[list[Tensor | None], Tensor]:
         self._check(a, b)
+        a, b = self._as_run(a, b)
         const = lam.new_zeros(lam.shape[:2])
         if self.kind == "neg":
             return [-lam], const
@@ -202,14 +220,17 @@ class Arithmetic(Operator):
         return [reduce_to(lam * factor, box.shape)], const
 
     def rounding(self, unit: float, a: Any, b: Any = None) -> Tensor | float:
-        """One rounding of the result (two when ``alpha`` scales the second term); near zero
-        ``tiny`` per rounding and per operand that may be flushed (times what multiplies it).
-        Dividing by a constant that may be flushed to zero may overflow: ``inf``."""
+        """One rounding of the result (three when ``alpha``, itself rounded, scales the second
+        term; two for a division, which CUDA makes a product with the rounded reciprocal of a
+        number); near zero ``tiny`` per rounding and per operand that may be flushed (times what
+        multiplies it). Dividing by a constant that may be flushed to zero may overflow:
+        ``inf``."""
         tiny = tiny_of(unit)
+        a, b = self._as_run(a, b)
         if self.kind == "neg":
             return 0.0
         if self.kind in ("add", "sub"):
-            roundings = 1 if self.alpha == 1 else 2
+            roundings = 1 if self.alpha == 1 else 3
             size = _size(a) + abs(self.alpha) * _size(b)
             error = roundings * unit * size + tiny * (roundings + 1 + abs(self.alpha))
             return error if tiny == 0 else guarded(torch.as_tensor(error), size, unit)
@@ -220,8 +241,9 @@ class Arithmetic(Operator):
                 return math.inf  # a subnormal divisor, flushed, divides by zero
             scale = 1 / scale
         magnitude = box.magnitude()
+        roundings = 2 if self.kind == "div" else 1
         # the result flushed, the box's value flushed (times the factor), the constant flushed
-        return unit * scale * magnitude + tiny * (1 + scale + magnitude)
+        return roundings * unit * scale * magnitude + tiny * (1 + scale + magnitude)
 
 
 def _dot_constant(lam: Tensor, value: Any) -> Tensor:

@@ -104,6 +104,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .base import opmath_dtype
 from .smooth import (
     GELU_ARGMIN,
     GELU_LIPSCHITZ,
@@ -145,13 +146,8 @@ _MARGIN = 1e-12
 _ROUNDING_EPS = 64.0
 _CHORD_MIN_WIDTH = 1e-8  # narrower intervals (relative to 1 + |x|) use the derivative as slope
 _EPS64 = torch.finfo(torch.float64).eps
-_HALF = (torch.bfloat16, torch.float16)
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    """The dtype torch's activation kernels compute in for ``dtype`` tensors (float32 for the
-    half types: ``at::opmath_type``)."""
-    return torch.float32 if dtype in _HALF else dtype
 
 
 def _round_to(value: float, dtype: torch.dtype) -> float:
@@ -165,7 +161,7 @@ def _running_in(act: Activation, dtype: torch.dtype) -> Activation:
     """``act.running_in(dtype)`` (cached: its copies keep their solved tables)."""
     if not dtype.is_floating_point:
         dtype = torch.float64
-    op = _opmath(dtype)
+    op = opmath_dtype(dtype)
 
     def clamp(v: float) -> float:  # hardtanh's bounds: Scalar.to<scalar_t>, via float
         return _round_to(_round_to(v, op), dtype)
@@ -493,7 +489,7 @@ class Activation:
         """``[t_lo, t_hi]``: outside it torch's softplus takes the smooth curve below ``t_lo``
         and the identity above ``t_hi`` whatever its rounding of ``beta * x`` (derivation in
         the module docstring). Needs ``run_dtype``."""
-        info = torch.finfo(_opmath(self.run_dtype or torch.float64))
+        info = torch.finfo(opmath_dtype(self.run_dtype or torch.float64))
         t = self.threshold / self.beta
         w = 2.0 * (info.eps / 2 * abs(self.threshold) + info.tiny) / self.beta + info.tiny
         w += 4.0 * _EPS64 * (abs(t) + w)  # this float64 arithmetic's own rounding
