@@ -1,6 +1,7 @@
 """Any model, read as it runs: the reading equals the model, attacks materialize and replay
 exactly, certificates are sound, on each kind of model users bring and on random graphs."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from nonsingular.model.catalog import MODULES
 
 from .conftest import assert_state_equal, state_copy
 from .test_attacks import in_ball
-from .test_certificates import check_sound
+from .test_certificates import TOL, check_sound, random_margins
 from .zoo import ZOO
 
 THREATS = {
@@ -110,37 +111,68 @@ ACTIVATIONS = [
     nn.Softplus(),
     nn.Hardtanh(),
     nn.ReLU6(),
+    # switch points and option constants that float32 does not hold exactly
+    nn.Softplus(beta=3, threshold=1),
+    nn.Hardtanh(0.1, 0.7),
+    nn.LeakyReLU(0.1),
+    nn.ELU(0.3),
 ]
+
+
+def switch_points(act: nn.Module) -> list[float]:
+    """Where a piecewise activation changes its formula (as PyTorch writes it)."""
+    if isinstance(act, nn.Softplus):
+        return [act.threshold / act.beta]
+    if isinstance(act, nn.ReLU6):
+        return [0.0, 6.0]
+    if isinstance(act, nn.Hardtanh):
+        return [act.min_val, act.max_val]
+    if isinstance(act, (nn.ReLU, nn.LeakyReLU, nn.ELU)):
+        return [0.0]
+    return []
 
 
 class RandomGraph(nn.Module):
     """A plan of steps over earlier values: dense layers with activations, skips, concatenations
     and layer norms after an optional convolutional stem (max or average pooling, a residual
-    convolution)."""
+    convolution); in-place steps that write into a value other steps also read (``relu_`` on
+    its own line, an ``inplace=True`` ReLU kept beside its input, ``+=``)."""
 
     def __init__(self, plan, stem, width, classes):
         super().__init__()
         self.plan = plan
         self.stem = stem
         self.layers = nn.ModuleList()
+        self.inplace = nn.ReLU(inplace=True)
         widths = [width]
         for step in plan:
             kind, a = step[0], step[1]
             if kind == "dense":
                 self.layers.append(nn.Sequential(nn.Linear(widths[a], step[2]), step[3]))
                 widths.append(step[2])
-            elif kind == "add":
-                self.layers.append(nn.Identity())
-                widths.append(widths[a])
             elif kind == "cat":
                 self.layers.append(nn.Identity())
                 widths.append(widths[a] + widths[step[2]])
-            else:  # layernorm
+            elif kind == "layernorm":
                 self.layers.append(nn.LayerNorm(widths[a]))
                 widths.append(widths[a])
+            else:  # add, relu_, skip-relu, iadd: the width of value a
+                self.layers.append(nn.Identity())
+                widths.append(widths[a])
         self.head = nn.Linear(widths[-1], classes)
+        self.up = self.down = 1.0  # scales around the head (1: none)
 
     def forward(self, x):
+        return self.run(x)
+
+    def last(self, x):
+        """The head's input."""
+        return self.run(x, head=False)
+
+    def run(self, x, tune=None, head=True):
+        """The forward; ``tune`` (an example) shifts the bias of every dense step marked
+        ``near`` so that its first neuron's pre-activation at that example sits on a switch
+        point of its activation, as float32 computes it."""
         values = [torch.flatten(self.stem(x), 1) if self.stem is not None else x]
         for step, layer in zip(self.plan, self.layers, strict=True):
             kind, a = step[0], step[1]
@@ -148,9 +180,27 @@ class RandomGraph(nn.Module):
                 values.append(values[a] + 0.5 * values[step[2]])
             elif kind == "cat":
                 values.append(torch.cat([values[a], values[step[2]]], dim=1))
+            elif kind == "relu_":
+                values[a].relu_()  # on its own line: every name of values[a] changes
+                values.append(values[a])
+            elif kind == "skip-relu":
+                values.append(self.inplace(values[a]))  # values[a] is overwritten too
+            elif kind == "iadd":
+                h = values[a]
+                h += 0.5 * values[step[2]]
+                values.append(h)
             else:
+                if tune is not None and kind == "dense" and step[4] is not None:
+                    linear = layer[0]
+                    with torch.no_grad():  # a few corrections: float32 rounds each
+                        for _ in range(3):
+                            z = linear(values[a][tune : tune + 1])[0, 0]
+                            linear.bias[0] += step[4] - z
                 values.append(layer(values[a]))
-        return self.head(values[-1])
+        if not head:
+            return values[-1]
+        h = values[-1] * self.up if self.up != 1.0 else values[-1]
+        return self.head(h) * self.down if self.down != 1.0 else self.head(h)
 
 
 class Stem(nn.Module):
@@ -166,8 +216,28 @@ class Stem(nn.Module):
         return h + F.relu(self.res(h)) if self.res is not None else h
 
 
+# float32's edges, reached by scaling around the head by powers of two (exact on their own):
+# "up" puts the head's input's largest value there (near float32's largest finite value, 2**128,
+# a dot product over it may overflow to inf), "down" the largest logit (past 2**128 it is inf:
+# two such logits tie, and argmax breaks the tie by position; at a few units of the smallest
+# subnormal, 2**-149, every rounding is absolute)
+EDGES = [
+    ("down", 8 * 2.0**-149),
+    ("down", 3.0 * 2.0**128),
+    ("down", 2 * 2.0**-149),
+    ("up", 0.2 * 2.0**128),
+    ("down", 64 * 2.0**-149),
+    ("down", 0.6 * 2.0**128),
+    ("up", 0.9 * 2.0**128),
+    ("down", 16 * 2.0**-149),
+]
+
+
 @st.composite
-def random_graphs(draw):
+def random_graphs(draw, inplace=False, magnitudes=False):
+    """A random graph, an input batch and labels. ``inplace``: in-place steps may be drawn, and
+    dense steps may put a neuron on its activation's switch point at the first example;
+    ``magnitudes``: the values around the head are scaled to an edge of float32 (``EDGES``)."""
     seed = draw(st.integers(0, 2**16))
     torch.manual_seed(seed)
     image = draw(st.booleans())
@@ -178,23 +248,38 @@ def random_graphs(draw):
         width = 3 * 3 * 3  # every pooling drawn takes 6x6 to 3x3
     widths = [width]
     plan = []
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["dense", "dense", "add", "cat", "layernorm"]))
-        a = draw(st.integers(0, len(widths) - 1))
+    kinds = ["dense", "dense", "add", "cat", "layernorm"]
+    if inplace:
+        kinds += ["relu_", "skip-relu", "iadd"] * 2
+    for _ in range(draw(st.integers(1, 5 if inplace else 4))):
+        kind = draw(st.sampled_from(kinds))
+        # in-place steps write into a value a step made, never into the model's input
+        a = draw(
+            st.integers(
+                1 if kind in ("relu_", "skip-relu", "iadd") and plan else 0, len(widths) - 1
+            )
+        )
+        if kind in ("relu_", "skip-relu", "iadd") and a == 0:
+            kind = "dense"
         if kind == "dense":
-            out = draw(st.integers(2, 8))
-            plan.append(("dense", a, out, draw(st.sampled_from(ACTIVATIONS))))
+            out, near = draw(st.integers(2, 8)), None
+            if inplace and draw(st.booleans()):  # on a switch point, as float32 computes it
+                act = draw(st.sampled_from([a for a in ACTIVATIONS if switch_points(a)]))
+                near = draw(st.sampled_from(switch_points(act)))
+            else:
+                act = draw(st.sampled_from(ACTIVATIONS))
+            plan.append(("dense", a, out, act, near))
             widths.append(out)
-        elif kind == "add":
+        elif kind in ("add", "iadd"):
             same = [i for i, w in enumerate(widths) if w == widths[a]]
-            plan.append(("add", a, draw(st.sampled_from(same))))
+            plan.append((kind, a, draw(st.sampled_from(same))))
             widths.append(widths[a])
         elif kind == "cat":
             b = draw(st.integers(0, len(widths) - 1))
             plan.append(("cat", a, b))
             widths.append(widths[a] + widths[b])
-        else:
-            plan.append(("layernorm", a))
+        else:  # layernorm, relu_, skip-relu
+            plan.append((kind, a))
             widths.append(widths[a])
     classes = draw(st.integers(2, 4))
     model = RandomGraph(plan, stem, width, classes).eval()
@@ -203,19 +288,31 @@ def random_graphs(draw):
     shape = (2, 6, 6) if image else (5,)
     x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(seed))
     y = torch.randint(0, classes, (3,), generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        model.run(x.clone(), tune=0)
+    if magnitudes:
+        where, target = draw(st.sampled_from(EDGES))
+        with torch.no_grad():
+            logits = model(x)
+            largest = float(model.last(x).abs().max() if where == "up" else logits.abs().max())
+        if largest > 0:  # a power of two float32 holds (2**127 at most), the head the rest
+            k = math.floor(math.log2(target / largest))
+            setattr(model, where, 2.0 ** min(127, k))
+            for p in model.head.parameters():
+                p.data.mul_(2.0 ** max(0, k - 127))
     return model, x, y
 
 
 @st.composite
-def graph_threats(draw):
+def graph_threats(draw, inputs=(0.0, 0.02, 0.1), weights=(0.0, 0.01, 0.05)):
     w_mode, w_norm = draw(
         st.sampled_from([("absolute", "linf"), ("relative", "linf"), ("absolute", "l2")])
     )
     x_norm = draw(st.sampled_from(["linf", "l2"]))
-    eps_x = draw(st.sampled_from([0.0, 0.02, 0.1]))
+    eps_x = draw(st.sampled_from(inputs))
     return Threat(
         eps_x=eps_x * (3 if x_norm == "l2" else 1),
-        eps_w=draw(st.sampled_from([0.0, 0.01, 0.05])),
+        eps_w=draw(st.sampled_from(weights)),
         x_norm=x_norm,
         w_mode=w_mode,
         w_norm=w_norm,
@@ -228,6 +325,47 @@ def graph_threats(draw):
 def test_ibp_and_crown_are_sound_on_random_graphs(case, threat):
     model, x, y = case
     check_sound(model, x, y, threat, ["ibp", "crown", "alpha-crown"])
+
+
+def check_sound_as_it_runs(model, x, y, threat, methods):
+    """No certificate where the model, run as it is on a materialized perturbation (random ones,
+    the corners, the attack's), ranks a wrong class at or above the label, and no bound above
+    any margin it computes. Non-finite logits count as misclassified (inf against inf is a
+    tie that ``argmax`` breaks by position)."""
+    samples = random_margins(model, x, y, threat, n=100).double().nan_to_num(nan=float("-inf"))
+    res = ns.attack(model, x, y, threat, steps=20, restarts=1, loss="both", seed=1)
+    for i in range(len(x)):
+        logits = res.replay(model, i)[0].double()
+        margin = (logits[y[i]] - logits).nan_to_num(nan=float("-inf"))
+        samples = torch.cat([samples, margin[None, None].expand(1, len(x), -1).clone()])
+        samples[-1, [j for j in range(len(x)) if j != i]] = float("inf")
+    worst = samples.scatter(2, y[None, :, None].expand(len(samples), -1, 1), float("inf"))
+    worst = worst.min(2).values.min(0).values  # (B,) the lowest margin the model computed
+    for method in methods:
+        cert = ns.certify(model, x, y, threat, method, time_limit=0.3)
+        broken = cert.certified & (worst <= 0)
+        assert not bool(broken.any()), f"{method} certifies examples {broken.nonzero()}"
+        lower = cert.lower.double()
+        finite = torch.isfinite(lower)[None] & torch.isfinite(samples)
+        gap = torch.where(finite, lower[None] - samples - TOL * (1 + samples.abs()), -1.0)
+        assert float(gap.max()) <= 0, f"{method}: a perturbation went {gap.max()} below"
+
+
+@settings(max_examples=30)
+@given(case=random_graphs(inplace=True), threat=graph_threats((0.0, 0.0, 0.02), (0.0, 0.01)))
+def test_certificates_are_sound_on_random_graphs_with_aliasing_and_switch_points(case, threat):
+    model, x, y = case
+    check_sound_as_it_runs(model, x, y, threat, ["ibp", "crown", "alpha-crown", "bab"])
+
+
+@settings(max_examples=30)
+@given(
+    case=random_graphs(magnitudes=True),
+    threat=graph_threats(inputs=(0.0, 1e-3, 0.01), weights=(0.0, 1e-4, 1e-3)),
+)
+def test_certificates_are_sound_on_random_graphs_at_the_edges_of_float32(case, threat):
+    model, x, y = case
+    check_sound_as_it_runs(model, x, y, threat, ["ibp", "crown", "alpha-crown", "bab"])
 
 
 @settings(max_examples=30)
