@@ -236,8 +236,9 @@ EDGES = [
 @st.composite
 def random_graphs(draw, inplace=False, magnitudes=False):
     """A random graph, an input batch and labels. ``inplace``: in-place steps may be drawn, and
-    dense steps may put a neuron on its activation's switch point at the first example;
-    ``magnitudes``: the values around the head are scaled to an edge of float32 (``EDGES``)."""
+    dense steps may put a neuron on its activation's switch point at the first example, in a
+    float32 or a float64 model; ``magnitudes``: the values around the head are scaled to an
+    edge of float32 (``EDGES``)."""
     seed = draw(st.integers(0, 2**16))
     torch.manual_seed(seed)
     image = draw(st.booleans())
@@ -285,8 +286,10 @@ def random_graphs(draw, inplace=False, magnitudes=False):
     model = RandomGraph(plan, stem, width, classes).eval()
     for p in model.parameters():
         p.data.mul_(draw(st.sampled_from([1.0, 2.0])))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64])) if inplace else torch.float32
+    model = model.to(dtype)
     shape = (2, 6, 6) if image else (5,)
-    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(seed))
+    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
     y = torch.randint(0, classes, (3,), generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         model.run(x.clone(), tune=0)
