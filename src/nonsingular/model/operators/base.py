@@ -234,4 +234,3 @@ def as_kernel_number(value: Any, dtype: torch.dtype | None) -> Any:
     if dtype is None or not dtype.is_floating_point:
         return value
     return torch.tensor(float(value), dtype=torch.float64).to(opmath_dtype(dtype)).item()
-
