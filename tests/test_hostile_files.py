@@ -255,7 +255,7 @@ def test_the_lock_is_never_opened_through_a_link(tmp_path, outside):
 
 
 # --------------------------------------------------------- config files name data, not code
-FACTORY = '''\
+FACTORY = """\
 import pathlib
 import torch
 
@@ -265,7 +265,7 @@ pathlib.Path({imported!r}).write_text("imported")
 def build(in_shape, classes, marker):
     pathlib.Path(marker).write_text("called")
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, classes))
-'''
+"""
 
 
 @pytest.fixture
