@@ -226,7 +226,7 @@ def read_config(path: str | Path, factory: str | None = None) -> dict[str, Any]:
     if isinstance(named, str) and named not in BUILTIN and named != factory:
         raise ConfigError(
             f"{path} names the model factory {named!r}; a config file never imports code by "
-            f"itself: name that factory on the command line to allow importing it "
+            "itself: name that factory on the command line to allow importing it "
             f"(--model {named})"
         )
     return values
