@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import matplotlib
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
 
 from .experiment import RECIPES, Measured, Results, Spread
-from .files import write_json, write_text
+from .files import exclusive, write_bytes, write_json, write_text
 from .provenance import provenance
 from .training import METHODS
 from .verdicts import RULE, Verdict, verdicts
@@ -232,10 +233,12 @@ def _heatmap(ax: Any, results: Results, matrix: list[list[float]], title: str) -
 
 
 def _save(fig: Figure, path: Path, text: str) -> str:
-    """Write ``fig`` with its caption ``text`` along the bottom."""
+    """Write ``fig`` as a PNG, atomically, with its caption ``text`` along the bottom."""
     fig.text(0.5, 0.005, text, ha="center", va="bottom", fontsize=7, color="#444444")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    write_bytes(path, png.getvalue())
     return f"{path.parent.name}/{path.name}"
 
 
@@ -609,17 +612,20 @@ class Report:
 def write_report(results: Results, out: str | Path, command: list[str] | None = None) -> Report:
     """Record the provenance in ``results``; write the figures, ``results.json`` (with the
     summary and the verdicts) and ``report.md``. ``command``: the arguments after
-    ``nonsingular`` (by default, this process's command)."""
+    ``nonsingular`` (by default, this process's command). Holds ``out``'s lock, so a directory
+    holding a symbolic link, or written by another process, is refused before any write."""
     out = Path(out)
     results.run = {**provenance(command), "minutes": results.seconds / 60}
     summary = summarize(results)
     claims = verdicts(results)
-    figure = figures(results, summary, out / "figures")
-    document = {
-        **results.to_dict(),
-        "summary": summary.to_dict(),
-        "claims": [c.to_dict() for c in claims],
-    }
-    write_json(out / "results.json", document)
-    path = write_text(out / "report.md", markdown(results, summary, claims, figure))
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        figure = figures(results, summary, out / "figures")
+        document = {
+            **results.to_dict(),
+            "summary": summary.to_dict(),
+            "claims": [c.to_dict() for c in claims],
+        }
+        write_json(out / "results.json", document)
+        path = write_text(out / "report.md", markdown(results, summary, claims, figure))
     return Report(path, summary, claims)

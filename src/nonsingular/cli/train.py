@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed import ranks
+from ..files import refuse_links
 from ..models import BUILTIN
 from ..training import METHODS, TrainConfig, train
-from ..training.config import BOUNDS, OPTIMIZERS, read_toml
+from ..training.config import BOUNDS, OPTIMIZERS, read_config
 from . import common
 
 
@@ -80,7 +81,9 @@ OPTIONS: list[tuple[str, Any, str]] = [
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
-    values: dict[str, Any] = read_toml(args.config) if args.config is not None else {}
+    values: dict[str, Any] = {}
+    if args.config is not None:  # a factory in it only when --model names it too
+        values = read_config(args.config, getattr(args, "model", None))
     values = {k.replace("-", "_"): v for k, v in values.items()}
     for flag, _, _ in [("method", None, ""), *OPTIONS]:
         key = flag.replace("-", "_")
@@ -93,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     where = common.device(args.device)
     config = _config(args).resolved()  # validate before any work
     out = args.out or Path("runs") / config.method
+    refuse_links(out)  # before anything is written in it
     result = train(config, out_dir=out, resume=args.resume, device=where, progress=not args.quiet)
     if not ranks().lead:  # one process reports for all
         return 0

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..checks import MAX_BATCH, MAX_SEED, choice, integer, number, options
 from ..errors import ConfigError, ThreatError
-from ..models import Architecture, check_factory_name
+from ..models import BUILTIN, Architecture, check_factory_name
 from ..threat import MAX_BUDGET, Threat
 from .registry import METHODS
 
@@ -186,8 +186,9 @@ class TrainConfig:
         return cls(**clean)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(read_toml(path))
+    def from_toml(cls, path: str | Path, factory: str | None = None) -> TrainConfig:
+        """From a TOML file; a user factory in it needs ``factory`` (see ``read_config``)."""
+        return cls.from_dict(read_config(path, factory))
 
     def to_toml(self) -> str:
         """The config as TOML with CLI-flag keys: ``nonsingular train --config`` reads it."""
@@ -214,6 +215,21 @@ def _toml(value: Any) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
     return repr(value)
+
+
+def read_config(path: str | Path, factory: str | None = None) -> dict[str, Any]:
+    """A training TOML's values. A file names data, not code: a user factory in it
+    (``model = "package.module:function"``) is refused, before anything is imported, unless
+    ``factory`` (the command line's ``--model``) names the same one, the rule checkpoints follow."""
+    values = read_toml(path)
+    named = values.get("model")
+    if isinstance(named, str) and named not in BUILTIN and named != factory:
+        raise ConfigError(
+            f"{path} names the model factory {named!r}; a config file never imports code by "
+            "itself: name that factory on the command line to allow importing it "
+            f"(--model {named})"
+        )
+    return values
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
