@@ -22,7 +22,11 @@ class AttackResult:
     margins:        (B,) ``z_y - max_{j != y} z_j`` under the best perturbation found.
     clean_margins:  (B,) the same without perturbation.
     success:        (B,) bool, ``margins <= 0``: the example is broken.
-    loss_trace:     (steps + 1,) mean attack loss along the first run (flat: suspicious).
+    loss_trace:     pgd: the first run's mean attack loss at each iterate, start included
+                    (up to steps + 1 values; with ``until_broken`` only the rows not yet broken
+                    count, and it ends when none are left); noise: the mean negative margin of
+                    each draw (``samples`` values). ``[0.]`` (pgd) or empty (noise) when the
+                    threat perturbs nothing. A flat trace is suspicious.
     """
 
     x_adv: Tensor

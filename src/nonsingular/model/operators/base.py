@@ -147,7 +147,7 @@ class Operator:
     def unsupported(self, what: str) -> UnsupportedLayerError:
         return UnsupportedLayerError(
             f"operation {self.label} has no {what}: certificates (ibp, crown) cannot bound it; "
-            "attacks work on it, and docs/operations.md lists what certificates support"
+            "attacks work on it; docs/models.md ('Supported operations') lists what they bound"
         )
 
 
@@ -234,4 +234,3 @@ def as_kernel_number(value: Any, dtype: torch.dtype | None) -> Any:
     if dtype is None or not dtype.is_floating_point:
         return value
     return torch.tensor(float(value), dtype=torch.float64).to(opmath_dtype(dtype)).item()
-

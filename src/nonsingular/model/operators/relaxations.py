@@ -148,8 +148,6 @@ _CHORD_MIN_WIDTH = 1e-8  # narrower intervals (relative to 1 + |x|) use the deri
 _EPS64 = torch.finfo(torch.float64).eps
 
 
-
-
 def _round_to(value: float, dtype: torch.dtype) -> float:
     """``value`` rounded to nearest in ``dtype`` (kept as it is where that overflows)."""
     rounded = torch.tensor(value, dtype=torch.float64).to(dtype).item()
