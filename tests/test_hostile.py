@@ -1146,8 +1146,9 @@ def _margins_to(logits, y):
 
 
 def _attack_is_real(model, x, y, threat, res):
-    """The attack's margins are the margins of perturbations it can replay, never above the
-    clean ones, and the clean ones are those of ``model(x)``."""
+    """The attack ran under ``threat``, its margins are the margins of perturbations it can
+    replay, never above the clean ones, and the clean ones are those of ``model(x)``."""
+    assert res.threat == threat
     clean = _margins_to(model(x).detach(), y).min(1).values
     torch.testing.assert_close(res.clean_margins, clean, atol=1e-5, rtol=0)
     assert bool((res.margins <= res.clean_margins + 1e-6).all())
@@ -1198,7 +1199,8 @@ WORKING_CASES = {  # name: (what must work, what it must give)
     "layer names with zero budget": (  # nothing is perturbed: the clean margins
         lambda: ns.attack(_model(), X, Y, Threat(layers=("1",))),
         lambda r: (
-            _attack_is_real(_model(), X, Y, Threat(), r) and torch.equal(r.margins, r.clean_margins)
+            _attack_is_real(_model(), X, Y, Threat(layers=("1",)), r)
+            and torch.equal(r.margins, r.clean_margins)
         ),
     ),
     "uint8 labels": (  # read as the same classes as int64 labels
