@@ -147,7 +147,7 @@ class Operator:
     def unsupported(self, what: str) -> UnsupportedLayerError:
         return UnsupportedLayerError(
             f"operation {self.label} has no {what}: certificates (ibp, crown) cannot bound it; "
-            "attacks work on it; docs/models.md ('Supported operations') lists what they bound"
+            "attacks work on it (docs/models.md, 'Supported operations': what certificates bound)"
         )
 
 
