@@ -62,12 +62,13 @@ def test_the_readme_shows_the_verdicts_and_numbers_of_its_results(folder):
 
 
 def test_every_document_the_source_cites_exists():
-    """Comments, docstrings and messages in src/ cite docs by path ("docs/models.md"), some
-    with a section ("docs/models.md, 'Supported operations'"): each file and section exists,
-    and no citation points at a design file the repository does not ship."""
+    """src/ (comments, docstrings, messages), docs/ and the README cite docs by path
+    ("docs/models.md"), some with a section ("docs/models.md, 'Supported operations'"): each
+    file and section exists, and nothing cites a design file the repository does not ship."""
     cited = re.compile(r"docs/([\w-]+\.md)(?:, '([^']+)')?")
     found = []
-    for path in sorted((ROOT / "src").rglob("*.py")):
+    sources = [*(ROOT / "src").rglob("*.py"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
+    for path in sorted(sources):
         text = path.read_text()
         assert "DESIGN" not in text, f"{path.name} cites DESIGN, which is not shipped"
         for name, section in cited.findall(text):
