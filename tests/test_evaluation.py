@@ -28,7 +28,15 @@ def test_grid_evaluation_table(mnist, standard_mlp, tmp_path):
     assert saved["rows"][3]["attacked"] == table.accuracy(0.05, 1e-3)
     assert saved["attack"]["steps"] == 10
     assert json.loads(table.to_json()) == saved
-    assert table.to_markdown().count("\n") == 5
+    head, rule, *body = [
+        [c.strip() for c in line.strip("|").split("|")] for line in table.to_markdown().splitlines()
+    ]
+    assert head == ["eps_x", "eps_w", "threat", "clean", "attacked"] and len(rule) == 5
+    assert [(float(c[0]), float(c[1])) for c in body] == [(r.eps_x, r.eps_w) for r in table.rows]
+    for cells, r in zip(body, table.rows, strict=True):
+        assert cells[2] == r.threat.describe()
+        assert float(cells[3].rstrip("%")) == pytest.approx(100 * r.clean, abs=0.05)
+        assert float(cells[4].rstrip("%")) == pytest.approx(100 * r.attacked, abs=0.05)
 
 
 def test_per_example_outcomes_are_each_examples_own_attack_and_certificate(mnist, standard_mlp):

@@ -1139,27 +1139,81 @@ def test_replay_leaves_a_train_mode_model_exactly_as_it_was_and_repeats_itself()
 
 
 # --------------------------------------------------------------------- edges that must work
-WORKING_CASES = {
-    "largest budget": lambda: Threat(eps_x=1e12, eps_w=1e12),
-    "seed at its maximum": lambda: TrainConfig(seed=MAX_SEED),
-    "attack with the largest seed": lambda: ns.attack(
-        _model(), X, Y, Threat(eps_x=0.1), steps=2, seed=MAX_SEED
+def _margins_to(logits, y):
+    """``z_y - z_j`` for every class j, ``+inf`` at ``j = y``, from logits alone."""
+    out = logits[torch.arange(len(y)), y.long()][:, None] - logits
+    return out.scatter(1, y.long()[:, None], float("inf"))
+
+
+def _attack_is_real(model, x, y, threat, res):
+    """The attack ran under ``threat``, its margins are the margins of perturbations it can
+    replay, never above the clean ones, and the clean ones are those of ``model(x)``."""
+    assert res.threat == threat
+    clean = _margins_to(model(x).detach(), y).min(1).values
+    torch.testing.assert_close(res.clean_margins, clean, atol=1e-5, rtol=0)
+    assert bool((res.margins <= res.clean_margins + 1e-6).all())
+    for i in range(len(y)):
+        replayed = _margins_to(res.replay(model, i), y[i : i + 1]).min(1).values
+        torch.testing.assert_close(replayed, res.margins[i : i + 1], atol=1e-4, rtol=0)
+    return True
+
+
+def _certificate_holds(model, x, y, threat, res, draws=256):
+    """Finite lower bounds, below the margins of ``model`` at the clean input and at inputs
+    drawn uniformly from the input box (clamped into ``threat.bounds``) by this test."""
+    assert bool(torch.isfinite(res.lower.scatter(1, y[:, None], 0.0)).all())
+    g = torch.Generator().manual_seed(1)
+    noise = (torch.rand(draws, *x.shape, generator=g) * 2 - 1) * threat.eps_x
+    points = torch.cat([x[None], x[None] + noise])
+    if threat.bounds is not None:
+        points = points.clamp(*threat.bounds)
+    with torch.no_grad():
+        seen = torch.stack([_margins_to(model(p), y) for p in points]).amin(0)
+    assert bool((res.lower <= seen + 1e-5).all()), (res.lower, seen)
+    return True
+
+
+X_ON_BOUNDS = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
+WORKING_CASES = {  # name: (what must work, what it must give)
+    "largest budget": (
+        lambda: Threat(eps_x=1e12, eps_w=1e12),
+        lambda t: (t.eps_x, t.eps_w) == (1e12, 1e12),
     ),
-    "x exactly on the bounds": lambda: ns.certify(
-        _model(), torch.tensor([[0.0, 1.0, 0.0, 1.0]]), Y[:1], Threat(eps_x=0.1)
+    "seed at its maximum": (lambda: TrainConfig(seed=MAX_SEED), lambda c: c.seed == MAX_SEED),
+    "attack with the largest seed": (
+        lambda: ns.attack(_model(), X, Y, Threat(eps_x=0.1), steps=2, seed=MAX_SEED),
+        lambda r: _attack_is_real(_model(), X, Y, Threat(eps_x=0.1), r),
     ),
-    "no bounds, large x": lambda: ns.certify(_model(), X * 100, Y, Threat(eps_x=0.1, bounds=None)),
-    "one example": lambda: ns.attack(
-        _model(), X[:1], Y[:1], Threat(eps_x=0.1, eps_w=0.01), steps=2
+    "x exactly on the bounds": (
+        lambda: ns.certify(_model(), X_ON_BOUNDS, Y[:1], Threat(eps_x=0.1)),
+        lambda r: _certificate_holds(_model(), X_ON_BOUNDS, Y[:1], Threat(eps_x=0.1), r),
     ),
-    "layer names with zero budget": lambda: ns.attack(_model(), X, Y, Threat(layers=("1",))),
-    "uint8 labels": lambda: ns.attack(_model(), X, Y.to(torch.uint8), Threat(), steps=1),
+    "no bounds, large x": (
+        lambda: ns.certify(_model(), X * 100, Y, Threat(eps_x=0.1, bounds=None)),
+        lambda r: _certificate_holds(_model(), X * 100, Y, Threat(eps_x=0.1, bounds=None), r),
+    ),
+    "one example": (
+        lambda: ns.attack(_model(), X[:1], Y[:1], Threat(eps_x=0.1, eps_w=0.01), steps=2),
+        lambda r: _attack_is_real(_model(), X[:1], Y[:1], Threat(eps_x=0.1, eps_w=0.01), r),
+    ),
+    "layer names with zero budget": (  # nothing is perturbed: the clean margins
+        lambda: ns.attack(_model(), X, Y, Threat(layers=("1",))),
+        lambda r: (
+            _attack_is_real(_model(), X, Y, Threat(layers=("1",)), r)
+            and torch.equal(r.margins, r.clean_margins)
+        ),
+    ),
+    "uint8 labels": (  # read as the same classes as int64 labels
+        lambda: ns.attack(_model(), X, Y.to(torch.uint8), Threat(), steps=1),
+        lambda r: _attack_is_real(_model(), X, Y, Threat(), r),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(WORKING_CASES))
 def test_the_edges_of_every_range_work(case):
-    assert WORKING_CASES[case]() is not None
+    run, check = WORKING_CASES[case]
+    assert check(run())
 
 
 def test_a_state_written_by_the_library_loads(run_dir):

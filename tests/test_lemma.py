@@ -80,23 +80,54 @@ def test_materialized_delta_is_in_the_ball_and_moves_the_output_by_radius_times_
         assert in_parameter_ball(budget, deltas["bias"], "bias")
 
 
+def threat_radius(weight, eps, mode, norm):
+    """The weight budget read from the threat's definition (docs/threat-model.md), not from
+    the library: linf elementwise, l2 Frobenius."""
+    if mode == "absolute":
+        return torch.tensor(eps)
+    if mode == "layer":
+        return eps * weight.abs().max()
+    return eps * (weight.abs() if norm == "linf" else weight.norm())
+
+
+def weight_draws(weight, radius, norm, h, g):
+    """``(draws, B, n_out, n_in)`` weight perturbations inside the threat's set, drawn by this
+    test: uniform inside, on the boundary, and the ones that push each output furthest
+    (linf: ``R sign(h)`` in every row; l2: ``R e_i h^T / |h|``, one per output ``i``)."""
+    b, (n_out, n_in) = len(h), weight.shape
+    if norm == "linf":
+        inside = radius * (torch.rand(b, n_out, n_in, generator=g) * 2 - 1)
+        edge = radius * torch.randn(b, n_out, n_in, generator=g).sign()
+        furthest = (radius * h.sign()[:, None, :]).expand(b, n_out, n_in)
+        return [inside, edge, furthest]
+    direction = torch.randn(b, n_out, n_in, generator=g)
+    edge = radius * direction / direction.flatten(1).norm(dim=1)[:, None, None]
+    inside = edge * torch.rand(b, 1, 1, generator=g)
+    unit_h = h / h.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    rows = torch.eye(n_out)[:, None, :, None] * unit_h[None, :, None, :]  # (n_out, B, ., .)
+    return [inside, edge, *(radius * rows)]
+
+
 @given(
     n_out=st.integers(1, 10),
     n_in=st.integers(1, 10),
     seed=st.integers(0, 9999),
     mode=st.sampled_from(MODES),
 )
-def test_no_weight_perturbation_moves_a_dense_output_beyond_the_lemma_box(n_out, n_in, seed, mode):
+def test_the_lemma_box_holds_every_weight_perturbation_and_no_more(n_out, n_in, seed, mode):
+    """Perturbations drawn from the threat's own definition (not the library's balls) never
+    move an output beyond the box, and the furthest of them reach it: a wrong radius fails."""
     layer, g = dense(n_out, n_in, seed)
     budget = layer.budget(Threat(eps_w=0.1, w_mode=mode[0], w_norm=mode[1]))
     h = torch.randn(16, n_in, generator=g)
-    ball = budget.parameter_balls(batch_dims=1)["weight"]
-    deltas = ball.random(torch.empty(16, n_out, n_in), g)
-    corners = ball.project(torch.randn(16, n_out, n_in, generator=g) * 100)  # on the boundary
-    radius = budget.activation_radius(h.abs())
-    for d in (deltas, corners):
-        moved = torch.bmm(d, h[:, :, None])[..., 0]
-        assert torch.all(moved.abs() <= radius * (1 + 1e-5) + 1e-6)
+    radius = budget.activation_radius(h.abs()).expand(16, n_out)
+    own = threat_radius(layer.weight, 0.1, *mode)
+    reached = torch.zeros(16, n_out)
+    for d in weight_draws(layer.weight, own, mode[1], h, g):
+        moved = torch.bmm(d, h[:, :, None])[..., 0].abs()
+        assert torch.all(moved <= radius * (1 + 1e-5) + 1e-6)
+        reached = torch.maximum(reached, moved)
+    torch.testing.assert_close(reached, radius, atol=1e-5, rtol=1e-5)
 
 
 @given(

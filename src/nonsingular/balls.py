@@ -1,9 +1,10 @@
 """Balls that PGD variables live in: each knows how to sample, step and project itself.
 
-The joint attack loop is written once and walks a tuple of (variable, ball) pairs; the input
-part and every weight mode are just balls with different radii (Foolbox's idea, extended to
-weights). Radii broadcast against the variable; ``batch_dims`` leading dimensions index
-independent balls (1 for per-example variables, 0 for one shared variable).
+The joint attack loop is written once and walks the variables of a ``JointSpace`` (a dict of
+name to ball); the input part and every weight mode are just balls with different radii
+(Foolbox's idea, extended to weights). Radii broadcast against the variable; ``batch_dims``
+leading dimensions index independent balls (1 for per-example variables, 0 for one shared
+variable).
 """
 
 from __future__ import annotations

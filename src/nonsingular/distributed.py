@@ -137,15 +137,6 @@ def summed(tensor: torch.Tensor) -> torch.Tensor:
     return out.to(tensor.device)
 
 
-def largest(values: Sequence[float], device: torch.device | None = None) -> list[float]:
-    """The largest of ``values`` over the ranks."""
-    if not ranks().many:
-        return list(values)
-    tensor = torch.tensor(list(values), dtype=torch.float64, device=device or _device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
-
-
 def gather(value: Any) -> list[Any]:
     """Every rank's ``value``, in rank order, on every rank (JSON-like objects)."""
     if not ranks().many:

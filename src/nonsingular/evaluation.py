@@ -2,7 +2,8 @@
 
 ``evaluate`` attacks every grid point on the whole data set and returns a tidy table. Like
 AutoAttack's checks, it looks for signs of a broken evaluation (attacked above clean, an
-attack loss that never moved, accuracy rising with the budget) and reports them in the table.
+attack loss that never moved, accuracy rising with the budget, an example certified that the
+attack broke) and reports them in the table.
 """
 
 from __future__ import annotations

@@ -89,6 +89,6 @@ def _matrix(differences: Sequence[Sequence[float]]) -> np.ndarray:
 def _t_two_sided(t: float, df: int) -> float:
     """P(|T| >= t) for Student's t with ``df`` degrees of freedom, through the regularized
     incomplete beta function: I_x(df/2, 1/2) with x = df / (df + t^2)."""
-    from scipy.special import betainc  # scikit-learn's dependency: always installed with us
+    from scipy.special import betainc  # a declared dependency (pyproject.toml), imported late
 
     return float(betainc(df / 2, 0.5, df / (df + t * t)))

@@ -98,7 +98,7 @@ class Verdict:
     model: str
     family: str
     direction: str  # "more robust" or "less robust"
-    verdict: str  # supported, contradicted, inconclusive, not run, needs seeds
+    verdict: str  # supported, contradicted, inconclusive, not run, needs seeds, excluded
     reason: str = ""
     unit: str = ""  # what replicates: "examples", "examples and seeds" or "seeds"
     seeds: int = 0
@@ -136,11 +136,6 @@ def scores(
     """Per example, the share of ``family``'s budgets (see ``_budget_outcomes``) it survives."""
     bits = _budget_outcomes(results, family, model, attack)
     return [sum(b[i] == "1" for b in bits) / len(bits) for i in range(len(bits[0]))]
-
-
-def family_metric(results: Results, family: str, model: Measured) -> float:
-    """Robust accuracy of ``model`` averaged over the nonzero budgets of ``family``."""
-    return statistics.fmean(scores(results, family, model))
 
 
 def verdicts(

@@ -1,4 +1,4 @@
-"""Certified lower bounds on robust accuracy under the joint threat (DESIGN section 3).
+"""Certified lower bounds on robust accuracy under the joint threat (docs/certificates.md).
 
 ``certify(model, x, y, threat, method)`` returns, per example, a lower bound on every margin
 ``z_y - z_j`` over every input and weight perturbation of the threat; an example is certified

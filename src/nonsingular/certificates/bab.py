@@ -247,7 +247,7 @@ class _Domains:
         self.nodes = list(self.relus.values())
         self.bounded = torch.zeros(len(x), dtype=torch.long, device=x.device)  # per example
         self.spent = torch.zeros(len(x), dtype=torch.float64)  # seconds, per example
-        self.root = Bounds.start(graph, InputRegion.from_threat(x, threat), unit)  # by start()
+        self.root: Bounds  # the bounds at the root, set by start()
 
     def bound(self, domains: _Open, steps: int) -> _Open:
         """The domains bounded again: their boxes (within the given ones), and the margins

@@ -42,11 +42,9 @@ BUDGETS = (
     "joint_eps_w",
 )
 COMPARISON = METHODS  # the methods it can compare: every registered one (the registry itself)
-ARCHITECTURES = tuple(BUILTIN)
+ARCHITECTURES = tuple(BUILTIN)  # the experiment's architectures: the built-in ones
 # a recipe: the training options it changes (the default recipe changes none)
-RECIPES: dict[str, dict[str, Any]] = {
-    "no-augmentation": {"augment": 0}
-}  # the experiment's architectures: the built-in ones
+RECIPES: dict[str, dict[str, Any]] = {"no-augmentation": {"augment": 0}}
 
 
 JOINT = "joint"  # the joint family: the grid joint_eps_x x joint_eps_w, absolute per-example
@@ -193,7 +191,7 @@ class Experiment:
         out = {}
         for method in self.methods:
             threat = self.train_config(method, 0).resolved_threat()
-            if threat is not None and (threat.eps_x > 0 or threat.eps_w > 0):
+            if threat.perturbs_input or threat.perturbs_weights:
                 out[method] = threat
         return out
 
@@ -223,10 +221,6 @@ class Experiment:
                 {"scope": "shared"},
             ),
         ]
-
-    def family_names(self) -> list[str]:
-        """Every family the claims and outcomes use, in report order, the joint one last."""
-        return [f.name for f in self.families()] + [JOINT]
 
     def family(self, name: str) -> Family:
         """The one-axis family called ``name``."""

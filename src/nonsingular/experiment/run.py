@@ -1,9 +1,10 @@
 """Running the experiment: train the comparison's models, measure every one under the same
 threats, and gather what was measured into ``Results``.
 
-Everything is cached in the output directory: models in ``models/seed{S}/{method}`` (training
-run directories, resumable), evaluations in ``evals/seed{S}/{method}.json`` keyed by what was
-evaluated and a hash of the weights, so a rerun reuses all finished work.
+Everything is cached in the output directory: models in ``models/seed{S}/{method}`` (or
+``models/seed{S}/{recipe}/{method}``: training run directories, resumable), evaluations in
+``evals/seed{S}/{method}.json`` (or ``{method} ({recipe}).json``) keyed by what was evaluated
+and a hash of the weights, so a rerun reuses all finished work.
 """
 
 from __future__ import annotations

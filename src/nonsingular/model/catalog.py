@@ -32,7 +32,6 @@ from .operators.normalization import BatchNorm, LayerNorm, MaxPool
 from .operators.relaxations import Activation
 
 Built = tuple[Operator, tuple, dict[str, Any]]
-Lookup = Callable[[Any], Tensor | None]  # a template argument -> its tensor, if it is a Param
 
 
 # ------------------------------------------------------------------------------- modules

@@ -1,8 +1,10 @@
 """A model read as the graph it really computes: nodes in topological order, each an operator
 applied to the values of earlier nodes and to the model's tensors.
 
-Attacks, certificates and training never call the user's module: they run this graph with the
-model's tensors (or perturbed copies built on the fly), so the model itself is never touched.
+Attacks and certificates run this graph with the model's tensors (or perturbed copies built on
+the fly), never the user's module, so the model itself is never touched (reading calls the module
+once, to check the graph against ``model(x)``). Training does call its module, a copy of the
+user's: its clean passes run it, and its optimizer updates the copy's parameters.
 A reused module is two nodes; a residual add is a node with two inputs; a tied parameter is one
 tensor that several nodes read. Every node computes the deployed (eval-mode) function unless a
 training-mode run is asked for (``run(..., training=True)``: BatchNorm's batch statistics,

@@ -1,6 +1,6 @@
 """The weight side of the threat, one affine node at a time, and the key lemma.
 
-Lemma (DESIGN section 2): for a dense layer applied to one vector ``h`` and a perturbation with
+Lemma: for a dense layer applied to one vector ``h`` and a perturbation with
 ``|Delta[i,j]| <= R[i,j]``, the reachable changes of the output are exactly the box
 ``{u : |u_i| <= (R |h|)_i}``, attained by ``Delta = t R sign(h)^T`` (t in [-1, 1]^n_out). For
 ``||Delta||_F <= rho`` they are the ball ``||u||_2 <= rho ||h||_2``, attained by
@@ -35,7 +35,8 @@ class OutputSet:
 
     The sum of an elementwise box (``box``, broadcastable to the output) and a Euclidean ball
     over the flattened output (``ball``, shape (B,)). Bounds only need its box radius (IBP)
-    and its support function (CROWN: the largest ``lam . delta`` over the set).
+    and its support function (CROWN: the largest ``lam . delta`` over the set;
+    ``certificates.linear.added_support``).
     """
 
     box: Tensor | None = None
@@ -47,15 +48,6 @@ class OutputSet:
         if self.ball is not None:
             r = r + self.ball.reshape(-1, 1)  # (B, 1): dense outputs only
         return r  # type: ignore[return-value]
-
-    def support(self, lam: Tensor) -> Tensor:
-        """``max over the set of lam . delta`` for ``lam: (B, K, *out)``, shape (B, K)."""
-        total = lam.new_zeros(lam.shape[:2])
-        if self.box is not None:
-            total = total + (lam.abs() * self.box.unsqueeze(1)).flatten(2).sum(-1)
-        if self.ball is not None:
-            total = total + lam.flatten(2).norm(dim=-1) * self.ball.reshape(-1, 1)
-        return total
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Training for non-singular robustness (DESIGN section 5): ``nonsingular.train``."""
+"""Training for non-singular robustness: ``nonsingular.train`` (docs/training.md)."""
 
 from .config import TrainConfig
 from .loop import TrainResult, accuracy, build_model, train

@@ -147,7 +147,7 @@ class Operator:
     def unsupported(self, what: str) -> UnsupportedLayerError:
         return UnsupportedLayerError(
             f"operation {self.label} has no {what}: certificates (ibp, crown) cannot bound it; "
-            "attacks work on it, and docs/operations.md lists what certificates support"
+            "attacks work on it (docs/models.md, 'Supported operations': what certificates bound)"
         )
 
 

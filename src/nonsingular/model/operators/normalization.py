@@ -1,5 +1,5 @@
 """BatchNorm (eval: a per-channel affine map, exact in bounds; training: batch statistics),
-LayerNorm and MaxPool (relaxations in ``pool_norm_bounds.py``)."""
+LayerNorm and MaxPool (relaxations in ``layernorm_bounds.py`` and ``maxpool_bounds.py``)."""
 
 from __future__ import annotations
 
