@@ -22,7 +22,7 @@ import math
 import os
 import time
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ from ..distributed import Ranks, part, ranks, sum_gradient
 from ..distributed import total as distributed_total
 from ..errors import ConfigError, TrainingError
 from ..files import exclusive, write_json, write_text
-from ..model import read_model
+from ..model import read_model, with_gradients
+from ..model.verify import usable
 from ..models import Architecture
 from ..provenance import provenance
 from ..seeds import mix
@@ -49,6 +50,7 @@ from .registry import make_method
 from .state import load_state, restore, save_state
 
 STATE = "state.safetensors"
+TENSORS = ("x_train", "y_train", "x_test", "y_test")  # the tensors of a Dataset
 
 
 @dataclass
@@ -186,6 +188,7 @@ def _write_outputs(
     write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
 
 
+@with_gradients
 def train(
     config: TrainConfig,
     data: Dataset | None = None,
@@ -206,6 +209,8 @@ def train(
     config = config.resolved()
     split_seed = config.seed if data is None else None  # None: the caller's data, split its way
     data = data if data is not None else load(config.data, seed=config.seed)
+    if isinstance(data, Dataset):  # tensors made under inference_mode: autograd needs copies
+        data = replace(data, **{k: usable(getattr(data, k)) for k in TENSORS})
     model, architecture = _starting_model(config, data, model)
     model = model.to(device)
     method = make_method(config)
@@ -375,17 +380,28 @@ def _train_epoch(
             [loss.item() * len(idx), float((logits.detach().argmax(1) == yb).sum())]
         )
         value /= len(batch)
-        if not math.isfinite(value):
-            raise TrainingError(
-                f"the training loss became {value} in epoch {epoch + 1}, step {step + 1}: the "
-                "learning rate, the method's budget or its weights (lambda_x, lambda_w) are too "
-                "large; the run directory keeps the last completed epoch"
-            )
+        _check_step(model, value, epoch, step)
         total += value * len(batch)
         correct += hits
         seen += len(batch)
         bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.1%}")
     return total / seen, correct / seen
+
+
+def _check_step(model: nn.Module, loss: float, epoch: int, step: int) -> None:
+    """Raise TrainingError when a step's loss, or the weights it leaves, are not finite."""
+    where = f"in epoch {epoch + 1}, step {step + 1}"
+    if not math.isfinite(loss):
+        what = f"the training loss became {loss} {where}"
+    else:
+        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if not bad:
+            return
+        what = f"the weights became NaN or infinite {where} (first: {bad[0]})"
+    raise TrainingError(
+        f"{what}: the learning rate, the method's budget or its weights (lambda_x, "
+        "lambda_w) are too large; the run directory keeps the last completed epoch"
+    )
 
 
 def _epoch_metrics(
