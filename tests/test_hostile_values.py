@@ -44,6 +44,7 @@ def dataset(n: int = 16) -> Dataset:
 CONFIG = {"epochs": 1, "batch_size": 8, "augment": 0, "eval_size": 0, "eps_x": 0.05}
 CALLS = {
     "attack": lambda m, x, y: ns.attack(m, x, y, THREAT, steps=3),
+    "attack seed=7": lambda m, x, y: ns.attack(m, x, y, THREAT, steps=3, seed=7),
     "noise": lambda m, x, y: ns.attack(m, x, y, THREAT, method="noise", samples=3),
     **{
         f"certify {method}": lambda m, x, y, method=method: ns.certify(
@@ -120,6 +121,21 @@ def test_a_perturbation_making_the_model_overflow_is_a_broken_example():
         assert bool(result.replay(model, 0).isinf().all())  # the model really overflows
 
 
+def test_a_non_finite_gradient_never_steps_out_of_the_ball():
+    """At ``x = 1.4`` the logits are ``(finite, inf)``: class 1 wins everywhere in the ball
+    (margin ``inf``), but cross entropy is ``inf - inf`` and its gradient NaN. An L2 step on
+    it would make ``x`` NaN and a NaN point look broken; the attack stays in the ball."""
+    top = torch.finfo(torch.float32).max
+    model = nn.Sequential(nn.Linear(1, 2, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.59 * top], [0.88 * top]]))
+    x, y = torch.tensor([[1.4]]), torch.tensor([1])
+    assert model(x)[0, 1].item() == float("inf") and model(x + 0.1)[0, 0].isfinite()
+    result = ns.attack(model, x, y, ns.Threat(eps_x=0.1, x_norm="l2", bounds=None), steps=3)
+    assert result.success.tolist() == [False]
+    assert bool(result.x_adv.isfinite().all()) and abs(result.x_adv.item() - 1.4) <= 0.1 + 1e-6
+
+
 # --- inside torch.no_grad() and torch.inference_mode() ----------------------------------------
 
 
@@ -170,16 +186,11 @@ def _rng_unchanged(call) -> None:
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
-@pytest.mark.parametrize("call", ["attack", "noise", "certify crown", "certify alpha-crown", "bab"])
-def test_attacks_and_certificates_leave_the_global_rng_alone(call):
+@pytest.mark.parametrize("call", CALLS)
+def test_attacks_certificates_and_evaluate_leave_the_global_rng_alone(call):
     model = mlp()
     x, y = batch(model)
-    _rng_unchanged(lambda: CALLS[call](model, x, y) and ns.attack(model, x, y, THREAT, seed=7))
-
-
-def test_evaluate_leaves_the_global_rng_alone():
-    model = mlp()
-    _rng_unchanged(lambda: CALLS["evaluate"](model, *batch(model)))
+    _rng_unchanged(lambda: CALLS[call](model, x, y))
 
 
 def test_train_leaves_the_global_rng_alone():

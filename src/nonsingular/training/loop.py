@@ -22,7 +22,7 @@ import math
 import os
 import time
 from copy import deepcopy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ from ..distributed import total as distributed_total
 from ..errors import ConfigError, TrainingError
 from ..files import exclusive, write_json, write_text
 from ..model import read_model, with_gradients
-from ..model.verify import usable
 from ..models import Architecture
 from ..provenance import provenance
 from ..seeds import mix
@@ -50,7 +49,6 @@ from .registry import make_method
 from .state import load_state, restore, save_state
 
 STATE = "state.safetensors"
-TENSORS = ("x_train", "y_train", "x_test", "y_test")  # the tensors of a Dataset
 
 
 @dataclass
@@ -209,8 +207,6 @@ def train(
     config = config.resolved()
     split_seed = config.seed if data is None else None  # None: the caller's data, split its way
     data = data if data is not None else load(config.data, seed=config.seed)
-    if isinstance(data, Dataset):  # tensors made under inference_mode: autograd needs copies
-        data = replace(data, **{k: usable(getattr(data, k)) for k in TENSORS})
     model, architecture = _starting_model(config, data, model)
     model = model.to(device)
     method = make_method(config)
