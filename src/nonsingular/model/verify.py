@@ -47,14 +47,13 @@ def move_batch(x: object, y: object, device: torch.device) -> tuple[Tensor, Tens
 def check_clean_logits(logits: Tensor) -> None:
     """The rule for what the model computes on the clean batch (docs/reliability.md): NaN
     is an InputError, never a margin (it would compare as neither right nor broken).
-    ``inf`` is kept: the model overflowing as it runs, which no certificate covers."""
+    ``inf`` is kept: the model overflowing as it runs (``attacks.margins`` says how)."""
     bad = logits.isnan().flatten(1).any(dim=1)
     if bool(bad.any()):
         raise InputError(
             f"the model outputs NaN on the clean pass on example {int(bad.nonzero()[0])} "
-            f"({int(bad.sum())} of {len(bad)} examples) although its parameters and buffers "
-            "are finite (a BatchNorm running_var below zero, a log or sqrt of a negative, "
-            "0/0); expected finite logits"
+            f"({int(bad.sum())} of {len(bad)} examples), e.g. from a BatchNorm running_var "
+            "below zero, a log or sqrt of a negative, or 0/0; expected finite logits"
         )
 
 
