@@ -157,11 +157,6 @@ def test_train_in_python_refuses_a_run_directory_holding_a_link(tmp_path, outsid
         assert outside.unchanged(), name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="training/loop.py's _make_dir writes its .write-test probe through a link before "
-    "taking the lock (another developer's file); the CLI refuses first",
-)
 def test_train_in_python_never_writes_its_probe_through_a_link(tmp_path, outside):
     out = tmp_path / "api"
     outside.link(out / PROBE, dangling=True)

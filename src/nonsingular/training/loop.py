@@ -37,7 +37,7 @@ from ..data import Dataset, load
 from ..distributed import Ranks, part, ranks, sum_gradient
 from ..distributed import total as distributed_total
 from ..errors import ConfigError, TrainingError
-from ..files import exclusive, write_json, write_text
+from ..files import exclusive, refuse_links, write_json, write_text
 from ..model import read_model, with_gradients
 from ..models import Architecture
 from ..provenance import provenance
@@ -95,7 +95,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def _make_dir(out_dir: Path) -> None:
-    """Create ``out_dir``, checking it is writable."""
+    """Create ``out_dir``, checking it is writable and holds no link the probe could follow."""
+    refuse_links(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write-test"
