@@ -140,6 +140,57 @@ def maxpool_interval(
     return _torch_pool(lower, dims, **options), _torch_pool(upper, dims, **options)
 
 
+def _checked_windows(
+    lam: Tensor,
+    lower: Tensor,
+    upper: Tensor,
+    dims: int,
+    options: tuple[tuple[int, ...], ...],
+    ceil_mode: bool,
+) -> tuple[Tensor, Tensor]:
+    """``maxpool_backward``'s argument checks; the windows' ``(index, valid)`` (``_windows``).
+    ``options``: kernel, strides, padding and dilation as ``_pool_options`` gives them."""
+    kernel, strides, pads, dil = options
+    if lower.dim() != dims + 2 or lower.shape != upper.shape:
+        raise ValueError(f"lower/upper must be (B, C, *{dims} spatial dims) and equal shapes")
+    batch, channels, *spatial = lower.shape
+    expected = _torch_pool(  # torch validates the options and gives the output shape
+        lower[:1, :1],
+        dims,
+        kernel_size=kernel,
+        stride=strides,
+        padding=pads,
+        dilation=dil,
+        ceil_mode=ceil_mode,
+    ).shape[2:]
+    index, valid, out_shape = _windows(
+        tuple(spatial), kernel, strides, pads, dil, ceil_mode, lower.device
+    )
+    if tuple(expected) != out_shape:  # pragma: no cover - guards the index arithmetic
+        raise RuntimeError(f"pooling output shape {out_shape} != torch's {tuple(expected)}")
+    if not bool(valid.any(-1).all()):  # e.g. L=1, kernel 2, dilation 2, padding 1
+        raise ValueError("a pooling window holds only padding: its output is -inf")
+    k = lam.shape[1]
+    if lam.shape != (batch, k, channels, *out_shape):
+        raise ValueError(f"lam shape {tuple(lam.shape)} != (B, K, C, *out) = {out_shape}")
+    return index, valid
+
+
+def _upper_chord(lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Upper relaxation of each window's max (see ``maxpool_backward``): ``(q, slope, offset)``
+    with ``q: (B, C, O, 1)`` the argmax of the upper bounds and ``y <= slope x_q + offset``."""
+    # chord of max(x_q, U) in x_q, q = argmax of the upper bounds
+    q = up.argmax(dim=-1, keepdim=True)
+    u_q = up.gather(-1, q).squeeze(-1)
+    l_q = lo.gather(-1, q).squeeze(-1)
+    others = up.scatter(-1, q, float("-inf")).amax(dim=-1)  # U, -inf for one-element windows
+    exact = l_q >= others
+    gap = torch.where(exact, torch.ones_like(u_q), u_q - l_q)  # > 0 where not exact
+    slope = torch.where(exact, torch.ones_like(u_q), (u_q - others) / gap)
+    offset = torch.where(exact, torch.zeros_like(u_q), others - slope * l_q)
+    return q, slope, offset
+
+
 def maxpool_backward(
     lam: Tensor,
     lower: Tensor,
@@ -167,29 +218,10 @@ def maxpool_backward(
 
     Windows overlap when ``stride < kernel``: their contributions to one input add up.
     """
-    kernel, strides, pads, dil = _pool_options(dims, kernel_size, stride, padding, dilation)
-    if lower.dim() != dims + 2 or lower.shape != upper.shape:
-        raise ValueError(f"lower/upper must be (B, C, *{dims} spatial dims) and equal shapes")
+    options = _pool_options(dims, kernel_size, stride, padding, dilation)
+    index, valid = _checked_windows(lam, lower, upper, dims, options, ceil_mode)
     batch, channels, *spatial = lower.shape
-    expected = _torch_pool(  # torch validates the options and gives the output shape
-        lower[:1, :1],
-        dims,
-        kernel_size=kernel,
-        stride=strides,
-        padding=pads,
-        dilation=dil,
-        ceil_mode=ceil_mode,
-    ).shape[2:]
-    index, valid, out_shape = _windows(
-        tuple(spatial), kernel, strides, pads, dil, ceil_mode, lower.device
-    )
-    if tuple(expected) != out_shape:  # pragma: no cover - guards the index arithmetic
-        raise RuntimeError(f"pooling output shape {out_shape} != torch's {tuple(expected)}")
-    if not bool(valid.any(-1).all()):  # e.g. L=1, kernel 2, dilation 2, padding 1
-        raise ValueError("a pooling window holds only padding: its output is -inf")
     k = lam.shape[1]
-    if lam.shape != (batch, k, channels, *out_shape):
-        raise ValueError(f"lam shape {tuple(lam.shape)} != (B, K, C, *out) = {out_shape}")
 
     n = math.prod(spatial)
     lo = _gather_windows(lower.reshape(batch, channels, n), index, valid)  # (B, C, O, W)
@@ -197,15 +229,7 @@ def maxpool_backward(
 
     # lower relaxation: y >= x_p, p = argmax of the lower bounds
     p = lo.argmax(dim=-1, keepdim=True)  # (B, C, O, 1)
-    # upper relaxation: chord of max(x_q, U) in x_q, q = argmax of the upper bounds
-    q = up.argmax(dim=-1, keepdim=True)
-    u_q = up.gather(-1, q).squeeze(-1)
-    l_q = lo.gather(-1, q).squeeze(-1)
-    others = up.scatter(-1, q, float("-inf")).amax(dim=-1)  # U, -inf for one-element windows
-    exact = l_q >= others
-    gap = torch.where(exact, torch.ones_like(u_q), u_q - l_q)  # > 0 where not exact
-    slope = torch.where(exact, torch.ones_like(u_q), (u_q - others) / gap)
-    offset = torch.where(exact, torch.zeros_like(u_q), others - slope * l_q)
+    q, slope, offset = _upper_chord(lo, up)
 
     # flat input positions of the chosen inputs: (B, C, O)
     pos_p = index.expand(batch, channels, -1, -1).gather(-1, p).squeeze(-1)
