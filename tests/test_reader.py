@@ -10,6 +10,7 @@ import nonsingular as ns
 from nonsingular import InputError, Threat, ThreatError, UnsupportedLayerError
 from nonsingular.errors import UnsupportedModelError
 from nonsingular.model import check_batch, read_model
+from nonsingular.model.graph import Param, Ref, compile_template, slots
 
 from .conftest import assert_state_equal, state_copy
 
@@ -309,3 +310,19 @@ def test_a_linear_layer_over_a_sequence_adds_its_bias_per_feature():
     y = model(x).argmin(1)  # every margin negative
     cert = ns.certify(model, x, y, Threat(), "crown")
     torch.testing.assert_close(cert.worst.float(), cert.clean_margins, atol=1e-3, rtol=0)
+
+
+def test_slots_walk_every_container_in_order() -> None:
+    """Refs and Params are found inside tuples, lists, dict values and slice ends, in order;
+    a template without any is filled as it is."""
+    template = (
+        Ref(0),
+        [Param("w"), {"k": Ref(2), "j": (slice(None, Ref(3), Param("s")),)}],
+        torch.Size([2, 3]),
+        {"dim": 1},
+    )
+    assert slots(template) == [Ref(0), Param("w"), Ref(2), Ref(3), Param("s")]
+    assert slots((torch.Size([2]), {"a": 1}, slice(1, 2), "x")) == []
+    filled = compile_template(template)([10, 11, 12, 13], {"w": "W", "s": "S"})
+    assert filled == (10, ["W", {"k": 12, "j": (slice(None, 13, "S"),)}], (2, 3), {"dim": 1})
+    assert isinstance(filled[2], torch.Size) and type(filled[1]) is list

@@ -9,8 +9,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nonsingular.errors import InputError, UnsupportedLayerError
 from nonsingular.model.operators import relaxations as rel
 from nonsingular.model.operators import smooth
+from nonsingular.model.reader import read_model
 
 Activation = rel.Activation
 F = torch.nn.functional
@@ -443,16 +445,33 @@ def test_shapes_broadcast_and_dtypes() -> None:
 
 def test_rejects_bad_input() -> None:
     act = Activation("sigmoid")
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="lower <= upper"):
         act.linear_bounds(torch.tensor([1.0]), torch.tensor([0.0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="finite"):
         act.interval(torch.tensor([float("nan")]), torch.tensor([0.0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="finite"):
         act.interval(torch.tensor([-math.inf]), torch.tensor([0.0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(UnsupportedLayerError, match="swish"):
         Activation("swish")
-    with pytest.raises(ValueError):
+    with pytest.raises(UnsupportedLayerError, match="'erf'"):
         Activation("gelu", approximate="erf")
+    with pytest.raises(UnsupportedLayerError, match="beta=-1.0; expected beta > 0"):
+        Activation("softplus", beta=-1.0)
+    with pytest.raises(UnsupportedLayerError, match="min_val <= max_val"):
+        Activation("hardtanh", min_val=1.0, max_val=0.0)
+    with pytest.raises(UnsupportedLayerError, match="alpha=inf"):
+        Activation("leaky_relu", alpha=math.inf)
+
+
+def test_bad_activation_in_a_model_is_an_unsupported_layer() -> None:
+    """A model whose activation option cannot be bounded fails reading with a typed error."""
+
+    class Softplus(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.softplus(x, beta=-1.0)
+
+    with pytest.raises(UnsupportedLayerError, match="softplus beta"):
+        read_model(Softplus().eval(), torch.zeros(1, 3))
 
 
 def test_derived_constants() -> None:

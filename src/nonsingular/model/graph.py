@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.fx.node import map_aggregate
 
 from .operators.affine import Affine
 from .operators.base import Operator
@@ -73,28 +74,15 @@ def compile_template(template: Any) -> Filler:
 
 
 def _has_slots(template: Any) -> bool:
-    if isinstance(template, (Ref, Param)):
-        return True
-    if isinstance(template, (tuple, list)):
-        return any(_has_slots(v) for v in template)
-    if isinstance(template, dict):
-        return any(_has_slots(v) for v in template.values())
-    if isinstance(template, slice):
-        return any(_has_slots(v) for v in (template.start, template.stop, template.step))
-    return False
+    return bool(slots(template))
 
 
 def slots(template: Any) -> list[Ref | Param]:
-    """Every Ref and Param of a template, in order of appearance."""
-    if isinstance(template, (Ref, Param)):
-        return [template]
-    if isinstance(template, (tuple, list)):
-        return [s for v in template for s in slots(v)]
-    if isinstance(template, dict):
-        return [s for v in template.values() for s in slots(v)]
-    if isinstance(template, slice):
-        return [s for v in (template.start, template.stop, template.step) for s in slots(v)]
-    return []
+    """Every Ref and Param of a template, in order of appearance (inside tuples, lists, dict
+    values and slice ends: fx's own walker, which visits exactly those)."""
+    found: list[Ref | Param] = []
+    map_aggregate(template, lambda v: found.append(v) if isinstance(v, (Ref, Param)) else None)
+    return found
 
 
 @dataclass

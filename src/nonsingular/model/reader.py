@@ -321,6 +321,9 @@ def _get_attr(
 
 
 def _canonical(template: Any, canonical: Any) -> Any:
+    # Not fx's map_aggregate: it returns immutable_list/immutable_dict and a plain tuple for
+    # torch.Size where this keeps the container's type (dicts become dict), and it walks into
+    # slices, which this leaves as they are.
     if isinstance(template, Param):
         return Param(canonical(template.name))
     if isinstance(template, (tuple, list)):

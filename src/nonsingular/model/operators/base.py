@@ -61,6 +61,7 @@ def boxes_of(args: tuple, kwargs: dict[str, Any]) -> list[Box]:
 
 
 def _leaves(value: Any) -> Iterator[Any]:
+    # Not fx's map_aggregate: that also walks into slices, and a slice is one leaf here.
     if isinstance(value, (tuple, list)):
         for v in value:
             yield from _leaves(v)

@@ -31,6 +31,8 @@ from .base import (
 
 def substitute(template: Any, values: Iterator[Any]) -> Any:
     """``template`` with its Box leaves replaced, in order, by the next ``values``."""
+    # Not fx's map_aggregate: it returns immutable_list/immutable_dict for lists and dicts and
+    # a plain tuple for torch.Size; this keeps each container's own type (dicts become dict).
     if isinstance(template, Box):
         return next(values)
     if isinstance(template, (tuple, list)):

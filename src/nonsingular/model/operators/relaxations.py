@@ -104,6 +104,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...errors import InputError, UnsupportedLayerError
 from .base import opmath_dtype
 from .smooth import (
     GELU_ARGMIN,
@@ -207,16 +208,25 @@ class Activation:
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
-            raise ValueError(f"unknown activation kind {self.kind!r}; expected one of {_KINDS}")
+            raise UnsupportedLayerError(
+                f"unknown activation kind {self.kind!r}; expected one of {_KINDS}"
+            )
         if self.approximate not in ("none", "tanh"):
-            raise ValueError(f"approximate must be 'none' or 'tanh', not {self.approximate!r}")
+            raise UnsupportedLayerError(
+                f"gelu approximate={self.approximate!r}; expected 'none' or 'tanh'"
+            )
         for name in ("alpha", "beta", "threshold", "min_val", "max_val"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be finite")
+                raise UnsupportedLayerError(
+                    f"{self.kind} option {name}={getattr(self, name)}; expected a finite value"
+                )
         if self.kind == "softplus" and not self.beta > 0:
-            raise ValueError("softplus needs beta > 0")
+            raise UnsupportedLayerError(f"softplus beta={self.beta}; expected beta > 0")
         if self.kind == "hardtanh" and self.min_val > self.max_val:
-            raise ValueError("hardtanh needs min_val <= max_val")
+            raise UnsupportedLayerError(
+                f"hardtanh min_val={self.min_val} > max_val={self.max_val}; "
+                "expected min_val <= max_val"
+            )
 
     # ---------------------------------------------------------------- the function itself
 
@@ -380,7 +390,10 @@ class Activation:
             # u - l is NaN or +inf whenever an end is infinite or NaN.
             d_min, d_max = torch.aminmax(u - l)
             if not (d_min.item() >= 0 and d_max.item() < math.inf):
-                raise ValueError("interval ends must be finite with lower <= upper")
+                raise InputError(
+                    "activation bounds with a non-finite end or lower > upper; "
+                    "expected finite ends with lower <= upper"
+                )
         return l, u, dtype
 
     @staticmethod
