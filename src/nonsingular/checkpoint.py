@@ -104,7 +104,13 @@ def _description(model: nn.Module, architecture: Architecture | None) -> Any:
 
 
 def _rebuild(path: Path, spec: Any, factory: str | None, model: nn.Module | None) -> nn.Module:
-    """A fresh model for the checkpoint's weights (see ``load``)."""
+    """A fresh model for the checkpoint's weights (see ``load``); building it draws initial
+    weights, from a forked RNG: the caller's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        return _build(path, spec, factory, model)
+
+
+def _build(path: Path, spec: Any, factory: str | None, model: nn.Module | None) -> nn.Module:
     if model is not None:
         if not isinstance(model, nn.Module):
             raise CheckpointError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -28,6 +28,7 @@ from .distributed import dealt, ranks, summed
 from .distributed import total as distributed_total
 from .errors import ConfigError, InputError
 from .files import write_json
+from .model.verify import with_gradients
 from .threat import Threat
 
 Data = Dataset | tuple[Tensor, Tensor]
@@ -217,6 +218,7 @@ def _batches(n: int, size: int) -> Iterable[slice]:
     return (slice(i, min(i + size, n)) for i in range(0, n, size))
 
 
+@with_gradients
 def evaluate(
     model: nn.Module,
     data: Data,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..checks import MAX_SEED, choice, integer, number
 from ..errors import ConfigError
-from ..model.verify import read_batch
+from ..model.verify import read_batch, with_gradients
 from ..seeds import mix
 from ..threat import Threat
 from .best import BestSoFar
@@ -79,10 +79,11 @@ def pgd(
         if last:
             break
         keys = list(state)
-        # a weight the output does not reach (a dead ReLU branch) gets no gradient: zero
+        # a weight the output does not reach (a dead ReLU branch) gets no gradient: zero; so
+        # does a non-finite one (logits overflowing there), which would step out of the ball
         grads = torch.autograd.grad(per_example.sum(), [state[k] for k in keys], allow_unused=True)
         found = {
-            k: torch.zeros_like(state[k]) if g is None else g
+            k: torch.zeros_like(state[k]) if g is None else g.nan_to_num(0.0, 0.0, 0.0)
             for k, g in zip(keys, grads, strict=True)
         }
         if reduce is not None:
@@ -193,6 +194,7 @@ def _check_options(
         number("step_size", step_size, 0.0, 10.0, positive=True)
 
 
+@with_gradients
 def attack(
     model: nn.Module,
     x: Tensor,

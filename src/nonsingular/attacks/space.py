@@ -32,10 +32,15 @@ State = dict[str, Tensor]
 
 
 def margins(logits: Tensor, y: Tensor) -> Tensor:
-    """``z_y - max_{j != y} z_j`` per example: positive iff the prediction is ``y``."""
+    """``z_y - max_{j != y} z_j`` per example: positive iff the prediction is ``y``.
+
+    A margin the logits cannot give (NaN: a NaN logit, or ``inf`` against ``inf``) is
+    ``-inf``: a point where the model computes no answer is broken, never robust (the clean
+    pass itself is checked for NaN first, ``verify.check_clean_logits``)."""
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
-    return true - other
+    margin = true - other
+    return margin.masked_fill(margin.isnan(), float("-inf"))
 
 
 def check_positions(positions: object, batch: int) -> Tensor:

@@ -23,7 +23,7 @@ from ..checks import MAX_BATCH, integer, number
 from ..errors import ConfigError
 from ..model.graph import VARIABLE, Graph
 from ..model.lemma import perturbed_layers
-from ..model.verify import read_batch
+from ..model.verify import read_batch, with_gradients
 from ..threat import Threat
 from .bab import BabResult, bab
 from .closed_form import MarginTerms, closed_form_terms, recursive_terms
@@ -95,6 +95,7 @@ def _bounds(
     return terms_of(graph, x, y, threat, unit=unit).lower
 
 
+@with_gradients
 def certify(
     model: nn.Module,
     x: Tensor,

@@ -33,7 +33,7 @@ from ..checks import integer, number
 from ..model.graph import Graph
 from ..model.lemma import LayerBudget, perturbed_layers
 from ..model.operators.base import Box
-from ..model.verify import read_batch
+from ..model.verify import read_batch, with_gradients
 from ..threat import Threat
 from .crown import crown_bounds, crown_slopes, is_relu, optimized_bound
 from .linear import Bounds, margin_matrix
@@ -411,6 +411,7 @@ def _fold(floor: Tensor, domains: _Open) -> Tensor:
     return floor.scatter_reduce(0, index, domains.lower, reduce="amin")
 
 
+@with_gradients
 def bab(
     model: nn.Module,
     x: Tensor,

@@ -4,7 +4,7 @@ check of every reading against ``model(x)``."""
 from .graph import Graph, Node
 from .lemma import LayerBudget, OutputSet, perturbed_layers
 from .reader import eval_mode, preserved, read_model
-from .verify import check_batch, move_batch, read_batch
+from .verify import check_batch, check_clean_logits, move_batch, read_batch, with_gradients
 
 __all__ = [
     "Graph",
@@ -12,10 +12,12 @@ __all__ = [
     "Node",
     "OutputSet",
     "check_batch",
+    "check_clean_logits",
     "eval_mode",
     "move_batch",
     "perturbed_layers",
     "preserved",
     "read_batch",
     "read_model",
+    "with_gradients",
 ]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 import torch
 from torch import Tensor, nn
 
@@ -10,6 +14,26 @@ from .graph import Graph
 from .reader import eval_mode, read_model
 
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+Params = ParamSpec("Params")
+Returned = TypeVar("Returned")
+
+
+def with_gradients(function: Callable[Params, Returned]) -> Callable[Params, Returned]:
+    """Run ``function`` with autograd on, whatever the caller's ``torch.no_grad()`` or
+    ``torch.inference_mode()``: attacks, alpha-crown and training need gradients."""
+
+    @functools.wraps(function)
+    def run(*args: Params.args, **kwargs: Params.kwargs) -> Returned:
+        with torch.inference_mode(False), torch.enable_grad():
+            return function(*args, **kwargs)
+
+    return run
+
+
+def usable(tensor: Tensor) -> Tensor:
+    """``tensor``, or a normal copy of an inference tensor (one made under
+    ``torch.inference_mode()``, which autograd cannot save); call it outside inference mode."""
+    return tensor.clone() if tensor.is_inference() else tensor
 
 
 def move_batch(x: object, y: object, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -17,7 +41,20 @@ def move_batch(x: object, y: object, device: torch.device) -> tuple[Tensor, Tens
     for name, value in (("x", x), ("y", y)):
         if not isinstance(value, Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    return x.to(device), y.to(device)  # type: ignore[union-attr]
+    return usable(x.to(device)), usable(y.to(device))  # type: ignore[union-attr]
+
+
+def check_clean_logits(logits: Tensor) -> None:
+    """The rule for what the model computes on the clean batch (docs/reliability.md): NaN
+    is an InputError, never a margin (it would compare as neither right nor broken).
+    ``inf`` is kept: the model overflowing as it runs (``attacks.margins`` says how)."""
+    bad = logits.isnan().flatten(1).any(dim=1)
+    if bool(bad.any()):
+        raise InputError(
+            f"the model outputs NaN on the clean pass on example {int(bad.nonzero()[0])} "
+            f"({int(bad.sum())} of {len(bad)} examples), e.g. from a BatchNorm running_var "
+            "below zero, a log or sqrt of a negative, or 0/0; expected finite logits"
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -57,6 +94,7 @@ def check_batch(graph: Graph, model: nn.Module, x: Tensor, y: Tensor | None = No
             f"the model must output (batch, classes) logits, got "
             f"{tuple(getattr(truth, 'shape', ())) or type(truth).__name__}"
         )
+    check_clean_logits(truth)
     _compare(graph, logits, truth)
     if y is not None:
         _check_labels(x, y, truth.shape[1])

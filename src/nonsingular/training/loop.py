@@ -38,7 +38,7 @@ from ..distributed import Ranks, part, ranks, sum_gradient
 from ..distributed import total as distributed_total
 from ..errors import ConfigError, TrainingError
 from ..files import exclusive, refuse_links, write_json, write_text
-from ..model import read_model
+from ..model import read_model, with_gradients
 from ..models import Architecture
 from ..provenance import provenance
 from ..seeds import mix
@@ -187,6 +187,7 @@ def _write_outputs(
     write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
 
 
+@with_gradients
 def train(
     config: TrainConfig,
     data: Dataset | None = None,
@@ -376,17 +377,28 @@ def _train_epoch(
             [loss.item() * len(idx), float((logits.detach().argmax(1) == yb).sum())]
         )
         value /= len(batch)
-        if not math.isfinite(value):
-            raise TrainingError(
-                f"the training loss became {value} in epoch {epoch + 1}, step {step + 1}: the "
-                "learning rate, the method's budget or its weights (lambda_x, lambda_w) are too "
-                "large; the run directory keeps the last completed epoch"
-            )
+        _check_step(model, value, epoch, step)
         total += value * len(batch)
         correct += hits
         seen += len(batch)
         bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.1%}")
     return total / seen, correct / seen
+
+
+def _check_step(model: nn.Module, loss: float, epoch: int, step: int) -> None:
+    """Raise TrainingError when a step's loss, or the weights it leaves, are not finite."""
+    where = f"in epoch {epoch + 1}, step {step + 1}"
+    if not math.isfinite(loss):
+        what = f"the training loss became {loss} {where}"
+    else:
+        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if not bad:
+            return
+        what = f"the weights became NaN or infinite {where} (first: {bad[0]})"
+    raise TrainingError(
+        f"{what}: the learning rate, the method's budget or its weights (lambda_x, "
+        "lambda_w) are too large; the run directory keeps the last completed epoch"
+    )
 
 
 def _epoch_metrics(
