@@ -391,9 +391,11 @@ def _check_step(model: nn.Module, loss: float, epoch: int, step: int) -> None:
     if not math.isfinite(loss):
         what = f"the training loss became {loss} {where}"
     else:
-        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-        if not bad:
+        params = dict(model.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for p in params.values()])
+        if bool(finite.all()):  # one device sync per step, not one per parameter
             return
+        bad = [n for n, ok in zip(params, finite.tolist(), strict=True) if not ok]
         what = f"the weights became NaN or infinite {where} (first: {bad[0]})"
     raise TrainingError(
         f"{what}: the learning rate, the method's budget or its weights (lambda_x, "
