@@ -13,7 +13,7 @@ import torch.distributed as dist
 import nonsingular as ns
 from nonsingular.data import load
 from nonsingular.experiment import Experiment, run_experiment
-from nonsingular.models import mlp
+from nonsingular.model.architectures import mlp
 from nonsingular.training import METHODS, TrainConfig, train
 
 

@@ -8,20 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from nonsingular import ConfigError, experiment, report
+from nonsingular import ConfigError, experiment
 from nonsingular.experiment import (
     AtKeyBudget,
     DataInfo,
     Experiment,
     Measured,
     Results,
+    report,
     run_experiment,
     spread,
 )
 from nonsingular.experiment import run as running
-from nonsingular.report import cell, pct, recipe_section, stronger_attack, write_report
+from nonsingular.experiment.report import write_report
+from nonsingular.experiment.report.figures import HEATMAP
+from nonsingular.experiment.report.summary import cell, pct
+from nonsingular.experiment.report.text import recipe_section, stronger_attack
+from nonsingular.experiment.verdicts import CLAIMS, verdicts
 from nonsingular.training import loop
-from nonsingular.verdicts import CLAIMS, verdicts
 
 TINY = {
     "epochs": 1,
@@ -373,7 +377,7 @@ def test_the_gap_between_attacked_and_certified_is_shown_per_certificate():
         model.certified = {"ibp": [[0.9, 0.2], [0.1, 0.0]], "crown": [[0.9, 0.8], [0.6, 0.1]]}
     results.models[1].certified["crown"] = [[0.9, 0.8], [0.7, 0.5]]  # no gap left
     text = "\n".join(
-        report.certified_section(results, report.summarize(results), {"certified": "f"})
+        report.text.certified_section(results, report.summarize(results), {"certified": "f"})
     )
     rows = table_rows(text, "The gap:")
     assert rows["standard"] == ["42.5; 60.0 at (0, 0.1)", "12.5; 40.0 at (0.1, 0.1)"]
@@ -500,13 +504,13 @@ def test_figures_read_without_colour_vision():
     line differs from every other one by its marker."""
     import matplotlib
 
-    from nonsingular import report
+    from nonsingular.experiment import report
 
     def lightness(name: str) -> list[float]:
         cmap = matplotlib.colormaps[name]
         return [_luminance(cmap(i / 20)) for i in range(21)]
 
-    shades = lightness(report.HEATMAP)
+    shades = lightness(HEATMAP)
     assert all(a < b for a, b in zip(shades, shades[1:], strict=False))
     red_green = lightness("RdYlGn")
     assert not all(a < b for a, b in zip(red_green, red_green[1:], strict=False))

@@ -27,7 +27,7 @@ from ..attacks import LOSSES
 from ..certificates import METHODS as CERTIFY_METHODS
 from ..checks import choice, integer, number, options
 from ..errors import ConfigError
-from ..models import BUILTIN
+from ..model.architectures import BUILTIN
 from ..threat import Threat
 from ..training import METHODS, TrainConfig
 from ..training.config import read_toml

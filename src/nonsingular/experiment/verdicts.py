@@ -29,7 +29,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .experiment import Measured, Results
+from .results import Measured, Results
 from .stats import bootstrap_p, holm, seeds_t_p
 
 ALPHA = 0.05
