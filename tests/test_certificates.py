@@ -282,8 +282,8 @@ def test_a_relu_after_the_last_layer_is_bounded_by_ibp_and_crown_only():
 
 @given(case=networks(), threat=threats())
 def test_ibp_fast_margin_step_equals_the_generic_backward_step(case, threat):
+    from nonsingular.certificates.crown_engine import backward, margin_matrix
     from nonsingular.certificates.ibp import ibp_margins, interval_bounds
-    from nonsingular.certificates.linear import backward, margin_matrix
     from nonsingular.certificates.region import InputRegion
 
     model, x, y = case
@@ -370,7 +370,7 @@ def test_crown_is_sound_for_any_relu_lower_slopes(case, threat, seed):
     """alpha-CROWN's soundness does not rest on the optimizer: any lower slopes in [0, 1],
     drawn at random here (0 and 1 included), give a bound under every sampled perturbation."""
     from nonsingular.certificates.crown import crown_bounds, relu_slopes
-    from nonsingular.certificates.linear import backward, margin_matrix
+    from nonsingular.certificates.crown_engine import backward, margin_matrix
     from nonsingular.certificates.region import InputRegion
     from nonsingular.certificates.rounding import unit_roundoff
 

@@ -587,7 +587,7 @@ API_CASES = {
         "batch_size must be",
     ),
     "evaluate nothing": (
-        lambda: ns.evaluate(_model(), (X, Y), [Threat()], attack=False),
+        lambda: ns.evaluate(_model(), (X, Y), [Threat()], attack=None),
         ConfigError,
         "nothing to evaluate",
     ),

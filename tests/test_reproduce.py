@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nonsingular import ConfigError, experiment
+from nonsingular import ConfigError, Outcomes, experiment
 from nonsingular.experiment import (
     AtKeyBudget,
     DataInfo,
@@ -123,7 +123,7 @@ def test_the_report_shows_the_verdicts_and_numbers_of_the_json(reproduced):
             found = results.of(method)[0].stronger[family]
             assert len(found.stronger) == TINY["eval_size"], family
             if threat.scope == "shared":  # the worse of two whole perturbations
-                assert found.stronger.count("1") <= found.default.count("1")
+                assert found.stronger.count <= found.default.count
             else:  # example by example
                 assert all(s <= d for s, d in zip(found.stronger, found.default, strict=True))
     # the claims again on models trained without augmentation, beside the default recipe
@@ -150,9 +150,9 @@ def test_the_report_shows_the_verdicts_and_numbers_of_the_json(reproduced):
     (standard,) = results.of("standard")
     bits = standard.outcomes["weight-absolute"]
     assert len(bits) == len(TINY["eps_w_absolute"])
-    assert all(len(b) == TINY["eval_size"] and set(b) <= {"0", "1"} for b in bits)
+    assert all(len(b) == TINY["eval_size"] and set(b.bits) <= {"0", "1"} for b in bits)
     accuracy = standard.accuracy["weight-absolute"]
-    assert [b.count("1") / len(b) for b in bits] == pytest.approx(accuracy)
+    assert [b.rate for b in bits] == pytest.approx(accuracy)
 
 
 def test_results_say_where_they_came_from(reproduced):
@@ -235,10 +235,10 @@ def fake(
     every nonzero budget of every family (all survive at budget 0); ``stronger``: per method
     and seed, the survivors of the default and the stronger attack together at the key
     budgets (the default attack's there are ``survivors``)."""
-    everyone = "1" * n
+    everyone = Outcomes("1" * n)
 
-    def bits(alive) -> str:
-        return "".join("1" if i in alive else "0" for i in range(n))
+    def bits(alive) -> Outcomes:
+        return Outcomes.of(i in alive for i in range(n))
 
     exp = Experiment(
         methods=("standard", "pgd-at", "awp", "bound-reg"),

@@ -38,3 +38,8 @@ class UnsupportedModelError(UnsupportedLayerError):
 
 class TrainingError(NonsingularError, FloatingPointError):
     """Training diverged (a non-finite loss); the run directory keeps the last good epoch."""
+
+
+class BoundError(UnsupportedLayerError, ValueError):
+    """An operator's bound asked for arguments it cannot bound soundly (shapes that do not
+    match, a pooling window of padding only, a LayerNorm without a positive eps)."""

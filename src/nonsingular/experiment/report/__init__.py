@@ -26,13 +26,18 @@ class Report:
     claims: list[Verdict]
 
 
-def write_report(results: Results, out: str | Path, command: list[str] | None = None) -> Report:
+def write_report(
+    results: Results, out: str | Path, command: list[str] | None = None, *, rewrite: bool = False
+) -> Report:
     """Record the provenance in ``results``; write the figures, ``results.json`` (with the
     summary and the verdicts) and ``report.md``. ``command``: the arguments after
-    ``nonsingular`` (by default, this process's command). Holds ``out``'s lock, so a directory
-    holding a symbolic link, or written by another process, is refused before any write."""
+    ``nonsingular`` (by default, this process's command). ``rewrite``: the report of results
+    read back from a ``results.json``, written again by this code: the provenance stays the
+    run's that measured them. Holds ``out``'s lock, so a directory holding a symbolic link, or
+    written by another process, is refused before any write."""
     out = Path(out)
-    results.run = {**provenance(command), "minutes": results.seconds / 60}
+    if not (rewrite and results.run):
+        results.run = {**provenance(command), "minutes": results.seconds / 60}
     summary = summarize(results)
     claims = verdicts(results)
     out.mkdir(parents=True, exist_ok=True)

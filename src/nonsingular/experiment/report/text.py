@@ -100,8 +100,8 @@ def what_was_run(results: Results) -> list[str]:
         "are several). Per-method training budgets: `nonsingular train --help` and each "
         "run's `config.json` under `models/`. A model below "
         f"{pct(exp.min_clean)} clean accuracy is flagged and kept out of verdicts.",
-        f"- Attacks: PGD-{attack['steps']}, {attack['restarts']} restart(s) per loss, "
-        f"{_loss(attack['loss'])}, per-example best-so-far (an example counts as broken if "
+        f"- Attacks: PGD-{attack.steps}, {attack.restarts} restart(s) per loss, "
+        f"{_loss(attack.loss)}, per-example best-so-far (an example counts as broken if "
         "any run broke it); shared-scope points attack the whole test set with one "
         "perturbation.",
         f"- Certificates: {', '.join(exp.certify)} on the joint grid "
@@ -276,10 +276,6 @@ def checks_section(results: Results, summary: Summary) -> list[str]:
     return out
 
 
-def _survived(bits: str) -> float:
-    return bits.count("1") / len(bits)
-
-
 def stronger_attack(results: Results, labels: dict[str, str]) -> list[str]:
     """The "Stronger attack" section: each family's key budget attacked again with twice the
     steps and restarts; accuracies under both, and the claims decided at those budgets under
@@ -291,9 +287,9 @@ def stronger_attack(results: Results, labels: dict[str, str]) -> list[str]:
     out = [
         "## Stronger attack",
         "",
-        f"Each family's key budget attacked again with PGD-{strong['steps']}, "
-        f"{strong['restarts']} restarts per loss ({_loss(strong['loss'])}) "
-        f"instead of PGD-{default['steps']}, {default['restarts']} restart(s); an example "
+        f"Each family's key budget attacked again with PGD-{strong.steps}, "
+        f"{strong.restarts} restarts per loss ({_loss(strong.loss)}) "
+        f"instead of PGD-{default.steps}, {default.restarts} restart(s); an example "
         "counts as robust under the stronger attack only if it survives both (for one shared "
         "perturbation: the outcomes of whichever broke more). Robust accuracy under each "
         "(mean over seeds):",
@@ -304,8 +300,8 @@ def stronger_attack(results: Results, labels: dict[str, str]) -> list[str]:
     for family, t in exp.key_threats().items():
         cells = []
         for m in methods:
-            before = results.over_seeds(m, lambda r, f=family: _survived(r.stronger[f].default))
-            after = results.over_seeds(m, lambda r, f=family: _survived(r.stronger[f].stronger))
+            before = results.over_seeds(m, lambda r, f=family: r.stronger[f].default.rate)
+            after = results.over_seeds(m, lambda r, f=family: r.stronger[f].stronger.rate)
             cells.append(f"{pct(before.mean)} → {pct(after.mean)}")
         rows.append([family, f"eps_x={t.eps_x:g}, eps_w={t.eps_w:g}", *cells])
     out += [_table(["family", "key budget", *methods], rows), ""]
