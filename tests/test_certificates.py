@@ -690,3 +690,21 @@ def test_default_cuda_settings_cost_a_dense_model_no_certificates():
     assert bool(on_cpu.float().mean() > 0.5)
     on_gpu = ns.certify(model.cuda(), x.cuda(), y.cuda(), threat, "crown", dtype=torch.float32)
     assert torch.equal(on_gpu.certified.cpu(), on_cpu)
+
+
+def test_the_bounds_revision_follows_the_bound_code(tmp_path):
+    """``REVISION`` is a digest of the bound code: an unchanged copy of the package has the
+    same one, a copy with one operator file changed another."""
+    import shutil
+    from pathlib import Path
+
+    import nonsingular
+    from nonsingular.certificates import REVISION, bound_code_digest
+
+    root = Path(nonsingular.__file__).resolve().parent
+    copy = tmp_path / "nonsingular"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    assert bound_code_digest(copy) == REVISION
+    relu = copy / "model" / "operators" / "relaxations.py"
+    relu.write_text(relu.read_text() + "\n# a change\n")
+    assert bound_code_digest(copy) != REVISION

@@ -118,7 +118,7 @@ def _pgd_run(
     def offer(logits: Tensor, state: State) -> Tensor | None:
         rows, xs, ys = live
         m = margins(logits, ys)
-        best.offer(rows, m, state, xs + state["x"] if "x" in state else xs)
+        best.offer(rows, m, state, space.inputs(xs, state))
         if not until_broken:
             return None
         keep = m > 0

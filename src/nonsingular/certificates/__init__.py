@@ -13,7 +13,9 @@ through the per-example threat, which contains it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,9 +36,20 @@ from .options import BAB_SECONDS, BOUNDS, METHODS, CertifyOptions, check_method
 from .region import InputRegion
 from .rounding import certificate_unit, exact_products
 
-# raised whenever a change makes any method's bounds differ, so that numbers cached by other
-# bound code (``reproduce``'s evaluation caches) are recomputed, never reused
-REVISION = 4
+
+def bound_code_digest(root: Path) -> str:
+    """A digest of the code every bound is computed by (the package at ``root``: its
+    certificates and its model reading with the operators): numbers cached by other bound code
+    (``reproduce``'s evaluation caches) are recomputed, never reused, with no counter for a
+    change to forget to raise."""
+    digest = hashlib.sha256()
+    for folder in ("certificates", "model"):
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+REVISION = bound_code_digest(Path(__file__).resolve().parent.parent)
 
 
 @dataclass
