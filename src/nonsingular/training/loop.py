@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -225,34 +225,10 @@ def train(
             info = _run_info(config, data, model, architecture, split_seed)
             history = _open_run(out, resume, writes, held, info, (config, model, opt, schedule))
         test = (data.x_test.to(device), data.y_test.to(device))
+        epochs = _Epochs(objective, model, opt, schedule, config, progress and where.lead)
         with torch.random.fork_rng(devices=[]):  # Dropout's randomness, not the caller's
             for epoch in range(len(history), config.epochs):
-                torch.manual_seed(config.seed * 100_003 + epoch)
-                generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-                start = time.perf_counter()
-                loss, train_accuracy = _train_epoch(
-                    objective,
-                    model,
-                    opt,
-                    schedule,
-                    (x_train, y_train),
-                    config,
-                    epoch,
-                    generator,
-                    progress and where.lead,
-                )
-                model.eval()
-                history.append(
-                    _epoch_metrics(
-                        model,
-                        config,
-                        epoch,
-                        loss,
-                        train_accuracy,
-                        time.perf_counter() - start,
-                        test,
-                    )
-                )
+                history.append(epochs.run(epoch, (x_train, y_train), test))
                 if writes:
                     save_state(
                         out / STATE, model, opt, schedule, epoch + 1, history, config.to_dict()
@@ -262,6 +238,40 @@ def train(
         if writes and resume:
             _write_outputs(out, model, architecture, config, history)  # killed after the state
     return TrainResult(model, config, history, out)
+
+
+@dataclass
+class _Epochs:
+    """One epoch of training, seeded by its number, then the model's metrics after it."""
+
+    objective: Any
+    model: nn.Module
+    opt: Any
+    schedule: Any
+    config: TrainConfig
+    progress: bool
+
+    def run(
+        self, epoch: int, train_data: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]
+    ) -> dict[str, Any]:
+        config = self.config
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        start = time.perf_counter()
+        loss, train_accuracy = _train_epoch(
+            self.objective,
+            self.model,
+            self.opt,
+            self.schedule,
+            train_data,
+            config,
+            epoch,
+            generator,
+            self.progress,
+        )
+        self.model.eval()
+        seconds = time.perf_counter() - start
+        return _epoch_metrics(self.model, config, epoch, loss, train_accuracy, seconds, test)
 
 
 def _open_run(
