@@ -5,13 +5,13 @@ hard for the other, so the difference of their accuracies varies far less than t
 binomials suggest. Each test here takes per-unit differences ``a - b`` (per example, per seed)
 and returns a two-sided p-value for "the mean difference is zero".
 
-- ``bootstrap_p``: paired bootstrap over examples and, with several seeds, over seeds too (a
-  two-way resampling: both the test set and the training runs are samples). The unit for
-  per-example threats, where each example is attacked on its own.
-- ``seeds_t_p``: a one-sample t-test on per-seed differences. The unit for a shared
-  perturbation, where one perturbation hits every example at once, so the examples of one
-  run are not independent: only runs (seeds) are.
+- ``seeds_t_p``: a one-sample t-test on per-seed differences: what the verdicts use, since a
+  claim about a training method is replicated by training runs (seeds), not by the examples
+  one run is tested on (see ``verdicts``).
 - ``seeds_t_interval``: the Student-t confidence interval of the mean per-seed difference.
+- ``bootstrap_p``: paired bootstrap over examples and, with several seeds, over seeds too (a
+  two-way resampling). It treats the examples as replicates, so the verdicts show it only
+  as a secondary number.
 - ``holm``: Holm's step-down adjustment of several p-values, controlling the chance of any
   false claim at the chosen level.
 """
