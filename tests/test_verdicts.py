@@ -187,6 +187,14 @@ def test_floor_cells_are_marked_and_left_out_of_averages():
         v = claim(build({"standard": [low] * 3, "pgd-at": [high] * 3}), "pgd-at", "weight-shared")
         assert [c["floor"] for c in v.per_cell] == [False, floor]
         assert v.difference == pytest.approx(-0.04 if floor else (-0.04 + other - 0.09) / 2)
+    # every budget at the floor: nothing to decide on (with three seeds; with one, too few)
+    floored = {**flat(0.5), "weight-shared": [1.0, 0.09, 0.09]}
+    v = claim(
+        build({"standard": [floored] * 3, "pgd-at": [floored] * 3}), "pgd-at", "weight-shared"
+    )
+    assert v.verdict == "excluded" and "floor" in v.reason and v.difference is None
+    v = claim(build({"standard": [floored], "pgd-at": [floored]}), "pgd-at", "weight-shared")
+    assert v.verdict == "needs seeds" and len(v.floor_cells) == 2
 
 
 def test_an_undecided_claim_says_whether_its_interval_rules_out_a_difference():

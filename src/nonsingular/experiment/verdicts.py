@@ -216,8 +216,15 @@ def _measure(results: Results, v: Verdict, recipe: str | None, attack: str | Non
     v.cells = [c.to_dict() for c in found.cells]
     v.floor_cells = [c.to_dict() for c in found.floor_cells]
     v.per_cell = [c.to_dict() for c in found.per_cell]
-    if found.difference is None:
+    if v.seeds < MIN_SEEDS:  # first: with too few seeds nothing else can be decided
+        v.verdict = "needs seeds"
+        v.reason = (
+            f"a claim about a training method replicates over training seeds: this needs "
+            f"{MIN_SEEDS} seeds, the run has {v.seeds}"
+        )
+    elif found.difference is None:
         v.verdict, v.reason = "excluded", "every budget of the family is a floor cell"
+    if found.difference is None:
         return
     v.metric_model, v.metric_standard = found.metric_model, found.metric_standard
     v.difference, v.interval = found.difference, found.interval
@@ -226,14 +233,8 @@ def _measure(results: Results, v: Verdict, recipe: str | None, attack: str | Non
     v.difference_clean_adjusted = _clean_adjusted(results, v, recipe, used, attack)
     if not results.experiment.shared(v.family):  # one shared perturbation: examples not apart
         v.p_examples = _bootstrap(results, v, recipe, used, attack)
-    if v.seeds < MIN_SEEDS:
-        v.verdict = "needs seeds"
-        v.reason = (
-            f"a claim about a training method replicates over training seeds: this needs "
-            f"{MIN_SEEDS} seeds, the run has {v.seeds}"
-        )
-        return
-    v.p = found.p
+    if v.seeds >= MIN_SEEDS:
+        v.p = found.p
 
 
 def _used(results: Results, v: Verdict, attack: str | None, found: Effect) -> list[int]:
