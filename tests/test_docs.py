@@ -59,6 +59,19 @@ def test_the_readme_shows_the_verdicts_and_numbers_of_its_results(folder):
             assert f"{100 * claim['difference']:+.1f}" in row, (row, claim["difference"])
             assert f"{100 * claim['metric_model']:.1f}%" in row
             assert f"{100 * claim['metric_standard']:.1f}%" in row
+            low, high = (100 * b for b in claim["interval"])
+            assert f"{low:+.1f} to {high:+.1f}" in row, (row, claim["interval"])
+
+
+def test_the_readme_says_never_less_only_where_no_budget_is_below():
+    """ "never less" (of a model against standard) only where, in every marked results folder,
+    no budget of any claim has the model below standard."""
+    readme = (ROOT / "README.md").read_text()
+    for folder in marked_tables():
+        document = json.loads((ROOT / folder / "results.json").read_text())
+        cells = [cell for c in document["claims"] for cell in c["per_cell"]]
+        if any(cell["difference"] < 0 for cell in cells):
+            assert "never less" not in readme, folder
 
 
 def test_every_document_the_source_cites_exists():

@@ -30,16 +30,21 @@ def run(args: argparse.Namespace) -> int:
     report = write_report(results, out, args.argv)
     print(
         f"{'claim':5}  {'family':16}  {'model':>7}  {'standard':>8}  {'diff':>6}  "
-        f"{'p (Holm)':>8}  verdict"
+        f"{'95% interval':>15}  {'p (Holm)':>8}  verdict"
     )
     for c in report.claims:
         if c.metric_model is None:  # not run
-            numbers = f"{'-':>7}  {'-':>8}  {'-':>6}  {'-':>8}"
+            numbers = f"{'-':>7}  {'-':>8}  {'-':>6}  {'-':>15}  {'-':>8}"
         else:
             p = "-" if c.p_holm is None else f"{c.p_holm:.3g}"
+            interval = (
+                "-"
+                if c.interval is None
+                else "{:+.1f} to {:+.1f}".format(*(100 * b for b in c.interval))
+            )
             numbers = (
                 f"{100 * c.metric_model:6.1f}%  {100 * c.metric_standard:7.1f}%  "
-                f"{100 * c.difference:+6.1f}  {p:>8}"
+                f"{100 * c.difference:+6.1f}  {interval:>15}  {p:>8}"
             )
         reason = f" ({c.reason})" if c.reason else ""
         print(f"{c.claim:5}  {c.family:16}  {numbers}  {c.verdict}{reason}")

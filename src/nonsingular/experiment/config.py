@@ -235,13 +235,6 @@ class Experiment:
         """What each family is called in the report."""
         return {**{f.name: f.label for f in self.families()}, JOINT: JOINT_LABEL}
 
-    def zero_budgets(self, family: str) -> list[bool]:
-        """For each budget of ``family``, in outcome order (the joint grid's eps_x slowest):
-        whether it perturbs nothing."""
-        if family == JOINT:
-            return [x == 0 and w == 0 for x in self.joint_eps_x for w in self.joint_eps_w]
-        return [b == 0 for b in self.family(family).budgets]
-
     def shared(self, family: str) -> bool:
         """Whether ``family`` is one perturbation for every example (only seeds replicate)."""
         return family != JOINT and self.family(family).threat.get("scope") == "shared"

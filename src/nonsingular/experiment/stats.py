@@ -5,12 +5,13 @@ hard for the other, so the difference of their accuracies varies far less than t
 binomials suggest. Each test here takes per-unit differences ``a - b`` (per example, per seed)
 and returns a two-sided p-value for "the mean difference is zero".
 
+- ``seeds_t_p``: a one-sample t-test on per-seed differences: what the verdicts use, since a
+  claim about a training method is replicated by training runs (seeds), not by the examples
+  one run is tested on (see ``verdicts``).
+- ``seeds_t_interval``: the Student-t confidence interval of the mean per-seed difference.
 - ``bootstrap_p``: paired bootstrap over examples and, with several seeds, over seeds too (a
-  two-way resampling: both the test set and the training runs are samples). The unit for
-  per-example threats, where each example is attacked on its own.
-- ``seeds_t_p``: a one-sample t-test on per-seed differences. The unit for a shared
-  perturbation, where one perturbation hits every example at once, so the examples of one
-  run are not independent: only runs (seeds) are.
+  two-way resampling). It treats the examples as replicates, so the verdicts show it only
+  as a secondary number.
 - ``holm``: Holm's step-down adjustment of several p-values, controlling the chance of any
   false claim at the chosen level.
 """
@@ -54,14 +55,25 @@ def bootstrap_p(
 def seeds_t_p(per_seed: Sequence[float]) -> float:
     """Two-sided p-value of a one-sample t-test that the per-seed differences have mean 0
     (needs two seeds at least; identical differences give 0 or 1)."""
-    values = np.asarray(per_seed, dtype=np.float64)
-    if values.ndim != 1 or len(values) < 2 or not np.isfinite(values).all():
-        raise ConfigError("a t-test over seeds needs two or more finite per-seed differences")
+    values = _seeds(per_seed)
     mean, sd = values.mean(), values.std(ddof=1)
     if sd == 0:
         return 1.0 if mean == 0 else 0.0
     t = mean / (sd / math.sqrt(len(values)))
     return float(_t_two_sided(abs(t), len(values) - 1))
+
+
+def seeds_t_interval(per_seed: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """The two-sided ``level`` Student-t confidence interval of the mean of the per-seed
+    differences (needs two seeds at least): mean +- t(level, n - 1) * sd / sqrt(n)."""
+    from scipy.special import stdtrit  # the inverse of Student's t distribution function
+
+    values = _seeds(per_seed)
+    if not 0 < level < 1:
+        raise ConfigError(f"a confidence level is between 0 and 1, got {level!r}")
+    mean, sd = float(values.mean()), float(values.std(ddof=1))
+    half = float(stdtrit(len(values) - 1, 0.5 + level / 2)) * sd / math.sqrt(len(values))
+    return mean - half, mean + half
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -75,6 +87,13 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - k) * p_values[i]))
         adjusted[i] = running
     return adjusted
+
+
+def _seeds(per_seed: Sequence[float]) -> np.ndarray:
+    values = np.asarray(per_seed, dtype=np.float64)
+    if values.ndim != 1 or len(values) < 2 or not np.isfinite(values).all():
+        raise ConfigError("a t-test over seeds needs two or more finite per-seed differences")
+    return values
 
 
 def _matrix(differences: Sequence[Sequence[float]]) -> np.ndarray:

@@ -1,53 +1,68 @@
 """The paper's claims, decided from the measured numbers by one stated rule.
 
 Each claim compares a model A against the standard model under one family of threats. The
-metric is a model's robust accuracy averaged over the family's nonzero budgets (the area under
-its accuracy curve); the claim is directional ("A is less robust than standard", or "more").
+metric is a model's robust accuracy averaged over the family's cells that the claim is about
+(``effects.claim_cells``: the joint family's *strictly* joint budgets, eps_x > 0 and
+eps_w > 0; any other family's nonzero budgets), floor cells left out (``effects.FLOOR_RULE``).
+The claim is directional ("A is less robust than standard", or "more").
 
-Both models are attacked on the same test examples, so the comparison is paired, and the unit
-of replication depends on the threat:
-
-- per-example threats (input, per-example weights, joint): each example is attacked on its
-  own. Its score is the share of the family's budgets it survives; the per-example
-  differences A - standard, over examples and seeds, are tested by a paired bootstrap
-  (``stats.bootstrap_p``: examples and, with several seeds, seeds resampled).
-- one shared weight perturbation: it hits every example at once, so one run's examples are
-  not independent and only seeds replicate. The per-seed differences are tested by a t-test
-  (``stats.seeds_t_p``), which needs ``MIN_SHARED_SEEDS`` seeds; with fewer the verdict says
-  so rather than guess.
+A claim about a training method is replicated by training it again: the unit of replication is
+the training seed, for every family (``effects``). Per seed, A and the standard model trained
+with that seed are compared on the same examples; the per-seed differences are tested by a
+t-test (``stats.seeds_t_p``), which needs ``MIN_SEEDS`` seeds; with fewer the verdict says so
+rather than guess. A paired bootstrap over examples and seeds (``stats.bootstrap_p``), which
+treats the examples as replicates, is kept as a secondary number (``p_examples``) and decides
+nothing.
 
 A claim whose model or standard model falls below the experiment's ``min_clean`` accuracy is
 *excluded* (an undertrained model says nothing about robustness). The p-values of all tested
-claims are adjusted together by Holm's method. A claim is
-*supported* when its adjusted p is below ``ALPHA`` and the difference lies in the claimed
-direction, *contradicted* when below ``ALPHA`` the other way, and *inconclusive* otherwise.
+claims are adjusted together by Holm's method. A claim is *supported* when its adjusted p is
+below ``ALPHA`` and the difference lies in the claimed direction, *contradicted* when below
+``ALPHA`` the other way; otherwise *no difference shown* when the difference's 95% interval
+lies within +-``effects.EQUIVALENCE``, and *underpowered* when it is wider.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..evaluation import Outcomes
+from .effects import (
+    EQUIVALENCE,
+    FLOOR_RULE,
+    LEVEL,
+    Effect,
+    cells,
+    claim_cells,
+    effect,
+    pairs,
+    rates,
+    within,
+)
 from .results import Measured, Results
-from .stats import bootstrap_p, holm, seeds_t_p
+from .stats import bootstrap_p, holm
 
 ALPHA = 0.05
-MIN_SHARED_SEEDS = 3
+MIN_SEEDS = 3
+UNDECIDED = ("no difference shown", "underpowered")  # adjusted p >= ALPHA, by the interval
 
 RULE = (
-    "The metric is robust accuracy averaged over a threat family's nonzero budgets; d is its "
-    "difference A - standard, averaged over seeds. Both models are attacked on the same "
-    "examples, so the tests are paired. Per-example threats: each example's share of budgets "
-    "survived, differenced between the models, tested by a paired bootstrap over examples "
-    "and seeds. One shared perturbation: only seeds replicate (its examples are hit "
-    f"together), so the per-seed differences are tested by a t-test, which needs "
-    f"{MIN_SHARED_SEEDS} seeds or more. A claim whose model (or the standard one) is below "
-    "the stated clean accuracy is excluded. The p-values of all claims tested are "
-    "Holm-adjusted together; "
+    "The metric is robust accuracy averaged over the cells (budgets) a claim is about: for "
+    "the joint family only the strictly joint ones (eps_x > 0 and eps_w > 0), for the others "
+    "every nonzero budget; floor cells are left out. d is its difference A - standard. A "
+    "claim about a training method is replicated by training again, so the unit is the "
+    "training seed: per seed, the two models trained with it are compared on the same "
+    "examples (paired), and the per-seed differences are tested by a t-test over seeds "
+    f"(needs {MIN_SEEDS} seeds or more), with a {100 * LEVEL:.0f}% t interval. A claim "
+    "whose model (or the standard one) is below the stated clean accuracy is excluded. The "
+    "p-values of all claims tested are Holm-adjusted together; "
     f"supported: adjusted p < {ALPHA} in the claimed direction; contradicted: adjusted "
-    f"p < {ALPHA} the other way; inconclusive otherwise."
+    f"p < {ALPHA} the other way; otherwise no difference shown when the {100 * LEVEL:.0f}% "
+    f"interval lies within ±{100 * EQUIVALENCE:g} points, underpowered when it is wider. "
+    "The bootstrap p over examples and seeds is shown as a secondary number: it treats test "
+    f"examples as replicates of the method, and decides nothing. {FLOOR_RULE}"
 )
 
 # (id, statement, model A, threat family, +1: A more robust than standard, -1: less robust)
@@ -99,16 +114,24 @@ class Verdict:
     model: str
     family: str
     direction: str  # "more robust" or "less robust"
-    verdict: str  # supported, contradicted, inconclusive, not run, needs seeds, excluded
+    # supported, contradicted, no difference shown, underpowered, not run, needs seeds, excluded
+    verdict: str
     reason: str = ""
-    unit: str = ""  # what replicates: "examples", "examples and seeds" or "seeds"
+    unit: str = "seeds"  # what replicates a claim about a training method
     seeds: int = 0
     metric_model: float | None = None
     metric_standard: float | None = None
     difference: float | None = None
+    interval: tuple[float, float] | None = None  # LEVEL t interval of the difference
     per_seed_differences: tuple[float, ...] = ()
-    p: float | None = None
+    p: float | None = None  # t-test over seeds
     p_holm: float | None = None
+    p_examples: float | None = None  # secondary: bootstrap over examples and seeds
+    # the budgets averaged, those left out as floor cells, and the effect at every budget of
+    # the claim's kind (floor ones marked)
+    cells: list[dict[str, float]] = field(default_factory=list)
+    floor_cells: list[dict[str, float]] = field(default_factory=list)
+    per_cell: list[dict[str, Any]] = field(default_factory=list)
     # the difference of robust accuracy as a share of clean accuracy (metric / clean), which
     # does not reward a model for being right on fewer examples to begin with
     difference_clean_adjusted: float | None = None
@@ -116,27 +139,8 @@ class Verdict:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["per_seed_differences"] = list(self.per_seed_differences)
+        out["interval"] = None if self.interval is None else list(self.interval)
         return out
-
-
-def _budget_outcomes(
-    results: Results, family: str, model: Measured, attack: str | None
-) -> list[Outcomes]:
-    """The per-example outcomes the metric averages: at every nonzero budget of ``family``
-    or, with ``attack`` (``"default"`` or ``"stronger"``), at its key budget alone under
-    that attack (``Measured.stronger``)."""
-    if attack is not None:
-        return [getattr(model.stronger[family], attack)]
-    zero = results.experiment.zero_budgets(family)
-    return [bits for bits, z in zip(model.outcomes[family], zero, strict=True) if not z]
-
-
-def scores(
-    results: Results, family: str, model: Measured, attack: str | None = None
-) -> list[float]:
-    """Per example, the share of ``family``'s budgets (see ``_budget_outcomes``) it survives."""
-    found = _budget_outcomes(results, family, model, attack)
-    return [sum(o[i] for o in found) / len(found) for i in range(len(found[0]))]
 
 
 def verdicts(
@@ -146,75 +150,132 @@ def verdicts(
     the models of ``recipe`` (None: the default one); with ``attack``, decided at the key
     budgets alone under the ``"default"`` or the ``"stronger"`` attack, so that a verdict that
     moves between the two moved because the attack got stronger."""
-    floor = results.experiment.min_clean
     methods = results.methods(recipe)
     out = []
     for claim_id, statement, model, family, direction in CLAIMS:
-        base = Verdict(
+        v = Verdict(
             claim_id,
             statement,
             model,
             family,
             "more robust" if direction > 0 else "less robust",
-            "inconclusive",
+            "underpowered",
         )
-        if model not in methods:
-            base.verdict, base.reason = "not run", f"no {model} model in this experiment"
-            out.append(base)
-            continue
-        out.append(_measure(results, base, recipe, attack))
-        clean = {m: results.over_seeds(m, _clean, recipe).mean for m in (model, "standard")}
-        low = [m for m, c in clean.items() if c < floor]
-        if low:
-            base.verdict = "excluded"
-            base.reason = ", ".join(
-                f"{m}'s clean accuracy {100 * clean[m]:.1f}% is below {100 * floor:.0f}%"
-                for m in low
-            )
-            base.p = None
-    tested = [v for v in out if v.p is not None]
+        if model not in methods or not pairs(results, model, recipe):
+            v.verdict, v.reason = "not run", f"no {model} model in this experiment"
+        else:
+            _measure(results, v, recipe, attack)
+            _exclude_undertrained(results, v, recipe)
+        out.append(v)
+    _decide(out)
+    return out
+
+
+def _decide(claims: list[Verdict]) -> None:
+    """Holm over the tested claims, then each one's verdict from its adjusted p and interval."""
+    tested = [v for v in claims if v.p is not None]
     for v, adjusted in zip(tested, holm([v.p for v in tested]), strict=True):
         v.p_holm = adjusted
         sign = 1 if v.direction == "more robust" else -1
         if adjusted < ALPHA:
             v.verdict = "supported" if v.difference * sign > 0 else "contradicted"
-    return out
+        else:
+            v.verdict = UNDECIDED[0] if within(v.interval) else UNDECIDED[1]
+        if v.verdict in UNDECIDED:
+            v.reason = _interval_words(v.interval)
+
+
+def _interval_words(interval: tuple[float, float] | None) -> str:
+    lo, hi = (100 * b for b in interval)  # type: ignore[union-attr]
+    where = "within" if within(interval) else "wider than"
+    return (
+        f"{100 * LEVEL:.0f}% interval {lo:+.1f} to {hi:+.1f} points, {where} ±{100 * EQUIVALENCE:g}"
+    )
+
+
+def _exclude_undertrained(results: Results, v: Verdict, recipe: str | None) -> None:
+    floor = results.experiment.min_clean
+    clean = {m: results.over_seeds(m, _clean, recipe).mean for m in (v.model, "standard")}
+    low = [m for m, c in clean.items() if c < floor]
+    if low:
+        v.verdict = "excluded"
+        v.reason = ", ".join(
+            f"{m}'s clean accuracy {100 * clean[m]:.1f}% is below {100 * floor:.0f}%" for m in low
+        )
+        v.p = None
 
 
 def _clean(model: Measured) -> float:
     return model.clean
 
 
-def _measure(results: Results, v: Verdict, recipe: str | None, attack: str | None) -> Verdict:
+def _measure(results: Results, v: Verdict, recipe: str | None, attack: str | None) -> None:
     """The claim's numbers and its raw p-value (None where it cannot be tested)."""
-    standard = {s.seed: s for s in results.of("standard", recipe)}  # paired by seed
-    pairs = [(m, standard[m.seed]) for m in results.of(v.model, recipe) if m.seed in standard]
-    a = [scores(results, v.family, m, attack) for m, _ in pairs]
-    b = [scores(results, v.family, s, attack) for _, s in pairs]
-    per_seed = [statistics.fmean(x) - statistics.fmean(z) for x, z in zip(a, b, strict=True)]
-    v.seeds = len(pairs)
-    v.metric_model = statistics.fmean(statistics.fmean(x) for x in a)
-    v.metric_standard = statistics.fmean(statistics.fmean(z) for z in b)
-    v.difference = statistics.fmean(per_seed)
-    v.per_seed_differences = tuple(per_seed)
-    adjusted = [
-        statistics.fmean(x) / m.clean - statistics.fmean(z) / s.clean
-        for (m, s), x, z in zip(pairs, a, b, strict=True)
+    found = effect(results, v.model, v.family, claim_cells(v.family), recipe, attack)
+    v.seeds = found.seeds if found.per_seed else len(pairs(results, v.model, recipe))
+    v.cells = [c.to_dict() for c in found.cells]
+    v.floor_cells = [c.to_dict() for c in found.floor_cells]
+    v.per_cell = [c.to_dict() for c in found.per_cell]
+    if v.seeds < MIN_SEEDS:  # first: with too few seeds nothing else can be decided
+        v.verdict = "needs seeds"
+        v.reason = (
+            f"a claim about a training method replicates over training seeds: this needs "
+            f"{MIN_SEEDS} seeds, the run has {v.seeds}"
+        )
+    elif found.difference is None:
+        v.verdict, v.reason = "excluded", "every budget of the family is a floor cell"
+    if found.difference is None:
+        return
+    v.metric_model, v.metric_standard = found.metric_model, found.metric_standard
+    v.difference, v.interval = found.difference, found.interval
+    v.per_seed_differences = found.per_seed
+    used = _used(results, v, attack, found)
+    v.difference_clean_adjusted = _clean_adjusted(results, v, recipe, used, attack)
+    if not results.experiment.shared(v.family):  # one shared perturbation: examples not apart
+        v.p_examples = _bootstrap(results, v, recipe, used, attack)
+    if v.seeds >= MIN_SEEDS:
+        v.p = found.p
+
+
+def _used(results: Results, v: Verdict, attack: str | None, found: Effect) -> list[int]:
+    """Where ``found``'s averaged cells sit among the family's budgets (``rates``' order)."""
+    if attack is not None:
+        return [0]
+    every = cells(results.experiment, v.family)
+    return [every.index(c) for c in found.cells]
+
+
+def _clean_adjusted(
+    results: Results, v: Verdict, recipe: str | None, used: list[int], attack: str | None
+) -> float | None:
+    """Mean over seeds of A's metric / A's clean accuracy minus the same for standard."""
+    values = [
+        statistics.fmean(rates(m, v.family, attack)[i] for i in used) / m.clean
+        - statistics.fmean(rates(s, v.family, attack)[i] for i in used) / s.clean
+        for m, s in pairs(results, v.model, recipe)
         if m.clean > 0 and s.clean > 0
     ]
-    v.difference_clean_adjusted = statistics.fmean(adjusted) if adjusted else None
-    if results.experiment.shared(v.family):
-        v.unit = "seeds"
-        if len(pairs) < MIN_SHARED_SEEDS:
-            v.verdict = "needs seeds"
-            v.reason = (
-                f"one shared perturbation hits all examples at once, so only seeds replicate: "
-                f"this needs {MIN_SHARED_SEEDS} seeds, the run has {len(pairs)}"
-            )
-            return v
-        v.p = seeds_t_p(per_seed)
-    else:
-        v.unit = "examples and seeds" if len(pairs) > 1 else "examples"
-        diffs = [[p - q for p, q in zip(x, z, strict=True)] for x, z in zip(a, b, strict=True)]
-        v.p = bootstrap_p(diffs)
-    return v
+    return statistics.fmean(values) if values else None
+
+
+def _outcomes(model: Measured, family: str, attack: str | None) -> list[Outcomes]:
+    if attack is not None:
+        return [getattr(model.stronger[family], attack)]
+    return model.outcomes[family]
+
+
+def _bootstrap(
+    results: Results, v: Verdict, recipe: str | None, used: list[int], attack: str | None
+) -> float:
+    """The secondary p: a paired bootstrap over examples and seeds of each example's share of
+    the averaged cells it survives (treats examples as replicates; decides nothing)."""
+
+    def shares(model: Measured) -> list[float]:
+        found = [_outcomes(model, v.family, attack)[i] for i in used]
+        return [sum(o[k] for o in found) / len(found) for k in range(len(found[0]))]
+
+    rows = [
+        [p - q for p, q in zip(shares(m), shares(s), strict=True)]
+        for m, s in pairs(results, v.model, recipe)
+    ]
+    return bootstrap_p(rows)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from ...files import exclusive, write_json, write_text
 from ...provenance import provenance
+from ..effects import single_threat
 from ..results import Results
 from ..verdicts import Verdict, verdicts
 from .figures import figures
+from .forest import forest_figures
 from .summary import Summary, style, summarize
 from .text import markdown
 
@@ -43,10 +45,12 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out):
         figure = figures(results, summary, out / "figures")
+        figure.update(forest_figures(results, claims, out / "figures"))
         document = {
             **results.to_dict(),
             "summary": summary.to_dict(),
             "claims": [c.to_dict() for c in claims],
+            "single_threat": [e.to_dict() for e in single_threat(results)],
         }
         write_json(out / "results.json", document)
         path = write_text(out / "report.md", markdown(results, summary, claims, figure))

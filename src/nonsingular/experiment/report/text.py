@@ -5,8 +5,10 @@ from __future__ import annotations
 from ...provenance import provenance
 from ...training import METHODS
 from ..config import RECIPES
+from ..effects import single_threat
 from ..results import Results, Spread
 from ..verdicts import RULE, Verdict, verdicts
+from .effects import per_budget_section, points, single_threat_section
 from .summary import Summary, _loss, caption, cell, pct
 
 
@@ -25,6 +27,8 @@ def markdown(
     sections = [
         header(results),
         verdict_section(claims, labels),
+        per_budget_section(results, claims, labels, figure),
+        single_threat_section(results, single_threat(results)),
         stronger_attack(results, labels),
         recipe_section(results, claims, labels),
         what_was_run(results),
@@ -59,21 +63,27 @@ def header(results: Results) -> list[str]:
 
 def verdict_section(claims: list[Verdict], labels: dict[str, str]) -> list[str]:
     def numbers(c: Verdict) -> list[str]:
-        if c.verdict == "not run":
-            return ["-"] * 6 + [f"**not run** ({c.reason})"]
+        if c.metric_model is None:
+            return ["-"] * 9 + [f"**{c.verdict}** ({c.reason})"]
         adjusted = c.difference_clean_adjusted
+        floor = f" ({len(c.floor_cells)} floor left out)" if c.floor_cells else ""
         return [
             pct(c.metric_model),
             pct(c.metric_standard),
-            f"{100 * c.difference:+.1f}",
+            points(c.difference, c.interval),
             "-" if adjusted is None else f"{100 * adjusted:+.1f}",
+            f"{len(c.cells)}{floor}",
+            "-" if c.p is None else f"{c.p:.3g}",
             "-" if c.p_holm is None else f"{c.p_holm:.3g}",
-            f"{c.unit} ({c.seeds} seed{'s' if c.seeds != 1 else ''})",
+            "-" if c.p_examples is None else f"{c.p_examples:.3g}",
+            f"{c.seeds}",
             f"**{c.verdict}**" + (f" ({c.reason})" if c.reason else ""),
         ]
 
-    head = ["claim", "statement", "threat family", "model", "standard", "difference (points)"]
-    head += ["difference, clean-adjusted", "p (Holm)", "replicated over", "verdict"]
+    head = ["claim", "statement", "threat family", "model", "standard"]
+    head += ["difference, points [95% interval]", "difference, clean-adjusted", "budgets averaged"]
+    head += ["p (t over seeds)", "p (Holm)", "secondary: p (bootstrap over examples)", "seeds"]
+    head += ["verdict"]
     rows = [[c.claim, c.statement, labels[c.family], *numbers(c)] for c in claims]
     return [
         "## Verdicts",
@@ -82,7 +92,8 @@ def verdict_section(claims: list[Verdict], labels: dict[str, str]) -> list[str]:
         "",
         f"Rule: {RULE} The clean-adjusted difference divides each model's robust accuracy by "
         "its clean accuracy first (robust among the examples it gets right); it is shown, "
-        "not tested.",
+        "not tested. The budgets each verdict averaged are listed under `cells` in "
+        "`results.json`, and shown per budget below.",
         "",
     ]
 
@@ -360,5 +371,5 @@ def recipe_section(results: Results, claims: list[Verdict], labels: dict[str, st
 
 def _decided(v: Verdict) -> str:
     """A verdict and its difference, in a few words."""
-    points = "-" if v.difference is None else f"{100 * v.difference:+.1f} points"
-    return f"{v.verdict} ({points})"
+    shown = "-" if v.difference is None else f"{100 * v.difference:+.1f} points"
+    return f"{v.verdict} ({shown})"
