@@ -23,7 +23,7 @@ from ..errors import ThreatError
 from ..threat import Threat
 from .graph import Graph, Node
 from .operators.affine import Affine
-from .operators.base import Box, tiny_of
+from .operators.base import Box, gamma, tiny_of
 from .operators.elementwise import Elementwise
 from .operators.linear import Identity, LinearMap
 from .operators.normalization import MaxPool
@@ -133,6 +133,49 @@ class LayerBudget:
         (``weight_terms``): linf weights on a dense layer meeting one vector."""
         return self.norm == "linf" and self.op.one_vector(h)
 
+    def shares_weight(self, h: Tensor) -> bool:
+        """Whether one weight meets several input vectors per example (a convolution's
+        positions, a Linear over a sequence): backward passes then bound its term jointly over
+        them (``coupled_support``) rather than output by output."""
+        return not self.op.one_vector(h)
+
+    def coupled_support(self, lam: Tensor, h: Box, unit: float) -> Tensor:
+        """An upper bound ``(B, K)`` on the largest ``lam . (Delta_W h + Delta_b)`` over the
+        budget and every input in ``h``, one ``Delta_W`` serving every position.
+
+        With ``X`` the input's columns (``Affine.input_columns``) and ``L`` the coefficients'
+        (``output_columns``), ``lam . (Delta_W h) = <Delta_W, L X^T>``: its largest value is
+        ``R . |L X^T|`` (linf) or ``rho ||L X^T||_F`` (l2). Over the box ``X = C + r U``
+        (``|U| <= 1``), ``|L X^T| <= |L C^T| + |L| r^T`` elementwise: exact where the input
+        is fixed. The bias term ``<Delta_b, L 1>`` is exact (docs/certificates.md).
+        """
+        op, weight = self.op, self.weight
+        cols = op.output_columns(lam, weight)  # (B, K, g, O, P)
+        center, radius = _center_radius(h, unit, cols.shape[-1])
+        fixed = torch.einsum("bkgop,bgjp->bkgoj", cols, op.input_columns(center, weight))
+        spread = op.input_columns(radius, weight)  # (B, g, J, P)
+        if self.norm == "linf":
+            r = self.weight_radius
+            if r.dim() == 0:
+                total = r * fixed.abs().flatten(2).sum(-1)
+                through = r * spread.sum(2, keepdim=True)  # (B, g, 1, P)
+            else:
+                r = op.weight_rows(r.expand_as(weight))  # (g, O, J)
+                total = (fixed.abs() * r).flatten(2).sum(-1)
+                through = torch.einsum("goj,bgjp->bgop", r, spread)
+            total = total + (cols.abs() * through[:, None]).flatten(2).sum(-1)
+        else:
+            moved = torch.einsum("bkgop,bgjp->bkgoj", cols.abs(), spread)
+            total = self.weight_radius * (
+                fixed.flatten(2).norm(dim=-1) + moved.flatten(2).norm(dim=-1)
+            )
+        if self.bias_radius is None:
+            return total
+        sums = cols.sum(-1).flatten(2)  # (B, K, O): L 1
+        if self.norm == "l2":
+            return total + self.bias_radius * sums.norm(dim=-1)
+        return total + (sums.abs() * self.bias_radius).sum(-1)
+
     def weight_radius_box(self, h_abs: Tensor) -> Tensor:
         """Box radius of ``Delta_W h`` alone over linf weights, for every ``|h| <= h_abs``."""
         return self._through_layer(h_abs, self.weight_radius)
@@ -222,6 +265,18 @@ def _chord(h: Box, unit: float) -> tuple[Tensor, Tensor]:
     if unit > 0:
         offset = offset + 8 * (unit * torch.maximum(lower.abs(), upper.abs()) + tiny_of(unit))
     return slope, offset.clamp_min(0.0)
+
+
+def _center_radius(h: Box, unit: float, positions: int) -> tuple[Tensor, Tensor]:
+    """Centre ``c`` and radius ``r`` with ``[c - r, c + r]`` holding the box ``h``, the radius
+    padded (``unit > 0``) by ``gamma(positions + 4) (|c| + r)`` plus ``tiny`` per term: what
+    computing ``c``, ``r`` and a sum of ``positions`` products with ``c`` may round away."""
+    center = h.center
+    radius = torch.maximum(h.upper - center, center - h.lower).clamp_min(0.0)
+    if unit > 0:
+        n = positions + 4
+        radius = radius + gamma(n, unit) * (center.abs() + radius) + n * tiny_of(unit)
+    return center, radius
 
 
 def _module_of(name: str) -> str:
