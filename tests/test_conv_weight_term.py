@@ -274,3 +274,19 @@ def test_the_joint_term_is_sound_and_never_looser_than_the_box(case, threat):
         box = ns.certify(model, x, y, threat, "crown").lower
     wrong = torch.isfinite(box)  # +inf at the label
     assert bool((joint[wrong] >= box[wrong] - 1e-9 * (1 + box[wrong].abs())).all())
+
+
+@pytest.mark.parametrize("w_norm", ["linf", "l2"])
+def test_the_input_box_enters_the_joint_term(w_norm):
+    """A zero kernel whose input fills its whole domain: the input moves the margin only through
+    the weight perturbation, so the term's part for the input's radius is all there is (the
+    bound without it is above what the attack reaches)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, 1, 1), nn.Flatten(), nn.Linear(4 * 25, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    x = torch.full((4, 2, 5, 5), 0.5)
+    y = model(x).argmax(1)
+    eps = 0.05 if w_norm == "linf" else 0.3
+    check_sound(model, x, y, Threat(eps_x=0.5, eps_w=eps, w_norm=w_norm, layers=["0"]), ["crown"])
