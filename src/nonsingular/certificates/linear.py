@@ -192,15 +192,21 @@ def box_support(lam: Tensor, radius: Tensor | float) -> Tensor:
     return (lam.abs() * radius.unsqueeze(1)).flatten(2).sum(-1)
 
 
-def _weight_term(bounds: Bounds, index: int, lam: Tensor, h: Box, into: Tensor) -> Tensor:
+def _weight_term(
+    bounds: Bounds, index: int, lam: Tensor, h: Box, into: Tensor, first: bool
+) -> Tensor:
     """A lower bound ``(B, K)`` on the weight term of a ``linear`` node for ``lam``: the dense
     layer's chord, linear in its input (its part on the input added to ``into``), or, for a
-    weight shared across positions, the smaller of the joint support and the box's."""
+    weight shared across positions, the smaller of the joint support and the box's. Where
+    every row of ``lam`` holds one output value (``first``: checked), both are the same: the
+    box's is taken."""
     budget, box = bounds.linear[index]
     if budget.linear_in_input(h.lower):
         return budget.weight_terms(lam, h, bounds.unit, into=into)
-    joint = budget.coupled_support(lam, h, bounds.unit)
-    return -torch.minimum(joint, box_support(lam, box))
+    separate = box_support(lam, box)
+    if first and bool(((lam != 0).flatten(2).sum(-1) <= 1).all()):
+        return -separate
+    return -torch.minimum(budget.coupled_support(lam, h, bounds.unit), separate)
 
 
 def added_support(lam: Tensor, added: tuple[Tensor | float, Tensor | None]) -> Tensor | float:
@@ -265,7 +271,8 @@ def backward(
             lams, c = node.op.backward(lam, *args, **kwargs)
         const = const + c - added_support(lam, added)
         if relax and node.index in bounds.linear:
-            const = const + _weight_term(bounds, node.index, lam, args[0], lams[0])
+            first = node.index == start  # where lam may be one neuron per row (tightening)
+            const = const + _weight_term(bounds, node.index, lam, args[0], lams[0], first)
         for ref, part in zip(node.box_refs, lams, strict=True):
             if part is not None:
                 pending[ref] = pending[ref] + part if ref in pending else part

@@ -7,7 +7,9 @@ Lemma: for a dense layer applied to one vector ``h`` and a perturbation with
 ``Delta = rho t h^T / ||h||``. So a per-example weight attack on a dense layer optimizes one
 ``n_out`` vector ``t``, never a weight copy. Where one weight meets several input vectors (a
 convolution's positions, a Linear over a sequence) the lemma's box still bounds each output
-(``R`` convolved with ``|h|``): sound for certificates, and attacks hold the weight itself.
+(``R`` convolved with ``|h|``): sound for interval bounds, while backward bounds take the
+term jointly over the positions (``LayerBudget.coupled_support``); attacks hold the weight
+itself.
 Attacks and certificates both call this module.
 """
 
@@ -152,8 +154,9 @@ class LayerBudget:
         op, weight = self.op, self.weight
         cols = op.output_columns(lam, weight)  # (B, K, g, O, P)
         center, radius = _center_radius(h, unit, cols.shape[-1])
-        fixed = torch.einsum("bkgop,bgjp->bkgoj", cols, op.input_columns(center, weight))
-        spread = op.input_columns(radius, weight)  # (B, g, J, P)
+        both = op.input_columns(torch.cat([center, radius]), weight)  # one im2col for both
+        fixed = torch.einsum("bkgop,bgjp->bkgoj", cols, both[: len(center)])
+        spread = both[len(center) :]  # (B, g, J, P)
         if self.norm == "linf":
             r = self.weight_radius
             if r.dim() == 0:
