@@ -38,7 +38,7 @@ METHODS = (*BOUNDS, "bab")
 BAB_SECONDS = 5.0  # bab's default time limit per example
 # raised whenever a change makes any method's bounds differ, so that numbers cached by other
 # bound code (``reproduce``'s evaluation caches) are recomputed, never reused
-REVISION = 4
+REVISION = 5
 
 
 @dataclass
