@@ -30,6 +30,10 @@ from .operators.elementwise import Elementwise
 from .operators.linear import Identity, LinearMap
 from .operators.normalization import MaxPool
 
+# the most elements of ``L C^T`` (``LayerBudget.coupled_support``) held at once: rows of ``lam``
+# are taken in chunks below it
+JOINT_ELEMENTS = 1 << 24
+
 
 @dataclass
 class OutputSet:
@@ -155,26 +159,43 @@ class LayerBudget:
         cols = op.output_columns(lam, weight)  # (B, K, g, O, P)
         center, radius = _center_radius(h, unit, cols.shape[-1])
         both = op.input_columns(torch.cat([center, radius]), weight)  # one im2col for both
-        fixed = torch.einsum("bkgop,bgjp->bkgoj", cols, both[: len(center)])
-        spread = both[len(center) :]  # (B, g, J, P)
-        if self.norm == "linf":
+        centers, spread = both[: len(center)], both[len(center) :]  # (B, g, J, P)
+        through = None  # linf: R r^T through the layer, (B, g, O or 1, P)
+        if self.norm == "linf" and self.weight_radius.dim() == 0:
+            through = self.weight_radius * spread.sum(2, keepdim=True)
+        elif self.norm == "linf":
+            rows = op.weight_rows(self.weight_radius.expand_as(weight))
+            through = torch.einsum("goj,bgjp->bgop", rows, spread)
+        # rows of lam at a time: G is (B, K, O, J), which may be far larger than lam
+        batch, _, groups, outs, _ = cols.shape
+        step = max(1, JOINT_ELEMENTS // (batch * groups * outs * both.shape[2]))
+        parts = [
+            self._joint_rows(cols[:, i : i + step], centers, spread, through)
+            for i in range(0, cols.shape[1], step)
+        ]
+        return torch.cat(parts, dim=1)
+
+    def _joint_rows(
+        self, cols: Tensor, centers: Tensor, spread: Tensor, through: Tensor | None
+    ) -> Tensor:
+        """``coupled_support`` for coefficient columns ``cols (B, k, g, O, P)``."""
+        fixed = torch.einsum("bkgop,bgjp->bkgoj", cols, centers)  # L C^T
+        if through is not None:  # linf
             r = self.weight_radius
             if r.dim() == 0:
                 total = r * fixed.abs().flatten(2).sum(-1)
-                through = r * spread.sum(2, keepdim=True)  # (B, g, 1, P)
             else:
-                r = op.weight_rows(r.expand_as(weight))  # (g, O, J)
-                total = (fixed.abs() * r).flatten(2).sum(-1)
-                through = torch.einsum("goj,bgjp->bgop", r, spread)
+                total = (fixed.abs() * self.op.weight_rows(r.expand_as(self.weight))).flatten(2)
+                total = total.sum(-1)
             total = total + (cols.abs() * through[:, None]).flatten(2).sum(-1)
         else:
-            moved = torch.einsum("bkgop,bgjp->bkgoj", cols.abs(), spread)
+            moved = torch.einsum("bkgop,bgjp->bkgoj", cols.abs(), spread)  # |L| r^T
             total = self.weight_radius * (
                 fixed.flatten(2).norm(dim=-1) + moved.flatten(2).norm(dim=-1)
             )
         if self.bias_radius is None:
             return total
-        sums = cols.sum(-1).flatten(2)  # (B, K, O): L 1
+        sums = cols.sum(-1).flatten(2)  # (B, k, O): L 1
         if self.norm == "l2":
             return total + self.bias_radius * sums.norm(dim=-1)
         return total + (sums.abs() * self.bias_radius).sum(-1)
