@@ -134,9 +134,10 @@ def switch_points(act: nn.Module) -> list[float]:
 
 class RandomGraph(nn.Module):
     """A plan of steps over earlier values: dense layers with activations, skips, concatenations
-    and layer norms after an optional convolutional stem (max or average pooling, a residual
-    convolution); in-place steps that write into a value other steps also read (``relu_`` on
-    its own line, an ``inplace=True`` ReLU kept beside its input, ``+=``)."""
+    and layer norms after an optional convolutional stem (dilated or not, zero, reflect or
+    circular padding, max or average pooling, a residual convolution); in-place steps that
+    write into a value other steps also read (``relu_`` on its own line, an ``inplace=True``
+    ReLU kept beside its input, ``+=``)."""
 
     def __init__(self, plan, stem, width, classes):
         super().__init__()
@@ -204,9 +205,12 @@ class RandomGraph(nn.Module):
 
 
 class Stem(nn.Module):
-    def __init__(self, pool, residual, act):
+    def __init__(self, pool, residual, act, dilation=1, padding_mode="zeros"):
         super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        # 6x6 stays 6x6 whatever the dilation; the kernel serves every position
+        self.conv = nn.Conv2d(
+            2, 3, 3, padding=dilation, dilation=dilation, padding_mode=padding_mode
+        )
         self.pool = pool
         self.res = nn.Conv2d(3, 3, 3, padding=1) if residual else None
         self.act = act
@@ -245,7 +249,13 @@ def random_graphs(draw, inplace=False, magnitudes=False):
     stem, width = None, 5
     if image:
         pool = draw(st.sampled_from([nn.MaxPool2d(2), nn.AvgPool2d(2), nn.MaxPool2d(3, 2, 1)]))
-        stem = Stem(pool, draw(st.booleans()), draw(st.sampled_from(ACTIVATIONS)))
+        stem = Stem(
+            pool,
+            draw(st.booleans()),
+            draw(st.sampled_from(ACTIVATIONS)),
+            draw(st.sampled_from([1, 2])),
+            draw(st.sampled_from(["zeros", "reflect", "circular"])),
+        )
         width = 3 * 3 * 3  # every pooling drawn takes 6x6 to 3x3
     widths = [width]
     plan = []

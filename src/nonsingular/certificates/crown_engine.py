@@ -36,9 +36,12 @@ class Bounds:
               budgets, the lemma's l2 ball (None: none); both already included in its Box,
               and taken off in every backward pass without being recomputed;
     unit:     the unit roundoff the rounding radii are computed with (0: exact arithmetic);
-    linear:   the perturbed dense layers whose weight term a backward pass takes linearly in
-              their input (``LayerBudget.weight_terms``) rather than from ``added``, which
-              then holds only their bias term and rounding;
+    linear:   the perturbed affine nodes whose weight term a backward pass takes from the
+              coefficients rather than from ``added`` (which then holds the rest), with that
+              term's box: dense layers on one vector with linf weights, linearly in their input
+              (``LayerBudget.weight_terms``; ``added`` keeps the bias term), and weights shared
+              across positions, jointly over them (``LayerBudget.coupled_support``, weight and
+              bias);
     overflow: (B,) bool, the examples where some value the model computes may overflow (its
               bound reaches ``largest_of(unit)``, or is not a number): their bounds are
               ``-inf`` (``trusted``); None: nothing is watched.
@@ -135,6 +138,11 @@ def trusted(lower: Tensor, flagged: Tensor | None = None) -> Tensor:
     return lower.masked_fill(bad, -math.inf)
 
 
+# whether backward passes bound a weight shared across positions jointly over them
+# (``LayerBudget.coupled_support``); False restores the position-by-position box (benchmarks)
+COUPLED = True
+
+
 def perturbation_set(budget: LayerBudget, box: Box) -> OutputSet:
     """The output-change set of a perturbed node whose input lies in ``box``."""
     return budget.output_set(box.magnitude())
@@ -161,6 +169,9 @@ def node_box(graph: Graph, budgets: dict[int, LayerBudget], index: int, bounds: 
             added = budget.bias_radius_box()
             weight_box = budget.weight_radius_box(args[0].magnitude())
             bounds.linear[index] = (budget, weight_box)
+        elif COUPLED and budget.shares_weight(args[0].lower) and moved.ball is None:
+            added, weight_box = 0.0, moved.radius()  # weight and bias, taken jointly
+            bounds.linear[index] = (budget, weight_box)
     if bounds.unit > 0:  # 0: exact arithmetic (the training losses)
         added = added + node.op.rounding(bounds.unit, *args, **kwargs)
     bounds.added[index] = (added, ball)
@@ -179,6 +190,23 @@ def box_support(lam: Tensor, radius: Tensor | float) -> Tensor:
         full = radius.expand(lam.shape[0], *lam.shape[2:]).reshape(lam.shape[0], -1, 1)
         return torch.bmm(magnitude, full).squeeze(-1)  # no (B, K, N) product in memory
     return (lam.abs() * radius.unsqueeze(1)).flatten(2).sum(-1)
+
+
+def _weight_term(
+    bounds: Bounds, index: int, lam: Tensor, h: Box, into: Tensor, first: bool
+) -> Tensor:
+    """A lower bound ``(B, K)`` on the weight term of a ``linear`` node for ``lam``: the dense
+    layer's chord, linear in its input (its part on the input added to ``into``), or, for a
+    weight shared across positions, the smaller of the joint support and the box's. Where
+    every row of ``lam`` holds one output value (``first``: checked), both are the same: the
+    box's is taken."""
+    budget, box = bounds.linear[index]
+    if budget.linear_in_input(h.lower):
+        return budget.weight_terms(lam, h, bounds.unit, into=into)
+    separate = box_support(lam, box)
+    if first and bool(((lam != 0).flatten(2).sum(-1) <= 1).all()):
+        return -separate
+    return -torch.minimum(budget.coupled_support(lam, h, bounds.unit), separate)
 
 
 def added_support(lam: Tensor, added: tuple[Tensor | float, Tensor | None]) -> Tensor | float:
@@ -242,9 +270,9 @@ def backward(
         else:
             lams, c = node.op.backward(lam, *args, **kwargs)
         const = const + c - added_support(lam, added)
-        if relax and node.index in bounds.linear:  # the weight term, linear in the input
-            budget = bounds.linear[node.index][0]
-            const = const + budget.weight_terms(lam, args[0], bounds.unit, into=lams[0])
+        if relax and node.index in bounds.linear:
+            first = node.index == start  # where lam may be one neuron per row (tightening)
+            const = const + _weight_term(bounds, node.index, lam, args[0], lams[0], first)
         for ref, part in zip(node.box_refs, lams, strict=True):
             if part is not None:
                 pending[ref] = pending[ref] + part if ref in pending else part

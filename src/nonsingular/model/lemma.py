@@ -7,7 +7,9 @@ Lemma: for a dense layer applied to one vector ``h`` and a perturbation with
 ``Delta = rho t h^T / ||h||``. So a per-example weight attack on a dense layer optimizes one
 ``n_out`` vector ``t``, never a weight copy. Where one weight meets several input vectors (a
 convolution's positions, a Linear over a sequence) the lemma's box still bounds each output
-(``R`` convolved with ``|h|``): sound for certificates, and attacks hold the weight itself.
+(``R`` convolved with ``|h|``): sound for interval bounds, while backward bounds take the
+term jointly over the positions (``LayerBudget.coupled_support``); attacks hold the weight
+itself.
 Attacks and certificates both call this module.
 """
 
@@ -23,10 +25,14 @@ from ..errors import ThreatError
 from ..threat import Threat
 from .graph import Graph, Node
 from .operators.affine import Affine
-from .operators.base import Box, tiny_of
+from .operators.base import Box, gamma, tiny_of
 from .operators.elementwise import Elementwise
 from .operators.linear import Identity, LinearMap
 from .operators.pooling import MaxPool
+
+# the most elements of ``L C^T`` (``LayerBudget.coupled_support``) held at once: rows of ``lam``
+# are taken in chunks below it
+JOINT_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -133,6 +139,67 @@ class LayerBudget:
         (``weight_terms``): linf weights on a dense layer meeting one vector."""
         return self.norm == "linf" and self.op.one_vector(h)
 
+    def shares_weight(self, h: Tensor) -> bool:
+        """Whether one weight meets several input vectors per example (a convolution's
+        positions, a Linear over a sequence): backward passes then bound its term jointly over
+        them (``coupled_support``) rather than output by output."""
+        return not self.op.one_vector(h)
+
+    def coupled_support(self, lam: Tensor, h: Box, unit: float) -> Tensor:
+        """An upper bound ``(B, K)`` on the largest ``lam . (Delta_W h + Delta_b)`` over the
+        budget and every input in ``h``, one ``Delta_W`` serving every position.
+
+        With ``X`` the input's columns (``Affine.input_columns``) and ``L`` the coefficients'
+        (``output_columns``), ``lam . (Delta_W h) = <Delta_W, L X^T>``: its largest value is
+        ``R . |L X^T|`` (linf) or ``rho ||L X^T||_F`` (l2). Over the box ``X = C + r U``
+        (``|U| <= 1``), ``|L X^T| <= |L C^T| + |L| r^T`` elementwise: exact where the input
+        is fixed. The bias term ``<Delta_b, L 1>`` is exact (docs/certificates.md).
+        """
+        op, weight = self.op, self.weight
+        cols = op.output_columns(lam, weight)  # (B, K, g, O, P)
+        center, radius = _center_radius(h, unit, cols.shape[-1])
+        both = op.input_columns(torch.cat([center, radius]), weight)  # one im2col for both
+        centers, spread = both[: len(center)], both[len(center) :]  # (B, g, J, P)
+        through = None  # linf: R r^T through the layer, (B, g, O or 1, P)
+        if self.norm == "linf" and self.weight_radius.dim() == 0:
+            through = self.weight_radius * spread.sum(2, keepdim=True)
+        elif self.norm == "linf":
+            rows = op.weight_rows(self.weight_radius.expand_as(weight))
+            through = torch.einsum("goj,bgjp->bgop", rows, spread)
+        # rows of lam at a time: G is (B, K, O, J), which may be far larger than lam
+        batch, _, groups, outs, _ = cols.shape
+        step = max(1, JOINT_ELEMENTS // (batch * groups * outs * both.shape[2]))
+        parts = [
+            self._joint_rows(cols[:, i : i + step], centers, spread, through)
+            for i in range(0, cols.shape[1], step)
+        ]
+        return torch.cat(parts, dim=1)
+
+    def _joint_rows(
+        self, cols: Tensor, centers: Tensor, spread: Tensor, through: Tensor | None
+    ) -> Tensor:
+        """``coupled_support`` for coefficient columns ``cols (B, k, g, O, P)``."""
+        fixed = torch.einsum("bkgop,bgjp->bkgoj", cols, centers)  # L C^T
+        if through is not None:  # linf
+            r = self.weight_radius
+            if r.dim() == 0:
+                total = r * fixed.abs().flatten(2).sum(-1)
+            else:
+                total = (fixed.abs() * self.op.weight_rows(r.expand_as(self.weight))).flatten(2)
+                total = total.sum(-1)
+            total = total + (cols.abs() * through[:, None]).flatten(2).sum(-1)
+        else:
+            moved = torch.einsum("bkgop,bgjp->bkgoj", cols.abs(), spread)  # |L| r^T
+            total = self.weight_radius * (
+                fixed.flatten(2).norm(dim=-1) + moved.flatten(2).norm(dim=-1)
+            )
+        if self.bias_radius is None:
+            return total
+        sums = cols.sum(-1).flatten(2)  # (B, k, O): L 1
+        if self.norm == "l2":
+            return total + self.bias_radius * sums.norm(dim=-1)
+        return total + (sums.abs() * self.bias_radius).sum(-1)
+
     def weight_radius_box(self, h_abs: Tensor) -> Tensor:
         """Box radius of ``Delta_W h`` alone over linf weights, for every ``|h| <= h_abs``."""
         return self._through_layer(h_abs, self.weight_radius)
@@ -222,6 +289,18 @@ def _chord(h: Box, unit: float) -> tuple[Tensor, Tensor]:
     if unit > 0:
         offset = offset + 8 * (unit * torch.maximum(lower.abs(), upper.abs()) + tiny_of(unit))
     return slope, offset.clamp_min(0.0)
+
+
+def _center_radius(h: Box, unit: float, positions: int) -> tuple[Tensor, Tensor]:
+    """Centre ``c`` and radius ``r`` with ``[c - r, c + r]`` holding the box ``h``, the radius
+    padded (``unit > 0``) by ``gamma(positions + 4) (|c| + r)`` plus ``tiny`` per term: what
+    computing ``c``, ``r`` and a sum of ``positions`` products with ``c`` may round away."""
+    center = h.center
+    radius = torch.maximum(h.upper - center, center - h.lower).clamp_min(0.0)
+    if unit > 0:
+        n = positions + 4
+        radius = radius + gamma(n, unit) * (center.abs() + radius) + n * tiny_of(unit)
+    return center, radius
 
 
 def _module_of(name: str) -> str:

@@ -87,6 +87,38 @@ class Affine(Operator):
             z = z.reshape(batch, -1, *z.shape[2:])
         return z if bias is None else z + self.bias_view(bias, z.dim())
 
+    def input_columns(self, h: Tensor, weight: Tensor) -> Tensor:
+        """The input vectors the weight meets, one column per output position: ``h (B, ...) ->
+        (B, groups, J, P)`` with ``J`` the weight's fan-in (its flattened rows' order) and ``P``
+        the positions (im2col; a Linear's leading dimensions), so that the output at position
+        ``p`` of channel ``o`` of group ``g`` is ``weight_rows[g, o] . columns[:, g, :, p]``."""
+        batch = h.shape[0]
+        if self.kind == "linear":
+            return h.reshape(batch, -1, h.shape[-1]).transpose(1, 2).unsqueeze(1)
+        padded = self._padded(h)
+        kernel, conv = tuple(weight.shape[2:]), self.conv
+        stride, padding, dilation = conv["stride"], conv["padding"], conv["dilation"]
+        if self.kind == "conv1d":  # as a conv2d over a height of 1
+            padded, kernel = padded.unsqueeze(2), (1, *kernel)
+            stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+        cols = F.unfold(padded, kernel, dilation=dilation, padding=padding, stride=stride)
+        groups = int(conv["groups"])
+        return cols.reshape(batch, groups, -1, cols.shape[-1])
+
+    def output_columns(self, lam: Tensor, weight: Tensor) -> Tensor:
+        """Coefficients on the output ``lam (B, K, *out) -> (B, K, groups, O, P)``, the positions
+        last, matching ``input_columns`` and ``weight_rows``."""
+        b, k = lam.shape[:2]
+        if self.kind == "linear":
+            return lam.reshape(b, k, -1, lam.shape[-1]).transpose(2, 3).unsqueeze(2)
+        groups = int(self.conv["groups"])
+        return lam.reshape(b, k, groups, weight.shape[0] // groups, -1)
+
+    def weight_rows(self, weight: Tensor) -> Tensor:
+        """``weight`` (or anything shaped like it) as ``(groups, O, J)``."""
+        groups = 1 if self.kind == "linear" else int(self.conv["groups"])
+        return weight.reshape(groups, weight.shape[0] // groups, -1)
+
     def fan_in(self, weight: Tensor) -> int:
         """Terms summed per output (the bias not counted)."""
         return int(weight[0].numel())
