@@ -9,12 +9,14 @@ from .errors import (
     DataError,
     InputError,
     NonsingularError,
+    QuantizationError,
     ThreatError,
     TrainingError,
     UnsupportedLayerError,
     UnsupportedModelError,
 )
 from .evaluation import EvaluationTable, evaluate
+from .flips import Quantization, quantize, quantized
 from .threat import Threat, grid
 from .training import TrainConfig, TrainResult, train
 
@@ -29,6 +31,8 @@ __all__ = [
     "DataError",
     "InputError",
     "NonsingularError",
+    "Quantization",
+    "QuantizationError",
     "Threat",
     "ThreatError",
     "TrainingError",
@@ -41,5 +45,7 @@ __all__ = [
     "certify",
     "evaluate",
     "grid",
+    "quantize",
+    "quantized",
     "train",
 ]

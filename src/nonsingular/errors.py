@@ -38,3 +38,8 @@ class UnsupportedModelError(UnsupportedLayerError):
 
 class TrainingError(NonsingularError, FloatingPointError):
     """Training diverged (a non-finite loss); the run directory keeps the last good epoch."""
+
+
+class QuantizationError(NonsingularError, ValueError):
+    """A model that is not quantized where it must be, or weights that are not on the grid
+    their scales define (``nonsingular.quantize``)."""
