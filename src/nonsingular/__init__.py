@@ -16,7 +16,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .evaluation import EvaluationTable, evaluate
-from .flips import Quantization, quantize, quantized
+from .flips import FlipAttackResult, FlipsTo, Quantization, flips_to, quantize, quantized
 from .threat import Threat, grid
 from .training import TrainConfig, TrainResult, train
 
@@ -31,6 +31,8 @@ __all__ = [
     "DataError",
     "InputError",
     "NonsingularError",
+    "FlipAttackResult",
+    "FlipsTo",
     "Quantization",
     "QuantizationError",
     "Threat",
@@ -44,6 +46,7 @@ __all__ = [
     "bab",
     "certify",
     "evaluate",
+    "flips_to",
     "grid",
     "quantize",
     "quantized",

@@ -226,11 +226,18 @@ def attack(
     seed:         seeds every random draw, example by example, with ``positions``: each
                   example's place in its data set (default 0..B-1), so an example's result
                   never depends on the batch it is attacked in.
+    Under ``Threat(flips=k)`` (a quantized model) ``pgd`` is the progressive bit search and
+    ``noise`` random bit flips (``flips.attack.flip_attack``; steps and restarts do not apply).
     until_broken: stop attacking an example once it is misclassified (per-example threats):
                   whether it breaks is unchanged, but its margin is then the first one found
                   below zero, not the lowest; what evaluation needs, at a fraction of the cost.
     """
     _check_options(method, steps, restarts, loss, step_size, samples, seed)
+    if isinstance(threat, Threat) and threat.flips:  # bit flips: progressive bit search
+        from ..flips.attack import flip_attack
+
+        run = "ce" if loss == "both" else loss
+        return flip_attack(model, x, y, threat, method=method, loss=run, samples=samples, seed=seed)
     if not isinstance(until_broken, bool):
         raise ConfigError(f"until_broken must be True or False, got {until_broken!r}")
     if not isinstance(threat, Threat):
