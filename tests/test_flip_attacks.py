@@ -69,7 +69,8 @@ def test_shared_search_replays_exactly_and_beats_random_faults(trained):
     assert all(torch.equal(v, before[k]) for k, v in q_model.state_dict().items())
     assert all(shared.bit_flips(i) == shared.bit_flips(0) for i in range(len(y)))
     check_replays(q_model, shared, y, range(0, len(y), 7))
-    faults = ns.attack(q_model, x, y, ns.Threat(flips=4, scope="shared"), method="noise", samples=20)
+    threat = ns.Threat(flips=4, scope="shared")
+    faults = ns.attack(q_model, x, y, threat, method="noise", samples=20)
     assert len(faults.accuracy_trace) == 20
     assert shared.robust_accuracy < float(faults.accuracy_trace.mean()) - 0.02
     check_replays(q_model, faults, y, range(0, len(y), 11))
@@ -99,7 +100,8 @@ def test_bits_and_layers_restrict_the_flips(trained):
     q_model, x, y = trained
     threat = ns.Threat(flips=3, bits=(7,), layers=("3",), scope="shared")
     result = ns.attack(q_model, x, y, threat)
-    assert result.bit_flips(0) and all(n == "3.weight" and b == 7 for n, _, b in result.bit_flips(0))
+    flips = result.bit_flips(0)
+    assert flips and all(n == "3.weight" and b == 7 for n, _, b in flips)
 
 
 def test_flips_to_reaches_the_target_by_replay(trained):
