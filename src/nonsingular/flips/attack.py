@@ -168,6 +168,8 @@ def _result(
 ) -> FlipAttackResult:
     clean = space.replay_margins(x, y, [[] for _ in y])
     found = space.replay_margins(x_adv, y, sets)
+    if trace.numel() == 0:  # per example: the mean negative margin before and after
+        trace = torch.stack([-clean.mean(), -found.mean()]).cpu() if len(y) else trace
 
     def deltas(i: int) -> dict[str, Tensor]:
         new = flipped_weights(space.quantization, space.integers, sets[i])
@@ -183,7 +185,7 @@ def _result(
         trace,
         deltas,
         flip_sets=sets,
-        accuracy_trace=trace,
+        accuracy_trace=trace if method != "pgd" or threat.scope == "shared" else torch.zeros(0),
     )
 
 

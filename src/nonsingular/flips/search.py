@@ -3,7 +3,8 @@
 Each step takes the gradient ``g`` of the attack loss with respect to the weights at the current
 flips; each candidate flip's first-order gain is ``g * delta`` (``delta``: the weight change the
 flip makes, known in advance from the integer); the ``tries`` best candidates of each layer are
-run exactly, and the one that raises the loss most is kept. Steps repeat until ``k`` flips, or
+run exactly, and the one that lowers the batch's accuracy most (then raises the loss most) is
+kept. Steps repeat until ``k`` flips, or
 until the batch's accuracy reaches the target. ``scope="per-example"`` runs the same search on
 each example alone, stopping once it is broken.
 """
@@ -18,7 +19,7 @@ from torch import Tensor
 from ..attacks.pgd import attack_loss
 from ..attacks.space import margins
 from .grid import Flip
-from .space import FlipSpace
+from .space import FlipSpace, FlipState
 
 
 @dataclass
@@ -42,46 +43,43 @@ class Search:
         return max(i for i, a in enumerate(self.accuracy) if a == low)
 
 
-def _gradients(
-    space: FlipSpace, x: Tensor, y: Tensor, flips: list[Flip], loss: str
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The weights at ``flips`` and the gradient of the summed loss with respect to each."""
-    params = space.weights(flips)
-    chosen = {n: params[n].clone().requires_grad_(True) for n in space.names}
-    value = attack_loss(loss, space.logits(x, {**params, **chosen}), y).sum()
+def _gradients(state: FlipState, x: Tensor, y: Tensor, loss: str) -> dict[str, Tensor]:
+    """The gradient of the summed attack loss with respect to each flippable weight."""
+    params = state.params()
+    chosen = {n: params[n].clone().requires_grad_(True) for n in state.space.names}
+    value = attack_loss(loss, state.space.logits(x, {**params, **chosen}), y).sum()
     grads = torch.autograd.grad(value, list(chosen.values()), allow_unused=True)
-    found = {
+    return {
         n: torch.zeros_like(chosen[n]) if g is None else g.nan_to_num(0.0, 0.0, 0.0)
         for n, g in zip(chosen, grads, strict=True)
     }
-    return {n: params[n] for n in space.names}, found
 
 
-def candidates(
-    space: FlipSpace, x: Tensor, y: Tensor, flips: list[Flip], loss: str, tries: int
-) -> list[Flip]:
+def candidates(state: FlipState, x: Tensor, y: Tensor, loss: str, tries: int) -> list[Flip]:
     """The ``tries`` flips of each layer with the largest first-order gain ``g * delta``,
-    never one already in ``flips`` (flipping it again would undo it)."""
-    weights, grads = _gradients(space, x, y, flips, loss)
-    ints = space.current(flips)
+    never one already kept (flipping it again would undo it)."""
+    grads = _gradients(state, x, y, loss)
+    allowed = state.space.allowed
     found: list[Flip] = []
-    for name in space.names:
-        delta = space.deltas(name, ints[name], weights[name])
-        gain = grads[name].flatten()[:, None] * delta
-        for n, i, b in flips:
-            if n == name and bool((space.allowed == b).any()):
-                gain[i, int((space.allowed == b).nonzero()[0])] = float("-inf")
-        top = gain.flatten().topk(min(tries, gain.numel())).indices
-        for t in top.tolist():
-            index, column = divmod(t, len(space.allowed))
-            if gain[index, column] > float("-inf"):
-                found.append((name, index, int(space.allowed[column])))
+    for name in state.space.names:
+        gain = grads[name].flatten()[:, None] * state.deltas[name]
+        for n, i, b in state.flips:
+            if n == name:
+                gain[i, int((allowed == b).nonzero()[0])] = float("-inf")
+        top = gain.flatten().topk(min(tries, gain.numel()))
+        for value, t in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            if value > float("-inf"):
+                index, column = divmod(t, len(allowed))
+                found.append((name, index, int(allowed[column])))
     return found
 
 
-def _score(space: FlipSpace, x: Tensor, y: Tensor, flips: list[Flip], loss: str) -> tuple:
+def _score(
+    state: FlipState, x: Tensor, y: Tensor, loss: str, extra: Flip | None = None
+) -> tuple[float, float]:
+    """Accuracy and mean attack loss under the kept flips (and ``extra``)."""
     with torch.no_grad():
-        logits = space.logits(x, space.weights(flips))
+        logits = state.space.logits(x, state.params(extra))
     m = margins(logits, y)
     return float((m > 0).float().mean()), float(attack_loss(loss, logits, y).mean())
 
@@ -98,18 +96,19 @@ def progressive_search(
 ) -> Search:
     """Up to ``k`` flips, each the best of the gradient's ``tries`` candidates per layer;
     stops early once the batch accuracy is at most ``target``."""
-    flips: list[Flip] = []
-    accuracy, value = _score(space, x, y, flips, loss)
+    state = FlipState(space)
+    flips = state.flips
+    accuracy, value = _score(state, x, y, loss)
     search = Search(flips, [accuracy], [value])
     while len(flips) < k and accuracy > target:
         best = None
-        for flip in candidates(space, x, y, flips, loss, tries):
-            acc, val = _score(space, x, y, [*flips, flip], loss)
+        for flip in candidates(state, x, y, loss, tries):
+            acc, val = _score(state, x, y, loss, flip)
             if best is None or (-acc, val) > (-best[1], best[2]):
                 best = (flip, acc, val)
         if best is None:
             break
-        flips.append(best[0])
+        state.apply(best[0])
         accuracy = best[1]
         search.accuracy.append(best[1])
         search.losses.append(best[2])

@@ -7,6 +7,8 @@ computes, bit for bit.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -46,6 +48,11 @@ class FlipSpace:
                 f"({len(self.names)} weight tensor(s), {len(positions)} bit position(s) each)"
             )
 
+    @functools.cached_property
+    def base_deltas(self) -> dict[str, Tensor]:
+        """``{name: (numel, n_allowed)}`` the change of each flip of the unflipped model."""
+        return {n: self.deltas(n, self.integers[n], self.params[n]) for n in self.names}
+
     def current(self, flips: list[Flip]) -> dict[str, Tensor]:
         """``{name: integers}`` of the chosen weights after ``flips``."""
         out = dict(self.integers)
@@ -63,12 +70,14 @@ class FlipSpace:
             params[name] = dequantize(ints[name], self.quantization.scales[name])
         return params
 
-    def deltas(self, name: str, q: Tensor, weight: Tensor) -> Tensor:
+    def deltas(self, name: str, q: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
         """``(numel, n_allowed)``: the weight change of flipping each allowed bit of each
-        element of ``name``, from its current integers ``q`` and weight."""
+        element of ``name``, from its current integers ``q`` and weight (``scale``: theirs,
+        flat, when they are not the whole tensor)."""
         change = bit_changes(q.flatten(), self.bits)[:, self.allowed]
-        scale = self.quantization.scales[name].expand_as(weight).flatten()[:, None]
-        return dequantize(q.flatten()[:, None] + change, scale) - weight.flatten()[:, None]
+        if scale is None:
+            scale = self.quantization.scales[name].expand_as(weight).flatten()
+        return dequantize(q.flatten()[:, None] + change, scale[:, None]) - weight.flatten()[:, None]
 
     def logits(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
         with eval_mode(self.model):
@@ -96,3 +105,50 @@ def _chosen(quantization: Quantization, threat: Threat) -> list[str]:
         )
     wanted = set(threat.layers) | {f"{n}.weight" for n in threat.layers}
     return [n for n in names if n in wanted]
+
+
+class FlipState:
+    """A growing flip set on a ``FlipSpace``, kept up to date element by element: the current
+    integers, weights (each flipped element rebuilt by ``dequantize``, the same product as a
+    whole tensor's) and the change each further flip would make."""
+
+    def __init__(self, space: FlipSpace) -> None:
+        self.space = space
+        self.flips: list[Flip] = []
+        self.ints = {n: space.integers[n].flatten().clone() for n in space.names}
+        self.weights = {n: space.params[n].clone() for n in space.names}
+        self.scales = {
+            n: space.quantization.scales[n].expand_as(space.params[n]).flatten()
+            for n in space.names
+        }
+        self.deltas = {n: space.deltas(n, space.integers[n], space.params[n]) for n in space.names}
+
+    def value(self, flip: Flip) -> Tensor:
+        """The weight element ``flip`` would make, from the current integer."""
+        name, i, b = flip
+        q = self.ints[name][i : i + 1]
+        change = bit_changes(q, self.space.bits)[:, b]
+        return dequantize(q + change, self.scales[name][i : i + 1])[0]
+
+    def params(self, extra: Flip | None = None) -> dict[str, Tensor]:
+        """Every parameter under the current flips (and ``extra``, not kept)."""
+        params = {**self.space.params, **self.weights}
+        if extra is not None:
+            name = extra[0]
+            weight = self.weights[name].clone()
+            weight.view(-1)[extra[1]] = self.value(extra)
+            params[name] = weight
+        return params
+
+    def apply(self, flip: Flip) -> None:
+        """Keep ``flip``: its integer, weight element and row of further changes."""
+        name, i, b = flip
+        self.weights[name].view(-1)[i] = self.value(flip)
+        self.ints[name][i] += int(bit_changes(self.ints[name][i : i + 1], self.space.bits)[0, b])
+        row = self.weights[name].view(-1)[i : i + 1]
+        if self.deltas[name] is self.space.base_deltas[name]:
+            self.deltas[name] = self.deltas[name].clone()
+        self.deltas[name][i] = self.space.deltas(
+            name, self.ints[name][i : i + 1], row, self.scales[name][i : i + 1]
+        )[0]
+        self.flips.append(flip)
