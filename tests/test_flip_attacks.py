@@ -127,3 +127,17 @@ def test_bad_flip_threats_raise_before_anything_runs(trained):
         ns.attack(q_model, x, y, ns.Threat(flips=1, layers=("5.bias",)))
     with pytest.raises(ns.InputError):
         ns.attack(q_model, x, y + 20, ns.Threat(flips=1))
+
+
+def test_evaluate_runs_a_grid_over_flips(trained):
+    q_model, x, y = trained
+    grid = ns.grid(flips=[0, 1, 8], scope="shared")
+    assert [t.flips for t in grid] == [0, 1, 8]
+    table = ns.evaluate(q_model, (x, y), grid, certify=["crown"], progress=False)
+    attacked = [r.attacked for r in table.rows]
+    assert attacked[0] == table.rows[0].clean  # no flips: the clean accuracy
+    assert attacked[2] < attacked[0]
+    for r in table.rows:
+        assert r.certified["crown"] <= r.attacked
+    with pytest.raises(ns.ThreatError, match="eps_w at 0"):
+        ns.grid(eps_w=[0.1], flips=[1])

@@ -197,19 +197,28 @@ class Threat:
 
 
 def grid(
-    eps_x: Sequence[float] = (0.0,), eps_w: Sequence[float] = (0.0,), **threat_fields: object
+    eps_x: Sequence[float] = (0.0,),
+    eps_w: Sequence[float] = (0.0,),
+    flips: Sequence[int] = (),
+    **threat_fields: object,
 ) -> list[Threat]:
-    """Every ``(eps_x, eps_w)`` pair of the two lists as a Threat, eps_x varying slowest.
+    """Every ``(eps_x, eps_w)`` pair of the two lists as a Threat, eps_x varying slowest;
+    with ``flips`` (a list of flip counts, eps_w left at 0): every ``(eps_x, flips)`` pair.
 
-    ``threat_fields`` (x_norm, w_mode, scope, ...) apply to every point.
+    ``threat_fields`` (x_norm, w_mode, scope, bits, ...) apply to every point.
     """
     if isinstance(eps_x, (int, float)):
         eps_x = [eps_x]
     if isinstance(eps_w, (int, float)):
         eps_w = [eps_w]
+    if isinstance(flips, int):
+        flips = [flips]
     if not len(eps_x) or not len(eps_w):
         raise ThreatError("grid needs at least one eps_x and one eps_w")
-    return [
-        Threat(eps_x=ex, eps_w=ew, **threat_fields)  # type: ignore[arg-type]
-        for ex, ew in itertools.product(eps_x, eps_w)
-    ]
+    if len(flips):
+        if any(float(w) != 0 for w in eps_w):
+            raise ThreatError("a grid over flips leaves eps_w at 0 (the two weight threats)")
+        pairs = [{"eps_x": ex, "flips": k} for ex, k in itertools.product(eps_x, flips)]
+    else:
+        pairs = [{"eps_x": ex, "eps_w": ew} for ex, ew in itertools.product(eps_x, eps_w)]
+    return [Threat(**pair, **threat_fields) for pair in pairs]  # type: ignore[arg-type]
