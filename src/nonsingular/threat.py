@@ -205,7 +205,8 @@ def grid(
     """Every ``(eps_x, eps_w)`` pair of the two lists as a Threat, eps_x varying slowest;
     with ``flips`` (a list of flip counts, eps_w left at 0): every ``(eps_x, flips)`` pair.
 
-    ``threat_fields`` (x_norm, w_mode, scope, bits, ...) apply to every point.
+    ``threat_fields`` (x_norm, w_mode, scope, ...) apply to every point (``bits``: to the
+    points with flips).
     """
     if isinstance(eps_x, (int, float)):
         eps_x = [eps_x]
@@ -219,6 +220,10 @@ def grid(
         if any(float(w) != 0 for w in eps_w):
             raise ThreatError("a grid over flips leaves eps_w at 0 (the two weight threats)")
         pairs = [{"eps_x": ex, "flips": k} for ex, k in itertools.product(eps_x, flips)]
+        bits = threat_fields.pop("bits", None)  # which bits flip: for the points with flips
+        for pair in pairs:
+            if pair["flips"] and bits is not None:
+                pair["bits"] = bits
     else:
         pairs = [{"eps_x": ex, "eps_w": ew} for ex, ew in itertools.product(eps_x, eps_w)]
     return [Threat(**pair, **threat_fields) for pair in pairs]  # type: ignore[arg-type]

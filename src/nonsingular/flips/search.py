@@ -66,11 +66,11 @@ def candidates(state: FlipState, x: Tensor, y: Tensor, loss: str, tries: int) ->
         for n, i, b in state.flips:
             if n == name:
                 gain[i, int((allowed == b).nonzero()[0])] = float("-inf")
-        top = gain.flatten().topk(min(tries, gain.numel()))
-        for value, t in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        best, column = gain.max(dim=1)  # each weight's best bit, then the best weights
+        top = best.topk(min(tries, best.numel()))
+        for value, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             if value > float("-inf"):
-                index, column = divmod(t, len(allowed))
-                found.append((name, index, int(allowed[column])))
+                found.append((name, index, int(allowed[column[index]])))
     return found
 
 
