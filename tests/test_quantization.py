@@ -164,3 +164,37 @@ def test_flip_threat_round_trips_and_leaves_other_threats_dicts_alone():
     assert ns.Threat.from_dict(t.to_dict()) == t
     assert "3 bit flip(s) of bits 0,7" in t.describe()
     assert "flips" not in ns.Threat(eps_w=0.1).to_dict()
+
+
+def _digits_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    return checkpoint.save(mlp((1, 8, 8), hidden=(16,)), tmp_path / "float.safetensors")
+
+
+def test_cli_quantize_writes_a_quantized_checkpoint(capsys, tmp_path):
+    from nonsingular.cli import main
+
+    source = _digits_checkpoint(tmp_path)
+    out = tmp_path / "q8.safetensors"
+    code = main(["quantize", "--checkpoint", str(source), "--data", "digits", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "8-bit (channel) clean accuracy" in printed and "float" in printed
+    loaded, _ = checkpoint.load(out)
+    assert ns.quantized(loaded).bits == 8
+    expected = ns.quantize(checkpoint.load(source)[0])
+    for k, v in expected.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_cli_evaluates_a_grid_of_flips(capsys, tmp_path):
+    from nonsingular.cli import main
+
+    source = _digits_checkpoint(tmp_path)
+    args = ["evaluate", "--checkpoint", str(source), "--data", "digits", "--test-size", "50"]
+    code = main([*args, "--eps-x", "0", "--flips", "0,2", "--bits", "8", "--scope", "shared"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "2 bit flip(s) (shared)" in printed
+    for bad in (["--flip-bits", "7"], ["--flips", "1"], ["--flips", "1", "--bits", "1"]):
+        assert main([*args, "--eps-x", "0", *bad, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error" in err
