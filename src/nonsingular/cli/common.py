@@ -156,6 +156,11 @@ def add_threat(p: argparse.ArgumentParser, eps_x: str, eps_w: str) -> None:
         help="perturb only these weights, e.g. 1.weight,3.weight (default: all)",
     )
     g.add_argument("--bias", action="store_true", help="perturb biases too")
+    _add_flips(g)
+
+
+def _add_flips(g: Any) -> None:
+    """The bit-flip threat's flags (docs/quantization.md)."""
     g.add_argument(
         "--flips",
         type=integers,
