@@ -64,13 +64,18 @@ def speed() -> None:
         short = seconds(lambda: ns.attack(q, x, y, pgd, steps=10))
         pgd_steps.append((long - short) / 20)
     f, p = statistics.median(flip_steps), statistics.median(pgd_steps)
-    print(f"shared flip step {f * 1e3:.1f} ms, PGD step {p * 1e3:.1f} ms, ratio {f / p:.2f}")
+    print(
+        f"shared flip step {f * 1e3:.1f} ms, PGD step {p * 1e3:.1f} ms, ratio {f / p:.2f}",
+        flush=True,
+    )
     for k in (1, 4):
-        t = seconds(lambda k=k: ns.attack(q, x, y, ns.Threat(flips=k)))
+        start = time.perf_counter()
         r = ns.attack(q, x, y, ns.Threat(flips=k))
+        t = time.perf_counter() - start
         print(
             f"per-example search k={k}, 500 examples: {t:.1f} s, "
-            f"clean {r.clean_accuracy:.3f} -> {r.robust_accuracy:.3f}"
+            f"clean {r.clean_accuracy:.3f} -> {r.robust_accuracy:.3f}",
+            flush=True,
         )
 
 
