@@ -136,15 +136,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("what", choices=["speed", "collapse", "complete"])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--examples", type=int, default=100, help="complete: 100; collapse: 1000")
+    parser.add_argument(
+        "--examples", type=int, default=None, help="test digits (complete 100, collapse 1000)"
+    )
     parser.add_argument("--time-limit", type=float, default=10.0)
     args = parser.parse_args()
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    if args.what == "collapse" and args.examples == 100:
-        args.examples = 1000
+    if args.examples is None:
+        args.examples = 1000 if args.what == "collapse" else 100
     if args.what == "speed":
         speed()
     elif args.what == "collapse":
