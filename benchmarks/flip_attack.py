@@ -25,7 +25,7 @@ import nonsingular as ns
 from nonsingular.data import load
 from nonsingular.flips.search import progressive_search
 from nonsingular.flips.space import FlipSpace
-from nonsingular.models import cnn, mlp
+from nonsingular.model.architectures import cnn, mlp
 
 
 def trained(kind: str, seed: int, epochs: int = 5, hidden=(256, 256)) -> torch.nn.Module:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import nonsingular as ns
 from nonsingular.data import load
 from nonsingular.experiment import Experiment, run_experiment
-from nonsingular.models import mlp
+from nonsingular.model.architectures import mlp
 from nonsingular.training import METHODS, TrainConfig, train
 
 
@@ -30,12 +30,12 @@ def evaluate(out: Path) -> dict:
         _model(),
         data,
         grid + shared,
-        {"steps": 5, "restarts": 2, "loss": "both"},
+        ns.AttackOptions(steps=5, restarts=2, loss="both"),
         certify=["ibp", "crown"],
         batch_size=16,
         progress=False,
     )
-    certified = ns.evaluate(_model(), data, grid, certify=["crown"], attack=False, progress=False)
+    certified = ns.evaluate(_model(), data, grid, certify=["crown"], attack=None, progress=False)
     return {"attack": table.to_dict()["rows"], "certify": certified.to_dict()["rows"]}
 
 

@@ -11,7 +11,7 @@ import nonsingular as ns
 from nonsingular import CheckpointError, ConfigError, UnsupportedLayerError, checkpoint
 from nonsingular.cli import main
 from nonsingular.data import load
-from nonsingular.models import Architecture, resnet
+from nonsingular.model.architectures import Architecture, resnet
 from nonsingular.training import TrainConfig, train
 
 from .conftest import assert_state_equal, state_copy

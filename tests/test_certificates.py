@@ -282,8 +282,8 @@ def test_a_relu_after_the_last_layer_is_bounded_by_ibp_and_crown_only():
 
 @given(case=networks(), threat=threats())
 def test_ibp_fast_margin_step_equals_the_generic_backward_step(case, threat):
+    from nonsingular.certificates.crown_engine import backward, margin_matrix
     from nonsingular.certificates.ibp import ibp_margins, interval_bounds
-    from nonsingular.certificates.linear import backward, margin_matrix
     from nonsingular.certificates.region import InputRegion
 
     model, x, y = case
@@ -370,7 +370,7 @@ def test_crown_is_sound_for_any_relu_lower_slopes(case, threat, seed):
     """alpha-CROWN's soundness does not rest on the optimizer: any lower slopes in [0, 1],
     drawn at random here (0 and 1 included), give a bound under every sampled perturbation."""
     from nonsingular.certificates.crown import crown_bounds, relu_slopes
-    from nonsingular.certificates.linear import backward, margin_matrix
+    from nonsingular.certificates.crown_engine import backward, margin_matrix
     from nonsingular.certificates.region import InputRegion
     from nonsingular.certificates.rounding import unit_roundoff
 
@@ -690,3 +690,21 @@ def test_default_cuda_settings_cost_a_dense_model_no_certificates():
     assert bool(on_cpu.float().mean() > 0.5)
     on_gpu = ns.certify(model.cuda(), x.cuda(), y.cuda(), threat, "crown", dtype=torch.float32)
     assert torch.equal(on_gpu.certified.cpu(), on_cpu)
+
+
+def test_the_bounds_revision_follows_the_bound_code(tmp_path):
+    """``REVISION`` is a digest of the bound code: an unchanged copy of the package has the
+    same one, a copy with one operator file changed another."""
+    import shutil
+    from pathlib import Path
+
+    import nonsingular
+    from nonsingular.certificates import REVISION, bound_code_digest
+
+    root = Path(nonsingular.__file__).resolve().parent
+    copy = tmp_path / "nonsingular"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    assert bound_code_digest(copy) == REVISION
+    relu = copy / "model" / "operators" / "relaxations.py"
+    relu.write_text(relu.read_text() + "\n# a change\n")
+    assert bound_code_digest(copy) != REVISION

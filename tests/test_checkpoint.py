@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nonsingular import CheckpointError, checkpoint
-from nonsingular.models import mlp
+from nonsingular.model.architectures import mlp
 
 from .conftest import malicious_pickle
 

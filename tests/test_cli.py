@@ -11,7 +11,7 @@ import torch
 import nonsingular as ns
 from nonsingular import checkpoint
 from nonsingular.cli import main
-from nonsingular.models import mlp
+from nonsingular.model.architectures import mlp
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +149,10 @@ def save_model(tmp_path, model, name):
 def bad_cases(tmp_path):
     five_classes = save_model(tmp_path, mlp((1, 28, 28), (8,), classes=5), "five")
     digits_model = save_model(tmp_path, mlp((1, 8, 8), (8,)), "digits")
-    tanh = save_model(tmp_path, mlp((1, 28, 28), (8,)), "tanh")
-    info = json.loads((tmp_path / "tanh.json").read_text())
-    info["model"][2] = {"type": "Tanh"}
-    (tmp_path / "tanh.json").write_text(json.dumps(info))
+    unknown = save_model(tmp_path, mlp((1, 28, 28), (8,)), "unknown")
+    info = json.loads((tmp_path / "unknown.json").read_text())
+    info["model"][2] = {"type": "PixelShuffle"}
+    (tmp_path / "unknown.json").write_text(json.dumps(info))
     ok = save_model(tmp_path, mlp((1, 28, 28), (8,)), "ok")
     return {
         "negative eps": (["--checkpoint", ok, "--eps-x=-0.1"], "eps_x must be >= 0"),
@@ -160,7 +160,7 @@ def bad_cases(tmp_path):
         "not a number": (["--checkpoint", ok, "--eps-w", "abc"], "comma-separated numbers"),
         "unknown data": (["--checkpoint", ok, "--data", "imagenet"], "imagenet"),
         "missing checkpoint": (["--checkpoint", str(tmp_path / "no.safetensors")], "not found"),
-        "unsupported layer": (["--checkpoint", tanh], "Tanh"),
+        "unsupported layer": (["--checkpoint", unknown], "PixelShuffle"),
         "label out of range": (["--checkpoint", five_classes], "labels must lie in [0, 4]"),
         "shape mismatch": (["--checkpoint", digits_model], "does not fit the model"),
         "no model": (["--eps-x", "0.1"], "one of the arguments --checkpoint --train-quick"),

@@ -78,3 +78,15 @@ def test_every_document_the_source_cites_exists():
             if section:
                 assert f"## {section}\n" in doc.read_text(), (path.name, name, section)
     assert "models.md" in found  # the unsupported-operation message
+
+
+@pytest.mark.parametrize("folder", sorted(marked_tables()))
+def test_the_shipped_report_is_regenerated_from_its_results_with_the_same_numbers(folder, tmp_path):
+    """The report's code reads back what it wrote and writes it again unchanged: the same
+    per-model numbers, summary, verdicts and Markdown, with the run's own provenance."""
+    from nonsingular.experiment.report import write_report
+
+    shipped = json.loads((ROOT / folder / "results.json").read_text())
+    write_report(Results.from_dict(shipped), tmp_path, rewrite=True)
+    assert json.loads((tmp_path / "results.json").read_text()) == shipped
+    assert (tmp_path / "report.md").read_text() == (ROOT / folder / "report.md").read_text()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import nonsingular as ns
 from nonsingular import data
-from nonsingular.models import mlp
+from nonsingular.model.architectures import mlp
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from nonsingular.attacks.space import margins
 from nonsingular.flips import bounds
 from nonsingular.flips.grid import bit_changes, dequantize
 from nonsingular.flips.space import FlipSpace
-from nonsingular.models import mlp
+from nonsingular.model.architectures import mlp
 
 
 def network(seed: int, dtype: torch.dtype):
@@ -173,7 +173,7 @@ def test_flip_certificates_refuse_what_they_cannot_bound():
         ns.certify(q_model, x, y, ns.Threat(flips=1), method="recursive")
     with pytest.raises(ns.ConfigError, match="flips=1 only"):
         ns.bab(q_model, x, y, ns.Threat(flips=2))
-    from nonsingular.models import cnn
+    from nonsingular.model.architectures import cnn
 
     conv = ns.quantize(cnn((1, 8, 8), (2, 2), 5, 3))
     with pytest.raises(ns.UnsupportedLayerError, match="Linear/ReLU"):

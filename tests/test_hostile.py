@@ -587,7 +587,7 @@ API_CASES = {
         "batch_size must be",
     ),
     "evaluate nothing": (
-        lambda: ns.evaluate(_model(), (X, Y), [Threat()], attack=False),
+        lambda: ns.evaluate(_model(), (X, Y), [Threat()], attack=None),
         ConfigError,
         "nothing to evaluate",
     ),
@@ -822,7 +822,7 @@ CHECKPOINT_CASES = {
 @pytest.fixture(scope="module")
 def described(tmp_path_factory):
     """A checkpoint of a flat Sequential, described layer by layer (the other format)."""
-    from nonsingular.models import mlp
+    from nonsingular.model.architectures import mlp
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("described") / "model.safetensors"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nonsingular import ConfigError, report
+from nonsingular import ConfigError
 from nonsingular.cli import main
-from nonsingular.experiment import Results
+from nonsingular.experiment import Results, report
 from nonsingular.files import _open_lock, exclusive
 from nonsingular.training import TrainConfig, train
 

@@ -200,14 +200,17 @@ def test_parametrization_follows_scope_and_layer_type():
     x = torch.rand(7, 1, 6, 6)
     per_example = JointSpace(graph, Threat(eps_w=0.1), x)
     # the dense layer goes through the lemma: no weight copy
-    assert per_example.batched == {"w:0.weight": True, "t:3.weight": True}
-    assert {k: tuple(v.shape) for k, v in per_example.zeros(x).items()} == {
+    assert {str(k): v for k, v in per_example.batched.items()} == {
+        "w:0.weight": True,
+        "t:3.weight": True,
+    }
+    assert {str(k): tuple(v.shape) for k, v in per_example.zeros(x).items()} == {
         "w:0.weight": (7, 2, 1, 3, 3),
         "t:3.weight": (7, 3),
     }
     shared = JointSpace(graph, Threat(eps_w=0.1, scope="shared", bias=True), x)
     assert not any(shared.batched.values())
-    assert {k: tuple(v.shape) for k, v in shared.zeros(x).items()} == {
+    assert {str(k): tuple(v.shape) for k, v in shared.zeros(x).items()} == {
         "w:0.weight": (2, 1, 3, 3),
         "w:0.bias": (2,),
         "w:3.weight": (3, 32),

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from nonsingular.errors import BoundError
 from nonsingular.model.operators.layernorm_bounds import (
     _Centered,
     _product_planes,
@@ -204,7 +205,7 @@ def test_maxpool_never_selects_padding():
 
 def test_maxpool_rejects_windows_of_padding_only_and_bad_shapes():
     x = torch.zeros(1, 1, 1, dtype=DT)
-    with pytest.raises(ValueError, match="only padding"):
+    with pytest.raises(BoundError, match="only padding"):
         maxpool_backward(
             torch.zeros(1, 1, 1, 1, dtype=DT),
             x,
@@ -216,7 +217,7 @@ def test_maxpool_rejects_windows_of_padding_only_and_bad_shapes():
             dilation=2,
             ceil_mode=False,
         )
-    with pytest.raises(ValueError, match="lam shape"):
+    with pytest.raises(BoundError, match="lam shape"):
         maxpool_backward(
             torch.zeros(1, 1, 1, 5, dtype=DT),
             torch.zeros(1, 1, 4, dtype=DT),
@@ -392,11 +393,11 @@ def test_layernorm_linear_relaxation_beats_the_constant_one_on_narrow_boxes():
 
 def test_layernorm_rejects_bad_arguments():
     x = torch.zeros(2, 3, dtype=DT)
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(BoundError, match="eps"):
         layernorm_interval(x, x, normalized_shape=3, weight=None, bias=None, eps=0.0)
-    with pytest.raises(ValueError, match="does not end"):
+    with pytest.raises(BoundError, match="does not end"):
         layernorm_interval(x, x, normalized_shape=(4,), weight=None, bias=None, eps=1e-5)
-    with pytest.raises(ValueError, match="lam"):
+    with pytest.raises(BoundError, match="lam"):
         layernorm_backward(
             torch.zeros(2, 1, 4, dtype=DT),
             x,

@@ -8,7 +8,7 @@ from torch import nn
 import nonsingular as ns
 from nonsingular import checkpoint
 from nonsingular.flips.grid import bit_changes, flip_integers, flipped_weights
-from nonsingular.models import cnn, mlp
+from nonsingular.model.architectures import cnn, mlp
 
 
 def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:

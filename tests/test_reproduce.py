@@ -8,20 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from nonsingular import ConfigError, experiment, report
+from nonsingular import ConfigError, Outcomes, experiment
 from nonsingular.experiment import (
     AtKeyBudget,
     DataInfo,
     Experiment,
     Measured,
     Results,
+    report,
     run_experiment,
     spread,
 )
 from nonsingular.experiment import run as running
-from nonsingular.report import cell, pct, recipe_section, stronger_attack, write_report
+from nonsingular.experiment.report import write_report
+from nonsingular.experiment.report.figures import HEATMAP
+from nonsingular.experiment.report.summary import cell, pct
+from nonsingular.experiment.report.text import recipe_section, stronger_attack
+from nonsingular.experiment.verdicts import CLAIMS, verdicts
 from nonsingular.training import loop
-from nonsingular.verdicts import CLAIMS, verdicts
 
 TINY = {
     "epochs": 1,
@@ -119,7 +123,7 @@ def test_the_report_shows_the_verdicts_and_numbers_of_the_json(reproduced):
             found = results.of(method)[0].stronger[family]
             assert len(found.stronger) == TINY["eval_size"], family
             if threat.scope == "shared":  # the worse of two whole perturbations
-                assert found.stronger.count("1") <= found.default.count("1")
+                assert found.stronger.count <= found.default.count
             else:  # example by example
                 assert all(s <= d for s, d in zip(found.stronger, found.default, strict=True))
     # the claims again on models trained without augmentation, beside the default recipe
@@ -146,9 +150,9 @@ def test_the_report_shows_the_verdicts_and_numbers_of_the_json(reproduced):
     (standard,) = results.of("standard")
     bits = standard.outcomes["weight-absolute"]
     assert len(bits) == len(TINY["eps_w_absolute"])
-    assert all(len(b) == TINY["eval_size"] and set(b) <= {"0", "1"} for b in bits)
+    assert all(len(b) == TINY["eval_size"] and set(b.bits) <= {"0", "1"} for b in bits)
     accuracy = standard.accuracy["weight-absolute"]
-    assert [b.count("1") / len(b) for b in bits] == pytest.approx(accuracy)
+    assert [b.rate for b in bits] == pytest.approx(accuracy)
 
 
 def test_results_say_where_they_came_from(reproduced):
@@ -231,10 +235,10 @@ def fake(
     every nonzero budget of every family (all survive at budget 0); ``stronger``: per method
     and seed, the survivors of the default and the stronger attack together at the key
     budgets (the default attack's there are ``survivors``)."""
-    everyone = "1" * n
+    everyone = Outcomes("1" * n)
 
-    def bits(alive) -> str:
-        return "".join("1" if i in alive else "0" for i in range(n))
+    def bits(alive) -> Outcomes:
+        return Outcomes.of(i in alive for i in range(n))
 
     exp = Experiment(
         methods=("standard", "pgd-at", "awp", "bound-reg"),
@@ -373,7 +377,7 @@ def test_the_gap_between_attacked_and_certified_is_shown_per_certificate():
         model.certified = {"ibp": [[0.9, 0.2], [0.1, 0.0]], "crown": [[0.9, 0.8], [0.6, 0.1]]}
     results.models[1].certified["crown"] = [[0.9, 0.8], [0.7, 0.5]]  # no gap left
     text = "\n".join(
-        report.certified_section(results, report.summarize(results), {"certified": "f"})
+        report.text.certified_section(results, report.summarize(results), {"certified": "f"})
     )
     rows = table_rows(text, "The gap:")
     assert rows["standard"] == ["42.5; 60.0 at (0, 0.1)", "12.5; 40.0 at (0.1, 0.1)"]
@@ -474,13 +478,13 @@ def test_the_summary_over_seeds_is_mean_and_sample_sd_elementwise():
 
 
 def test_certificates_cached_by_other_bound_code_are_recomputed(reproduced, monkeypatch, tmp_path):
-    """A change to the bounds raises ``certificates.REVISION``: every cached certificate
+    """A change to the bound code changes ``certificates.REVISION``: every cached certificate
     table is computed again, every attack is still reused."""
     import shutil
 
     out, results, _ = reproduced
     shutil.copytree(out, tmp_path / "copy")
-    monkeypatch.setattr(running, "BOUNDS_REVISION", running.BOUNDS_REVISION + 1)
+    monkeypatch.setattr(running, "BOUNDS_REVISION", running.BOUNDS_REVISION + "-changed")
     again = run_experiment(Experiment.quick(**TINY), tmp_path / "copy", say=lambda text: None)
     main_models = [m for m in again.models if m.recipe is None]
     assert sum(m.evaluations_computed for m in again.models) == len(main_models)
@@ -500,13 +504,13 @@ def test_figures_read_without_colour_vision():
     line differs from every other one by its marker."""
     import matplotlib
 
-    from nonsingular import report
+    from nonsingular.experiment import report
 
     def lightness(name: str) -> list[float]:
         cmap = matplotlib.colormaps[name]
         return [_luminance(cmap(i / 20)) for i in range(21)]
 
-    shades = lightness(report.HEATMAP)
+    shades = lightness(HEATMAP)
     assert all(a < b for a, b in zip(shades, shades[1:], strict=False))
     red_green = lightness("RdYlGn")
     assert not all(a < b for a, b in zip(red_green, red_green[1:], strict=False))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scipy import stats as scipy_stats
 
 from nonsingular.errors import ConfigError
-from nonsingular.stats import bootstrap_p, holm, seeds_t_p
+from nonsingular.experiment.stats import bootstrap_p, holm, seeds_t_p
 
 
 def test_holm_matches_a_worked_example():

@@ -18,13 +18,13 @@ from nonsingular.certificates import closed_form_terms
 from nonsingular.cli import build_parser
 from nonsingular.data import load
 from nonsingular.experiment import Experiment
+from nonsingular.experiment.verdicts import CLAIMS
 from nonsingular.files import write_bytes
 from nonsingular.model import read_model
 from nonsingular.training import METHODS, TrainConfig, TrainingMethod, build_model, train
 from nonsingular.training.config import read_toml
 from nonsingular.training.methods import Standard
 from nonsingular.training.registry import make_method
-from nonsingular.verdicts import CLAIMS
 
 from .conftest import malicious_pickle
 
@@ -120,7 +120,7 @@ class Tiny(Standard):
 
 
 def test_the_registry_drives_every_list_of_methods(monkeypatch, capsys):
-    from nonsingular import report
+    from nonsingular.experiment import report
 
     entry = TrainingMethod(
         Tiny,

@@ -1,9 +1,10 @@
 """nonsingular: adversarial robustness under joint input and weight perturbations."""
 
 from ._version import __version__
-from .attacks import AttackResult, attack
-from .certificates import BabResult, CertifyResult, bab, certify
+from .attacks import AttackOptions, AttackResult, attack
+from .certificates import BabResult, CertifyOptions, CertifyResult, bab, certify
 from .errors import (
+    BoundError,
     CheckpointError,
     ConfigError,
     DataError,
@@ -15,16 +16,19 @@ from .errors import (
     UnsupportedLayerError,
     UnsupportedModelError,
 )
-from .evaluation import EvaluationTable, evaluate
+from .evaluation import EvaluationTable, Outcomes, evaluate
 from .flips import FlipAttackResult, FlipsTo, Quantization, flips_to, quantize, quantized
 from .threat import Threat, grid
 from .training import TrainConfig, TrainResult, train
 
 __all__ = [
     "__version__",
+    "AttackOptions",
     "AttackResult",
+    "CertifyOptions",
     "CertifyResult",
     "BabResult",
+    "BoundError",
     "CheckpointError",
     "ConfigError",
     "EvaluationTable",
@@ -35,6 +39,7 @@ __all__ = [
     "FlipsTo",
     "Quantization",
     "QuantizationError",
+    "Outcomes",
     "Threat",
     "ThreatError",
     "TrainingError",

@@ -1,13 +1,15 @@
 """Joint attacks (upper bounds on robust accuracy): PGD over the input and the weights at once,
 and the random-noise baseline, on any model nonsingular can read."""
 
-from .pgd import LOSSES, METHODS, attack, attack_loss, default_step_size, pgd
+from .options import LOSSES, METHODS, AttackOptions
+from .pgd import attack, attack_loss, default_step_size, pgd
 from .result import AttackResult
 from .space import JointSpace, State, check_domain, margins
 
 __all__ = [
     "LOSSES",
     "METHODS",
+    "AttackOptions",
     "AttackResult",
     "JointSpace",
     "State",

@@ -41,7 +41,7 @@ def noise(
             state = draw(j)
             m = margins(space.forward(x, state), y)
             trace.append(float(-m.mean()))
-            improved = best.offer(index, m, state, x + state["x"] if "x" in state else x)
+            improved = best.offer(index, m, state, space.inputs(x, state))
             choice[improved] = j
 
     def deltas(i: int) -> dict[str, Tensor]:

@@ -9,23 +9,21 @@ perturbation serves the whole batch, so the best iterate is chosen for the batch
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import MAX_SEED, choice, integer, number
 from ..errors import ConfigError
 from ..model.verify import read_batch, with_gradients
 from ..seeds import mix
 from ..threat import Threat
 from .best import BestSoFar
 from .noise import noise
+from .options import AttackOptions
 from .result import AttackResult
 from .space import JointSpace, State, check_domain, check_positions, margins
-
-LOSSES = ("ce", "margin", "dlr", "both")
-METHODS = ("pgd", "noise")
 
 
 def attack_loss(name: str, logits: Tensor, y: Tensor) -> Tensor:
@@ -120,7 +118,7 @@ def _pgd_run(
     def offer(logits: Tensor, state: State) -> Tensor | None:
         rows, xs, ys = live
         m = margins(logits, ys)
-        best.offer(rows, m, state, xs + state["x"] if "x" in state else xs)
+        best.offer(rows, m, state, space.inputs(xs, state))
         if not until_broken:
             return None
         keep = m > 0
@@ -148,50 +146,28 @@ def _runs(
     y: Tensor,
     best: BestSoFar,
     positions: Tensor,
-    loss: str,
-    restarts: int,
-    seed: int,
-    options: tuple[int, float, bool, bool],
+    options: AttackOptions,
+    until_broken: bool,
 ) -> Tensor:
     """Every PGD run (``restarts`` per loss), each on the examples still unbroken (all of
-    them for a shared perturbation); the first run's loss trace. ``options``: steps, step
-    size, random start, until_broken."""
-    steps, alpha, start, until_broken = options
-    runs = ["ce", "margin"] if loss == "both" else [loss]
+    them for a shared perturbation); the first run's loss trace."""
+    runs = ["ce", "margin"] if options.loss == "both" else [options.loss]
     all_rows = torch.arange(len(y), device=x.device)
     trace = torch.zeros(1)
-    for run, loss_name in enumerate(n for n in runs for _ in range(restarts)):
+    for run, loss_name in enumerate(n for n in runs for _ in range(options.restarts)):
         rows = all_rows if space.is_shared else all_rows[best.margins > 0]
         if len(rows) == 0:
             break
-        args = (loss_name, steps, alpha, start, mix(seed, "run", run), positions, until_broken)
-        t = _pgd_run(space, x, y, rows, best, *args)
+        seed = mix(options.seed, "run", run)
+        args = (options.steps, options.alpha, options.starts_at_random, seed)
+        t = _pgd_run(space, x, y, rows, best, loss_name, *args, positions, until_broken)
         trace = t if run == 0 else trace
     return trace
 
 
 def default_step_size(steps: int) -> float:
     """PGD's step as a fraction of each ball's radius: 2.5 radii in all (1 for FGSM)."""
-    return 1.0 if steps == 1 else 2.5 / steps
-
-
-def _check_options(
-    method: str,
-    steps: int,
-    restarts: int,
-    loss: str,
-    step_size: float | None,
-    samples: int,
-    seed: int,
-) -> None:
-    choice("method", method, METHODS)
-    choice("loss", loss, LOSSES)
-    integer("steps", steps, 1, 100_000)
-    integer("restarts", restarts, 1, 1_000)
-    integer("samples", samples, 1, 1_000_000)
-    integer("seed", seed, 0, MAX_SEED)
-    if step_size is not None:  # a fraction of each ball's radius
-        number("step_size", step_size, 0.0, 10.0, positive=True)
+    return AttackOptions(steps=steps).alpha
 
 
 @with_gradients
@@ -200,71 +176,63 @@ def attack(
     x: Tensor,
     y: Tensor,
     threat: Threat,
+    options: AttackOptions | None = None,
     *,
-    method: str = "pgd",
-    steps: int = 50,
-    restarts: int = 1,
-    loss: str = "ce",
-    step_size: float | None = None,
-    random_start: bool | None = None,
-    samples: int = 100,
-    seed: int = 0,
     positions: Tensor | None = None,
     until_broken: bool = False,
+    **overrides: Any,
 ) -> AttackResult:
     """Attack ``model`` at ``(x, y)`` under the joint ``threat``; the model is never modified.
 
     x: (B, ...) inputs inside ``threat.bounds``; y: (B,) integer labels.
-    method:       ``pgd`` (projected gradient ascent) or ``noise`` (``samples`` uniform draws
-                  from the ball, weights drawn once per sample: the fault-injection baseline).
-    steps:        PGD iterations; ``steps=1`` without random start is FGSM.
-    restarts:     PGD runs per loss; later runs attack only the examples still unbroken.
-    loss:         ``ce``, ``margin`` (CW), ``dlr``, or ``both`` (ce then margin).
-    step_size:    step as a fraction of each ball's radius (default ``2.5 / steps``, 1 for FGSM),
-                  so the input and every weight variable move in proportion to their budget.
-    random_start: start inside the ball at random (default: when ``steps > 1``).
-    seed:         seeds every random draw, example by example, with ``positions``: each
-                  example's place in its data set (default 0..B-1), so an example's result
-                  never depends on the batch it is attacked in.
+    options:      ``AttackOptions`` (method, steps, restarts, loss, ...); ``overrides``
+                  replace some of them by name (``attack(..., steps=10)``).
+    positions:    each example's place in its data set (default 0..B-1), which seeds its
+                  random draws, so an example's result never depends on its batch.
     Under ``Threat(flips=k)`` (a quantized model) ``pgd`` is the progressive bit search and
     ``noise`` random bit flips (``flips.attack.flip_attack``; steps and restarts do not apply).
     until_broken: stop attacking an example once it is misclassified (per-example threats):
                   whether it breaks is unchanged, but its margin is then the first one found
                   below zero, not the lowest; what evaluation needs, at a fraction of the cost.
     """
-    _check_options(method, steps, restarts, loss, step_size, samples, seed)
+    options = AttackOptions.of(options, **overrides)
     if isinstance(threat, Threat) and threat.flips:  # bit flips: progressive bit search
         from ..flips.attack import flip_attack
 
-        run = "ce" if loss == "both" else loss
-        return flip_attack(model, x, y, threat, method=method, loss=run, samples=samples, seed=seed)
+        loss = "ce" if options.loss == "both" else options.loss
+        return flip_attack(
+            model,
+            x,
+            y,
+            threat,
+            method=options.method,
+            loss=loss,
+            samples=options.samples,
+            seed=options.seed,
+        )
     if not isinstance(until_broken, bool):
         raise ConfigError(f"until_broken must be True or False, got {until_broken!r}")
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
     graph, x, y, logits = read_batch(model, x, y)
-    device = x.device
     clean = margins(logits, y)
     check_domain(x, threat)
     positions = check_positions(positions, len(x))
-
-    if method == "noise":
-        return noise(graph, x, y, threat, clean, samples, seed, positions)
+    if options.method == "noise":
+        return noise(graph, x, y, threat, clean, options.samples, options.seed, positions)
 
     space = JointSpace(graph, threat, x)
     best = BestSoFar(space, x, clean, shared=space.is_shared)
     trace = torch.zeros(1)
     if space.balls:
-        alpha = step_size if step_size is not None else default_step_size(steps)
-        start = steps > 1 if random_start is None else random_start
-        options = (steps, alpha, start, until_broken and not space.is_shared)
-        trace = _runs(space, x, y, best, positions, loss, restarts, seed, options)
+        stop = until_broken and not space.is_shared
+        trace = _runs(space, x, y, best, positions, options, stop)
     state = best.state
 
     def deltas(i: int) -> dict[str, Tensor]:
-        row = torch.tensor([i], device=device)
+        row = torch.tensor([i], device=x.device)
         return space.materialize(best.x_adv[row], space.select(state, row))
 
     return AttackResult(
-        best.x_adv, best.margins, clean, best.margins <= 0, threat, method, trace, deltas
+        best.x_adv, best.margins, clean, best.margins <= 0, threat, options.method, trace, deltas
     )

@@ -5,11 +5,11 @@ lives in, how to run the model under a point of the space, and how to turn a poi
 parameter-space perturbation of one example (materialization). Weights enter in one of three
 forms, chosen per affine node:
 
-- the lemma (``t:WEIGHT``, one ``(B, n_out)`` vector): a dense layer on one vector per example,
-  per-example scope, its weight read by no other node: as cheap as an input attack;
-- per-example parameters (``w:PARAM``, ``(B, *W.shape)``): convolutions, Linear over several
-  positions, and tied weights (one tensor read by several nodes, perturbed once);
-- shared parameters (``w:PARAM``, ``W.shape``): one perturbation for the whole batch.
+- the lemma (a ``lemma`` variable, one ``(B, n_out)`` vector): a dense layer on one vector per
+  example, per-example scope, its weight read by no other node: as cheap as an input attack;
+- per-example parameters (a ``weight`` variable, ``(B, *W.shape)``): convolutions, Linear over
+  several positions, and tied weights (one tensor read by several nodes, perturbed once);
+- shared parameters (a ``weight`` variable, ``W.shape``): one perturbation for the whole batch.
 
 Attacks and adversarial training walk its variables; nothing here branches on the weight mode.
 """
@@ -17,6 +17,7 @@ Attacks and adversarial training walk its variables; nothing here branches on th
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,7 +29,26 @@ from ..model.lemma import LayerBudget, nonnegative_nodes, perturbed_layers, tied
 from ..seeds import generator, mix, per_example
 from ..threat import Threat
 
-State = dict[str, Tensor]
+
+class Variable(NamedTuple):
+    """A variable of the joint space: the input delta (``INPUT``), the lemma vector of a
+    dense layer's weight (kind ``lemma``) or a weight in parameter space (kind ``weight``),
+    with the parameter's name. Its text (``x``, ``t:NAME``, ``w:NAME``) seeds its random
+    draws."""
+
+    kind: str
+    name: str = ""
+
+    def __str__(self) -> str:
+        return (
+            "x"
+            if self.kind == "input"
+            else f"{self.kind[0] if self.kind == 'weight' else 't'}:{self.name}"
+        )
+
+
+INPUT = Variable("input")
+State = dict[Variable, Tensor]
 
 
 def margins(logits: Tensor, y: Tensor) -> Tensor:
@@ -80,14 +100,14 @@ class JointSpace:
     ) -> None:
         self.graph = graph
         self.threat = threat
-        self.balls: dict[str, Ball] = {}
-        self.batched: dict[str, bool] = {}
-        self.lemma: dict[int, tuple[LayerBudget, str, bool]] = {}
+        self.balls: dict[Variable, Ball] = {}
+        self.batched: dict[Variable, bool] = {}
+        self.lemma: dict[int, tuple[LayerBudget, Variable, bool]] = {}
         self.per_example: dict[int, LayerBudget] = {}
-        self.shared: dict[str, str] = {}  # parameter name -> variable
+        self.shared: dict[str, Variable] = {}  # parameter name -> variable
         if threat.eps_x > 0:
-            self.balls["x"] = make_ball(threat.x_norm, threat.eps_x, batch_dims=1)
-            self.batched["x"] = True
+            self.balls[INPUT] = make_ball(threat.x_norm, threat.eps_x, batch_dims=1)
+            self.batched[INPUT] = True
         budgets = perturbed_layers(graph, threat)
         if not budgets:
             return
@@ -100,16 +120,16 @@ class JointSpace:
             names = [n for n in (budget.op.weight_name, budget.op.bias_name) if n]
             lemma = node.index in single and not (set(names) & several)
             if not one_weight and lemma:
-                key = f"t:{budget.op.weight_name}"
+                key = Variable("lemma", budget.op.weight_name)
                 self.balls[key] = make_ball(budget.norm, 1.0, batch_dims=1)
                 self.batched[key] = True
                 self.lemma[node.index] = (budget, key, node.first in nonnegative)
                 continue
             for name, ball in budget.parameter_balls(batch_dims=0 if one_weight else 1).items():
-                self.balls[f"w:{name}"] = ball
-                self.batched[f"w:{name}"] = not one_weight
+                self.balls[Variable("weight", name)] = ball
+                self.batched[Variable("weight", name)] = not one_weight
                 if one_weight:
-                    self.shared[name] = f"w:{name}"
+                    self.shared[name] = Variable("weight", name)
             if not one_weight:
                 self.per_example[node.index] = budget
 
@@ -118,17 +138,17 @@ class JointSpace:
         """True when some variable is shared by the whole batch (one Delta for all)."""
         return not all(self.batched.values())
 
-    def _shapes(self, x: Tensor) -> dict[str, tuple[int, ...]]:
-        shapes: dict[str, tuple[int, ...]] = {}
+    def _shapes(self, x: Tensor) -> dict[Variable, tuple[int, ...]]:
+        shapes: dict[Variable, tuple[int, ...]] = {}
         batch = x.shape[0]
         for key in self.balls:
-            if key == "x":
+            if key == INPUT:
                 shapes[key] = tuple(x.shape)
-            elif key.startswith("t:"):
+            elif key.kind == "lemma":
                 budget = next(b for b, k, _ in self.lemma.values() if k == key)
                 shapes[key] = (batch, budget.weight.shape[0])
             else:
-                shape = tuple(self.graph.tensors[key[2:]].shape)
+                shape = tuple(self.graph.tensors[key.name].shape)
                 shapes[key] = (batch, *shape) if self.batched[key] else shape
         return shapes
 
@@ -154,17 +174,17 @@ class JointSpace:
                 def draw(g: torch.Generator, b: Ball = ball, e: Tensor = like) -> Tensor:
                     return b.random(e, g)[0]
 
-                value = per_example(draw, mix(seed, key), where)
+                value = per_example(draw, mix(seed, str(key)), where)
             else:
-                value = ball.random(torch.empty(shape, dtype=x.dtype), generator(seed, key))
+                value = ball.random(torch.empty(shape, dtype=x.dtype), generator(seed, str(key)))
             state[key] = value.to(x.device)
         return self.clamp_input(x, state)
 
     def clamp_input(self, x: Tensor, state: State) -> State:
         """Keep ``x + d`` inside the threat's bounds (shrinks ``d``, so it stays in its ball)."""
-        if "x" in state and self.threat.bounds is not None:
+        if INPUT in state and self.threat.bounds is not None:
             lo, hi = self.threat.bounds
-            state["x"] = (x + state["x"]).clamp(lo, hi) - x
+            state[INPUT] = (x + state[INPUT]).clamp(lo, hi) - x
         return state
 
     def step(self, x: Tensor, state: State, grads: State, alpha: float) -> State:
@@ -181,7 +201,7 @@ class JointSpace:
         graph: Graph | None = None,
         training: bool = False,
     ) -> Tensor:
-        """Logits at ``x + state["x"]`` with the weight perturbation applied.
+        """Logits at ``x + state[INPUT]`` with the weight perturbation applied.
 
         graph: another reading of the same model (the live one, when training), whose tensors
         the perturbation is added to. training: BatchNorm's batch statistics and Dropout.
@@ -198,7 +218,7 @@ class JointSpace:
             tensors = dict(graph.tensors)
             for name, key in self.shared.items():
                 tensors[name] = tensors[name] + state[key]
-        x_in = x + state["x"] if "x" in state else x
+        x_in = self.inputs(x, state)
         return graph.run(
             x_in, tensors=tensors, overrides=overrides, record=record, training=training
         )
@@ -206,11 +226,16 @@ class JointSpace:
     @staticmethod
     def _per_example(budget: LayerBudget, graph: Graph, state: State) -> Callable[[Tensor], Tensor]:
         op = budget.op
-        weight = graph.tensors[op.weight_name] + state[f"w:{op.weight_name}"]  # type: ignore[index]
+        weight = graph.tensors[op.weight_name] + state[Variable("weight", op.weight_name)]  # type: ignore[index,arg-type]
         bias = graph.tensors[op.bias_name] if op.bias_name else None
-        if op.bias_name and f"w:{op.bias_name}" in state:
-            bias = bias + state[f"w:{op.bias_name}"]  # type: ignore[operator]
+        if op.bias_name and Variable("weight", op.bias_name) in state:
+            bias = bias + state[Variable("weight", op.bias_name)]  # type: ignore[operator]
         return lambda h: op.forward_per_example(h, weight, bias)
+
+    @staticmethod
+    def inputs(x: Tensor, state: State) -> Tensor:
+        """The perturbed inputs ``x + d`` of a point (``x`` when the input is not perturbed)."""
+        return x + state[INPUT] if INPUT in state else x
 
     def select(self, state: State, index: Tensor) -> State:
         """The rows ``index`` of every per-example variable (shared ones unchanged)."""
@@ -223,15 +248,15 @@ class JointSpace:
         running the unmodified model on ``x_adv`` with these deltas reproduces ``forward``.
         """
         inputs: dict[int, Tensor] = {}
-        zero_x = {key: v for key, v in state.items() if key != "x"}
+        zero_x = {key: v for key, v in state.items() if key != INPUT}
         deltas: dict[str, Tensor] = {}
         with torch.no_grad():
             self.forward(x_adv, zero_x, record=lambda k, h: inputs.__setitem__(k, h))
             for k, (budget, key, _) in self.lemma.items():
                 deltas.update(budget.materialize_lemma(inputs[k][0], state[key][0]))
         for key, v in state.items():
-            if key.startswith("w:"):
-                deltas[key[2:]] = v[0] if self.batched[key] else v
+            if key.kind == "weight":
+                deltas[key.name] = v[0] if self.batched[key] else v
         return deltas
 
 

@@ -13,13 +13,15 @@ through the per-example threat, which contains it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..attacks.space import check_domain, margins
-from ..checks import MAX_BATCH, integer, number
 from ..errors import ConfigError
 from ..model.graph import VARIABLE, Graph
 from ..model.lemma import perturbed_layers
@@ -27,18 +29,27 @@ from ..model.verify import read_batch, with_gradients
 from ..threat import Threat
 from .bab import BabResult, bab
 from .closed_form import MarginTerms, closed_form_terms, recursive_terms
-from .crown import INTERMEDIATE, alpha_crown_margins, crown_margins
+from .crown import alpha_crown_margins, crown_margins
+from .crown_engine import margin_matrix, trusted
 from .ibp import ibp_margins, interval_bounds
-from .linear import margin_matrix, trusted
+from .options import BAB_SECONDS, BOUNDS, METHODS, CertifyOptions, check_method
 from .region import InputRegion
-from .rounding import certificate_unit, check_bound_dtype, exact_products
+from .rounding import certificate_unit, exact_products
 
-BOUNDS = ("closed-form", "recursive", "ibp", "crown", "alpha-crown")  # one bound pass each
-METHODS = (*BOUNDS, "bab")
-BAB_SECONDS = 5.0  # bab's default time limit per example
-# raised whenever a change makes any method's bounds differ, so that numbers cached by other
-# bound code (``reproduce``'s evaluation caches) are recomputed, never reused
-REVISION = 4
+
+def bound_code_digest(root: Path) -> str:
+    """A digest of the code every bound is computed by (the package at ``root``: its
+    certificates and its model reading with the operators): numbers cached by other bound code
+    (``reproduce``'s evaluation caches) are recomputed, never reused, with no counter for a
+    change to forget to raise."""
+    digest = hashlib.sha256()
+    for folder in ("certificates", "model"):
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+REVISION = bound_code_digest(Path(__file__).resolve().parent.parent)
 
 
 @dataclass
@@ -102,50 +113,38 @@ def certify(
     y: Tensor,
     threat: Threat,
     method: str = "crown",
-    *,
-    intermediate: str = "crown",
-    batch_size: int | None = None,
-    dtype: torch.dtype = torch.float64,
-    time_limit: float = BAB_SECONDS,
+    options: CertifyOptions | None = None,
+    **overrides: Any,
 ) -> CertifyResult:
     """Certified lower bounds on the margins of ``model`` at ``(x, y)`` under ``threat``.
 
-    x: (B, ...) inside ``threat.bounds``; y: (B,) labels. ``intermediate``: how ``crown``
-    bounds the inputs of relaxed operators (``crown`` or ``ibp``). ``batch_size``: examples per
-    chunk (default: sized for ~250 MB of bound matrices). ``dtype``: precision of the bound
-    computation (float32 is faster; its rounding is accounted for like the model's).
-    ``time_limit``: seconds per example for ``bab`` (``nonsingular.bab`` also says which
-    examples it found broken, with their counterexamples). The model is read from its real
-    graph, checked against ``model(x)``, and never modified.
+    x: (B, ...) inside ``threat.bounds``; y: (B,) labels. ``method``: one of ``METHODS``.
+    ``options``: ``CertifyOptions`` (intermediate, batch_size, dtype, time_limit); ``overrides``
+    replace some of them by name (``certify(..., dtype=torch.float32)``). ``nonsingular.bab``
+    also says which examples bab found broken, with their counterexamples. The model is read
+    from its real graph, checked against ``model(x)``, and never modified.
     """
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if intermediate not in INTERMEDIATE:
-        raise ConfigError(
-            f"intermediate must be one of {', '.join(INTERMEDIATE)}; got {intermediate!r}"
-        )
-    if batch_size is not None:
-        integer("batch_size", batch_size, 1, MAX_BATCH)
-    number("time_limit", time_limit, 0.0, 1e9)
+    check_method(method)
+    options = CertifyOptions.of(options, **overrides)
+    intermediate, dtype = options.intermediate, options.dtype
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
-    check_bound_dtype(dtype)
     if threat.flips:  # bit flips of a quantized MLP: their own bounds, always in float64
         from ..flips.certify import flip_bab, flip_certify
 
         if method == "bab":
-            found = flip_bab(model, x, y, threat, time_limit=time_limit)
+            found = flip_bab(model, x, y, threat, time_limit=options.time_limit)
             return CertifyResult(found.lower, method, threat, found.attack.clean_margins)
         return flip_certify(model, x, y, threat, method)
     graph, x, y, logits = read_batch(model, x, y)
     classes = logits.shape[1]
     check_domain(x, threat)
     if method == "bab":
-        found = bab(model, x, y, threat, time_limit=time_limit, dtype=dtype)
+        found = bab(model, x, y, threat, time_limit=options.time_limit, dtype=dtype)
         return CertifyResult(found.lower, method, threat, margins(logits, y))
     bound_graph = graph.cast(dtype)
     unit = certificate_unit(logits.dtype, x.device, dtype)
-    size = batch_size or _default_chunk(graph, x, method)
+    size = options.batch_size or _default_chunk(graph, x, method)
     parts = []
     with torch.no_grad(), exact_products():
         for i in range(0, len(x), size):
@@ -173,6 +172,7 @@ __all__ = [
     "BAB_SECONDS",
     "BOUNDS",
     "BabResult",
+    "CertifyOptions",
     "METHODS",
     "REVISION",
     "bab",

@@ -36,11 +36,12 @@ from ..model.operators.base import Box
 from ..model.verify import read_batch, with_gradients
 from ..threat import Threat
 from .crown import crown_bounds, crown_slopes, is_relu, optimized_bound
-from .linear import Bounds, margin_matrix
+from .crown_engine import Bounds, margin_matrix
+from .options import BAB_SECONDS
 from .region import InputRegion
 from .rounding import certificate_unit, check_bound_dtype, exact_products
 
-STATUSES = ("certified", "broken", "unknown")
+STATUSES = CERTIFIED, BROKEN, UNKNOWN = ("certified", "broken", "unknown")
 ROOT_STEPS = 20  # gradient steps on the example's own slopes before any split
 OPTIMIZE_STEPS = 3  # gradient steps on each batch of domains' slopes and multipliers
 
@@ -62,11 +63,11 @@ class BabResult:
 
     @property
     def certified(self) -> Tensor:
-        return torch.tensor([s == "certified" for s in self.status], dtype=torch.bool)
+        return torch.tensor([s == CERTIFIED for s in self.status], dtype=torch.bool)
 
     @property
     def broken(self) -> Tensor:
-        return torch.tensor([s == "broken" for s in self.status], dtype=torch.bool)
+        return torch.tensor([s == BROKEN for s in self.status], dtype=torch.bool)
 
     @property
     def certified_accuracy(self) -> float:
@@ -365,7 +366,7 @@ class _Domains:
         shared among its examples by their domains) or when a domain is stuck; with a lower
         bound ``(B, K)`` on every margin, at least ``known``: the worst over its domains."""
         count = len(self.x)
-        status = ["unknown"] * count
+        status = [UNKNOWN] * count
         active = torch.ones(count, dtype=torch.bool, device=self.x.device)
         floor = known.new_full((count, self.classes), float("inf")).to(self.x.dtype)
         queue = _Queue(self.x.device)
@@ -388,7 +389,7 @@ class _Domains:
             worst, example, alive = queue.summary()
             left = torch.bincount(example[alive], minlength=count) > 0
             for i in (active & ~left).nonzero().flatten().tolist():
-                status[i] = "certified"
+                status[i] = CERTIFIED
             active &= left & (self.spent <= time_limit).to(active.device)
             gone = alive & ~active[example]
             if bool(gone.any()):
@@ -418,7 +419,7 @@ def bab(
     y: Tensor,
     threat: Threat,
     *,
-    time_limit: float = 5.0,
+    time_limit: float = BAB_SECONDS,
     batch: int = 1024,
     steps: int = 100,
     restarts: int = 2,
@@ -449,7 +450,7 @@ def bab(
     root = certify(model, x, y, threat, "crown", dtype=dtype)
     broken = found.margins.to(root.worst.device) <= 0
     status = [
-        "broken" if b else "certified" if c else "unknown"
+        BROKEN if b else CERTIFIED if c else UNKNOWN
         for b, c in zip(broken.tolist(), root.certified.tolist(), strict=True)
     ]
     lower = root.lower.clone()

@@ -15,7 +15,7 @@ from ..model.operators.affine import Affine
 from ..model.operators.base import Box
 from ..model.operators.elementwise import Elementwise, relu_lower_slopes
 from ..model.operators.linear import LinearMap
-from .linear import Bounds, backward, node_box
+from .crown_engine import Bounds, backward, node_box
 from .region import InputRegion
 
 INTERMEDIATE = ("crown", "ibp")

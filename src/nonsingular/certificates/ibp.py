@@ -11,7 +11,7 @@ from ..model.graph import Graph
 from ..model.lemma import LayerBudget
 from ..model.operators.affine import Affine
 from ..model.operators.base import Box
-from .linear import Bounds, added_support, backward, margin_matrix, node_box
+from .crown_engine import Bounds, added_support, backward, margin_matrix, node_box
 from .region import InputRegion
 
 

@@ -12,7 +12,7 @@ from .. import distributed
 from .._version import __version__
 from ..errors import NonsingularError
 from ..provenance import command_line
-from . import evaluate, quantize, reproduce, train
+from . import certify, evaluate, quantize, reproduce, train
 from .common import Parser
 
 
@@ -30,6 +30,7 @@ def build_parser() -> Parser:
     train.register(sub)
     evaluate.register(sub)
     quantize.register(sub)
+    certify.register(sub)
     return parser
 
 

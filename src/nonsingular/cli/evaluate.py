@@ -1,4 +1,4 @@
-"""``nonsingular evaluate`` and ``nonsingular certify``."""
+"""``nonsingular evaluate``: clean, attacked (and certified) accuracy over a grid."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import argparse
 from typing import Any
 
 from .. import checkpoint
-from ..attacks import LOSSES, METHODS
-from ..certificates import BAB_SECONDS
-from ..certificates import METHODS as CERTIFY_METHODS
-from ..certificates.crown import INTERMEDIATE
+from ..attacks import LOSSES, METHODS, AttackOptions
+from ..certificates import CertifyOptions
+from ..certificates.options import BAB_SECONDS
+from ..certificates.options import METHODS as CERTIFY_METHODS
 from ..data import Dataset, load
 from ..distributed import ranks
 from ..evaluation import EvaluationTable, evaluate
@@ -18,7 +18,7 @@ from ..threat import grid
 from . import common
 
 
-def _prepare(args: argparse.Namespace) -> tuple[list, Any, Any, Any]:
+def prepare(args: argparse.Namespace) -> tuple[list, Any, Any, Any]:
     """Validate cheap things first, then load data and the model."""
     common.check_out(args.out)
     where = common.device(args.device)
@@ -28,7 +28,7 @@ def _prepare(args: argparse.Namespace) -> tuple[list, Any, Any, Any]:
     return threats, data, model, where
 
 
-def _report(args: argparse.Namespace, table: EvaluationTable, data: Dataset) -> None:
+def report(args: argparse.Namespace, table: EvaluationTable, data: Dataset) -> None:
     if not ranks().lead:  # every process holds the whole table: one writes and prints it
         return
     if args.out is not None:
@@ -47,46 +47,43 @@ def _report(args: argparse.Namespace, table: EvaluationTable, data: Dataset) -> 
         print(f"\nwrote {args.out}")
 
 
+def evaluate_and_report(
+    args: argparse.Namespace,
+    attack: AttackOptions | None,
+    methods: list[str],
+    options: CertifyOptions,
+) -> int:
+    """What ``evaluate`` and ``certify`` share: load, evaluate the grid, print and save."""
+    threats, data, model, where = prepare(args)
+    table = evaluate(
+        model,
+        (data.x_test.to(where), data.y_test.to(where)),
+        threats,
+        attack,
+        certify=methods,
+        certify_options=options,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    report(args, table, data)
+    return 0
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
-    threats, data, model, where = _prepare(args)
-    options = {
-        "method": args.method,
-        "steps": args.steps,
-        "restarts": args.restarts,
-        "loss": args.loss,
-        "samples": args.samples,
-        "seed": args.seed,
-    }
-    if args.step_size is not None:
-        options["step_size"] = args.step_size
-    table = evaluate(
-        model,
-        (data.x_test.to(where), data.y_test.to(where)),
-        threats,
-        options,
-        certify=args.certify or (),
-        certify_kwargs={"time_limit": args.time_limit},
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-    )
-    _report(args, table, data)
-    return 0
+    options = AttackOptions(
+        method=args.method,
+        steps=args.steps,
+        restarts=args.restarts,
+        loss=args.loss,
+        step_size=args.step_size,
+        samples=args.samples,
+        seed=args.seed,
+    )  # checked before anything is loaded
+    certify = CertifyOptions(time_limit=args.time_limit)
+    return evaluate_and_report(args, options, args.certify or [], certify)
 
 
-def run_certify(args: argparse.Namespace) -> int:
-    threats, data, model, where = _prepare(args)
-    table = evaluate(
-        model,
-        (data.x_test.to(where), data.y_test.to(where)),
-        threats,
-        certify=args.method,
-        certify_kwargs={"intermediate": args.intermediate, "time_limit": args.time_limit},
-        attack=False,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-    )
-    _report(args, table, data)
-    return 0
+DEFAULT = AttackOptions()  # the flags' defaults: the options' own
 
 
 def register(sub: Any) -> None:
@@ -100,17 +97,33 @@ def register(sub: Any) -> None:
     common.add_data(p)
     common.add_threat(p, "0,0.05,0.1", "0,0.001,0.002")
     a = p.add_argument_group("attack")
-    a.add_argument("--method", choices=METHODS, default="pgd", help="pgd or noise (default pgd)")
-    a.add_argument("--steps", type=int, default=50, help="PGD steps (default 50)")
-    a.add_argument("--restarts", type=int, default=1, help="PGD restarts (default 1)")
-    a.add_argument("--loss", choices=LOSSES, default="ce", help="attack loss (default ce)")
+    a.add_argument(
+        "--method", choices=METHODS, default=DEFAULT.method, help=f"default {DEFAULT.method}"
+    )
+    a.add_argument(
+        "--steps", type=int, default=DEFAULT.steps, help=f"PGD steps (default {DEFAULT.steps})"
+    )
+    a.add_argument(
+        "--restarts",
+        type=int,
+        default=DEFAULT.restarts,
+        help=f"PGD runs per loss (default {DEFAULT.restarts})",
+    )
+    a.add_argument(
+        "--loss", choices=LOSSES, default=DEFAULT.loss, help=f"attack loss (default {DEFAULT.loss})"
+    )
     a.add_argument(
         "--step-size",
         type=float,
-        default=None,
+        default=DEFAULT.step_size,
         help="step as a fraction of each budget (default 2.5/steps)",
     )
-    a.add_argument("--samples", type=int, default=100, help="draws for --method noise")
+    a.add_argument(
+        "--samples",
+        type=int,
+        default=DEFAULT.samples,
+        help=f"draws for --method noise (default {DEFAULT.samples})",
+    )
     a.add_argument("--batch-size", type=int, default=1000, help="examples per attack batch")
     a.add_argument(
         "--certify",
@@ -119,38 +132,11 @@ def register(sub: Any) -> None:
         metavar="METHODS",
         help=f"also certify, e.g. ibp,crown (from {', '.join(CERTIFY_METHODS)})",
     )
-    _add_time_limit(a)
+    add_time_limit(a)
     p.set_defaults(func=run_evaluate)
 
-    c = sub.add_parser(
-        "certify",
-        help="certified accuracy (a lower bound on robust accuracy) over a grid",
-        description="Certified accuracy under the joint threat: every example counted is "
-        "provably robust to every input and weight perturbation of the threat.",
-    )
-    common.add_model_source(c)
-    common.add_data(c)
-    common.add_threat(c, "0,0.005,0.01", "0,1e-05,0.0001")
-    b = c.add_argument_group("certificate")
-    b.add_argument(
-        "--method",
-        type=common.names,
-        default=["crown"],
-        metavar="METHODS",
-        help=f"comma-separated, from {', '.join(CERTIFY_METHODS)} (default crown)",
-    )
-    b.add_argument(
-        "--intermediate",
-        choices=INTERMEDIATE,
-        default="crown",
-        help="how crown bounds pre-activations (default crown)",
-    )
-    b.add_argument("--batch-size", type=int, default=1000, help="examples per batch")
-    _add_time_limit(b)
-    c.set_defaults(func=run_certify)
 
-
-def _add_time_limit(group: Any) -> None:
+def add_time_limit(group: Any) -> None:
     group.add_argument(
         "--time-limit",
         type=float,

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     results = run_experiment(exp, out, device=where, say=lambda text: common.say(args, text))
     if not ranks().lead:  # every process holds the results: one writes the report
         return 0
-    from ..report import write_report  # matplotlib: imported by the command that draws
+    from ..experiment.report import write_report  # matplotlib: imported by the command that draws
 
     report = write_report(results, out, args.argv)
     print(

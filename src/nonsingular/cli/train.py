@@ -10,7 +10,7 @@ from typing import Any
 
 from ..distributed import ranks
 from ..files import refuse_links
-from ..models import BUILTIN
+from ..model.architectures import BUILTIN
 from ..training import METHODS, TrainConfig, train
 from ..training.config import BOUNDS, OPTIMIZERS, read_config
 from . import common

@@ -23,11 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..attacks import LOSSES
+import torch
+
+from ..attacks import LOSSES, AttackOptions
 from ..certificates import METHODS as CERTIFY_METHODS
+from ..certificates import CertifyOptions
 from ..checks import choice, integer, number, options
 from ..errors import ConfigError
-from ..models import BUILTIN
+from ..model.architectures import BUILTIN
 from ..threat import Threat
 from ..training import METHODS, TrainConfig
 from ..training.config import read_toml
@@ -166,6 +169,8 @@ class Experiment:
             raise ConfigError(f"stronger must be true or false, got {self.stronger!r}")
         if self.intermediate is None:
             object.__setattr__(self, "intermediate", "crown" if self.model == "mlp" else "ibp")
+        self.attack_options(2)  # both attacks' options are checked now, before any training
+        self.certify_options()
         mlp_only = [m for m in self.methods if METHODS[m].mlp_only]
         if self.model != "mlp" and mlp_only:
             raise ConfigError(
@@ -241,13 +246,16 @@ class Experiment:
         """Whether ``family`` is one perturbation for every example (only seeds replicate)."""
         return family != JOINT and self.family(family).threat.get("scope") == "shared"
 
-    def attack_options(self, strength: int = 1) -> dict[str, Any]:
+    def attack_options(self, strength: int = 1) -> AttackOptions:
         """The attack's options; ``strength`` times the steps and restarts."""
-        return {
-            "steps": self.attack_steps * strength,
-            "restarts": self.attack_restarts * strength,
-            "loss": self.attack_loss,
-        }
+        options = AttackOptions(
+            steps=self.attack_steps, restarts=self.attack_restarts, loss=self.attack_loss
+        )
+        return options.stronger(strength)
+
+    def certify_options(self) -> CertifyOptions:
+        """The certificates' options: the bounds' intermediate method and arithmetic."""
+        return CertifyOptions(intermediate=self.intermediate, dtype=getattr(torch, self.cert_dtype))
 
     def key_threats(self) -> dict[str, Threat]:
         """Each claim family's key budget: the middle of its nonzero budgets (for the joint

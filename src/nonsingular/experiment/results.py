@@ -2,9 +2,9 @@
 recipe), gathered in ``Results`` with the experiment that asked for them. ``results.json`` is
 ``Results.to_dict()``; ``Results.from_dict`` reads it back.
 
-Accuracies are fractions in [0, 1]. Per-example outcomes are strings of ``0``/``1`` (``1``:
-the example survived), one per budget, in the family's budget order (the joint grid's eps_x
-slowest): what the paired tests compare.
+Accuracies are fractions in [0, 1]. Per-example outcomes (``Outcomes``: True where the example
+survived) are kept per budget, in the family's budget order (the joint grid's eps_x slowest):
+what the paired tests compare. JSON writes them as strings of ``0``/``1``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..evaluation import Outcomes
 from .config import Experiment
 
 
@@ -22,8 +23,15 @@ class AtKeyBudget:
     default and the stronger attack together (an example survives only if it survives both;
     for one shared perturbation, the outcomes of the attack that broke more)."""
 
-    default: str
-    stronger: str
+    default: Outcomes
+    stronger: Outcomes
+
+    def to_dict(self) -> dict[str, str]:
+        return {"default": self.default.bits, "stronger": self.stronger.bits}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> AtKeyBudget:
+        return cls(Outcomes(data["default"]), Outcomes(data["stronger"]))
 
 
 @dataclass
@@ -41,7 +49,7 @@ class Measured:
     reused: bool  # the model was trained by an earlier run
     accuracy: dict[str, list[float]]  # per one-axis family, per budget: robust accuracy
     joint: list[list[float]]  # the joint grid: rows eps_x, columns eps_w
-    outcomes: dict[str, list[str]]  # per family (the joint one too), per budget
+    outcomes: dict[str, list[Outcomes]]  # per family (the joint one too), per budget
     # on the first cert_size examples, as joint-grid matrices: per certificate the certified
     # accuracy, and the attacked accuracy it sits under (not measured for a recipe's model)
     certified: dict[str, list[list[float]]] = field(default_factory=dict)
@@ -54,12 +62,16 @@ class Measured:
     compute_seconds: float = 0.0  # training and evaluation, whenever they ran
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["outcomes"] = {k: [o.bits for o in v] for k, v in self.outcomes.items()}
+        out["stronger"] = {k: v.to_dict() for k, v in self.stronger.items()}
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measured:
         values = {f.name: data[f.name] for f in fields(cls)}
-        values["stronger"] = {k: AtKeyBudget(**v) for k, v in data["stronger"].items()}
+        values["outcomes"] = {k: [Outcomes(o) for o in v] for k, v in data["outcomes"].items()}
+        values["stronger"] = {k: AtKeyBudget.from_dict(v) for k, v in data["stronger"].items()}
         return cls(**values)
 
 

@@ -23,11 +23,12 @@ from torch import nn
 
 from .. import checkpoint
 from .._version import __version__
+from ..attacks import AttackOptions
 from ..certificates import REVISION as BOUNDS_REVISION
 from ..data import Dataset, load
 from ..distributed import alone, gather, mine, ranks
 from ..errors import ConfigError
-from ..evaluation import evaluate
+from ..evaluation import EvaluationTable, Outcomes, evaluate
 from ..files import exclusive, write_json
 from ..threat import Threat, grid
 from ..training import train
@@ -216,45 +217,36 @@ class _Measure:
         self.warnings: list[str] = []
 
     def table(
-        self, threats: list[Threat], kind: str, rows: int, attack: dict[str, Any], label: str
-    ) -> dict[str, Any]:
-        """``evaluate`` on the first ``rows`` examples (certificates too for kind "certify")."""
+        self, threats: list[Threat], rows: int, attack: AttackOptions | None, label: str
+    ) -> EvaluationTable:
+        """``evaluate`` on the first ``rows`` examples: attacked with ``attack``, or (None)
+        certified by the experiment's certificates."""
         exp = self.exp
         key = {
-            "kind": kind,
+            "kind": "attack" if attack is not None else "certify",
             "threats": [t.to_dict() for t in threats],
             "n": rows,
-            "attack": attack,
+            "attack": None if attack is None else attack.key(),
             "weights": self.weights,
             "format": 2,  # rows carry per-example outcomes
         }
-        certifying = kind == "certify"  # certificates alone: the attack is the joint grid's
-        if certifying:
-            key.update(
-                attack=None,
-                intermediate=exp.intermediate,
-                dtype=exp.cert_dtype,
-                bounds=BOUNDS_REVISION,  # bounds cached by other bound code are not reused
-            )
+        if attack is None:  # bounds cached by other bound code are not reused
+            key.update(intermediate=exp.intermediate, dtype=exp.cert_dtype, bounds=BOUNDS_REVISION)
 
         def compute() -> dict[str, Any]:
             return evaluate(
                 self.model,
                 (self.x[:rows], self.y[:rows]),
                 threats,
-                None if certifying else attack,
-                attack=not certifying,
-                certify=list(exp.certify) if certifying else [],
-                certify_kwargs={
-                    "intermediate": exp.intermediate,
-                    "dtype": getattr(torch, exp.cert_dtype),
-                },
+                attack,
+                certify=list(exp.certify) if attack is None else [],
+                certify_options=exp.certify_options(),
                 progress=False,
             ).to_dict()
 
-        value = self.cache.get(key, compute)
-        self.seconds.append(sum(sum(r["seconds"].values()) for r in value["rows"]))
-        self.warnings += [f"{self.name}, {label}: {w}" for w in value["warnings"]]
+        value = EvaluationTable.from_dict(self.cache.get(key, compute))
+        self.seconds.append(sum(sum(r.seconds.values()) for r in value.rows))
+        self.warnings += [f"{self.name}, {label}: {w}" for w in value.warnings]
         return value
 
 
@@ -300,9 +292,8 @@ def _study(
     if recipe is None:
         _certified(exp, measure, nc, found)
         own = exp.training_threats()
-        attack = exp.attack_options()
-        evaluated = measure.table(list(own.values()), "attack", n, attack, "training threats")
-        found.matched = {m: r["attacked"] for m, r in zip(own, evaluated["rows"], strict=True)}
+        evaluated = measure.table(list(own.values()), n, exp.attack_options(), "training threats")
+        found.matched = {m: r.attacked for m, r in zip(own, evaluated.rows, strict=True)}
         found.stronger = _stronger(exp, measure, n, outcomes) if exp.stronger else {}
     say(f"  {_name(method, recipe)} (seed {seed}): done")
     found.warnings = warnings + measure.warnings
@@ -321,32 +312,28 @@ def _attacked(
     accuracy, outcomes = {}, {}
     clean = 0.0
     for family in exp.families():
-        evaluated = measure.table(family.threats(), "attack", n, attack, family.name)
-        accuracy[family.name] = [r["attacked"] for r in evaluated["rows"]]
-        outcomes[family.name] = [r["outcomes"]["attacked"] for r in evaluated["rows"]]
-        clean = evaluated["rows"][0]["clean"]
+        evaluated = measure.table(family.threats(), n, attack, family.name)
+        accuracy[family.name] = [r.attacked for r in evaluated.rows]
+        outcomes[family.name] = [r.outcomes["attacked"] for r in evaluated.rows]
+        clean = evaluated.rows[0].clean
     joint = grid(exp.joint_eps_x, exp.joint_eps_w)
-    evaluated = measure.table(joint, "attack", n, attack, JOINT)
-    outcomes[JOINT] = [r["outcomes"]["attacked"] for r in evaluated["rows"]]  # eps_x slowest
-    return accuracy, _shape(exp, [r["attacked"] for r in evaluated["rows"]]), outcomes, clean
+    evaluated = measure.table(joint, n, attack, JOINT)
+    outcomes[JOINT] = [r.outcomes["attacked"] for r in evaluated.rows]  # eps_x slowest
+    return accuracy, _shape(exp, [r.attacked for r in evaluated.rows]), outcomes, clean
 
 
 def _certified(exp: Experiment, measure: _Measure, nc: int, found: Measured) -> None:
     """The certificates on the joint grid (the first ``nc`` examples), beside the attack on
     the same examples; a certified example the attack broke is reported as a soundness bug."""
-    table = measure.table(
-        grid(exp.joint_eps_x, exp.joint_eps_w), "certify", nc, exp.attack_options(), "certified"
-    )
-    attacked = [bits[:nc] for bits in found.outcomes[JOINT]]
-    found.certified_attacked = _shape(exp, [bits.count("1") / nc for bits in attacked])
-    found.certified = {
-        c: _shape(exp, [r["certified"][c] for r in table["rows"]]) for c in exp.certify
-    }
+    table = measure.table(grid(exp.joint_eps_x, exp.joint_eps_w), nc, None, "certified")
+    attacked = [bits.first(nc) for bits in found.outcomes[JOINT]]
+    found.certified_attacked = _shape(exp, [bits.rate for bits in attacked])
+    found.certified = {c: _shape(exp, [r.certified[c] for r in table.rows]) for c in exp.certify}
     measure.warnings += _unsound(table, attacked, found.method)
 
 
 def _stronger(
-    exp: Experiment, measure: _Measure, n: int, outcomes: dict[str, list[str]]
+    exp: Experiment, measure: _Measure, n: int, outcomes: dict[str, list[Outcomes]]
 ) -> dict[str, AtKeyBudget]:
     """Each family's key budget attacked again with twice the steps and restarts: per family,
     the outcomes of the default attack there (taken from ``outcomes``) and of both attacks
@@ -354,34 +341,30 @@ def _stronger(
     is one perturbation for all examples, the outcomes of the one that broke more)."""
     out = {}
     for family, threat in exp.key_threats().items():
-        harder_table = measure.table(
-            [threat], "attack", n, exp.attack_options(2), f"{family}, stronger"
-        )
+        harder_table = measure.table([threat], n, exp.attack_options(2), f"{family}, stronger")
         default = outcomes[family][exp.key_index(family)]
-        harder = harder_table["rows"][0]["outcomes"]["attacked"]
+        harder = harder_table.rows[0].outcomes["attacked"]
         if threat.scope == "shared":  # one perturbation each: the worse of the two, whole
-            both = min(default, harder, key=lambda bits: bits.count("1"))
+            both = min(default, harder, key=lambda bits: bits.count)
         else:
-            both = "".join(
-                "1" if a == b == "1" else "0" for a, b in zip(default, harder, strict=True)
-            )
+            both = default.both(harder)
         out[family] = AtKeyBudget(default=default, stronger=both)
     return out
 
 
-def _unsound(certified: dict[str, Any], attacked: list[str], method: str) -> list[str]:
+def _unsound(certified: EvaluationTable, attacked: list[Outcomes], method: str) -> list[str]:
     """Examples a certificate certified that the attack broke: always none, unless a bound is
     wrong (a soundness bug, reported loudly)."""
     out = []
-    for row, broken_by in zip(certified["rows"], attacked, strict=True):
-        for c, bits in row["outcomes"].items():
+    for row, survived in zip(certified.rows, attacked, strict=True):
+        for c, bits in row.outcomes.items():
             if c == "clean":
                 continue
-            both = sum(a == "1" and b == "0" for a, b in zip(bits, broken_by, strict=True))
+            both = sum(a and not b for a, b in zip(bits.to_list(), survived.to_list(), strict=True))
             if both:
                 out.append(
                     f"{method}: {both} examples certified by {c} were broken by the attack at "
-                    f"eps_x={row['eps_x']:g}, eps_w={row['eps_w']:g}: a soundness bug"
+                    f"eps_x={row.eps_x:g}, eps_w={row.eps_w:g}: a soundness bug"
                 )
     return out
 

@@ -28,7 +28,8 @@ from .operators.base import Operator
 from .operators.call import ModuleCall
 from .operators.elementwise import Elementwise
 from .operators.linear import Identity, LinearMap
-from .operators.normalization import BatchNorm, LayerNorm, MaxPool
+from .operators.normalization import BatchNorm, LayerNorm
+from .operators.pooling import MaxPool
 from .operators.relaxations import Activation
 
 Built = tuple[Operator, tuple, dict[str, Any]]

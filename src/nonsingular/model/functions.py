@@ -22,7 +22,8 @@ from .operators.affine import Affine
 from .operators.call import Call
 from .operators.elementwise import Elementwise
 from .operators.linear import Arithmetic, Fill, Identity, LinearMap
-from .operators.normalization import BatchNorm, LayerNorm, MaxPool
+from .operators.normalization import BatchNorm, LayerNorm
+from .operators.pooling import MaxPool
 from .operators.relaxations import Activation
 
 Lookup = Callable[[Any], Tensor | None]  # a template argument -> its tensor, if it is a Param

@@ -26,7 +26,7 @@ from .operators.affine import Affine
 from .operators.base import Box, tiny_of
 from .operators.elementwise import Elementwise
 from .operators.linear import Identity, LinearMap
-from .operators.normalization import MaxPool
+from .operators.pooling import MaxPool
 
 
 @dataclass
@@ -36,7 +36,7 @@ class OutputSet:
     The sum of an elementwise box (``box``, broadcastable to the output) and a Euclidean ball
     over the flattened output (``ball``, shape (B,)). Bounds only need its box radius (IBP)
     and its support function (CROWN: the largest ``lam . delta`` over the set;
-    ``certificates.linear.added_support``).
+    ``certificates.crown_engine.added_support``).
     """
 
     box: Tensor | None = None

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..checks import MAX_BATCH, MAX_SEED, choice, integer, number, options
 from ..errors import ConfigError, ThreatError
-from ..models import BUILTIN, Architecture, check_factory_name
+from ..model.architectures import BUILTIN, Architecture, check_factory_name
 from ..threat import MAX_BUDGET, Threat
 from .registry import METHODS
 

@@ -39,7 +39,7 @@ from ..distributed import total as distributed_total
 from ..errors import ConfigError, TrainingError
 from ..files import exclusive, refuse_links, write_json, write_text
 from ..model import read_model, with_gradients
-from ..models import Architecture
+from ..model.architectures import Architecture
 from ..provenance import provenance
 from ..seeds import mix
 from .augment import random_shift

@@ -156,7 +156,7 @@ class AWP(Method):
         inputs, _ = _attack_state(
             threat.replace(eps_w=0.0), detached, x, y, c.attack_steps, c.attack_step_size, batch
         )
-        x_adv = x + inputs["x"] if "x" in inputs else x
+        x_adv = JointSpace.inputs(x, inputs)
         weights_only = threat.replace(eps_x=0.0)
         delta, space = _attack_state(
             weights_only, detached, x_adv, y, 1, 1.0, batch, random_start=False

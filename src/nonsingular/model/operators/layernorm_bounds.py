@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ...errors import BoundError
+
 IntOrSeq = int | Sequence[int]
 
 __all__ = ["layernorm_backward", "layernorm_interval"]
@@ -44,9 +46,9 @@ def _layernorm_setup(
     """Normalized shape as a tuple, its size ``n`` and the flat ``(n,)`` weight and bias."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if tuple(lower.shape[lower.dim() - len(shape) :]) != shape or lower.dim() < len(shape) + 1:
-        raise ValueError(f"input {tuple(lower.shape)} does not end with {shape} after a batch")
+        raise BoundError(f"input {tuple(lower.shape)} does not end with {shape} after a batch")
     if not eps > 0:
-        raise ValueError(f"eps must be positive for sound bounds, got {eps}")
+        raise BoundError(f"eps must be positive for sound bounds, got {eps}")
     n = math.prod(shape)
     one = lower.new_ones(n)
     g = one if weight is None else weight.reshape(n).to(lower)
@@ -290,11 +292,11 @@ def layernorm_backward(
     leaves the constant out (for tests), ``"constant"`` uses only it (``lam_in = 0``).
     """
     if relaxation not in ("best", "linear", "constant"):
-        raise ValueError(f"unknown relaxation {relaxation!r}")
+        raise BoundError(f"unknown relaxation {relaxation!r}")
     shape, n, g, b = _layernorm_setup(lower, normalized_shape, weight, bias, eps)
     batch, k = lam.shape[:2]
     if lam.shape[2:] != lower.shape[1:] or lam.shape[0] != lower.shape[0]:
-        raise ValueError(f"lam {tuple(lam.shape)} is not (B, K, *in) for {tuple(lower.shape)}")
+        raise BoundError(f"lam {tuple(lam.shape)} is not (B, K, *in) for {tuple(lower.shape)}")
     lam_rows = lam.reshape(batch, k, -1, n)  # (B, K, M, n)
     box = _Centered(lower.reshape(batch, -1, n), upper.reshape(batch, -1, n), n, eps)
     bias_term = (lam_rows * b).sum(dim=(2, 3))

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...errors import BoundError
+
 IntOrSeq = int | Sequence[int]
 
 __all__ = ["maxpool_backward", "maxpool_interval"]
@@ -38,7 +40,7 @@ def _tuple(value: IntOrSeq, dims: int, name: str) -> tuple[int, ...]:
     if len(out) == 1:
         return out * dims
     if len(out) != dims:
-        raise ValueError(f"{name} needs {dims} value(s), got {value!r}")
+        raise BoundError(f"{name} needs {dims} value(s), got {value!r}")
     return out
 
 
@@ -50,7 +52,7 @@ def _pool_options(
     dilation: IntOrSeq,
 ) -> tuple[tuple[int, ...], ...]:
     if dims not in (1, 2):
-        raise ValueError(f"dims must be 1 or 2, got {dims}")
+        raise BoundError(f"dims must be 1 or 2, got {dims}")
     kernel = _tuple(kernel_size, dims, "kernel_size")
     empty = stride is None or (not isinstance(stride, int) and len(stride) == 0)
     strides = kernel if empty else _tuple(stride, dims, "stride")  # type: ignore[arg-type]
@@ -152,7 +154,7 @@ def _checked_windows(
     ``options``: kernel, strides, padding and dilation as ``_pool_options`` gives them."""
     kernel, strides, pads, dil = options
     if lower.dim() != dims + 2 or lower.shape != upper.shape:
-        raise ValueError(f"lower/upper must be (B, C, *{dims} spatial dims) and equal shapes")
+        raise BoundError(f"lower/upper must be (B, C, *{dims} spatial dims) and equal shapes")
     batch, channels, *spatial = lower.shape
     expected = _torch_pool(  # torch validates the options and gives the output shape
         lower[:1, :1],
@@ -167,12 +169,12 @@ def _checked_windows(
         tuple(spatial), kernel, strides, pads, dil, ceil_mode, lower.device
     )
     if tuple(expected) != out_shape:  # pragma: no cover - guards the index arithmetic
-        raise RuntimeError(f"pooling output shape {out_shape} != torch's {tuple(expected)}")
+        raise BoundError(f"pooling output shape {out_shape} != torch's {tuple(expected)}")
     if not bool(valid.any(-1).all()):  # e.g. L=1, kernel 2, dilation 2, padding 1
-        raise ValueError("a pooling window holds only padding: its output is -inf")
+        raise BoundError("a pooling window holds only padding: its output is -inf")
     k = lam.shape[1]
     if lam.shape != (batch, k, channels, *out_shape):
-        raise ValueError(f"lam shape {tuple(lam.shape)} != (B, K, C, *out) = {out_shape}")
+        raise BoundError(f"lam shape {tuple(lam.shape)} != (B, K, C, *out) = {out_shape}")
     return index, valid
 
 

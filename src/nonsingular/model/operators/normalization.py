@@ -1,5 +1,5 @@
-"""BatchNorm (eval: a per-channel affine map, exact in bounds; training: batch statistics),
-LayerNorm and MaxPool (relaxations in ``layernorm_bounds.py`` and ``maxpool_bounds.py``)."""
+"""BatchNorm (eval: a per-channel affine map, exact in bounds; training: batch statistics) and
+LayerNorm (its relaxation in ``layernorm_bounds.py``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from torch import Tensor
 
 from .base import Box, Operator, dot, gamma, guarded, tiny_of
 from .layernorm_bounds import layernorm_backward, layernorm_interval
-from .maxpool_bounds import maxpool_backward, maxpool_interval
 
 # roundings in one eval-mode batch-norm output: subtract, rsqrt, two products, add (and slack)
 _BATCH_NORM_ROUNDINGS = 8
@@ -180,30 +179,3 @@ def _variance_floor(box: Box, dims: tuple[int, ...]) -> Tensor:
         (low <= 0) & (high >= 0), torch.zeros_like(low), low.abs().minimum(high.abs())
     )
     return nearest.square().mean(dim=dims, keepdim=True)
-
-
-@dataclass
-class MaxPool(Operator):
-    """``F.max_pool1d`` / ``F.max_pool2d`` (no indices returned)."""
-
-    label: str
-    dims: int
-    options: dict[str, Any]
-
-    def forward(self, h: Tensor) -> Tensor:
-        pool = F.max_pool1d if self.dims == 1 else F.max_pool2d
-        return pool(h, **self.options)
-
-    def interval(self, h: Box) -> Box:
-        return Box(*maxpool_interval(h.lower, h.upper, dims=self.dims, **self.options))
-
-    def backward(self, lam: Tensor, h: Box) -> tuple[list[Tensor | None], Tensor]:
-        lam_in, const = maxpool_backward(lam, h.lower, h.upper, dims=self.dims, **self.options)
-        return [lam_in], const
-
-    def needs_tightening(self, box: Box) -> Tensor | None:
-        return box.upper > box.lower
-
-    def rounding(self, unit: float, h: Box) -> float:
-        """A max is exact, but an operand near zero may be flushed: ``tiny``."""
-        return tiny_of(unit)

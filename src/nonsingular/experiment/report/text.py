@@ -1,245 +1,13 @@
-"""The reproduction's report: ``results.json``, PNG figures and ``report.md``, all from one
-``Results``, so every number in the report is one in the JSON (the tests check it)."""
+"""The report's Markdown: one function per section, in reading order."""
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
-
-import matplotlib
-from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
-
-from .experiment import RECIPES, Measured, Results, Spread
-from .files import exclusive, write_bytes, write_json, write_text
-from .provenance import provenance
-from .training import METHODS
-from .verdicts import RULE, Verdict, verdicts
-
-HEATMAP = "cividis"  # perceptually uniform and colour-blind safe (not red-green)
-
-
-LOSS_NAMES = {
-    "ce": "cross-entropy",
-    "margin": "margin (CW) loss",
-    "dlr": "DLR loss",
-    "both": "cross-entropy then margin (CW) loss",
-}
-
-
-def _loss(name: str) -> str:
-    return LOSS_NAMES.get(name, name)
-
-
-def caption(results: Results, certified: bool = False, bands: bool = True) -> str:
-    """What a figure shows: examples, seeds and, for line plots, what the bands are."""
-    data = results.data
-    n = data.certified_examples if certified else data.test_examples
-    seeds = results.seeds
-    text = f"{n} {data.name} test examples, {seeds} seed{'s' if seeds != 1 else ''}"
-    if seeds > 1:
-        text += "; mean over seeds" + ("; bands: ± 1 sd over seeds" if bands else "")
-    return text
-
-
-def pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
-@dataclass
-class Summary:
-    """Means and spreads over seeds of everything the report's tables and figures show (the
-    default recipe's models), per method."""
-
-    clean: dict[str, Spread]
-    families: dict[str, dict[str, Spread]]  # per one-axis family: per budget
-    joint: dict[str, Spread]  # joint-grid matrices
-    certified: dict[str, dict[str, Spread]]  # per certificate: joint-grid matrices
-    certified_attacked: dict[str, Spread]  # the attack on the certified examples
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def summarize(results: Results) -> Summary:
-    """Every number the report shows, as mean and sd over seeds (``spread``, the one helper)."""
-    methods = results.methods()
-
-    def per_method(value: Callable[[Measured], Any]) -> dict[str, Spread]:
-        return {m: results.over_seeds(m, value) for m in methods}
-
-    return Summary(
-        clean=per_method(lambda r: r.clean),
-        families={
-            f.name: per_method(lambda r, name=f.name: r.accuracy[name])
-            for f in results.experiment.families()
-        },
-        joint=per_method(lambda r: r.joint),
-        certified={
-            c: per_method(lambda r, c=c: r.certified[c]) for c in results.experiment.certify
-        },
-        certified_attacked=per_method(lambda r: r.certified_attacked),
-    )
-
-
-def cell(entry: Spread, *index: int) -> str:
-    """``mean`` (``± sd`` when there are several seeds) of one entry of a summary."""
-    mean, sd = entry.at(*index).mean, entry.at(*index).sd
-    return pct(mean) if sd is None else f"{pct(mean)} ± {100 * sd:.1f}"
-
-
-def style(method: str) -> tuple[str, str]:
-    """The colour and marker of ``method``'s lines: its registry entry's."""
-    return METHODS[method].color, METHODS[method].marker
-
-
-def _plot_lines(ax: Any, budgets: tuple[float, ...], lines: dict[str, Spread], label: str) -> None:
-    for method, entry in lines.items():
-        color, marker = style(method)
-        ax.plot(
-            budgets, [100 * v for v in entry.mean], marker=marker, ms=4, label=method, color=color
-        )
-        if entry.sd is not None:
-            ax.fill_between(
-                budgets,
-                [100 * (m - s) for m, s in zip(entry.mean, entry.sd, strict=True)],
-                [100 * (m + s) for m, s in zip(entry.mean, entry.sd, strict=True)],
-                color=color,
-                alpha=0.15,
-            )
-    ax.set_xticks(
-        budgets, [f"{b:g}" for b in budgets], rotation=45 if len(budgets) > 4 else 0, fontsize=8
-    )
-    ax.set_xlabel(label)
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-
-
-def figures(results: Results, summary: Summary, folder: Path) -> dict[str, str]:
-    """Write the PNG figures; return each one's path relative to the report, by name."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "input": input_figure(results, summary, folder),
-        "weights": weights_figure(results, summary, folder),
-        "heatmaps": heatmaps_figure(results, summary, folder),
-        "certified": certified_figure(results, summary, folder),
-    }
-    for method in summary.joint:
-        paths[f"heatmap-{method}"] = heatmap_figure(results, summary, folder, method)
-    return paths
-
-
-def input_figure(results: Results, summary: Summary, folder: Path) -> str:
-    """Robust accuracy against eps_x, a line per model."""
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    budgets = results.experiment.family("input").budgets
-    _plot_lines(ax, budgets, summary.families["input"], "eps_x (linf)")
-    ax.set_title("Input-only attacks")
-    ax.legend(fontsize=8)
-    return _save(fig, folder / "accuracy_vs_eps_x.png", caption(results))
-
-
-def weights_figure(results: Results, summary: Summary, folder: Path) -> str:
-    """Robust accuracy against eps_w in each weight-only family, a panel per family."""
-    families = [f for f in results.experiment.families() if f.axis == "eps_w"]
-    fig = Figure(figsize=(5 * len(families), 4))
-    axes = fig.subplots(1, len(families), squeeze=False)[0]
-    for ax, family in zip(axes, families, strict=True):
-        _plot_lines(ax, family.budgets, summary.families[family.name], "eps_w")
-        ax.set_title(family.label.replace("weights only, ", ""), fontsize=10)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Weight-only attacks in three views")
-    return _save(fig, folder / "accuracy_vs_eps_w.png", caption(results))
-
-
-def heatmap_figure(results: Results, summary: Summary, folder: Path, method: str) -> str:
-    """One model's robust accuracy over the joint grid."""
-    fig = Figure(figsize=(4.2, 3.6))
-    _heatmap(fig.subplots(), results, summary.joint[method].mean, method)
-    return _save(fig, folder / f"heatmap_{method}.png", caption(results, bands=False))
-
-
-def _panels(fig: Figure, count: int) -> list[Any]:
-    """``count`` panels, three to a row, the spare ones hidden."""
-    cols = 3
-    axes = list(fig.subplots(-(-count // cols), cols, squeeze=False).flat)
-    for ax in axes[count:]:
-        ax.axis("off")
-    return axes[:count]
-
-
-def heatmaps_figure(results: Results, summary: Summary, folder: Path) -> str:
-    """Every model's joint-grid heatmap, side by side."""
-    methods = list(summary.joint)
-    rows = -(-len(methods) // 3)
-    fig = Figure(figsize=(4.2 * 3, 3.6 * rows))
-    for ax, method in zip(_panels(fig, len(methods)), methods, strict=True):
-        _heatmap(ax, results, summary.joint[method].mean, method)
-    fig.suptitle("Joint attacks: robust accuracy (%) over eps_x x eps_w")
-    return _save(fig, folder / "heatmaps.png", caption(results, bands=False))
-
-
-def certified_figure(results: Results, summary: Summary, folder: Path) -> str:
-    """Attacked (upper bound) and certified (lower bound) accuracy on the same examples, per
-    model, against eps_x, a colour per eps_w; the last certificate, the tightest."""
-    xs, ws = results.experiment.joint_eps_x, results.experiment.joint_eps_w
-    certifier = results.experiment.certify[-1]
-    methods = list(summary.joint)
-    rows = -(-len(methods) // 3)
-    fig = Figure(figsize=(4.2 * 3, 3.4 * rows))
-    axes = _panels(fig, len(methods))
-    for ax, method in zip(axes, methods, strict=True):
-        attacked = summary.certified_attacked[method].mean
-        certified = summary.certified[certifier][method].mean
-        for j, w in enumerate(ws):
-            color = matplotlib.colormaps["viridis"](j / max(1, len(ws) - 1))
-            ax.plot(
-                xs,
-                [100 * row[j] for row in attacked],
-                color=color,
-                marker="o",
-                ms=3,
-                label=f"eps_w={w:g}",
-            )
-            ax.plot(xs, [100 * row[j] for row in certified], color=color, ls="--")
-        ax.set_title(method)
-        ax.set_xlabel("eps_x")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"Attacked (solid, upper bound) vs certified by {certifier} (dashed, lower bound)")
-    text = caption(results, certified=True, bands=False)
-    return _save(fig, folder / "attacked_vs_certified.png", text)
-
-
-def _heatmap(ax: Any, results: Results, matrix: list[list[float]], title: str) -> None:
-    xs, ws = results.experiment.joint_eps_x, results.experiment.joint_eps_w
-    values = [[100 * v for v in row] for row in matrix]
-    ax.imshow(values, vmin=0, vmax=100, cmap=HEATMAP, aspect="auto")
-    for i, row in enumerate(values):
-        for j, v in enumerate(row):  # dark text on the light (yellow) end, light on the dark
-            color = "black" if v > 60 else "white"
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color=color)
-    ax.set_xticks(range(len(ws)), [f"{w:g}" for w in ws])
-    ax.set_yticks(range(len(xs)), [f"{x:g}" for x in xs])
-    ax.set_xlabel("eps_w (absolute, per-example)")
-    ax.set_ylabel("eps_x (linf)")
-    ax.set_title(title)
-
-
-def _save(fig: Figure, path: Path, text: str) -> str:
-    """Write ``fig`` as a PNG, atomically, with its caption ``text`` along the bottom."""
-    fig.text(0.5, 0.005, text, ha="center", va="bottom", fontsize=7, color="#444444")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    write_bytes(path, png.getvalue())
-    return f"{path.parent.name}/{path.name}"
+from ...provenance import provenance
+from ...training import METHODS
+from ..config import RECIPES
+from ..results import Results, Spread
+from ..verdicts import RULE, Verdict, verdicts
+from .summary import Summary, _loss, caption, cell, pct
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -332,8 +100,8 @@ def what_was_run(results: Results) -> list[str]:
         "are several). Per-method training budgets: `nonsingular train --help` and each "
         "run's `config.json` under `models/`. A model below "
         f"{pct(exp.min_clean)} clean accuracy is flagged and kept out of verdicts.",
-        f"- Attacks: PGD-{attack['steps']}, {attack['restarts']} restart(s) per loss, "
-        f"{_loss(attack['loss'])}, per-example best-so-far (an example counts as broken if "
+        f"- Attacks: PGD-{attack.steps}, {attack.restarts} restart(s) per loss, "
+        f"{_loss(attack.loss)}, per-example best-so-far (an example counts as broken if "
         "any run broke it); shared-scope points attack the whole test set with one "
         "perturbation.",
         f"- Certificates: {', '.join(exp.certify)} on the joint grid "
@@ -508,10 +276,6 @@ def checks_section(results: Results, summary: Summary) -> list[str]:
     return out
 
 
-def _survived(bits: str) -> float:
-    return bits.count("1") / len(bits)
-
-
 def stronger_attack(results: Results, labels: dict[str, str]) -> list[str]:
     """The "Stronger attack" section: each family's key budget attacked again with twice the
     steps and restarts; accuracies under both, and the claims decided at those budgets under
@@ -523,9 +287,9 @@ def stronger_attack(results: Results, labels: dict[str, str]) -> list[str]:
     out = [
         "## Stronger attack",
         "",
-        f"Each family's key budget attacked again with PGD-{strong['steps']}, "
-        f"{strong['restarts']} restarts per loss ({_loss(strong['loss'])}) "
-        f"instead of PGD-{default['steps']}, {default['restarts']} restart(s); an example "
+        f"Each family's key budget attacked again with PGD-{strong.steps}, "
+        f"{strong.restarts} restarts per loss ({_loss(strong.loss)}) "
+        f"instead of PGD-{default.steps}, {default.restarts} restart(s); an example "
         "counts as robust under the stronger attack only if it survives both (for one shared "
         "perturbation: the outcomes of whichever broke more). Robust accuracy under each "
         "(mean over seeds):",
@@ -536,8 +300,8 @@ def stronger_attack(results: Results, labels: dict[str, str]) -> list[str]:
     for family, t in exp.key_threats().items():
         cells = []
         for m in methods:
-            before = results.over_seeds(m, lambda r, f=family: _survived(r.stronger[f].default))
-            after = results.over_seeds(m, lambda r, f=family: _survived(r.stronger[f].stronger))
+            before = results.over_seeds(m, lambda r, f=family: r.stronger[f].default.rate)
+            after = results.over_seeds(m, lambda r, f=family: r.stronger[f].stronger.rate)
             cells.append(f"{pct(before.mean)} → {pct(after.mean)}")
         rows.append([family, f"eps_x={t.eps_x:g}, eps_w={t.eps_w:g}", *cells])
     out += [_table(["family", "key budget", *methods], rows), ""]
@@ -598,34 +362,3 @@ def _decided(v: Verdict) -> str:
     """A verdict and its difference, in a few words."""
     points = "-" if v.difference is None else f"{100 * v.difference:+.1f} points"
     return f"{v.verdict} ({points})"
-
-
-@dataclass
-class Report:
-    """What ``write_report`` wrote: the report's path, the summary and the verdicts."""
-
-    path: Path
-    summary: Summary
-    claims: list[Verdict]
-
-
-def write_report(results: Results, out: str | Path, command: list[str] | None = None) -> Report:
-    """Record the provenance in ``results``; write the figures, ``results.json`` (with the
-    summary and the verdicts) and ``report.md``. ``command``: the arguments after
-    ``nonsingular`` (by default, this process's command). Holds ``out``'s lock, so a directory
-    holding a symbolic link, or written by another process, is refused before any write."""
-    out = Path(out)
-    results.run = {**provenance(command), "minutes": results.seconds / 60}
-    summary = summarize(results)
-    claims = verdicts(results)
-    out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out):
-        figure = figures(results, summary, out / "figures")
-        document = {
-            **results.to_dict(),
-            "summary": summary.to_dict(),
-            "claims": [c.to_dict() for c in claims],
-        }
-        write_json(out / "results.json", document)
-        path = write_text(out / "report.md", markdown(results, summary, claims, figure))
-    return Report(path, summary, claims)

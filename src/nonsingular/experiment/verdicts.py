@@ -29,7 +29,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .experiment import Measured, Results
+from ..evaluation import Outcomes
+from .results import Measured, Results
 from .stats import bootstrap_p, holm, seeds_t_p
 
 ALPHA = 0.05
@@ -120,7 +121,7 @@ class Verdict:
 
 def _budget_outcomes(
     results: Results, family: str, model: Measured, attack: str | None
-) -> list[str]:
+) -> list[Outcomes]:
     """The per-example outcomes the metric averages: at every nonzero budget of ``family``
     or, with ``attack`` (``"default"`` or ``"stronger"``), at its key budget alone under
     that attack (``Measured.stronger``)."""
@@ -134,8 +135,8 @@ def scores(
     results: Results, family: str, model: Measured, attack: str | None = None
 ) -> list[float]:
     """Per example, the share of ``family``'s budgets (see ``_budget_outcomes``) it survives."""
-    bits = _budget_outcomes(results, family, model, attack)
-    return [sum(b[i] == "1" for b in bits) / len(bits) for i in range(len(bits[0]))]
+    found = _budget_outcomes(results, family, model, attack)
+    return [sum(o[i] for o in found) / len(found) for i in range(len(found[0]))]
 
 
 def verdicts(

@@ -1,10 +1,7 @@
-"""Model builders, and how a checkpoint says which model its weights belong to.
-
-Built-in architectures (``mlp``, ``cnn``, ``resnet``) and user architectures are both named by a
-factory: a built-in name or an importable ``package.module:function`` with JSON keyword
-arguments (``Architecture``). A checkpoint is safetensors for the weights plus that JSON, and
-never a pickle; a user factory is imported only when the user names it. Flat ``nn.Sequential``
-models can also be described layer by layer (``describe`` / ``build``).
+"""Architectures: the built-in ones (``mlp``, ``cnn``, ``resnet``) and user ones, both named
+by a factory: a built-in name or an importable ``package.module:function`` with JSON keyword
+arguments (``Architecture``). Checkpoints record an ``Architecture``; a user factory is imported
+only when the user names it.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import CheckpointError, ConfigError, UnsupportedLayerError
+from ..errors import CheckpointError, ConfigError
 
 
 def _check_shape(in_shape: Sequence[int]) -> tuple[int, ...]:
@@ -229,100 +226,3 @@ class Architecture:
 
 def _call(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-
-
-def describe(model: nn.Module) -> list[dict[str, Any]]:
-    """JSON-able list of the model's layers (sizes and options, no weights)."""
-    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
-        raise UnsupportedLayerError(
-            f"describe() supports flat nn.Sequential models only, got {type(model).__name__}"
-        )
-    for name, child in model.named_children():
-        if _BUILDERS.get(type(child).__name__) is not type(child):
-            raise UnsupportedLayerError(
-                f"layer '{name}' ({type(child).__name__}) cannot be described as JSON; "
-                f"describable: {', '.join(_BUILDERS)}"
-            )
-    spec: list[dict[str, Any]] = []
-    for m in model.modules():
-        if isinstance(m, nn.Sequential):
-            continue
-        if isinstance(m, nn.Linear):
-            d = {
-                "in_features": m.in_features,
-                "out_features": m.out_features,
-                "bias": m.bias is not None,
-            }
-        elif isinstance(m, nn.Conv2d):
-            d = {
-                "in_channels": m.in_channels,
-                "out_channels": m.out_channels,
-                "kernel_size": list(m.kernel_size),
-                "stride": list(m.stride),
-                "padding": list(m.padding),
-                "dilation": list(m.dilation),
-                "groups": m.groups,
-                "bias": m.bias is not None,
-            }
-        elif isinstance(m, nn.Flatten):
-            d = {"start_dim": m.start_dim, "end_dim": m.end_dim}
-        elif isinstance(m, nn.AvgPool2d):
-            d = {
-                "kernel_size": m.kernel_size,
-                "stride": m.stride,
-                "padding": m.padding,
-                "ceil_mode": m.ceil_mode,
-                "count_include_pad": m.count_include_pad,
-            }
-        elif isinstance(m, nn.Dropout):
-            d = {"p": m.p}
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            d = {
-                "num_features": m.num_features,
-                "eps": m.eps,
-                "momentum": m.momentum,
-                "affine": m.affine,
-            }
-        else:  # ReLU, Identity
-            d = {}
-        spec.append({"type": type(m).__name__, **d})
-    if len(list(model.named_children())) != len(spec):
-        raise UnsupportedLayerError("describe() supports flat nn.Sequential models only")
-    return spec
-
-
-_BUILDERS: dict[str, type[nn.Module]] = {
-    "Linear": nn.Linear,
-    "Conv2d": nn.Conv2d,
-    "ReLU": nn.ReLU,
-    "Flatten": nn.Flatten,
-    "AvgPool2d": nn.AvgPool2d,
-    "Identity": nn.Identity,
-    "Dropout": nn.Dropout,
-    "BatchNorm1d": nn.BatchNorm1d,
-    "BatchNorm2d": nn.BatchNorm2d,
-}
-
-
-def build(spec: list[dict[str, Any]]) -> nn.Sequential:
-    """The ``nn.Sequential`` that ``describe`` described (freshly initialized)."""
-    if not isinstance(spec, list) or not spec:
-        raise CheckpointError(
-            f"a model description must be a non-empty list of layers, got {type(spec).__name__}"
-        )
-    layers = []
-    for i, entry in enumerate(spec):
-        if not isinstance(entry, dict) or entry.get("type") not in _BUILDERS:
-            got = entry.get("type") if isinstance(entry, dict) else entry
-            raise CheckpointError(
-                f"layer {i} of the model description has unknown type {got!r}; "
-                f"known: {', '.join(_BUILDERS)}"
-            )
-        kwargs = {k: v for k, v in entry.items() if k != "type"}
-        try:
-            layers.append(_BUILDERS[entry["type"]](**kwargs))
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(
-                f"layer {i} ({entry['type']}) of the model description is invalid: {exc}"
-            ) from None
-    return nn.Sequential(*layers)

@@ -5,7 +5,7 @@ the sidecar holding the SHA-256 of the weights file. ``load`` checks, before all
 anything: the checksum (bit flips are this library's own threat model), the architecture
 (built on PyTorch's ``meta`` device, which allocates nothing) against the tensor names and
 shapes the file declares; then that every weight is finite. The sidecar
-names the architecture by its factory (``models.Architecture``: a built-in name or
+names the architecture by its factory (``model.architectures.Architecture``: a built-in name or
 ``package.module:function`` and its arguments), or describes a flat ``nn.Sequential`` layer by
 layer. A user factory is imported only when the caller names it too: a sidecar alone never
 makes nonsingular import code.
@@ -27,11 +27,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ._version import __version__
-from .errors import CheckpointError, ConfigError, QuantizationError, UnsupportedLayerError
-from .files import write_bytes, write_json
-from .flips.grid import ATTRIBUTE, SCALE_SUFFIX, checkpoint_tensors, from_checkpoint
-from .models import Architecture, build, describe
+from .._version import __version__
+from ..errors import CheckpointError, ConfigError, QuantizationError, UnsupportedLayerError
+from ..files import write_bytes, write_json
+from ..flips.grid import ATTRIBUTE, SCALE_SUFFIX, checkpoint_tensors, from_checkpoint
+from ..model.architectures import Architecture
+from .layers import build, describe
 
 FORMAT = "nonsingular-checkpoint"
 

@@ -1,0 +1,97 @@
+"""How an attack runs: ``AttackOptions``, the one home of the attack's defaults, taken by
+``attack``, ``evaluate``, the command line and the experiment."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from ..checks import MAX_SEED, choice, integer, number, options
+from ..errors import ConfigError
+
+LOSSES = ("ce", "margin", "dlr", "both")
+METHODS = ("pgd", "noise")
+
+
+@dataclass(frozen=True)
+class AttackOptions:
+    """Options of a joint attack (every field is checked when the options are made).
+
+    method:       ``pgd`` (projected gradient ascent) or ``noise`` (``samples`` uniform draws
+                  from the ball, weights drawn once per sample: the fault-injection baseline).
+    steps:        PGD iterations; ``steps=1`` without random start is FGSM.
+    restarts:     PGD runs per loss; later runs attack only the examples still unbroken.
+    loss:         ``ce``, ``margin`` (CW), ``dlr``, or ``both`` (ce then margin).
+    step_size:    step as a fraction of each ball's radius (default ``2.5 / steps``, 1 for FGSM),
+                  so the input and every weight variable move in proportion to their budget.
+    random_start: start inside the ball at random (default: when ``steps > 1``).
+    samples:      draws of ``method="noise"``.
+    seed:         seeds every random draw, example by example (with each example's position
+                  in its data set), so an example's result never depends on its batch.
+    """
+
+    method: str = "pgd"
+    steps: int = 50
+    restarts: int = 1
+    loss: str = "ce"
+    step_size: float | None = None
+    random_start: bool | None = None
+    samples: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        choice("method", self.method, METHODS)
+        choice("loss", self.loss, LOSSES)
+        integer("steps", self.steps, 1, 100_000)
+        integer("restarts", self.restarts, 1, 1_000)
+        integer("samples", self.samples, 1, 1_000_000)
+        integer("seed", self.seed, 0, MAX_SEED)
+        if self.step_size is not None:
+            number("step_size", self.step_size, 0.0, 10.0, positive=True)
+        if self.random_start is not None and not isinstance(self.random_start, bool):
+            raise ConfigError(
+                f"random_start must be True, False or None, got {self.random_start!r}"
+            )
+
+    @classmethod
+    def of(cls, base: AttackOptions | None = None, **overrides: Any) -> AttackOptions:
+        """``base`` (default: the defaults) with ``overrides``, whose names are checked."""
+        if base is not None and not isinstance(base, AttackOptions):
+            raise ConfigError(f"attack options must be AttackOptions, got {type(base).__name__}")
+        return replace(base or cls(), **options(cls, overrides, "attack"))
+
+    @property
+    def alpha(self) -> float:
+        """PGD's step as a fraction of each ball's radius: 2.5 radii in all (1 for FGSM)."""
+        if self.step_size is not None:
+            return self.step_size
+        return 1.0 if self.steps == 1 else 2.5 / self.steps
+
+    @property
+    def starts_at_random(self) -> bool:
+        return self.steps > 1 if self.random_start is None else self.random_start
+
+    def stronger(self, factor: int) -> AttackOptions:
+        """``factor`` times the steps and the restarts (the step size follows the steps)."""
+        return replace(self, steps=self.steps * factor, restarts=self.restarts * factor)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: object) -> AttackOptions:
+        if not isinstance(data, dict):
+            raise ConfigError(f"attack options must be a mapping, got {type(data).__name__}")
+        return cls.of(**data)
+
+    def key(self) -> dict[str, Any]:
+        """What identifies the attack in a cache: steps, restarts and loss always, the other
+        fields where they differ from their defaults (so keys written before those fields were
+        recorded still match)."""
+        default = AttackOptions()
+        out = {"steps": self.steps, "restarts": self.restarts, "loss": self.loss}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in out and value != getattr(default, f.name):
+                out[f.name] = value
+        return out
