@@ -62,7 +62,10 @@ def candidates(state: FlipState, x: Tensor, y: Tensor, loss: str, tries: int) ->
     allowed = state.space.allowed
     found: list[Flip] = []
     for name in state.space.names:
-        gain = grads[name].flatten()[:, None] * state.deltas[name]
+        g = grads[name].flatten()
+        gain = g[:, None] * state.deltas[name]
+        for i, row in state.changed[name].items():
+            gain[i] = g[i] * row
         for n, i, b in state.flips:
             if n == name:
                 gain[i, int((allowed == b).nonzero()[0])] = float("-inf")

@@ -49,6 +49,12 @@ class FlipSpace:
             )
 
     @functools.cached_property
+    def flat_scales(self) -> dict[str, Tensor]:
+        """``{name: (numel,)}`` each element's scale."""
+        scales = self.quantization.scales
+        return {n: scales[n].expand_as(self.params[n]).flatten() for n in self.names}
+
+    @functools.cached_property
     def base_deltas(self) -> dict[str, Tensor]:
         """``{name: (numel, n_allowed)}`` the change of each flip of the unflipped model."""
         return {n: self.deltas(n, self.integers[n], self.params[n]) for n in self.names}
@@ -110,18 +116,17 @@ def _chosen(quantization: Quantization, threat: Threat) -> list[str]:
 class FlipState:
     """A growing flip set on a ``FlipSpace``, kept up to date element by element: the current
     integers, weights (each flipped element rebuilt by ``dequantize``, the same product as a
-    whole tensor's) and the change each further flip would make."""
+    whole tensor's) and the change each further flip would make (the unflipped model's table,
+    ``deltas``, with the rows of flipped elements in ``changed``)."""
 
     def __init__(self, space: FlipSpace) -> None:
         self.space = space
         self.flips: list[Flip] = []
         self.ints = {n: space.integers[n].flatten().clone() for n in space.names}
         self.weights = {n: space.params[n].clone() for n in space.names}
-        self.scales = {
-            n: space.quantization.scales[n].expand_as(space.params[n]).flatten()
-            for n in space.names
-        }
-        self.deltas = {n: space.deltas(n, space.integers[n], space.params[n]) for n in space.names}
+        self.scales = space.flat_scales
+        self.deltas = space.base_deltas  # never written: rows of flipped elements in ``changed``
+        self.changed: dict[str, dict[int, Tensor]] = {n: {} for n in space.names}
 
     def value(self, flip: Flip) -> Tensor:
         """The weight element ``flip`` would make, from the current integer."""
@@ -146,9 +151,7 @@ class FlipState:
         self.weights[name].view(-1)[i] = self.value(flip)
         self.ints[name][i] += int(bit_changes(self.ints[name][i : i + 1], self.space.bits)[0, b])
         row = self.weights[name].view(-1)[i : i + 1]
-        if self.deltas[name] is self.space.base_deltas[name]:
-            self.deltas[name] = self.deltas[name].clone()
-        self.deltas[name][i] = self.space.deltas(
+        self.changed[name][i] = self.space.deltas(
             name, self.ints[name][i : i + 1], row, self.scales[name][i : i + 1]
         )[0]
         self.flips.append(flip)
