@@ -10,12 +10,14 @@ from .errors import (
     DataError,
     InputError,
     NonsingularError,
+    QuantizationError,
     ThreatError,
     TrainingError,
     UnsupportedLayerError,
     UnsupportedModelError,
 )
 from .evaluation import EvaluationTable, Outcomes, evaluate
+from .flips import FlipAttackResult, FlipsTo, Quantization, flips_to, quantize, quantized
 from .threat import Threat, grid
 from .training import TrainConfig, TrainResult, train
 
@@ -33,6 +35,10 @@ __all__ = [
     "DataError",
     "InputError",
     "NonsingularError",
+    "FlipAttackResult",
+    "FlipsTo",
+    "Quantization",
+    "QuantizationError",
     "Outcomes",
     "Threat",
     "ThreatError",
@@ -45,6 +51,9 @@ __all__ = [
     "bab",
     "certify",
     "evaluate",
+    "flips_to",
     "grid",
+    "quantize",
+    "quantized",
     "train",
 ]

@@ -40,6 +40,11 @@ class TrainingError(NonsingularError, FloatingPointError):
     """Training diverged (a non-finite loss); the run directory keeps the last good epoch."""
 
 
+class QuantizationError(NonsingularError, ValueError):
+    """A model that is not quantized where it must be, or weights that are not on the grid
+    their scales define (``nonsingular.quantize``)."""
+
+
 class BoundError(UnsupportedLayerError, ValueError):
     """An operator's bound asked for arguments it cannot bound soundly (shapes that do not
     match, a pooling window of padding only, a LayerNorm without a positive eps)."""

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from .checks import choice
+from .checks import choice, integer
 from .errors import ThreatError
 
 X_NORMS = ("linf", "l2")
@@ -20,6 +20,8 @@ W_NORMS = ("linf", "l2")
 SCOPES = ("per-example", "shared")
 
 
+MAX_FLIPS = 1_000_000
+MAX_BIT = 15  # bit positions of integers of up to 16 bits (flips.grid.MAX_BITS)
 MAX_BUDGET = 1e12  # larger budgets overflow float32 arithmetic (squared norms reach 1e38)
 
 
@@ -53,6 +55,11 @@ class Threat:
     layers:  None for every Linear/Conv1d/Conv2d weight, or parameter / module names
              (``"0.weight"`` or ``"0"``).
     bias:    also perturb the biases of the chosen layers (same mode, own budget eps_w).
+    flips:   bit flips instead of eps_w: at most ``flips`` flips of bits of the integers of the
+             chosen weights of a quantized model (``nonsingular.quantize``; see
+             docs/quantization.md). Exclusive with ``eps_w``.
+    bits:    with ``flips``: the bit positions that may flip (None: all; ``(7,)``: the sign
+             bit of 8-bit integers only).
     """
 
     eps_x: float = 0.0
@@ -64,11 +71,14 @@ class Threat:
     layers: tuple[str, ...] | None = None
     bias: bool = False
     bounds: tuple[float, float] | None = (0.0, 1.0)
+    flips: int = 0
+    bits: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalize fields once, here
         set_(self, "eps_x", _check_budget("eps_x", self.eps_x))
         set_(self, "eps_w", _check_budget("eps_w", self.eps_w))
+        self._check_flips()
         choice("x_norm", self.x_norm, X_NORMS, ThreatError)
         choice("w_mode", self.w_mode, W_MODES, ThreatError)
         choice("w_norm", self.w_norm, W_NORMS, ThreatError)
@@ -100,6 +110,30 @@ class Threat:
                 raise ThreatError(f"bounds must lie within +-{MAX_BUDGET:g}, got {self.bounds!r}")
             set_(self, "bounds", (lo, hi))
 
+    def _check_flips(self) -> None:
+        integer("flips", self.flips, 0, MAX_FLIPS, ThreatError)
+        if self.flips and self.eps_w:
+            raise ThreatError(
+                f"eps_w and flips are two weight threats; give one (got eps_w={self.eps_w:g} "
+                f"and flips={self.flips})"
+            )
+        if self.flips and self.bias:
+            raise ThreatError("flips act on quantized weights; biases stay float (bias=False)")
+        if self.bits is None:
+            return
+        if not self.flips:
+            raise ThreatError(
+                f"bits restricts which bits flip; it needs flips >= 1 ({self.bits!r})"
+            )
+        if isinstance(self.bits, (str, bytes)) or not isinstance(self.bits, Iterable):
+            raise ThreatError(f"bits must be None or a list of bit positions, got {self.bits!r}")
+        bits = tuple(self.bits)
+        if not bits or len(set(bits)) != len(bits):
+            raise ThreatError(f"bits must list distinct bit positions, got {self.bits!r}")
+        for b in bits:
+            integer("bits", b, 0, MAX_BIT, ThreatError)
+        object.__setattr__(self, "bits", tuple(sorted(bits)))
+
     @property
     def perturbs_input(self) -> bool:
         return self.eps_x > 0
@@ -123,10 +157,16 @@ class Threat:
             parts.append(
                 f"eps_w={self.eps_w:g} ({self.w_mode} {self.w_norm}, {self.scope}{extra}{where})"
             )
+        if self.flips:
+            which = f" of bits {','.join(map(str, self.bits))}" if self.bits else ""
+            where = f", layers={','.join(self.layers)}" if self.layers else ""
+            parts.append(f"{self.flips} bit flip(s){which} ({self.scope}{where})")
         return " + ".join(parts) if parts else "no perturbation"
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        """The fields as JSON values (``flips`` and ``bits`` only when flips are threatened,
+        so that the dicts of other threats, and what is cached under them, are unchanged)."""
+        out: dict[str, object] = {
             "eps_x": self.eps_x,
             "eps_w": self.eps_w,
             "x_norm": self.x_norm,
@@ -137,6 +177,10 @@ class Threat:
             "bias": self.bias,
             "bounds": list(self.bounds) if self.bounds is not None else None,
         }
+        if self.flips:
+            out["flips"] = self.flips
+            out["bits"] = list(self.bits) if self.bits is not None else None
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Threat:
@@ -146,25 +190,40 @@ class Threat:
         kwargs = dict(data)
         if kwargs.get("layers") is not None:
             kwargs["layers"] = tuple(kwargs["layers"])  # type: ignore[arg-type]
-        if kwargs.get("bounds") is not None:
-            kwargs["bounds"] = tuple(kwargs["bounds"])  # type: ignore[arg-type]
+        for key in ("bounds", "bits"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kwargs[key])  # type: ignore[arg-type]
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
 def grid(
-    eps_x: Sequence[float] = (0.0,), eps_w: Sequence[float] = (0.0,), **threat_fields: object
+    eps_x: Sequence[float] = (0.0,),
+    eps_w: Sequence[float] = (0.0,),
+    flips: Sequence[int] = (),
+    **threat_fields: object,
 ) -> list[Threat]:
-    """Every ``(eps_x, eps_w)`` pair of the two lists as a Threat, eps_x varying slowest.
+    """Every ``(eps_x, eps_w)`` pair of the two lists as a Threat, eps_x varying slowest;
+    with ``flips`` (a list of flip counts, eps_w left at 0): every ``(eps_x, flips)`` pair.
 
-    ``threat_fields`` (x_norm, w_mode, scope, ...) apply to every point.
+    ``threat_fields`` (x_norm, w_mode, scope, ...) apply to every point (``bits``: to the
+    points with flips).
     """
     if isinstance(eps_x, (int, float)):
         eps_x = [eps_x]
     if isinstance(eps_w, (int, float)):
         eps_w = [eps_w]
+    if isinstance(flips, int):
+        flips = [flips]
     if not len(eps_x) or not len(eps_w):
         raise ThreatError("grid needs at least one eps_x and one eps_w")
-    return [
-        Threat(eps_x=ex, eps_w=ew, **threat_fields)  # type: ignore[arg-type]
-        for ex, ew in itertools.product(eps_x, eps_w)
-    ]
+    if len(flips):
+        if any(float(w) != 0 for w in eps_w):
+            raise ThreatError("a grid over flips leaves eps_w at 0 (the two weight threats)")
+        pairs = [{"eps_x": ex, "flips": k} for ex, k in itertools.product(eps_x, flips)]
+        bits = threat_fields.pop("bits", None)  # which bits flip: for the points with flips
+        for pair in pairs:
+            if pair["flips"] and bits is not None:
+                pair["bits"] = bits
+    else:
+        pairs = [{"eps_x": ex, "eps_w": ew} for ex, ew in itertools.product(eps_x, eps_w)]
+    return [Threat(**pair, **threat_fields) for pair in pairs]  # type: ignore[arg-type]

@@ -129,6 +129,13 @@ def certify(
     intermediate, dtype = options.intermediate, options.dtype
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
+    if threat.flips:  # bit flips of a quantized MLP: their own bounds, always in float64
+        from ..flips.certify import flip_bab, flip_certify
+
+        if method == "bab":
+            found = flip_bab(model, x, y, threat, time_limit=options.time_limit)
+            return CertifyResult(found.lower, method, threat, found.attack.clean_margins)
+        return flip_certify(model, x, y, threat, method)
     graph, x, y, logits = read_batch(model, x, y)
     classes = logits.shape[1]
     check_domain(x, threat)

@@ -434,6 +434,10 @@ def bab(
     number("time_limit", time_limit, 0.0, 1e9)
     integer("batch", batch, 1, 1 << 20)
     check_bound_dtype(dtype)
+    if isinstance(threat, Threat) and threat.flips:  # bit flips: enumerate the single flips
+        from ..flips.certify import flip_bab
+
+        return flip_bab(model, x, y, threat, time_limit=time_limit)
     from . import certify  # the package's entry point, which imports this module
 
     found = attack(model, x, y, threat, steps=steps, restarts=restarts, loss="both", seed=seed)

@@ -28,8 +28,9 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .._version import __version__
-from ..errors import CheckpointError, ConfigError, UnsupportedLayerError
+from ..errors import CheckpointError, ConfigError, QuantizationError, UnsupportedLayerError
 from ..files import write_bytes, write_json
+from ..flips.grid import ATTRIBUTE, SCALE_SUFFIX, checkpoint_tensors, from_checkpoint
 from ..model.architectures import Architecture
 from .layers import build, describe
 
@@ -67,6 +68,9 @@ def save(
         "model": _description(model, architecture),
         **meta,
     }
+    grid = checkpoint_tensors(model, tensors)  # a quantized model: integers + scales
+    if grid is not None:
+        info["quantization"] = grid
     data = st_save(tensors)
     info["sha256"] = hashlib.sha256(data).hexdigest()
     write_bytes(path, data)
@@ -160,6 +164,8 @@ def load(
             "was changed or damaged after it was written"
         )
     declared = _declared_shapes(path, data)
+    grid = info.get("quantization")
+    declared = {k: v for k, v in declared.items() if not (grid and k.endswith(SCALE_SUFFIX))}
     with torch.device("meta"):  # the architecture, checked without allocating anything
         shapes = {
             k: tuple(v.shape)
@@ -173,8 +179,14 @@ def load(
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"checkpoint {path}: tensor {name} holds NaN or infinite values")
+    try:
+        quantization = from_checkpoint(tensors, grid) if isinstance(grid, dict) else None
+    except QuantizationError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
     loaded = _rebuild(path, info["model"], factory, model)
     loaded.load_state_dict(tensors)
+    if quantization is not None:
+        setattr(loaded, ATTRIBUTE, quantization)
     return loaded.to(device).eval(), info
 
 

@@ -12,7 +12,7 @@ from .. import distributed
 from .._version import __version__
 from ..errors import NonsingularError
 from ..provenance import command_line
-from . import certify, evaluate, reproduce, train
+from . import certify, evaluate, quantize, reproduce, train
 from .common import Parser
 
 
@@ -29,6 +29,7 @@ def build_parser() -> Parser:
     reproduce.register(sub)
     train.register(sub)
     evaluate.register(sub)
+    quantize.register(sub)
     certify.register(sub)
     return parser
 

@@ -39,6 +39,19 @@ def floats(text: str) -> list[float]:
     return values
 
 
+def integers(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 0,1,2, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
 def names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -143,6 +156,33 @@ def add_threat(p: argparse.ArgumentParser, eps_x: str, eps_w: str) -> None:
         help="perturb only these weights, e.g. 1.weight,3.weight (default: all)",
     )
     g.add_argument("--bias", action="store_true", help="perturb biases too")
+    _add_flips(g)
+
+
+def _add_flips(g: Any) -> None:
+    """The bit-flip threat's flags (docs/quantization.md)."""
+    g.add_argument(
+        "--flips",
+        type=integers,
+        default=None,
+        metavar="LIST",
+        help="bit flips instead of weight budgets, e.g. 0,1,2,4,8 (replaces --eps-w; the "
+        "model must be quantized, or give --bits)",
+    )
+    g.add_argument(
+        "--bits",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --flips: quantize a float model to N-bit integers per channel first",
+    )
+    g.add_argument(
+        "--flip-bits",
+        type=integers,
+        default=None,
+        metavar="LIST",
+        help="with --flips: the bit positions that may flip, e.g. 7 (default all)",
+    )
 
 
 def threat_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -153,7 +193,31 @@ def threat_fields(args: argparse.Namespace) -> dict[str, Any]:
         "scope": args.scope,
         "layers": args.layers,
         "bias": args.bias,
+        **({"bits": tuple(args.flip_bits)} if args.flip_bits else {}),
     }
+
+
+def weight_grid(args: argparse.Namespace) -> dict[str, Any]:
+    """``grid``'s weight axis: ``--eps-w``, or ``--flips`` (which replaces it)."""
+    if args.flips:
+        return {"eps_w": [0.0], "flips": args.flips}
+    if args.flip_bits or args.bits is not None:
+        raise ConfigError("--bits and --flip-bits go with --flips")
+    return {"eps_w": args.eps_w}
+
+
+def quantized_for(args: argparse.Namespace, model: torch.nn.Module) -> torch.nn.Module:
+    """The model, quantized to ``--bits`` when flips are asked for on a float model."""
+    if not args.flips or args.bits is None:
+        return model
+    from ..flips.grid import ATTRIBUTE, quantize
+
+    grid = getattr(model, ATTRIBUTE, None)
+    if grid is not None:
+        if grid.bits != args.bits:
+            raise ConfigError(f"the model is quantized to {grid.bits} bits, not --bits {args.bits}")
+        return model
+    return quantize(model, bits=args.bits)
 
 
 def add_data(p: argparse.ArgumentParser) -> None:

@@ -22,9 +22,10 @@ def prepare(args: argparse.Namespace) -> tuple[list, Any, Any, Any]:
     """Validate cheap things first, then load data and the model."""
     common.check_out(args.out)
     where = common.device(args.device)
-    threats = grid(args.eps_x, args.eps_w, **common.threat_fields(args))
+    threats = grid(args.eps_x, **common.weight_grid(args), **common.threat_fields(args))
     data = load(args.data, test_size=args.test_size, seed=args.seed)
-    return threats, data, common.load_model(args, data, where), where
+    model = common.quantized_for(args, common.load_model(args, data, where))
+    return threats, data, model, where
 
 
 def report(args: argparse.Namespace, table: EvaluationTable, data: Dataset) -> None:

@@ -1,0 +1,159 @@
+"""Bit flips on 8-bit (per-channel) quantized models trained on mnist5k.
+
+    python benchmarks/flip_attack.py speed      # one shared flip-search step vs one PGD step;
+                                                # per-example search on 500 test digits
+    python benchmarks/flip_attack.py collapse   # flips-to-collapse (<= 11%) of the shared
+                                                # search, 5 seeds, MLP and CNN, beside random flips
+    python benchmarks/flip_attack.py complete   # bab, k = 1, on a 784-512-512-512-10 MLP
+
+Models are trained here with plain Adam (the library's own training is not what is measured).
+A step's time is the difference of a long and a short run over the difference in steps, so
+set-up (reading and checking the model) cancels; medians of interleaved repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import nonsingular as ns
+from nonsingular.data import load
+from nonsingular.flips.search import progressive_search
+from nonsingular.flips.space import FlipSpace
+from nonsingular.model.architectures import cnn, mlp
+
+
+def trained(kind: str, seed: int, epochs: int = 5, hidden=(256, 256)) -> torch.nn.Module:
+    data = load("mnist5k")
+    torch.manual_seed(seed)
+    model = mlp(hidden=hidden) if kind == "mlp" else cnn()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(epochs):
+        order = torch.randperm(len(data.y_train))
+        for i in range(0, len(order), 64):
+            rows = order[i : i + 64]
+            opt.zero_grad()
+            F.cross_entropy(model(data.x_train[rows]), data.y_train[rows]).backward()
+            opt.step()
+    return model.eval()
+
+
+def seconds(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def speed() -> None:
+    data = load("mnist5k")
+    q = ns.quantize(trained("mlp", 0))
+    x, y = data.x_test[:500], data.y_test[:500]
+    space = FlipSpace(q, ns.Threat(flips=20, scope="shared"))
+    pgd = ns.Threat(eps_x=0.1)
+    flip_steps, pgd_steps = [], []
+    for _ in range(5):  # interleaved
+        long = seconds(lambda: progressive_search(space, x, y, 6, target=-1.0))
+        short = seconds(lambda: progressive_search(space, x, y, 1, target=-1.0))
+        flip_steps.append((long - short) / 5)
+        long = seconds(lambda: ns.attack(q, x, y, pgd, steps=30))
+        short = seconds(lambda: ns.attack(q, x, y, pgd, steps=10))
+        pgd_steps.append((long - short) / 20)
+    f, p = statistics.median(flip_steps), statistics.median(pgd_steps)
+    print(
+        f"shared flip step {f * 1e3:.1f} ms, PGD step {p * 1e3:.1f} ms, ratio {f / p:.2f}",
+        flush=True,
+    )
+    for k in (1, 4):
+        start = time.perf_counter()
+        r = ns.attack(q, x, y, ns.Threat(flips=k))
+        t = time.perf_counter() - start
+        print(
+            f"per-example search k={k}, 500 examples: {t:.1f} s, "
+            f"clean {r.clean_accuracy:.3f} -> {r.robust_accuracy:.3f}",
+            flush=True,
+        )
+
+
+def collapse(seeds: int, examples: int) -> None:
+    """Seeds outermost, models alternating, so that a partial run covers both."""
+    data = load("mnist5k")
+    x, y = data.x_test[:examples], data.y_test[:examples]
+    counts: dict[str, list] = {"mlp": [], "cnn": []}
+    for seed in range(seeds):
+        for kind in counts:
+            model = trained(kind, seed)
+            q = ns.quantize(model)
+            f_acc = float((model(x).argmax(1) == y).float().mean())
+            q_acc = float((q(x).argmax(1) == y).float().mean())
+            found = ns.flips_to(q, x, y, 0.11, max_flips=200)
+            noise = ns.attack(q, x, y, ns.Threat(flips=100, scope="shared"), method="noise")
+            counts[kind].append(found.flips)
+            acc = noise.accuracy_trace
+            print(
+                f"{kind} seed {seed}: float {f_acc:.3f} int8 {q_acc:.3f}, flips to <= 11%: "
+                f"{found.flips} (replayed {found.replayed:.3f}), 100 random flips: "
+                f"{float(acc.mean()):.3f} +- {float(acc.std()):.3f} (min {float(acc.min()):.3f})",
+                flush=True,
+            )
+    for kind, found in counts.items():
+        done = [c for c in found if c is not None]
+        if done:
+            print(
+                f"{kind}: median {statistics.median(done)}, range {min(done)}-{max(done)}, "
+                f"{len(done)}/{seeds} reached"
+            )
+
+
+def complete(examples: int, time_limit: float, k2: bool) -> None:
+    data = load("mnist5k")
+    q = ns.quantize(trained("mlp", 0, hidden=(512, 512, 512)))
+    x, y = data.x_test[:examples], data.y_test[:examples]
+    start = time.perf_counter()
+    found = ns.bab(q, x, y, ns.Threat(flips=1), time_limit=time_limit)
+    took = time.perf_counter() - start
+    counts = {s: found.status.count(s) for s in ("certified", "broken", "unknown")}
+    print(
+        f"bab k=1, {examples} digits: {counts} in {took:.1f} s "
+        f"(clean {float((found.attack.clean_margins > 0).float().mean()):.3f})"
+    )
+    crown = ns.certify(q, x, y, ns.Threat(flips=1), method="crown")
+    print(f"crown alone k=1: {int(crown.certified.sum())} certified")
+    if k2:
+        start = time.perf_counter()
+        crown2 = ns.certify(q, x, y, ns.Threat(flips=2), method="crown")
+        print(
+            f"crown k=2: {int(crown2.certified.sum())} certified in "
+            f"{time.perf_counter() - start:.1f} s (no complete k=2 method)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("what", choices=["speed", "collapse", "complete"])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument(
+        "--examples", type=int, default=None, help="test digits (complete 100, collapse 1000)"
+    )
+    parser.add_argument("--time-limit", type=float, default=10.0)
+    args = parser.parse_args()
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    if args.examples is None:
+        args.examples = 1000 if args.what == "collapse" else 100
+    if args.what == "speed":
+        speed()
+    elif args.what == "collapse":
+        collapse(args.seeds, args.examples)
+    else:
+        complete(args.examples, args.time_limit, True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Flip certificates against every single flip: on random small networks (every weight, every
+bit), float32 and float64, with and without eps_x, no margin a flip set really produces may fall
+below the certified bound; with the flip term removed, the same check finds violations; and
+bab's verdicts agree with exhaustive enumeration."""
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import nonsingular as ns
+from nonsingular.attacks.space import margins
+from nonsingular.flips import bounds
+from nonsingular.flips.grid import bit_changes, dequantize
+from nonsingular.flips.space import FlipSpace
+from nonsingular.model.architectures import mlp
+
+
+def network(seed: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [int(torch.randint(2, 6, (1,), generator=g)) for _ in range(2)]
+    torch.manual_seed(seed)
+    model = mlp((1, 2, 3), hidden=sizes, classes=3).to(dtype)
+    bits = int(torch.randint(3, 9, (1,), generator=g))
+    granularity = "channel" if seed % 2 else "tensor"
+    q_model = ns.quantize(model, bits=bits, granularity=granularity)
+    x = torch.rand(4, 1, 2, 3, generator=g, dtype=dtype)
+    return q_model, x, q_model(x).argmax(1)
+
+
+def inputs_in_box(x: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
+    """``x`` itself, random points and random corners of its eps-box inside [0, 1]:
+    ``(1 + 2 * 6, B, ...)``."""
+    if eps == 0:
+        return x[None]
+    g = torch.Generator().manual_seed(seed)
+    noise = (torch.rand(6, *x.shape, generator=g, dtype=x.dtype) * 2 - 1) * eps
+    corners = torch.randint(0, 2, (6, *x.shape), generator=g).to(x.dtype) * 2 * eps - eps
+    return torch.cat([x[None], (x + noise).clamp(0, 1), (x + corners).clamp(0, 1)])
+
+
+def single_flip_weights(q_model, space, positions=None):
+    """``{name: (F, *W.shape)}``, one weight copy per single flip of ``name`` (every element,
+    every bit), each rebuilt from its flipped integer (``dequantize``)."""
+    grid = ns.quantized(q_model)
+    out = {}
+    for name in space.names:
+        w, q = space.params[name], space.integers[name].flatten()
+        change = bit_changes(q, grid.bits)  # (numel, bits)
+        scale = grid.scales[name].expand_as(w).flatten()
+        new = dequantize(q[:, None] + change, scale[:, None]).flatten()  # (numel * bits,)
+        element = torch.arange(len(q)).repeat_interleave(grid.bits)
+        bit = torch.arange(grid.bits).repeat(len(q))
+        keep = torch.ones_like(bit, dtype=torch.bool) if positions is None else bit == positions
+        new, element = new[keep], element[keep]
+        copies = w.flatten().repeat(len(new), 1)
+        copies[torch.arange(len(new)), element] = new
+        out[name] = copies.view(len(new), *w.shape)
+    return out
+
+
+def worst_single_flip(q_model, x, y, eps, seed, positions=None):
+    """Per example, the lowest margin over no flip and every single flip (every weight, every
+    bit) at the sampled inputs, each through the unmodified model (functional_call)."""
+    space = FlipSpace(q_model, ns.Threat(flips=1))
+    batch = inputs_in_box(x, eps, seed)
+    points = len(batch)
+    batch, labels = batch.flatten(0, 1), y.repeat(points)
+    params = dict(space.params)
+    with torch.no_grad():
+        worst = margins(functional_call(q_model, params, (batch,)), labels).double()
+        for name, copies in single_flip_weights(q_model, space, positions).items():
+            for part in copies.split(256):
+                run = torch.func.vmap(
+                    lambda w, name=name: functional_call(q_model, {**params, name: w}, (batch,))
+                )
+                m = margins(run(part).flatten(0, 1), labels.repeat(len(part))).double()
+                worst = torch.minimum(worst, m.view(-1, len(labels)).min(0).values)
+    return worst.view(points, -1).min(0).values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_single_flip_bounds_hold_against_exhaustive_enumeration(dtype, eps):
+    certified_count = 0
+    for seed in range(50):
+        q_model, x, y = network(seed, dtype)
+        threat = ns.Threat(flips=1, eps_x=eps)
+        truth = worst_single_flip(q_model, x, y, eps, seed)
+        for method in ("ibp", "crown"):
+            certified = ns.certify(q_model, x, y, threat, method=method).worst
+            assert bool((certified <= truth).all()), (seed, method, certified, truth)
+            certified_count += int((certified > 0).sum())
+    assert certified_count > 0  # the bounds are not vacuous
+
+
+def test_single_flip_bounds_hold_on_a_trained_network():
+    from nonsingular import data
+
+    d = data.load("digits")
+    torch.manual_seed(0)
+    model = mlp((1, 8, 8), hidden=(12,))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(d.x_train), d.y_train).backward()
+        opt.step()
+    q_model = ns.quantize(model)
+    x, y = d.x_test[:20], d.y_test[:20]
+    truth = worst_single_flip(q_model, x, y, 0.0, 0)
+    for method in ("ibp", "crown"):
+        certified = ns.certify(q_model, x, y, ns.Threat(flips=1), method=method).worst
+        assert bool((certified <= truth).all()), (method, certified, truth)
+    assert bool((ns.certify(q_model, x, y, ns.Threat(flips=1)).certified).any())
+
+
+def test_removing_the_flip_term_breaks_soundness(monkeypatch):
+    monkeypatch.setattr(bounds, "largest", lambda flips, k: flips[0].new_zeros(flips[0].shape[:2]))
+    violations = 0
+    for seed in range(20):
+        q_model, x, y = network(seed, torch.float32)
+        truth = worst_single_flip(q_model, x, y, 0.0, seed)
+        certified = ns.certify(q_model, x, y, ns.Threat(flips=1), method="crown").worst
+        violations += int((certified > truth).sum())
+    assert violations > 0
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_k_flip_bounds_hold_against_random_flip_sets(k):
+    for seed in range(10):
+        q_model, x, y = network(seed, torch.float32)
+        space = FlipSpace(q_model, ns.Threat(flips=k))
+        certified = ns.certify(q_model, x, y, ns.Threat(flips=k), method="crown").worst
+        single = ns.certify(q_model, x, y, ns.Threat(flips=1), method="crown").worst
+        assert bool((certified <= single).all())  # a larger budget never certifies more
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _ in range(100):
+                flips = []
+                for _ in range(k):
+                    name = space.names[int(torch.randint(len(space.names), (1,), generator=g))]
+                    size = space.params[name].numel()
+                    flips.append(
+                        (
+                            name,
+                            int(torch.randint(size, (1,), generator=g)),
+                            int(torch.randint(space.bits, (1,), generator=g)),
+                        )
+                    )
+                if len(set(flips)) < k:
+                    continue
+                m = margins(functional_call(q_model, space.weights(flips), (x,)), y).double()
+                assert bool((certified <= m).all()), (seed, flips)
+
+
+def test_bab_verdicts_match_exhaustive_enumeration():
+    seen = set()
+    for seed in range(25):
+        q_model, x, y = network(seed, torch.float32)
+        truth = worst_single_flip(q_model, x, y, 0.0, seed)
+        result = ns.bab(q_model, x, y, ns.Threat(flips=1), time_limit=30.0)
+        assert "unknown" not in result.status
+        for i, status in enumerate(result.status):
+            seen.add(status)
+            assert (status == "certified") == bool(truth[i] > 0), (seed, i)
+            assert bool(result.lower[i].min() <= truth[i])
+            if status == "broken":
+                logits = result.attack.replay(q_model, i)
+                assert float(margins(logits, y[i : i + 1])[0]) <= 0
+                assert len(result.attack.bit_flips(i)) <= 1
+    assert seen == {"certified", "broken"}
+
+
+def test_flip_certificates_refuse_what_they_cannot_bound():
+    q_model, x, y = network(0, torch.float32)
+    with pytest.raises(ns.ConfigError, match="method"):
+        ns.certify(q_model, x, y, ns.Threat(flips=1), method="recursive")
+    with pytest.raises(ns.ConfigError, match="flips=1 only"):
+        ns.bab(q_model, x, y, ns.Threat(flips=2))
+    from nonsingular.model.architectures import cnn
+
+    conv = ns.quantize(cnn((1, 8, 8), (2, 2), 5, 3))
+    with pytest.raises(ns.UnsupportedLayerError, match="Linear/ReLU"):
+        ns.certify(conv, torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), ns.Threat(flips=1))
+
+
+def test_bounds_for_the_lowest_bit_only_hold_and_are_tighter_than_for_all_bits():
+    tighter = 0
+    for seed in range(10):
+        q_model, x, y = network(seed, torch.float32)
+        truth = worst_single_flip(q_model, x, y, 0.0, seed, positions=0)
+        only = ns.certify(q_model, x, y, ns.Threat(flips=1, bits=(0,))).worst
+        every = ns.certify(q_model, x, y, ns.Threat(flips=1)).worst
+        assert bool((only <= truth).all()), (seed, only, truth)
+        assert bool((only >= every).all())
+        tighter += int((only > every).sum())
+    assert tighter > 0  # the restriction is used, not ignored
