@@ -170,6 +170,24 @@ def default_step_size(steps: int) -> float:
     return AttackOptions(steps=steps).alpha
 
 
+def _flip_attack(
+    model: nn.Module, x: Tensor, y: Tensor, threat: Threat, options: AttackOptions
+) -> AttackResult:
+    from ..flips.attack import flip_attack  # the flip package builds on this one
+
+    loss = "ce" if options.loss == "both" else options.loss
+    return flip_attack(  # type: ignore[return-value]
+        model,
+        x,
+        y,
+        threat,
+        method=options.method,
+        loss=loss,
+        samples=options.samples,
+        seed=options.seed,
+    )
+
+
 @with_gradients
 def attack(
     model: nn.Module,
@@ -189,27 +207,15 @@ def attack(
                   replace some of them by name (``attack(..., steps=10)``).
     positions:    each example's place in its data set (default 0..B-1), which seeds its
                   random draws, so an example's result never depends on its batch.
-    Under ``Threat(flips=k)`` (a quantized model) ``pgd`` is the progressive bit search and
-    ``noise`` random bit flips (``flips.attack.flip_attack``; steps and restarts do not apply).
     until_broken: stop attacking an example once it is misclassified (per-example threats):
                   whether it breaks is unchanged, but its margin is then the first one found
                   below zero, not the lowest; what evaluation needs, at a fraction of the cost.
+    Under ``Threat(flips=k)`` (a quantized model) ``pgd`` is the progressive bit search and
+    ``noise`` random bit flips (``flips.attack.flip_attack``; steps and restarts do not apply).
     """
     options = AttackOptions.of(options, **overrides)
     if isinstance(threat, Threat) and threat.flips:  # bit flips: progressive bit search
-        from ..flips.attack import flip_attack
-
-        loss = "ce" if options.loss == "both" else options.loss
-        return flip_attack(
-            model,
-            x,
-            y,
-            threat,
-            method=options.method,
-            loss=loss,
-            samples=options.samples,
-            seed=options.seed,
-        )
+        return _flip_attack(model, x, y, threat, options)
     if not isinstance(until_broken, bool):
         raise ConfigError(f"until_broken must be True or False, got {until_broken!r}")
     if not isinstance(threat, Threat):

@@ -39,11 +39,11 @@ from .rounding import certificate_unit, exact_products
 
 def bound_code_digest(root: Path) -> str:
     """A digest of the code every bound is computed by (the package at ``root``: its
-    certificates and its model reading with the operators): numbers cached by other bound code
-    (``reproduce``'s evaluation caches) are recomputed, never reused, with no counter for a
-    change to forget to raise."""
+    certificates, the bit-flip bounds and its model reading with the operators): numbers
+    cached by other bound code (``reproduce``'s evaluation caches) are recomputed, never
+    reused, with no counter for a change to forget to raise."""
     digest = hashlib.sha256()
-    for folder in ("certificates", "model"):
+    for folder in ("certificates", "flips", "model"):
         for path in sorted((root / folder).rglob("*.py")):
             digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
