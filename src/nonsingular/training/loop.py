@@ -299,7 +299,8 @@ def _resume(
             f"the run in {out} was started with other options ({', '.join(changed)}): "
             "resume it with the same ones, or choose another output directory"
         )
-    restore(tensors, meta, model, opt, schedule)
+    steps = meta["epoch"] * (schedule.total_steps // config.epochs)  # one per batch
+    restore(tensors, meta, model, opt, schedule, steps)
     return meta["history"]
 
 

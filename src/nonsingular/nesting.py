@@ -1,0 +1,34 @@
+"""How deeply a JSON or TOML text nests, measured before it is parsed: the parsers (and
+everything that walks what they return) recurse, so a text nested thousands deep is a
+``RecursionError`` traceback instead of an error saying what was wrong."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .errors import NonsingularError
+
+MAX_DEPTH = 64  # far more than any file the library writes or reads needs
+_STRINGS = re.compile(r'"(?:[^"\\\n]|\\.)*"' + r"|'[^'\n]*'")  # JSON/TOML strings, one line
+
+
+def depth(text: str | bytes) -> int:
+    """The deepest nesting of ``[`` and ``{`` in ``text``, brackets inside strings aside."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    bare = _STRINGS.sub("", text).encode()
+    codes = np.frombuffer(bare, dtype=np.uint8)
+    steps = np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
+    steps -= np.isin(codes, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def check_depth(
+    text: str | bytes, what: str, error: type[NonsingularError], limit: int = MAX_DEPTH
+) -> None:
+    """Raise ``error`` naming ``what`` when ``text`` nests deeper than ``limit``."""
+    found = depth(text)
+    if found > limit:
+        raise error(f"{what} nests {found} levels deep; at most {limit} are accepted")
