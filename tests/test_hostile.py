@@ -110,7 +110,7 @@ TRAIN_CASES = {
     "model path-like": (["--model", "../../etc/passwd"], "importable factory"),
     "model args list": (["--model-args", "[1, 2]"], "expected a JSON object"),
     "model args broken": (["--model-args", "{bad"], "expected a JSON object"),
-    "model args unknown": (["--model", "mlp", "--model-args", '{"depth": 3}'], "failed"),
+    "model args unknown": (["--model", "mlp", "--model-args", '{"depth": 3}'], "no argument depth"),
     "pgd-at without steps": (["--method", "pgd-at", "--attack-steps", "0"], "attack_steps"),
     "joint-at without steps": (["--method", "joint-at", "--attack-steps", "0"], "attack_steps"),
     "attack steps negative": (["--attack-steps", "-1"], "attack_steps must be an integer"),

@@ -8,16 +8,20 @@ line) naming what was wrong, and nothing written."""
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nonsingular import CheckpointError
+from nonsingular import CheckpointError, ConfigError
 from nonsingular.data import load
 from nonsingular.training import TrainConfig, loop, train
 from nonsingular.training.state import state_digest
+
+from .test_hostile import exit_code
 
 CONFIG = TrainConfig(data="digits", hidden=(8,), epochs=1, eval_size=0)
 
@@ -191,3 +195,261 @@ def test_an_untouched_state_resumes_to_the_weights_of_an_uninterrupted_run(
         straight.state_dict().items(), resumed.model.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+# ------------------------------------------- models that do not fit the data, refused first
+MISFITS = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, out=10, width=64, freeze=False, dtype=torch.float32):
+        super().__init__()
+        self.fc = nn.Linear(width, out, dtype=dtype)
+        self.fc.requires_grad_(not freeze)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+class Pair(Net):
+    def forward(self, x):
+        return super().forward(x), x
+
+
+class Named(Net):
+    def forward(self, x):
+        return {"logits": super().forward(x)}
+
+
+class Double(Net):
+    def forward(self, x):
+        return self.fc(x.flatten(1).to(self.fc.weight.dtype))
+
+
+class Detached(Net):
+    def forward(self, x):
+        return super().forward(x).detach()
+
+
+class Bypass(Net):
+    def forward(self, x):
+        return torch.zeros(len(x), 10, requires_grad=True) + 0 * x.flatten(1)[:, :10]
+
+
+class Empty(nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:, :10]
+
+
+def classes3():
+    return Net(out=3)
+
+
+def mnist_sized():
+    return Net(width=784)
+
+
+def pair():
+    return Pair()
+
+
+def named():
+    return Named()
+
+
+def float64():
+    return Double(dtype=torch.float64)
+
+
+def frozen():
+    return Net(freeze=True)
+
+
+def parameterless():
+    return Empty()
+
+
+def detached():
+    return Detached()
+
+
+def bypass():
+    return Bypass()
+"""
+FITS = {  # factory in MISFITS -> what the one-line error names
+    "classes3": r"outputs shape \(\d+, 3\) .* expected \(\d+, 10\)",
+    "mnist_sized": r"does not accept the data's batches \(torch.float32 of shape \(\d+, 1, 8, 8\)",
+    "pair": "returns a tuple, expected a tensor",
+    "named": "returns a dict, expected a tensor",
+    "float64": "outputs torch.float64 for torch.float32 data",
+    "frozen": "no trainable parameters",
+    "parameterless": "no trainable parameters",
+    "detached": "output does not depend on trainable parameters",
+    "bypass": "no gradient reaches its trainable parameters",
+}
+TRAIN = ["train", "--quiet", "--device", "cpu", "--data", "digits", "--epochs", "1"]
+TRAIN += ["--eval-size", "0"]
+
+
+@pytest.fixture
+def misfits(tmp_path, monkeypatch):
+    module = "hostile_misfit_factories"
+    (tmp_path / f"{module}.py").write_text(MISFITS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    yield module
+    sys.modules.pop(module, None)
+
+
+@pytest.mark.parametrize("name", list(FITS))
+def test_a_factory_model_that_does_not_fit_the_data_is_refused_before_any_write(
+    name, misfits, capsys, tmp_path
+):
+    out = tmp_path / "run"
+    code = exit_code([*TRAIN, "--model", f"{misfits}:{name}", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert re.search(FITS[name], err[0]) and f"{misfits}:{name}" in err[0], err[0]
+    assert not out.exists()  # no .lock, config.json or config.toml first
+
+
+@pytest.mark.parametrize("name", list(FITS))
+def test_a_model_instance_that_does_not_fit_is_refused_untouched(name, misfits, tmp_path, digits):
+    import importlib
+
+    model = getattr(importlib.import_module(misfits), name)()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=FITS[name]):
+        train(CONFIG, digits, model=model, out_dir=out, progress=False)
+    assert not out.exists()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+# --------------------------------------------------- --model-args: the factory's signature
+DEEP = '{"a": ' * 5000 + "1" + "}" * 5000
+MODEL_ARGS = {  # (model, --model-args, what the one-line error says)
+    'hidden "16"': ("mlp", '{"hidden": "16"}', "argument hidden must be a list of integers"),
+    "hidden [8.7]": ("mlp", '{"hidden": [8.7]}', "argument hidden must be a list of integers"),
+    "hidden [0]": ("mlp", '{"hidden": [0]}', "a width must be from 1 to 65536, got 0"),
+    "hidden [1e6]": ("mlp", '{"hidden": [1000000]}', "a width must be from 1 to 65536"),
+    "hidden [true]": ("mlp", '{"hidden": [true]}', "argument hidden must be a list of integers"),
+    'bias "no"': ("mlp", '{"bias": "no"}', "argument bias must be true or false"),
+    "bias 0": ("mlp", '{"bias": 0}', "argument bias must be true or false"),
+    "hidden [1e400]": ("mlp", '{"hidden": [1e400]}', "must be a finite number"),
+    "classes 1e400": ("mlp", '{"classes": 1e400}', "must be a finite number"),
+    "unknown name": ("mlp", '{"depth": 3}', "takes no argument depth; it takes in_shape"),
+    "cnn hidden true": ("cnn", '{"hidden": true}', "argument hidden must be an integer"),
+    "cnn channels wide": ("cnn", '{"channels": [70000]}', "a width must be from 1 to 65536"),
+    'resnet channels "8"': ("resnet", '{"channels": "8"}', "must be a list of integers"),
+    "nested 5000 deep": ("mlp", DEEP, "--model-args nests 5000 levels deep; at most 64"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_ARGS))
+def test_model_args_are_checked_against_the_factory_before_any_write(case, capsys, tmp_path):
+    model, args, message = MODEL_ARGS[case]
+    out = tmp_path / "run"
+    code = exit_code([*TRAIN, "--model", model, "--model-args", args, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert message in err[0], err[0]
+    assert not out.exists()
+
+
+USER = """
+import torch
+from torch import nn
+
+
+def typed(in_shape, classes, width: int = 8, scale: float = 1.0, tag: str = "x"):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, classes))
+
+
+def untyped(in_shape, classes, width=8, widths=(4, 4)):
+    return typed(in_shape, classes, width)
+
+
+def anything(in_shape, classes, **options):
+    return typed(in_shape, classes)
+
+
+def divides(in_shape, classes):
+    return 1 / 0
+
+
+def looks_up(in_shape, classes):
+    return {}["missing key"]
+"""
+USER_ARGS = {  # (factory, --model-args, error or None when it trains)
+    "typed width text": ("typed", {"width": "8"}, "argument width must be an integer"),
+    "typed width 0": ("typed", {"width": 0}, "a width must be from 1 to 65536"),
+    "typed scale text": ("typed", {"scale": "1"}, "argument scale must be a number"),
+    "typed tag number": ("typed", {"tag": 5}, "argument tag must be a string"),
+    "typed unknown": ("typed", {"colour": 1}, "takes no argument colour"),
+    "untyped width 2.5": ("untyped", {"width": 2.5}, "argument width must be an integer"),
+    "untyped widths text": ("untyped", {"widths": "44"}, "must be a list of integers"),
+    "untyped widths [4]": ("untyped", {"width": 4, "widths": [4]}, None),
+    "any keyword taken": ("anything", {"colour": "red"}, None),
+    "any keyword still finite": ("anything", {"x": [1e400]}, "must be a finite number"),
+    "raises at call": ("divides", {}, "failed: ZeroDivisionError: division by zero"),
+    "KeyError at call": ("looks_up", {}, "failed: KeyError: 'missing key'"),
+}
+
+
+def _user_module(tmp_path, monkeypatch, name, text):
+    (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+@pytest.mark.parametrize("case", list(USER_ARGS))
+def test_a_user_factorys_arguments_follow_its_signature_and_its_errors_are_one_line(
+    case, capsys, tmp_path, monkeypatch
+):
+    _user_module(tmp_path, monkeypatch, "hostile_user_factory", USER)
+    factory, args, message = USER_ARGS[case]
+    out = tmp_path / "run"
+    name = f"hostile_user_factory:{factory}"
+    code = exit_code([*TRAIN, "--model", name, "--model-args", json.dumps(args), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    if message is None:
+        assert code == 0, err
+        assert (out / "model.safetensors").exists()
+        return
+    assert code == 2 and len(err) == 1, err
+    assert message in err[0] and name.split(":")[0] in err[0], err[0]
+    assert not out.exists()
+
+
+BROKEN_MODULES = {  # module text -> what the one line says
+    "syntax": ("def build(:\n", "raised SyntaxError: invalid syntax"),
+    "runtime": ('raise RuntimeError("no GPU driver here")\n', "RuntimeError: no GPU driver here"),
+    "assertion": ("assert False, 'configure me first'\n", "AssertionError: configure me first"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_MODULES))
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_factory_module_raising_at_import_is_one_line_its_traceback_under_debug(
+    case, debug, capsys, tmp_path, monkeypatch
+):
+    module = f"hostile_broken_{case}"
+    text, message = BROKEN_MODULES[case]
+    _user_module(tmp_path, monkeypatch, module, text)
+    if debug:
+        monkeypatch.setenv("NONSINGULAR_DEBUG", "1")
+    else:
+        monkeypatch.delenv("NONSINGULAR_DEBUG", raising=False)
+    out = tmp_path / "run"
+    code = exit_code([*TRAIN, "--model", f"{module}:build", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert message in err[-1] and f"model {module}:build" in err[-1], err[-1]
+    if debug:  # the original traceback, from the user's file, above the one line
+        assert err[0].startswith("Traceback") and any(f"{module}.py" in line for line in err)
+    else:
+        assert len(err) == 1, err

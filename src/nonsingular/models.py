@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import CheckpointError, ConfigError, UnsupportedLayerError
+from .factory_arguments import check_arguments
 
 
 def _check_shape(in_shape: Sequence[int]) -> tuple[int, ...]:
@@ -141,6 +142,10 @@ def import_factory(name: str) -> Callable[..., nn.Module]:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"cannot import {module_name} for model {name}: {exc}") from None
+    except Exception as exc:  # the factory's own module failing: its message, one line
+        raise ConfigError(
+            f"model {name}: importing {module_name} raised {type(exc).__name__}: {_line(exc)}"
+        ) from exc
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise ConfigError(f"{module_name} has no attribute {attribute} (model {name})")
@@ -194,10 +199,13 @@ class Architecture:
         for name, value in (("in_shape", list(self.in_shape)), ("classes", self.classes)):
             if name in accepted and name not in kwargs:
                 kwargs[name] = value
+        check_arguments(self.factory, factory, kwargs)
         try:
             model = factory(**kwargs)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"model {self.factory}({_call(kwargs)}) failed: {exc}") from None
+        except Exception as exc:  # the factory's own error: its message, one line
+            raise ConfigError(
+                f"model {self.factory}({_call(kwargs)}) failed: {type(exc).__name__}: {_line(exc)}"
+            ) from exc
         if not isinstance(model, nn.Module):
             raise ConfigError(
                 f"model {self.factory} returned {type(model).__name__}, not a torch.nn.Module"
@@ -225,6 +233,11 @@ class Architecture:
             )
         except (ConfigError, TypeError) as exc:
             raise CheckpointError(f"invalid model architecture: {exc}") from None
+
+
+def _line(exc: BaseException) -> str:
+    """An exception's first line (the traceback: NONSINGULAR_DEBUG=1, see the CLI)."""
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 def _call(kwargs: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ everything that walks what they return) recurse, so a text nested thousands deep
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 
@@ -32,3 +33,19 @@ def check_depth(
     found = depth(text)
     if found > limit:
         raise error(f"{what} nests {found} levels deep; at most {limit} are accepted")
+
+
+def check_value_depth(
+    value: Any, what: str, error: type[NonsingularError], limit: int = MAX_DEPTH
+) -> None:
+    """Raise ``error`` when parsed ``value`` (lists and dicts) nests deeper than ``limit``
+    (TOML's dotted keys nest without brackets); measured without recursion."""
+    stack = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if level > limit:
+            raise error(f"{what} nests more than {limit} levels deep")
+        if isinstance(item, dict):
+            stack += [(v, level + 1) for v in item.values()]
+        elif isinstance(item, (list, tuple)):
+            stack += [(v, level + 1) for v in item]

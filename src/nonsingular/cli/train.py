@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed import ranks
+from ..errors import ConfigError
 from ..files import refuse_links
 from ..models import BUILTIN
+from ..nesting import check_depth
 from ..training import METHODS, TrainConfig, train
 from ..training.config import BOUNDS, OPTIMIZERS, read_config
 from . import common
@@ -24,6 +26,10 @@ def _hidden(text: str) -> list[int]:
 
 
 def _json_object(text: str) -> dict[str, Any]:
+    try:
+        check_depth(text, "--model-args", ConfigError)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
