@@ -796,7 +796,7 @@ CHECKPOINT_CASES = {
                 }
             ),
         ),
-        "shape",
+        "a width must be from 1 to 65536",
     ),
     "factory other layers": (
         lambda p: _edit_info(

@@ -7,8 +7,10 @@ line) naming what was wrong, and nothing written."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import struct
 import sys
 
 import pytest
@@ -340,7 +342,6 @@ MODEL_ARGS = {  # (model, --model-args, what the one-line error says)
     'bias "no"': ("mlp", '{"bias": "no"}', "argument bias must be true or false"),
     "bias 0": ("mlp", '{"bias": 0}', "argument bias must be true or false"),
     "hidden [1e400]": ("mlp", '{"hidden": [1e400]}', "must be a finite number"),
-    "classes 1e400": ("mlp", '{"classes": 1e400}', "must be a finite number"),
     "unknown name": ("mlp", '{"depth": 3}', "takes no argument depth; it takes in_shape"),
     "cnn hidden true": ("cnn", '{"hidden": true}', "argument hidden must be an integer"),
     "cnn channels wide": ("cnn", '{"channels": [70000]}', "a width must be from 1 to 65536"),
@@ -453,3 +454,151 @@ def test_a_factory_module_raising_at_import_is_one_line_its_traceback_under_debu
         assert err[0].startswith("Traceback") and any(f"{module}.py" in line for line in err)
     else:
         assert len(err) == 1, err
+
+
+# ------------------------------- checkpoints: nesting, numbers and devices in what they say
+def _sidecar_edit(change):
+    def hack(path):
+        sidecar = path.with_suffix(".json")
+        info = json.loads(sidecar.read_text())
+        change(info)
+        sidecar.write_text(json.dumps(info))
+
+    return hack
+
+
+def _sidecar_text(text_of):
+    """Replace the sidecar by a text built from its JSON (for what json.dumps cannot write)."""
+
+    def hack(path):
+        sidecar = path.with_suffix(".json")
+        sidecar.write_text(text_of(json.loads(sidecar.read_text())))
+
+    return hack
+
+
+def _header(change):
+    """Rewrite the safetensors header, the sidecar's SHA-256 recomputed: self-consistent."""
+
+    def hack(path):
+        data = path.read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        header = change(data[8 : 8 + size].decode())
+        encoded = header.encode() + b" " * (-len(header.encode()) % 8)
+        data = struct.pack("<Q", len(encoded)) + encoded + data[8 + size :]
+        path.write_bytes(data)
+        _sidecar_edit(lambda i: i.update(sha256=hashlib.sha256(data).hexdigest()))(path)
+
+    return hack
+
+
+def _arch(**fields):
+    return _sidecar_edit(lambda i: i["model"].update(fields))
+
+
+def _arch_text(key, token):
+    return _sidecar_text(
+        lambda i: json.dumps({**i, "model": {**i["model"], key: "@@"}}).replace('"@@"', token)
+    )
+
+
+def _layer(**fields):
+    return _sidecar_edit(lambda i: i["model"][1].update(fields))
+
+
+def _first_shape(header, token):
+    parsed = json.loads(header)
+    name = next(k for k in parsed if k != "__metadata__")
+    parsed[name]["shape"] = "@@"
+    return json.dumps(parsed).replace('"@@"', token)
+
+
+def _nan_features(info):
+    info["model"][1]["in_features"] = "@@"
+    return json.dumps(info).replace('"@@"', "NaN")
+
+
+NESTED = "[" * 5000 + "]" * 5000
+SIDECARS = {  # (which checkpoint, hack, what the error names)
+    "sidecar 5000 deep": (
+        "factory",
+        _sidecar_text(lambda i: json.dumps({**i, "x": "@@"}).replace('"@@"', NESTED)),
+        "nests 5001 levels deep",
+    ),
+    "header 5000 deep": (
+        "factory",
+        _header(lambda h: h[:-1] + ', "__metadata__": {"x": ' + NESTED + "}}"),
+        "nests 5001 levels deep",
+    ),
+    "header shape 1e400": ("factory", _header(lambda h: _first_shape(h, "[1e400]")), "shape"),
+    "header shape text": ("factory", _header(lambda h: _first_shape(h, '["8"]')), "shape"),
+    'in_shape "abc"': ("factory", _arch(in_shape="abc"), "in_shape"),
+    "in_shape NaN": ("factory", _arch_text("in_shape", "[1, NaN, 8]"), "in_shape"),
+    "in_shape Infinity": ("factory", _arch_text("in_shape", "[1, Infinity, 8]"), "in_shape"),
+    "in_shape 8.5": ("factory", _arch(in_shape=[1, 8.5, 8]), "in_shape"),
+    "in_shape true": ("factory", _arch(in_shape=[True, 8, 8]), "in_shape"),
+    'layer device "meta"': ("layers", _layer(device="meta"), "device"),
+    'layer device "cuda"': ("layers", _layer(device="cuda"), "device"),
+    "layer in_features NaN": ("layers", _sidecar_text(_nan_features), "in_features"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, run_dir):
+    """The two sidecar formats: an architecture (a factory) and a list of layers."""
+    from nonsingular import checkpoint
+    from nonsingular.models import mlp
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    return {
+        "factory": run_dir / "model.safetensors",
+        "layers": checkpoint.save(mlp((1, 8, 8), hidden=(8,)), folder / "layers.safetensors"),
+    }
+
+
+@pytest.mark.parametrize("case", list(SIDECARS))
+def test_a_checkpoints_description_is_range_checked_and_never_picks_the_device(
+    case, checkpoints, tmp_path
+):
+    from nonsingular import checkpoint
+
+    which, hack, message = SIDECARS[case]
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(checkpoints[which].read_bytes())
+    path.with_suffix(".json").write_bytes(checkpoints[which].with_suffix(".json").read_bytes())
+    checkpoint.load(path)  # intact, it loads
+    hack(path)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load(path)
+
+
+TOMLS = {
+    "arrays 5000 deep": "model-args = { a = " + "[" * 5000 + "]" * 5000 + " }\n",
+    "inline tables 5000 deep": "model-args = " + "{ a = " * 5000 + "1" + " }" * 5000 + "\n",
+    "dotted keys 5000 deep": "model-args." + ".".join(["a"] * 5000) + " = 1\n",
+}
+
+
+@pytest.mark.parametrize("case", list(TOMLS))
+def test_a_deeply_nested_toml_is_one_line_before_any_write(case, capsys, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(TOMLS[case])
+    out = tmp_path / "run"
+    code = exit_code([*TRAIN, "--config", str(config), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err[-3:]
+    assert "nests" in err[0] and "64" in err[0], err[0]
+    assert not out.exists()
+
+
+def test_a_training_state_with_deeply_nested_history_is_refused(run_dir, tmp_path, digits):
+    out = tmp_path / "run"
+    out.mkdir()
+    for f in run_dir.iterdir():
+        if f.is_file():
+            (out / f.name).write_bytes(f.read_bytes())
+    nested = "[" * 5000 + "]" * 5000
+    craft(out / "state.safetensors", meta=lambda m: m.update(history=nested))
+    with pytest.raises(CheckpointError, match="history nests 5000 levels deep"):
+        train(CONFIG, digits, out_dir=out, resume=True, progress=False)

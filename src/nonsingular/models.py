@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,12 +25,19 @@ from torch import Tensor, nn
 from .errors import CheckpointError, ConfigError, UnsupportedLayerError
 from .factory_arguments import check_arguments
 
+MAX_SIZE = 1 << 24  # one dimension of an input (pixels, channels, features)
+
 
 def _check_shape(in_shape: Sequence[int]) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in in_shape)
-    if not shape or any(s <= 0 for s in shape):
-        raise ConfigError(f"in_shape must be positive sizes like (1, 28, 28), got {in_shape!r}")
-    return shape
+    sizes = () if isinstance(in_shape, (str, bytes)) else tuple(in_shape)
+    if not sizes or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and 1 <= s <= MAX_SIZE
+        for s in sizes
+    ):
+        raise ConfigError(
+            f"in_shape must be sizes from 1 to {MAX_SIZE} like (1, 28, 28), got {in_shape!r}"
+        )
+    return tuple(int(s) for s in sizes)
 
 
 def mlp(
@@ -317,6 +325,23 @@ _BUILDERS: dict[str, type[nn.Module]] = {
 }
 
 
+def _check_layer(index: int, kind: str, kwargs: dict[str, Any]) -> None:
+    """A described layer's options: never where it lives (loading puts the model on the
+    caller's device, in the weights' dtype), and finite numbers."""
+    for key, value in kwargs.items():
+        if key in ("device", "dtype"):
+            raise CheckpointError(
+                f"layer {index} ({kind}) of the model description sets {key}={value!r}: a "
+                f"description never chooses the {key} (load(..., device=...) does)"
+            )
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise CheckpointError(
+                f"layer {index} ({kind}) of the model description: {key} must be finite, "
+                f"got {value!r}"
+            )
+
+
 def build(spec: list[dict[str, Any]]) -> nn.Sequential:
     """The ``nn.Sequential`` that ``describe`` described (freshly initialized)."""
     if not isinstance(spec, list) or not spec:
@@ -332,6 +357,7 @@ def build(spec: list[dict[str, Any]]) -> nn.Sequential:
                 f"known: {', '.join(_BUILDERS)}"
             )
         kwargs = {k: v for k, v in entry.items() if k != "type"}
+        _check_layer(i, entry["type"], kwargs)
         try:
             layers.append(_BUILDERS[entry["type"]](**kwargs))
         except (TypeError, ValueError, RuntimeError) as exc:
