@@ -602,3 +602,51 @@ def test_a_training_state_with_deeply_nested_history_is_refused(run_dir, tmp_pat
     craft(out / "state.safetensors", meta=lambda m: m.update(history=nested))
     with pytest.raises(CheckpointError, match="history nests 5000 levels deep"):
         train(CONFIG, digits, out_dir=out, resume=True, progress=False)
+
+
+# ------------------------------------ reproduce: the whole experiment checked before any work
+def _experiment(tmp_path, **changes):
+    """The tiny experiment of test_hostile_files with ``changes`` (TOML values, as text)."""
+    from .test_hostile_files import EXPERIMENT
+
+    lines = [line for line in EXPERIMENT.splitlines() if line.split(" =")[0] not in changes] + [
+        f"{key} = {value}" for key, value in changes.items()
+    ]
+    path = tmp_path / "experiment.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+EXPERIMENTS = {  # (TOML changes, extra flags, what the one line names)
+    'intermediate "bogus"': ({"intermediate": '"bogus"'}, [], "intermediate must be one of"),
+    "intermediate 5": ({"intermediate": "5"}, [], "intermediate must be one of"),
+    "eps-x [0, 1e300]": ({"eps-x": "[0, 1e300]"}, [], "eps_x must be a list"),
+    "joint-eps-w [0, 1e300]": ({"joint-eps-w": "[0, 1e300]"}, [], "joint_eps_w must be a list"),
+    "recipes = 5": ({"recipes": "5"}, [], "recipes must be a list of names"),
+    'recipes = "no-augmentation"': (
+        {"recipes": '"no-augmentation"'},
+        [],
+        "recipes must be a list of names",
+    ),
+    "recipe-methods = 5": ({"recipe-methods": "5"}, [], "recipe_methods must be a list"),
+    "data = 5": ({"data": "5"}, [], "data must be a data set name"),
+    "--data nosuch": ({}, ["--data", "nosuch"], "unknown data set 'nosuch'"),
+    "data nosuch dir": ({"data": '"idx:/nonexistent/place"'}, [], "expected a directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPERIMENTS))
+def test_reproduce_checks_the_whole_experiment_before_creating_its_directory(
+    case, capsys, tmp_path
+):
+    changes, flags, message = EXPERIMENTS[case]
+    config = _experiment(tmp_path, **changes)
+    out = tmp_path / "out"
+    code = exit_code(
+        ["reproduce", "--quiet", "--device", "cpu", "--config", str(config)]
+        + ["--out", str(out), *flags]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err[-3:]
+    assert message in err[0], err[0]
+    assert not out.exists()  # nothing trained, not even a .lock
