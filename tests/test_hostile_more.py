@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nonsingular import CheckpointError, ConfigError
-from nonsingular.data import load
+from nonsingular import CheckpointError, ConfigError, InputError, Threat, attack, evaluate
+from nonsingular.data import Dataset, load
 from nonsingular.training import TrainConfig, loop, train
 from nonsingular.training.state import state_digest
 
@@ -650,3 +650,161 @@ def test_reproduce_checks_the_whole_experiment_before_creating_its_directory(
     assert code == 2 and len(err) == 1, err[-3:]
     assert message in err[0], err[0]
     assert not out.exists()  # nothing trained, not even a .lock
+
+
+# ------------------------------------------------------------- the Python API checks its data
+def _tiny():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)
+    ).eval()
+
+
+X4, Y4 = torch.rand(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+SMALL = {"epochs": 1, "batch_size": 4, "eval_size": 0, "augment": 0, "hidden": (4,)}
+
+
+def _data(**changes):
+    fields = {"name": "t", "x_train": X4, "y_train": Y4, "x_test": X4, "y_test": Y4, "classes": 3}
+    return Dataset(**{**fields, **changes})
+
+
+DATA_CASES = {  # (method, dataset changes, what the InputError says)
+    "test label 12": (
+        "pgd-at",
+        {"y_test": Y4.clone().fill_(12)},
+        r"data.y_test holds labels in \[12, 12\]",
+    ),
+    "train label -1": ("standard", {"y_train": Y4 - 1}, r"data.y_train holds labels in \[-1, 1\]"),
+    "float labels": ("standard", {"y_train": Y4.float()}, "data.y_train must be an integer tensor"),
+    "inputs in [0, 5] for pgd-at": ("pgd-at", {"x_train": X4 * 5}, "outside the bounds"),
+    "test inputs in [-1, 0] for pgd-at": ("pgd-at", {"x_test": -X4}, "data.x_test has values"),
+    "empty training set": (
+        "standard",
+        {"x_train": X4[:0], "y_train": Y4[:0]},
+        "data.x_train holds no examples",
+    ),
+    "fewer labels than inputs": ("standard", {"y_train": Y4[:5]}, r"must have shape \(8,\)"),
+    "test examples of another shape": (
+        "standard",
+        {"x_test": torch.rand(8, 5)},
+        r"data.x_test has examples of shape \(5,\)",
+    ),
+    "NaN input": ("standard", {"x_train": X4.clone().fill_(float("nan"))}, "NaN or infinite"),
+    "classes 0": ("standard", {"classes": 0}, "data.classes must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_train_checks_the_data_before_any_work(case, tmp_path):
+    method, changes, message = DATA_CASES[case]
+    config = TrainConfig(method=method, **SMALL)
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match=message):
+        train(config, _data(**changes), model=model, out_dir=out, progress=False)
+    assert not out.exists()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_normalized_data_trains_with_a_threat_that_does_not_clamp(tmp_path):
+    """The bounds are the threat's: data outside [0, 1] trains when nothing clamps to it."""
+    result = train(
+        TrainConfig(method="standard", **SMALL),
+        _data(x_train=X4 * 5),
+        model=_tiny(),
+        progress=False,
+    )
+    assert len(result.history) == 1
+
+
+THREAT = Threat(eps_x=0.1, eps_w=0.01)
+OPTION_CASES = {  # call -> what the ConfigError says
+    "attack random_start yes": (
+        lambda: attack(_tiny(), X4, Y4, THREAT, random_start="yes"),
+        "random_start must be True, False or None, got 'yes'",
+    ),
+    "attack random_start 1": (
+        lambda: attack(_tiny(), X4, Y4, THREAT, random_start=1),
+        "random_start must be True, False or None",
+    ),
+    "evaluate attack key misspelt": (
+        lambda: evaluate(_tiny(), (X4, Y4), [THREAT], {"stepz": 3}, progress=False),
+        "unknown attack options: stepz; known: method, steps",
+    ),
+    "evaluate attack key set by evaluate": (
+        lambda: evaluate(_tiny(), (X4, Y4), [THREAT], {"positions": None}, progress=False),
+        "unknown attack options: positions",
+    ),
+    "evaluate certify key misspelt": (
+        lambda: evaluate(
+            _tiny(),
+            (X4, Y4),
+            [THREAT],
+            certify=["ibp"],
+            certify_kwargs={"dtypo": 1},
+            progress=False,
+        ),
+        "unknown certify options: dtypo; known: intermediate",
+    ),
+    "evaluate attack options not a dict": (
+        lambda: evaluate(_tiny(), (X4, Y4), [THREAT], [("steps", 3)], progress=False),
+        "attack must be a dict of options",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_option_keys_and_kinds_are_checked_by_name(case):
+    call, message = OPTION_CASES[case]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        call()
+
+
+@pytest.fixture(scope="module")
+def attacked():
+    model = _tiny()
+    return model, attack(model, X4, Y4, THREAT, steps=3)
+
+
+REPLAY_CASES = {
+    "index 8 of 8": (
+        lambda r, m: r.replay(m, 8),
+        r"example index must be an integer in \[-8, 8\), got 8",
+    ),
+    "index -9": (lambda r, m: r.replay(m, -9), "got -9"),
+    "index 1.5": (lambda r, m: r.replay(m, 1.5), "got 1.5"),
+    "index True": (lambda r, m: r.replay(m, True), "got True"),
+    "weight_deltas 99": (lambda r, m: r.weight_deltas(99), "got 99"),
+    "another width": (
+        lambda r, m: r.replay(
+            torch.nn.Sequential(
+                torch.nn.Flatten(), torch.nn.Linear(4, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3)
+            ),
+            0,
+        ),
+        r"perturbed 1.weight of shape \(6, 4\), this model has \(7, 4\)",
+    ),
+    "other names": (
+        lambda r, m: r.replay(torch.nn.Sequential(torch.nn.Linear(4, 3)), 0),
+        "this model has no such parameter",
+    ),
+    "not a model": (lambda r, m: r.replay("model", 0), "model must be a torch.nn.Module"),
+}
+
+
+@pytest.mark.parametrize("case", list(REPLAY_CASES))
+def test_replay_refuses_another_model_or_an_index_outside_the_batch(case, attacked):
+    model, result = attacked
+    call, message = REPLAY_CASES[case]
+    with pytest.raises(InputError, match=message):
+        call(result, model)
+
+
+def test_replay_takes_any_integer_index_and_negative_ones_count_from_the_end(attacked):
+    model, result = attacked
+    last = result.replay(model, -1)
+    assert last.shape == (1, 3)  # x_adv[-1:0] was empty
+    assert torch.equal(last, result.replay(model, 7))
+    assert torch.equal(result.replay(model, torch.tensor(7)), last)

@@ -3,8 +3,9 @@ may be, and what the error says when it is not."""
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -60,3 +61,25 @@ def choice(
     if value not in choices:
         raise error(f"{name} must be one of {', '.join(choices)}; got {value!r}")
     return str(value)
+
+
+def keywords(
+    function: Callable[..., Any], given: object, what: str, reserved: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``given`` as keyword options of ``function``: a mapping whose keys are keyword
+    parameters of it other than ``reserved`` (those the caller sets itself); anything else
+    is a ConfigError naming the key and the known ones (never Python's TypeError)."""
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{what} must be a dict of options, got {type(given).__name__}")
+    known = [
+        name
+        for name, p in inspect.signature(function).parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in reserved
+    ]
+    unknown = sorted(str(k) for k in given if k not in known)
+    if unknown:
+        listed = ", ".join(known)
+        raise ConfigError(f"unknown {what} options: {', '.join(unknown)}; known: {listed}")
+    return dict(given)

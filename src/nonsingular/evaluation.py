@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .attacks import attack as run_attack
 from .certificates import METHODS as CERTIFY_METHODS
 from .certificates import certify as run_certify
-from .checks import MAX_BATCH, integer
+from .checks import MAX_BATCH, integer, keywords
 from .data import Dataset
 from .distributed import dealt, ranks, summed
 from .distributed import total as distributed_total
@@ -30,6 +30,8 @@ from .errors import ConfigError, InputError
 from .files import write_json
 from .model.verify import with_gradients
 from .threat import Threat
+
+_SET_HERE = ("model", "x", "y", "threat", "positions")  # evaluate passes these itself
 
 Data = Dataset | tuple[Tensor, Tensor]
 
@@ -253,7 +255,9 @@ def evaluate(
         )
     if not attack and not methods:
         raise ConfigError("nothing to evaluate: attack=False and no certificate method")
-    options = {"method": "pgd", "steps": 50, "restarts": 1, "loss": "ce", **(attack_kwargs or {})}
+    chosen = keywords(run_attack, attack_kwargs, "attack", _SET_HERE)
+    certify_kwargs = keywords(run_certify, certify_kwargs, "certify", ("method", *_SET_HERE))
+    options = {"method": "pgd", "steps": 50, "restarts": 1, "loss": "ce", **chosen}
     x, y = _tensors(data)
     if len(x) == 0:
         raise InputError("data holds no examples")

@@ -233,6 +233,8 @@ def attack(
     _check_options(method, steps, restarts, loss, step_size, samples, seed)
     if not isinstance(until_broken, bool):
         raise ConfigError(f"until_broken must be True or False, got {until_broken!r}")
+    if random_start is not None and not isinstance(random_start, bool):
+        raise ConfigError(f"random_start must be True, False or None, got {random_start!r}")
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
     graph, x, y, logits = read_batch(model, x, y)
