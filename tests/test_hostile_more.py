@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickle
 import re
+import signal
 import struct
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nonsingular import CheckpointError, ConfigError, InputError, Threat, attack, evaluate
+from nonsingular import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    InputError,
+    Threat,
+    attack,
+    evaluate,
+)
 from nonsingular.data import Dataset, load
 from nonsingular.training import TrainConfig, loop, train
 from nonsingular.training.state import state_digest
@@ -808,3 +820,118 @@ def test_replay_takes_any_integer_index_and_negative_ones_count_from_the_end(att
     assert last.shape == (1, 3)  # x_adv[-1:0] was empty
     assert torch.equal(last, result.replay(model, 7))
     assert torch.equal(result.replay(model, torch.tensor(7)), last)
+
+
+# ------------------------------------------------------------------------- data files
+def _cifar_dir(root, batch=None, test=None):
+    """A python-format CIFAR-10 directory: one training batch, one test batch."""
+    root.mkdir()
+    good = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+    for name, content in (("data_batch_1", batch or good), ("test_batch", test or good)):
+        (root / name).write_bytes(pickle.dumps(content, protocol=2))
+    return f"cifar10:{root}"
+
+
+def _shared_lists(levels=12, width=10):
+    """A few hundred bytes of pickle: one list shared ``width`` times per level, ``width **
+    levels`` leaves once expanded (np.asarray would build them all)."""
+    inner: list = [0] * width
+    for _ in range(levels):
+        inner = [inner] * width
+    return inner
+
+
+def _fifo(root):
+    root.mkdir()
+    os.mkfifo(root / "data_batch_1.bin")
+    (root / "test_batch.bin").write_bytes(bytes(3073))
+    return f"cifar10:{root}"
+
+
+def _to_dev_zero(root):
+    root.mkdir()
+    (root / "data_batch_1.bin").symlink_to("/dev/zero")
+    (root / "test_batch.bin").write_bytes(bytes(3073))
+    return f"cifar10:{root}"
+
+
+def _idx_0x0(root):
+    from .test_hostile import _idx_set
+
+    return _idx_set(
+        root,
+        **{
+            "train-images-idx3-ubyte": (0x803, (10, 0, 0), b""),
+            "t10k-images-idx3-ubyte": (0x803, (4, 0, 0), b""),
+        },
+    )
+
+
+FILES = {  # build(root) -> name to load, what the DataError says
+    "FIFO named data_batch_1.bin": (_fifo, "expected a regular file, found a FIFO"),
+    "data_batch_1.bin linked to /dev/zero": (_to_dev_zero, "expected a regular file"),
+    "labels: shared nested lists": (
+        lambda r: _cifar_dir(
+            r, {b"data": np.zeros((2, 3072), np.uint8), b"labels": _shared_lists()}
+        ),
+        "flat list of integers",
+    ),
+    "data: shared nested lists": (
+        lambda r: _cifar_dir(r, {b"data": _shared_lists(), b"labels": [0, 1]}),
+        "b'data' to be a numpy array, found list",
+    ),
+    "data: ragged lists": (
+        lambda r: _cifar_dir(r, {b"data": [[1, 2], [3]], b"labels": [0, 1]}),
+        "b'data' to be a numpy array",
+    ),
+    "labels: ragged lists": (
+        lambda r: _cifar_dir(r, {b"data": np.zeros((2, 3072), np.uint8), b"labels": [[0], 1]}),
+        "flat list of integers",
+    ),
+    "labels: huge integer": (
+        lambda r: _cifar_dir(r, {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 2**70]}),
+        "huge integer",
+    ),
+    "labels: a string": (
+        lambda r: _cifar_dir(r, {b"data": np.zeros((2, 3072), np.uint8), b"labels": "01"}),
+        "b'labels' to be a list or array",
+    ),
+    "IDX images of 0x0 pixels": (_idx_0x0, r"at least 1x1 pixels, found \(0, 0\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(FILES))
+def test_data_files_are_regular_files_read_within_bounds(case, tmp_path):
+    build, message = FILES[case]
+    name = build(tmp_path / "d")
+    signal.signal(signal.SIGALRM, _too_slow)
+    signal.alarm(20)  # a FIFO's open would otherwise wait for a writer forever
+    try:
+        with pytest.raises(DataError, match=message):
+            load(name)
+    finally:
+        signal.alarm(0)
+
+
+def _too_slow(*_):
+    raise TimeoutError("load() did not return within 20 s")
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: load(5), "data set name must be a string"),
+        (lambda: load(None), "data set name must be a string"),
+        (lambda: load("digits", seed=-1), "seed must be an integer from 0"),
+        (lambda: load("digits", seed=2**40), "seed must be an integer from 0"),
+        (lambda: load("digits", seed="0"), "seed must be an integer"),
+    ],
+)
+def test_load_checks_its_name_and_seed(call, message):
+    with pytest.raises(DataError, match=message):
+        call()
+
+
+def test_a_well_formed_python_cifar_directory_still_loads(tmp_path):
+    data = load(_cifar_dir(tmp_path / "d"))
+    assert data.x_train.shape == (2, 3, 32, 32) and data.y_train.tolist() == [0, 1]

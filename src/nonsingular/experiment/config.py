@@ -334,6 +334,6 @@ def _check_budgets(name: str, values: object) -> None:
     )
     if not ok:
         raise ConfigError(
-            f"{name} must be a list of increasing numbers from 0 to {MAX_BUDGET:g} with one "
-            f"above 0, like [0, 0.05, 0.1]; got {values!r}"
+            f"{name} must be a list of increasing non-negative numbers up to {MAX_BUDGET:g} "
+            f"with one above 0, like [0, 0.05, 0.1]; got {values!r}"
         )
