@@ -15,6 +15,7 @@ import re
 import signal
 import struct
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -935,3 +936,57 @@ def test_load_checks_its_name_and_seed(call, message):
 def test_a_well_formed_python_cifar_directory_still_loads(tmp_path):
     data = load(_cifar_dir(tmp_path / "d"))
     assert data.x_train.shape == (2, 3, 32, 32) and data.y_train.tolist() == [0, 1]
+
+
+# ------------------------------------------------------- torchrun: the ranks agree or refuse
+def cli_rank(rank: int, world: int, port: int, commands: list, out: str) -> None:
+    """One process of a torchrun-like group (gloo) running each command line of ``commands``
+    (one per rank each) in turn through the CLI; writes each exit code and stderr."""
+    import contextlib
+    import io
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    outcomes = []
+    try:
+        for per_rank in commands:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                outcomes.append([exit_code(per_rank[rank]), err.getvalue()])
+    finally:
+        dist.destroy_process_group()
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(outcomes))
+
+
+DISAGREE = {  # flags of rank 0, of rank 1, the option the error names
+    "seed": (["--seed", "0"], ["--seed", "1"], "--seed: rank 0 0, rank 1 1"),
+    "lr": (["--lr", "0.004"], ["--lr", "0.003"], "--lr: rank 0 0.004, rank 1 0.003"),
+    "epochs": (["--epochs", "1"], ["--epochs", "2"], "--epochs: rank 0 1, rank 1 2"),
+    "eps-x on one rank only": ([], ["--eps-x", "0.1"], "--eps-x: rank 0 None, rank 1 0.1"),
+}
+
+
+def test_torchrun_ranks_started_with_different_options_refuse_naming_it(tmp_path):
+    import torch.multiprocessing as mp
+
+    from .test_distributed import free_port
+
+    base = ["train", "--quiet", "--device", "cpu", "--data", "digits", "--hidden", "8"]
+    base += ["--eval-size", "0", "--epochs", "1"]  # a later --epochs wins
+    commands = [
+        [[*base, "--out", str(tmp_path / case), *flags] for flags in DISAGREE[case][:2]]
+        for case in DISAGREE
+    ]
+    mp.spawn(cli_rank, args=(2, free_port(), commands, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        outcomes = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for case, (code, err) in zip(DISAGREE, outcomes, strict=True):
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1, (case, rank, err)
+            assert "started with different options" in lines[0], (case, lines[0])
+            assert DISAGREE[case][2] in lines[0], (case, lines[0])
+            assert not (tmp_path / case).exists()

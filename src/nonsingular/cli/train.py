@@ -99,7 +99,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    where = common.device(args.device)
+    where = common.start(args)  # joins torchrun's group; all agree
     config = _config(args).resolved()  # validate before any work
     out = args.out or Path("runs") / config.method
     refuse_links(out)  # before anything is written in it
