@@ -183,7 +183,10 @@ def _check_options(
     step_size: float | None,
     samples: int,
     seed: int,
+    random_start: bool | None = None,
 ) -> None:
+    if random_start is not None and not isinstance(random_start, bool):
+        raise ConfigError(f"random_start must be True, False or None, got {random_start!r}")
     choice("method", method, METHODS)
     choice("loss", loss, LOSSES)
     integer("steps", steps, 1, 100_000)
@@ -230,11 +233,9 @@ def attack(
                   whether it breaks is unchanged, but its margin is then the first one found
                   below zero, not the lowest; what evaluation needs, at a fraction of the cost.
     """
-    _check_options(method, steps, restarts, loss, step_size, samples, seed)
+    _check_options(method, steps, restarts, loss, step_size, samples, seed, random_start)
     if not isinstance(until_broken, bool):
         raise ConfigError(f"until_broken must be True or False, got {until_broken!r}")
-    if random_start is not None and not isinstance(random_start, bool):
-        raise ConfigError(f"random_start must be True, False or None, got {random_start!r}")
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
     graph, x, y, logits = read_batch(model, x, y)

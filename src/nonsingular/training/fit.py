@@ -16,6 +16,7 @@ from ..errors import ConfigError, InputError
 from ..model.verify import LABEL_DTYPES, usable
 from ..models import Architecture
 from ..threat import Threat
+from .config import TrainConfig
 
 _RAISED = (RuntimeError, ValueError, TypeError, IndexError, AttributeError, AssertionError)
 
@@ -27,15 +28,17 @@ def _first_line(exc: BaseException) -> str:
 def check_fits(
     model: nn.Module,
     data: Dataset,
-    batch_size: int,
+    config: TrainConfig,
     device: str | torch.device,
     architecture: Architecture | None,
 ) -> None:
-    """Raise ConfigError when ``model`` cannot be trained on ``data``'s first training batch.
-    ``model`` is untouched: the passes run on a copy, under a forked RNG (Dropout)."""
+    """Raise InputError when ``data`` cannot be trained on with ``config`` (``check_dataset``),
+    and ConfigError when ``model`` cannot be trained on its first training batch. ``model``
+    is untouched: the passes run on a copy, under a forked RNG (Dropout)."""
+    check_dataset(data, [config.resolved_threat(), *filter(None, [config.eval_threat()])])
     name = architecture.factory if architecture is not None else type(model).__name__
-    x = data.x_train[:batch_size].to(device)
-    y = data.y_train[:batch_size].to(device)
+    x = data.x_train[: config.batch_size].to(device)
+    y = data.y_train[: config.batch_size].to(device)
     classes = data.classes
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(

@@ -44,7 +44,7 @@ from ..provenance import provenance
 from ..seeds import mix
 from .augment import random_shift
 from .config import TrainConfig
-from .fit import check_dataset, check_fits
+from .fit import check_fits
 from .methods import Batch
 from .registry import make_method
 from .state import load_state, restore, save_state
@@ -209,10 +209,9 @@ def train(
     config = config.resolved()
     split_seed = config.seed if data is None else None  # None: the caller's data, split its way
     data = data if data is not None else load(config.data, seed=config.seed)
-    check_dataset(data, [config.resolved_threat(), *filter(None, [config.eval_threat()])])
     model, architecture = _starting_model(config, data, model)
     model = model.to(device)
-    check_fits(model, data, config.batch_size, device, architecture)  # before any write
+    check_fits(model, data, config, device, architecture)  # the data too; before any write
     method = make_method(config)
     method.prepare(model, data.x_train[: config.batch_size].to(device))  # before any write
     out = Path(out_dir) if out_dir is not None else None
