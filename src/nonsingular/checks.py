@@ -73,9 +73,12 @@ def keywords(
         return {}
     if not isinstance(given, dict):
         raise ConfigError(f"{what} must be a dict of options, got {type(given).__name__}")
+    params = inspect.signature(function).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(given)  # a function taking any keyword (a wrapper): its own check
     known = [
         name
-        for name, p in inspect.signature(function).parameters.items()
+        for name, p in params.items()
         if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in reserved
     ]
     unknown = sorted(str(k) for k in given if k not in known)
