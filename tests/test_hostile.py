@@ -21,6 +21,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import nonsingular as ns
@@ -40,7 +41,7 @@ from nonsingular.cli import main
 from nonsingular.data import load
 from nonsingular.files import exclusive
 from nonsingular.training import TrainConfig, train
-from nonsingular.training.state import load_state
+from nonsingular.training.state import load_state, state_digest
 
 from .conftest import assert_state_equal, malicious_pickle, state_copy
 from .test_reproduce import TINY as TINY_SETTINGS
@@ -109,7 +110,7 @@ TRAIN_CASES = {
     "model path-like": (["--model", "../../etc/passwd"], "importable factory"),
     "model args list": (["--model-args", "[1, 2]"], "expected a JSON object"),
     "model args broken": (["--model-args", "{bad"], "expected a JSON object"),
-    "model args unknown": (["--model", "mlp", "--model-args", '{"depth": 3}'], "failed"),
+    "model args unknown": (["--model", "mlp", "--model-args", '{"depth": 3}'], "no argument depth"),
     "pgd-at without steps": (["--method", "pgd-at", "--attack-steps", "0"], "attack_steps"),
     "joint-at without steps": (["--method", "joint-at", "--attack-steps", "0"], "attack_steps"),
     "attack steps negative": (["--attack-steps", "-1"], "attack_steps must be an integer"),
@@ -795,7 +796,7 @@ CHECKPOINT_CASES = {
                 }
             ),
         ),
-        "shape",
+        "a width must be from 1 to 65536",
     ),
     "factory other layers": (
         lambda p: _edit_info(
@@ -843,12 +844,16 @@ def test_damaged_or_crafted_checkpoints_are_refused(case, described, tmp_path):
 
 
 # --------------------------------------------------------------------- files: training state
-def _state_meta(path, change):
-    """Rewrite the state's header metadata (tensors and their digest kept)."""
+def _state_meta(path, change, resign=True):
+    """Rewrite the state's header metadata (tensors kept), and its digest as a crafter would
+    (``resign``) so that the field checks, not the digest, are what refuses it."""
     data = path.read_bytes()
     size = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + size])
-    change(header["__metadata__"])
+    meta = header["__metadata__"]
+    change(meta)
+    if resign and "sha256" in meta and meta["sha256"] != "0" * 64:
+        meta["sha256"] = state_digest(load_file(path), meta)
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
     path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + size :])

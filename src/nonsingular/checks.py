@@ -12,6 +12,7 @@ from .errors import ConfigError, NonsingularError
 
 MAX_SEED = 2**31 - 1  # numpy, torch and the per-epoch seed arithmetic all take it
 MAX_BATCH = 1 << 20  # examples per batch
+MAX_WIDTH = 1 << 16  # units or channels of one layer (--hidden, a factory's widths)
 
 
 def options(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:

@@ -11,15 +11,19 @@ from __future__ import annotations
 import functools
 import gzip
 import math
+import os
 import re
+import stat
 import zlib
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
+from nonsingular.checks import MAX_SEED, integer
 from nonsingular.errors import DataError
 
 NAMES: tuple[str, ...] = ("mnist5k", "digits", "idx:PATH", "cifar10:PATH")
@@ -73,6 +77,9 @@ def load(
     from ``numpy.random.default_rng(seed)``; file-based sets keep their own train/test split.
     ``train_size`` / ``test_size`` then pick a seeded random subset of each part.
     """
+    if not isinstance(name, str):
+        raise DataError(f"data set name must be a string, one of {', '.join(NAMES)}; got {name!r}")
+    integer("seed", seed, 0, MAX_SEED, error=DataError)
     for label, size in (("train_size", train_size), ("test_size", test_size)):
         if size is not None and (
             isinstance(size, bool) or not isinstance(size, Integral) or size <= 0
@@ -176,9 +183,8 @@ def _find(root: Path, names: tuple[str, ...], what: str) -> Path:
 def _read_idx(path: Path, magic: int) -> np.ndarray:
     """Parse one uint8 IDX file (plain or gzipped), checking magic, dims and byte count; the
     declared size is checked before the body is read, and no more than it is ever read."""
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
+        with _open_regular(path) as raw, gzip.open(raw, "rb") if path.suffix == ".gz" else raw as f:
             head = f.read(4)
             ndim = magic & 0xFF
             if len(head) < 4 or int.from_bytes(head, "big") != magic:
@@ -213,6 +219,8 @@ def _load_idx(root: Path) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
     if len(x_tr) != len(y_tr) or len(x_te) != len(y_te) or x_tr.shape[1:] != x_te.shape[1:]:
         found = f"{x_tr.shape} + {y_tr.shape} train, {x_te.shape} + {y_te.shape} test"
         raise DataError(f"{root}: expected one label per image, one image size, found {found}")
+    if 0 in x_tr.shape[1:]:
+        raise DataError(f"{root}: expected images of at least 1x1 pixels, found {x_tr.shape[1:]}")
     if len(x_tr) == 0 or len(x_te) == 0:
         raise DataError(
             f"{root}: expected training and test images, found {len(x_tr)} and {len(x_te)}"
@@ -260,16 +268,32 @@ def _check_cifar(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, 
     return x, y.astype(np.int64)
 
 
-def _checked_size(path: Path) -> None:
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise DataError(f"{path}: {size} bytes, more than the {MAX_FILE_BYTES} this loader reads")
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if, links resolved, it is a regular file of at most
+    MAX_FILE_BYTES: never a FIFO (whose open would wait for a writer) or a device such as
+    /dev/zero (endless). Opened without blocking, then checked on the open file itself."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot open it: {exc.strerror}") from None
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "expected a regular file, found a FIFO, device, socket or directory"
+    elif info.st_size > MAX_FILE_BYTES:
+        problem = f"{info.st_size} bytes, more than the {MAX_FILE_BYTES} this loader reads"
+    if problem is not None:
+        os.close(fd)
+        raise DataError(f"{path}: {problem}")
+    if hasattr(os, "O_NONBLOCK"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One binary CIFAR-10 batch: records of 1 label byte then 3072 channel-major pixels."""
-    _checked_size(path)
-    raw = np.frombuffer(path.read_bytes(), np.uint8)
+    with _open_regular(path) as f:
+        raw = np.frombuffer(f.read(MAX_FILE_BYTES + 1), np.uint8)
     if raw.size == 0 or raw.size % _CIFAR_RECORD:
         raise DataError(
             f"{path}: expected a nonzero multiple of {_CIFAR_RECORD} bytes, found {raw.size}"
@@ -294,9 +318,8 @@ def _read_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 return _latin1_encode
             return super().find_class(re.sub(r"^numpy\._?core", numpy_core, module), name)
 
-    _checked_size(path)
     try:
-        with path.open("rb") as f:
+        with _open_regular(path) as f:
             batch = _ArrayOnly(f, encoding="bytes").load()
     except DataError:
         raise
@@ -305,7 +328,29 @@ def _read_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(batch, dict) or not {b"data", b"labels"} <= batch.keys():
         found = list(batch) if isinstance(batch, dict) else type(batch).__name__
         raise DataError(f"{path}: expected a dict with b'data' and b'labels', found {found}")
-    return _check_cifar(path, np.asarray(batch[b"data"]), np.asarray(batch[b"labels"]))
+    return _check_cifar(path, *_batch_arrays(path, batch[b"data"], batch[b"labels"]))
+
+
+def _batch_arrays(path: Path, data: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
+    """A python batch's pixels (an array) and labels (an array, or a flat list of ints), read
+    without ``np.asarray`` on nested lists: a few KB of pickle can share one list thousands
+    of times, which nested conversion would expand into all of memory."""
+    if not isinstance(data, np.ndarray):
+        raise DataError(
+            f"{path}: expected b'data' to be a numpy array, found {type(data).__name__}"
+        )
+    if isinstance(labels, list):
+        if not all(type(v) is int for v in labels):
+            raise DataError(f"{path}: expected b'labels' to be a flat list of integers")
+        try:
+            labels = np.array(labels, dtype=np.int64)
+        except OverflowError:
+            raise DataError(f"{path}: expected labels in 0..9, found a huge integer") from None
+    if not isinstance(labels, np.ndarray):
+        raise DataError(
+            f"{path}: expected b'labels' to be a list or array, found {type(labels).__name__}"
+        )
+    return data, labels
 
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:

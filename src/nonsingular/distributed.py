@@ -10,6 +10,8 @@ one process) everything below is the identity: one code path for one process or 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .errors import ConfigError
 
 T = TypeVar("T")
 
@@ -81,6 +85,30 @@ def start(device: torch.device) -> torch.device:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         _STARTED[0] = True
     return device
+
+
+def agree(options: dict[str, Any]) -> None:
+    """Raise ConfigError on every process unless all were started with the same ``options``
+    (every option of the command): ranks that disagree (one ``--seed`` or ``--lr`` typed
+    differently) would otherwise write mixed results or abort inside a collective. One
+    exchange of a SHA-256 each; the options themselves only when the digests differ."""
+    if not ranks().many:
+        return
+    text = json.dumps(options, sort_keys=True, default=repr)
+    if len(set(gather(hashlib.sha256(text.encode()).hexdigest()))) == 1:
+        return
+    every: list[dict[str, Any]] = gather(json.loads(text))
+    names = sorted(set().union(*every))
+    differ = [k for k in names if any(o.get(k) != every[0].get(k) for o in every)]
+    shown = "; ".join(
+        f"--{k.replace('_', '-')}: "
+        + ", ".join(f"rank {r} {o.get(k)!r}" for r, o in enumerate(every))
+        for k in differ[:3]
+    )
+    raise ConfigError(
+        f"the {len(every)} processes were started with different options ({shown}): start "
+        "every process with the same command line"
+    )
 
 
 def stop() -> None:

@@ -3,6 +3,7 @@ every example, materializable and replayable on the unmodified model."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,8 +11,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..errors import InputError
 from ..model.reader import eval_mode
 from ..threat import Threat
+
+
+class ExampleIndexError(InputError, IndexError):
+    """An example index outside the attacked batch (an InputError, and an IndexError)."""
 
 
 @dataclass
@@ -52,17 +58,31 @@ class AttackResult:
 
         Names are the model's ``named_parameters()`` names; a tied parameter appears once.
         """
-        if not -len(self.margins) <= i < len(self.margins):
-            raise IndexError(f"example index {i} out of range for a batch of {len(self.margins)}")
-        return self._deltas(i % len(self.margins))
+        n = len(self.margins)
+        try:
+            index = operator.index(i)  # an int, a numpy integer, a one-element integer tensor
+        except (TypeError, RuntimeError, ValueError):
+            index = None
+        if isinstance(i, bool) or index is None or not -n <= index < n:
+            raise ExampleIndexError(f"example index must be an integer in [-{n}, {n}), got {i!r}")
+        return self._deltas(index % n)
 
     def replay(self, model: nn.Module, i: int) -> Tensor:
         """Logits ``(1, classes)`` of the unmodified ``model`` at ``x_adv[i]`` with
         ``weight_deltas(i)`` added, through ``torch.func.functional_call``: the check that
         the perturbation found is real. The model runs as deployed (eval mode: no Dropout,
         BatchNorm's running statistics, which it does not update) and is left as it was."""
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         params = {n: p.detach() for n, p in model.named_parameters()}
         for name, delta in self.weight_deltas(i).items():
+            if name not in params or params[name].shape != delta.shape:
+                got = tuple(params[name].shape) if name in params else "no such parameter"
+                raise InputError(
+                    f"replay: the attack perturbed {name} of shape {tuple(delta.shape)}, this "
+                    f"model has {got}: replay on the model that was attacked"
+                )
             params[name] = params[name] + delta
+        row = operator.index(i) % len(self.margins)
         with torch.no_grad(), eval_mode(model):
-            return functional_call(model, params, (self.x_adv[i : i + 1],))
+            return functional_call(model, params, (self.x_adv[row : row + 1],))

@@ -32,6 +32,7 @@ from ..errors import CheckpointError, ConfigError, QuantizationError, Unsupporte
 from ..files import write_bytes, write_json
 from ..flips.grid import ATTRIBUTE, SCALE_SUFFIX, checkpoint_tensors, from_checkpoint
 from ..model.architectures import Architecture
+from ..nesting import check_depth
 from .layers import build, describe
 
 FORMAT = "nonsingular-checkpoint"
@@ -87,7 +88,9 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not info_path.is_file():
         raise CheckpointError(f"checkpoint {path} has no description {info_path.name} beside it")
     try:
-        info = json.loads(info_path.read_text())
+        text = info_path.read_text()
+        check_depth(text, str(info_path), CheckpointError)
+        info = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{info_path} is not valid JSON: {exc}") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT or "model" not in info:
@@ -196,14 +199,24 @@ def _declared_shapes(path: Path, data: bytes) -> dict[str, tuple[int, ...]]:
         size = int.from_bytes(data[:8], "little")
         if len(data) < 8 + size:
             raise ValueError("the header runs past the end of the file")
+        check_depth(data[8 : 8 + size], f"checkpoint {path}'s header", CheckpointError)
         header = json.loads(data[8 : 8 + size])
         return {
-            name: tuple(int(d) for d in entry["shape"])
-            for name, entry in header.items()
-            if name != "__metadata__"
+            name: _sizes(entry["shape"]) for name, entry in header.items() if name != "__metadata__"
         }
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
         raise CheckpointError(f"checkpoint {path} is corrupted or truncated: {exc}") from None
+
+
+def _sizes(shape: object) -> tuple[int, ...]:
+    """A declared shape: a list of integers from 0 to 2**48 (no text, no 1e400)."""
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 48 for d in shape
+    ):
+        raise ValueError(f"a tensor's shape must be a list of sizes, got {shape!r}"[:200])
+    return tuple(shape)
 
 
 def _check_shapes(

@@ -11,6 +11,7 @@ wrong.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 from torch import nn
@@ -83,6 +84,23 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
     return [_describe_layer(name, child) for name, child in model.named_children()]
 
 
+def _check_layer(index: int, kind: str, kwargs: dict[str, Any]) -> None:
+    """A described layer's options: never where it lives (loading puts the model on the
+    caller's device, in the weights' dtype), and finite numbers."""
+    for key, value in kwargs.items():
+        if key in ("device", "dtype"):
+            raise CheckpointError(
+                f"layer {index} ({kind}) of the model description sets {key}={value!r}: a "
+                f"description never chooses the {key} (load(..., device=...) does)"
+            )
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise CheckpointError(
+                f"layer {index} ({kind}) of the model description: {key} must be finite, "
+                f"got {value!r}"
+            )
+
+
 def _build_layer(i: int, entry: object, error: type[Exception]) -> nn.Module:
     if not isinstance(entry, dict) or entry.get("type") not in LAYERS:
         got = entry.get("type") if isinstance(entry, dict) else entry
@@ -90,6 +108,7 @@ def _build_layer(i: int, entry: object, error: type[Exception]) -> nn.Module:
             f"layer {i} of the model description has unknown type {got!r}; "
             f"known: {', '.join(LAYERS)}"
         )
+    _check_layer(i, entry["type"], {k: v for k, v in entry.items() if k != "type"})
     try:
         return LAYERS[entry["type"]](**entry_arguments(entry))
     except (TypeError, ValueError, RuntimeError) as exc:

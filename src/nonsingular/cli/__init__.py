@@ -5,7 +5,9 @@ Every user mistake ends in one line on stderr and exit code 2, never a traceback
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from .. import distributed
@@ -41,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with command_line(args.argv):
             return int(args.func(args))
     except NonsingularError as exc:
+        if os.environ.get("NONSINGULAR_DEBUG", "") not in ("", "0"):
+            traceback.print_exception(exc)  # with its cause: a user factory's own traceback
         print(f"nonsingular {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # unreadable input or unwritable output named by the user

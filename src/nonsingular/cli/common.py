@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -60,6 +61,18 @@ def device(name: str) -> torch.device:
     """The device ``name`` names, checked to exist here (``auto``: CUDA when there is one);
     under torchrun, this process joins the process group (and takes its own GPU)."""
     return distributed.start(_device(name))
+
+
+def start(args: argparse.Namespace) -> torch.device:
+    """``device(args.device)``, then, under torchrun, every process checks that all were
+    started with the same options (and config file contents) before any work."""
+    where = device(args.device)
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    config = options.get("config")
+    if config is not None and Path(config).is_file():
+        options["config file"] = hashlib.sha256(Path(config).read_bytes()).hexdigest()
+    distributed.agree(options)
+    return where
 
 
 def _device(name: str) -> torch.device:

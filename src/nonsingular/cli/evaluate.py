@@ -21,7 +21,7 @@ from . import common
 def prepare(args: argparse.Namespace) -> tuple[list, Any, Any, Any]:
     """Validate cheap things first, then load data and the model."""
     common.check_out(args.out)
-    where = common.device(args.device)
+    where = common.start(args)  # joins torchrun's group; all agree
     threats = grid(args.eps_x, **common.weight_grid(args), **common.threat_fields(args))
     data = load(args.data, test_size=args.test_size, seed=args.seed)
     model = common.quantized_for(args, common.load_model(args, data, where))

@@ -15,7 +15,7 @@ from . import common
 
 
 def run(args: argparse.Namespace) -> int:
-    where = common.device(args.device)
+    where = common.start(args)  # joins torchrun's group; all agree
     settings = read_toml(args.config) if args.config is not None else {}
     for name in ("data", "model", "seeds", "epochs", "certify"):  # flags override the file
         if getattr(args, name) is not None:

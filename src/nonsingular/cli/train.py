@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed import ranks
+from ..errors import ConfigError
 from ..files import refuse_links
 from ..model.architectures import BUILTIN
+from ..nesting import check_depth
 from ..training import METHODS, TrainConfig, train
 from ..training.config import BOUNDS, OPTIMIZERS, read_config
 from . import common
@@ -24,6 +26,10 @@ def _hidden(text: str) -> list[int]:
 
 
 def _json_object(text: str) -> dict[str, Any]:
+    try:
+        check_depth(text, "--model-args", ConfigError)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
@@ -93,7 +99,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    where = common.device(args.device)
+    where = common.start(args)  # joins torchrun's group; all agree
     config = _config(args).resolved()  # validate before any work
     out = args.out or Path("runs") / config.method
     refuse_links(out)  # before anything is written in it

@@ -31,7 +31,7 @@ from ..certificates import CertifyOptions
 from ..checks import choice, integer, number, options
 from ..errors import ConfigError
 from ..model.architectures import BUILTIN
-from ..threat import Threat
+from ..threat import MAX_BUDGET, Threat
 from ..training import METHODS, TrainConfig
 from ..training.config import read_toml
 
@@ -134,6 +134,7 @@ class Experiment:
         return cls.from_dict(read_toml(path), quick=quick)
 
     def __post_init__(self) -> None:
+        _check_kinds(self)
         for name in BUDGETS:
             _check_budgets(name, getattr(self, name))
         if self.methods is not None and (
@@ -304,17 +305,34 @@ class Experiment:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
+def _check_kinds(exp: Experiment) -> None:
+    """The fields whose later checks assume a kind: names are strings, lists are lists of
+    strings (TOML's ``recipes = 5`` or ``data = 5`` is one line, not a traceback)."""
+    for name in ("data", "model", "attack_loss", "cert_dtype"):
+        value = getattr(exp, name)
+        if not isinstance(value, str):
+            kind = "a data set name" if name == "data" else "a name"
+            raise ConfigError(f"{name} must be {kind} (a string), got {value!r}")
+    for name in ("methods", "recipes", "recipe_methods", "certify"):
+        value = getattr(exp, name)
+        if value is not None and (
+            not isinstance(value, tuple) or not all(isinstance(v, str) for v in value)
+        ):
+            what = "method names" if name != "recipes" else "names"
+            raise ConfigError(f"{name} must be a list of {what}, got {value!r}")
+
+
 def _check_budgets(name: str, values: object) -> None:
-    """A budget list: numbers from 0 up, increasing, at least one above 0."""
+    """A budget list: numbers from 0 up to the threat's limit, increasing, one above 0."""
     ok = (
         isinstance(values, tuple)
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        and all(math.isfinite(v) and v >= 0 for v in values)
+        and all(math.isfinite(v) and 0 <= v <= MAX_BUDGET for v in values)
         and all(a < b for a, b in itertools.pairwise(values))
         and any(v > 0 for v in values)
     )
     if not ok:
         raise ConfigError(
-            f"{name} must be a list of increasing non-negative numbers with one above 0, "
-            f"like [0, 0.05, 0.1]; got {values!r}"
+            f"{name} must be a list of increasing non-negative numbers up to {MAX_BUDGET:g} "
+            f"with one above 0, like [0, 0.05, 0.1]; got {values!r}"
         )

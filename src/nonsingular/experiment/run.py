@@ -156,6 +156,9 @@ def run_experiment(
     (and writing only their run directories and caches); every process returns the results.
     """
     out = Path(out)
+    data = load(exp.data, seed=0)  # data that cannot load: refused before ``out`` exists
+    for seed, method, recipe in exp.work():  # every model's training options, checked now
+        exp.train_config(method, seed, recipe).resolved()
     where = ranks()
     if where.lead:
         try:
@@ -164,12 +167,13 @@ def run_experiment(
             raise ConfigError(f"cannot write to {out}: {exc.strerror}") from None
     with exclusive(out) if where.lead else contextlib.nullcontext():
         gather(None)  # the others start once the directory exists and is held
-        return _run(exp, out, torch.device(device), say)
+        return _run(exp, data, out, torch.device(device), say)
 
 
-def _run(exp: Experiment, out: Path, device: torch.device, say: Callable[[str], None]) -> Results:
+def _run(
+    exp: Experiment, data: Dataset, out: Path, device: torch.device, say: Callable[[str], None]
+) -> Results:
     start = time.perf_counter()
-    data = load(exp.data, seed=0)
     n = min(exp.eval_size, len(data.x_test))
     nc = min(exp.cert_size, n)
     work = exp.work()

@@ -10,6 +10,7 @@ import importlib
 import inspect
 import json
 import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,13 +20,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
+from .factory_arguments import check_arguments
+
+MAX_SIZE = 1 << 24  # one dimension of an input (pixels, channels, features)
 
 
 def _check_shape(in_shape: Sequence[int]) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in in_shape)
-    if not shape or any(s <= 0 for s in shape):
-        raise ConfigError(f"in_shape must be positive sizes like (1, 28, 28), got {in_shape!r}")
-    return shape
+    sizes = () if isinstance(in_shape, (str, bytes)) else tuple(in_shape)
+    if not sizes or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and 1 <= s <= MAX_SIZE
+        for s in sizes
+    ):
+        raise ConfigError(
+            f"in_shape must be sizes from 1 to {MAX_SIZE} like (1, 28, 28), got {in_shape!r}"
+        )
+    return tuple(int(s) for s in sizes)
 
 
 def mlp(
@@ -138,6 +147,10 @@ def import_factory(name: str) -> Callable[..., nn.Module]:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"cannot import {module_name} for model {name}: {exc}") from None
+    except Exception as exc:  # the factory's own module failing: its message, one line
+        raise ConfigError(
+            f"model {name}: importing {module_name} raised {type(exc).__name__}: {_line(exc)}"
+        ) from exc
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise ConfigError(f"{module_name} has no attribute {attribute} (model {name})")
@@ -191,10 +204,13 @@ class Architecture:
         for name, value in (("in_shape", list(self.in_shape)), ("classes", self.classes)):
             if name in accepted and name not in kwargs:
                 kwargs[name] = value
+        check_arguments(self.factory, factory, kwargs)
         try:
             model = factory(**kwargs)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"model {self.factory}({_call(kwargs)}) failed: {exc}") from None
+        except Exception as exc:  # the factory's own error: its message, one line
+            raise ConfigError(
+                f"model {self.factory}({_call(kwargs)}) failed: {type(exc).__name__}: {_line(exc)}"
+            ) from exc
         if not isinstance(model, nn.Module):
             raise ConfigError(
                 f"model {self.factory} returned {type(model).__name__}, not a torch.nn.Module"
@@ -222,6 +238,11 @@ class Architecture:
             )
         except (ConfigError, TypeError) as exc:
             raise CheckpointError(f"invalid model architecture: {exc}") from None
+
+
+def _line(exc: BaseException) -> str:
+    """An exception's first line (the traceback: NONSINGULAR_DEBUG=1, see the CLI)."""
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 def _call(kwargs: dict[str, Any]) -> str:

@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..checks import MAX_BATCH, MAX_SEED, choice, integer, number, options
+from ..checks import MAX_BATCH, MAX_SEED, MAX_WIDTH, choice, integer, number, options
 from ..errors import ConfigError, ThreatError
 from ..model.architectures import BUILTIN, Architecture, check_factory_name
+from ..nesting import check_depth, check_value_depth
 from ..threat import MAX_BUDGET, Threat
 from .registry import METHODS
 
@@ -24,7 +25,7 @@ INTEGER_RANGES: dict[str, tuple[int, int]] = {
     "seed": (0, MAX_SEED),
     "eval_size": (0, 10_000_000),
     "attack_steps": (0, 10_000),
-    "hidden": (1, 1 << 16),
+    "hidden": (1, MAX_WIDTH),
 }
 NUMBER_RANGES: dict[str, tuple[float, float, bool]] = {  # (low, high, must exceed low)
     "lr": (0.0, 10.0, True),
@@ -241,6 +242,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_text()
+        check_depth(text, str(path), ConfigError)
+        values = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    check_value_depth(values, str(path), ConfigError)  # dotted keys nest without brackets
+    return values

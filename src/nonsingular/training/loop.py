@@ -44,6 +44,7 @@ from ..provenance import provenance
 from ..seeds import mix
 from .augment import random_shift
 from .config import TrainConfig
+from .fit import check_fits
 from .methods import Batch
 from .registry import make_method
 from .state import load_state, restore, save_state
@@ -210,6 +211,7 @@ def train(
     data = data if data is not None else load(config.data, seed=config.seed)
     model, architecture = _starting_model(config, data, model)
     model = model.to(device)
+    check_fits(model, data, config, device, architecture)  # the data too; before any write
     method = make_method(config)
     method.prepare(model, data.x_train[: config.batch_size].to(device))  # before any write
     out = Path(out_dir) if out_dir is not None else None
@@ -309,7 +311,8 @@ def _resume(
             f"the run in {out} was started with other options ({', '.join(changed)}): "
             "resume it with the same ones, or choose another output directory"
         )
-    restore(tensors, meta, model, opt, schedule)
+    steps = meta["epoch"] * (schedule.total_steps // config.epochs)  # one per batch
+    restore(tensors, meta, model, opt, schedule, steps)
     return meta["history"]
 
 
