@@ -3,10 +3,10 @@ diverse parameter-free attacks") over every variable of a ``JointSpace``.
 
 The input delta and every weight variable take the same steps, each in its own ball (its
 ``step`` direction, its ``project``): a first step of ``alpha`` radii (2 by default), then
-momentum 0.75 over the previous move; at checkpoints ``p_j`` of the run (``p_0 = 0``,
-``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``) the step is halved, and the
-iterate reset to the point of highest loss, where fewer than 75% of the steps since the last
-checkpoint raised the loss, or where neither the step nor the best loss changed since then.
+momentum 0.75 over the previous move; at checkpoints (after 22% of the steps, then at
+intervals 3% shorter each time, at least 6%) the step is halved, and the iterate reset to
+the point of highest loss, where fewer than 75% of the steps since the last checkpoint raised
+the loss, or where neither the step nor the best loss changed since then.
 Each example has its own step size and checkpoint decisions; when some variable is shared by
 the batch (``scope="shared"``) the batch is one problem (the summed loss, one step size).
 A run of ``steps`` costs what PGD's does: ``steps`` gradients and one last forward pass.
@@ -14,7 +14,6 @@ A run of ``steps`` costs what PGD's does: ``steps`` gradients and one last forwa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -28,11 +27,17 @@ RHO = 0.75  # the fraction of steps since the last checkpoint that must raise th
 
 
 def checkpoints(steps: int) -> set[int]:
-    """The iterations after which APGD checks its progress (``ceil(p_j * steps)``)."""
-    p = [0.0, 0.22]
-    while p[-1] < 1:
-        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return {math.ceil(q * steps) for q in p[1:]} & set(range(1, steps))
+    """The iterations after which APGD checks its progress, in whole iterations as the
+    authors' code counts them: the first after ``0.22 steps``, each next interval
+    ``0.03 steps`` shorter than the last but at least ``0.06 steps``."""
+    interval = max(int(0.22 * steps), 1)
+    shorter, shortest = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+    marks, at = set(), interval
+    while at < steps:
+        marks.add(at)
+        interval = max(interval - shorter, shortest)
+        at += interval
+    return marks
 
 
 class _Run:

@@ -74,6 +74,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         steps=args.steps,
         restarts=args.restarts,
         loss=args.loss,
+        targets=args.targets,
         step_size=args.step_size,
         samples=args.samples,
         seed=args.seed,
@@ -97,7 +98,11 @@ def register(sub: Any) -> None:
     common.add_threat(p, "0,0.05,0.1", "0,0.001,0.002")
     a = p.add_argument_group("attack")
     a.add_argument(
-        "--method", choices=METHODS, default=DEFAULT.method, help=f"default {DEFAULT.method}"
+        "--method",
+        choices=METHODS,
+        default=DEFAULT.method,
+        help=f"pgd, apgd, strong (APGD-CE then targeted APGD-DLR) or noise "
+        f"(default {DEFAULT.method})",
     )
     a.add_argument(
         "--steps", type=int, default=DEFAULT.steps, help=f"PGD steps (default {DEFAULT.steps})"
@@ -112,10 +117,17 @@ def register(sub: Any) -> None:
         "--loss", choices=LOSSES, default=DEFAULT.loss, help=f"attack loss (default {DEFAULT.loss})"
     )
     a.add_argument(
+        "--targets",
+        type=int,
+        default=DEFAULT.targets,
+        help="targeted runs (--loss dlr-targeted, --method strong): the classes other than the "
+        f"label with the highest clean logits, one run each (default {DEFAULT.targets})",
+    )
+    a.add_argument(
         "--step-size",
         type=float,
         default=DEFAULT.step_size,
-        help="step as a fraction of each budget (default 2.5/steps)",
+        help="step as a fraction of each budget (default pgd 2.5/steps; apgd's first step 2)",
     )
     a.add_argument(
         "--samples",
