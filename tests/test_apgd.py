@@ -212,3 +212,103 @@ def test_replay_through_functional_call_matches(standard_mlp, digits):
         assert float(margin_of(logits, y[i : i + 1])) == pytest.approx(
             float(res.margins[i]), abs=1e-4
         )
+
+
+def read_examples(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path)), json.loads(path.with_suffix(".json").read_text())
+
+
+def replay_saved(model, tensors, about, x_clean):
+    """Every saved example run on the unmodified model with its saved deltas: its margin,
+    its success, its distance to the clean input; every tensor described."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    described = set()
+    for k, point in enumerate(about["points"]):
+        described |= set(point["tensors"])
+        threat = Threat.from_dict(point["threat"])
+        p = f"point{k}"
+        for j, position in enumerate(tensors[f"{p}.positions"].tolist()):
+            shared = f"{p}.delta." if threat.scope == "shared" else f"{p}.{position}."
+            names = [n for n in params if f"{shared}{n}" in tensors]
+            moved = {n: params[n] + tensors[f"{shared}{n}"] for n in names}
+            if threat.eps_w > 0:
+                assert moved  # a weight budget: the deltas are there
+            x_adv = tensors[f"{p}.x_adv"][j : j + 1]
+            assert float((x_adv - x_clean[position]).abs().max()) <= threat.eps_x + 1e-6
+            logits = functional_call(model, {**params, **moved}, (x_adv,))
+            margin = float(margin_of(logits, tensors[f"{p}.y"][j : j + 1]))
+            assert margin == pytest.approx(float(tensors[f"{p}.margins"][j]), abs=1e-4)
+            assert bool(tensors[f"{p}.success"][j]) == (margin <= 0)
+    assert described == set(tensors)
+
+
+def test_cli_save_examples_replay(capsys, standard_mlp, mnist, tmp_path):
+    from nonsingular import checkpoint
+
+    ckpt = checkpoint.save(standard_mlp, tmp_path / "model.safetensors")
+    path = tmp_path / "adv.safetensors"
+    args = ["evaluate", "--checkpoint", str(ckpt), "--test-size", "30", "--eps-x", "0,0.05"]
+    args += ["--eps-w", "0,0.002", "--steps", "5", "--method", "apgd", "--quiet"]
+    code = main([*args, "--save-examples", str(path), "--save-count", "4", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    tensors, about = read_examples(path)
+    assert len(about["points"]) == 4
+    assert tensors["point3.positions"].tolist() == [0, 1, 2, 3]
+    assert tensors["point3.success"].any()  # something to replay
+    x_clean = ns.data.load("mnist5k", test_size=30, seed=0).x_test
+    replay_saved(standard_mlp, tensors, about, x_clean)
+
+
+def test_save_examples_of_a_shared_delta_replay(tmp_path):
+    model, x, y = small_mlp()
+    saver = ns.evaluation.ExampleSaver(5)
+    threats = [Threat(eps_x=0.05, eps_w=0.05), Threat(eps_x=0.05, eps_w=0.05, scope="shared")]
+    ns.evaluate(model, (x, y), threats, AttackOptions(steps=5), on_attack=saver, progress=False)
+    saver.save(tmp_path / "adv.safetensors")
+    tensors, about = read_examples(tmp_path / "adv.safetensors")
+    assert tensors["point1.positions"].tolist() == [0, 1, 2, 3, 4]
+    assert not any(k.startswith("point1.0.") for k in tensors)  # one Delta, stored once
+    assert any(k.startswith("point0.4.") for k in tensors)  # per example: each its own
+    replay_saved(model, tensors, about, x)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--save-examples", "nowhere/adv.safetensors"], "does not exist"),
+        (["--save-examples", "adv.pt"], ".safetensors"),
+        (["--save-examples", "adv.safetensors", "--out", "adv.json"], "description"),
+        (["--save-examples", "adv.safetensors", "--save-count", "0"], "save-count"),
+    ],
+)
+def test_cli_save_examples_refuses_bad_paths_first(capsys, tmp_path, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    code = main(["evaluate", "--train-quick", "--test-size", "10", "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_checkpoint_halves_the_step_and_goes_back_where_progress_stalls():
+    """Two examples: one whose loss rose at every step since the start keeps its step and
+    its point; one whose loss fell back halves its step and returns to its best point."""
+    from nonsingular.attacks.apgd import _Run
+    from nonsingular.attacks.space import INPUT
+    from nonsingular.model import read_model
+
+    model, x, _ = small_mlp()
+    x = x[:2]
+    space = JointSpace(read_model(model, x), Threat(eps_x=0.1), x)
+    points = [{INPUT: torch.full_like(x, v)} for v in (0.0, 0.01, 0.02, 0.03)]
+    grads = {INPUT: torch.ones_like(x)}
+    losses = [torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0])]
+    losses += [torch.tensor([2.0, 1.0]), torch.tensor([3.0, 0.5])]
+    run = _Run(space, points[0], grads, losses[0], alpha=2.0)
+    for point, f in zip(points[1:], losses[1:], strict=True):
+        run.update(point, grads, f)
+    run.checkpoint(3)
+    assert run.eta.tolist() == [2.0, 1.0]
+    assert torch.equal(run.cur[INPUT][0], points[3][INPUT][0])  # kept going
+    assert torch.equal(run.cur[INPUT][1], points[1][INPUT][1])  # back to its best point
