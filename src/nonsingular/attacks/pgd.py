@@ -1,4 +1,5 @@
-"""Joint attacks: PGD over the input and the weights at once, and the random-noise baseline.
+"""Joint attacks: PGD (and APGD, ``apgd.py``) over the input and the weights at once, the
+strong ensemble, and the random-noise baseline.
 
 An attack gives an upper bound on robust accuracy. Every point counts as broken if any
 restart, loss or step broke it (per-example best-so-far, the clean point included, so the
