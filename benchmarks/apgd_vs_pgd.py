@@ -68,10 +68,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, steps={args.steps}, examples={args.examples}")
-    print("| model | threat | PGD robust | APGD robust | PGD median margin | "
-          "APGD median margin | PGD s | APGD s |")
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, steps={args.steps}, examples={args.examples}"
+    )
+    print(
+        "| model | threat | PGD robust | APGD robust | PGD median margin | "
+        "APGD median margin | PGD s | APGD s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     wins = ties = losses = 0
     for name, (model, x, y) in models(args.examples).items():
@@ -79,10 +83,15 @@ def main() -> None:
             r = measure(model, x, y, threat, args.steps, args.repeats)
             (pa, pm, ps), (aa, am, as_) = r["pgd"], r["apgd"]
             wins, ties, losses = wins + (aa < pa), ties + (aa == pa), losses + (aa > pa)
-            print(f"| {name} | {label} | {pa:.3f} | {aa:.3f} | {pm:.3g} | {am:.3g} | "
-                  f"{ps:.2f} | {as_:.2f} |", flush=True)
-    print(f"\nAPGD lower robust accuracy on {wins}, equal on {ties}, higher on {losses} "
-          "(model, threat) pairs")
+            print(
+                f"| {name} | {label} | {pa:.3f} | {aa:.3f} | {pm:.3g} | {am:.3g} | "
+                f"{ps:.2f} | {as_:.2f} |",
+                flush=True,
+            )
+    print(
+        f"\nAPGD lower robust accuracy on {wins}, equal on {ties}, higher on {losses} "
+        "(model, threat) pairs"
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ class AttackResult:
     loss_trace:     pgd, apgd, strong: the first run's mean attack loss at each iterate, start
                     included (up to steps + 1 values), over the rows it attacks (per-example
                     scope: the ones the clean pass gets right; with ``until_broken``, only those
-                    not yet broken, and it ends when none are left); ``[0.]`` when it attacks nothing.
-                    noise: the mean negative margin of each draw (``samples`` values; empty
+                    not yet broken, and it ends when none are left); ``[0.]`` when it attacks
+                    nothing. noise: the mean negative margin of each draw (``samples`` values; empty
                     when the threat perturbs nothing). A flat trace is suspicious.
     """
 
