@@ -312,3 +312,16 @@ def test_checkpoint_halves_the_step_and_goes_back_where_progress_stalls():
     assert run.eta.tolist() == [2.0, 1.0]
     assert torch.equal(run.cur[INPUT][0], points[3][INPUT][0])  # kept going
     assert torch.equal(run.cur[INPUT][1], points[1][INPUT][1])  # back to its best point
+
+
+@pytest.mark.parametrize("method", ["apgd", "strong"])
+def test_dropping_broken_examples_changes_no_outcome(method):
+    """Evaluation's early stop (until_broken) drops each example once broken: every other
+    example's run is its own, so which examples break is the same."""
+    model, x, y = small_mlp()
+    threat = Threat(eps_x=0.05, eps_w=0.003)
+    full = ns.attack(model, x, y, threat, method=method, steps=10, targets=2)
+    early = ns.attack(model, x, y, threat, method=method, steps=10, targets=2, until_broken=True)
+    assert 0 < int(full.success.sum()) < len(y)
+    assert torch.equal(full.success, early.success)
+    assert (early.margins[early.success] <= 0).all()
