@@ -171,7 +171,13 @@ def register(sub: Any) -> None:
         help=f"also certify, e.g. ibp,crown (from {', '.join(CERTIFY_METHODS)})",
     )
     add_time_limit(a)
-    s = p.add_argument_group("adversarial examples")
+    add_save_examples(p)
+    p.set_defaults(func=run_evaluate)
+
+
+def add_save_examples(parser: Any) -> None:
+    """--save-examples and --save-count (evaluate only)."""
+    s = parser.add_argument_group("adversarial examples")
     s.add_argument(
         "--save-examples",
         type=Path,
@@ -187,7 +193,6 @@ def register(sub: Any) -> None:
         default=10,
         help="examples kept per grid point by --save-examples (default 10)",
     )
-    p.set_defaults(func=run_evaluate)
 
 
 def add_time_limit(group: Any) -> None:
