@@ -1,6 +1,8 @@
-"""Joint attacks (upper bounds on robust accuracy): PGD over the input and the weights at once,
-and the random-noise baseline, on any model nonsingular can read."""
+"""Joint attacks (upper bounds on robust accuracy): PGD and APGD over the input and the weights
+at once, the strong ensemble (APGD-CE, then targeted APGD-DLR), and the random-noise
+baseline, on any model nonsingular can read."""
 
+from .apgd import apgd
 from .options import LOSSES, METHODS, AttackOptions
 from .pgd import attack, attack_loss, default_step_size, pgd
 from .result import AttackResult
@@ -12,6 +14,7 @@ __all__ = [
     "AttackOptions",
     "AttackResult",
     "JointSpace",
+    "apgd",
     "State",
     "attack",
     "attack_loss",

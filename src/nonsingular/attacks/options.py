@@ -9,21 +9,30 @@ from typing import Any
 from ..checks import MAX_SEED, choice, integer, number, options
 from ..errors import ConfigError
 
-LOSSES = ("ce", "margin", "dlr", "both")
-METHODS = ("pgd", "noise")
+LOSSES = ("ce", "margin", "dlr", "both", "dlr-targeted")
+METHODS = ("pgd", "apgd", "strong", "noise")
+APGD_STEP = 2.0  # APGD's first step, in radii (Croce & Hein 2020: 2 eps)
 
 
 @dataclass(frozen=True)
 class AttackOptions:
     """Options of a joint attack (every field is checked when the options are made).
 
-    method:       ``pgd`` (projected gradient ascent) or ``noise`` (``samples`` uniform draws
-                  from the ball, weights drawn once per sample: the fault-injection baseline).
-    steps:        PGD iterations; ``steps=1`` without random start is FGSM.
-    restarts:     PGD runs per loss; later runs attack only the examples still unbroken.
-    loss:         ``ce``, ``margin`` (CW), ``dlr``, or ``both`` (ce then margin).
-    step_size:    step as a fraction of each ball's radius (default ``2.5 / steps``, 1 for FGSM),
-                  so the input and every weight variable move in proportion to their budget.
+    method:       ``pgd`` (projected gradient ascent), ``apgd`` (APGD, Croce & Hein 2020:
+                  momentum, step halved at checkpoints), ``strong`` (the ensemble: APGD with
+                  ``ce``, then APGD with ``dlr-targeted`` on the examples still unbroken;
+                  ``loss`` is not used) or ``noise`` (``samples`` uniform draws from the ball,
+                  weights drawn once per sample: the fault-injection baseline).
+    steps:        iterations (gradients) of each run; ``steps=1`` without random start is FGSM.
+    restarts:     runs per loss (and per target); later runs attack only the examples still
+                  unbroken.
+    loss:         ``ce``, ``margin`` (CW), ``dlr``, ``both`` (ce then margin) or
+                  ``dlr-targeted`` (targeted DLR, one run per target class, see ``targets``).
+    targets:      targeted runs: the ``targets`` classes other than the label with the highest
+                  clean logits, each the target of its own run (at most classes - 1 are used).
+    step_size:    step as a fraction of each ball's radius (pgd: default ``2.5 / steps``, 1 for
+                  FGSM; apgd: the first step, default 2, then halved at checkpoints), so the
+                  input and every weight variable move in proportion to their budget.
     random_start: start inside the ball at random (default: when ``steps > 1``).
     samples:      draws of ``method="noise"``.
     seed:         seeds every random draw, example by example (with each example's position
@@ -34,6 +43,7 @@ class AttackOptions:
     steps: int = 50
     restarts: int = 1
     loss: str = "ce"
+    targets: int = 3
     step_size: float | None = None
     random_start: bool | None = None
     samples: int = 100
@@ -45,6 +55,7 @@ class AttackOptions:
         integer("steps", self.steps, 1, 100_000)
         integer("restarts", self.restarts, 1, 1_000)
         integer("samples", self.samples, 1, 1_000_000)
+        integer("targets", self.targets, 1, 1_000)
         integer("seed", self.seed, 0, MAX_SEED)
         if self.step_size is not None:
             number("step_size", self.step_size, 0.0, 10.0, positive=True)
@@ -62,14 +73,30 @@ class AttackOptions:
 
     @property
     def alpha(self) -> float:
-        """PGD's step as a fraction of each ball's radius: 2.5 radii in all (1 for FGSM)."""
+        """The step as a fraction of each ball's radius: PGD's 2.5 radii in all (1 for FGSM);
+        APGD's first step (2 radii)."""
         if self.step_size is not None:
             return self.step_size
+        if self.method in ("apgd", "strong"):
+            return APGD_STEP
         return 1.0 if self.steps == 1 else 2.5 / self.steps
 
     @property
     def starts_at_random(self) -> bool:
         return self.steps > 1 if self.random_start is None else self.random_start
+
+    def runs(self) -> list[tuple[str, str, int]]:
+        """``(algorithm, loss, target rank)`` of every run, in order (restarts included); the
+        target rank is 0 for an untargeted loss."""
+        if self.method == "strong":
+            plan = [("apgd", "ce", 0)] + [("apgd", "dlr-targeted", t) for t in range(self.targets)]
+        elif self.loss == "both":
+            plan = [(self.method, "ce", 0), (self.method, "margin", 0)]
+        elif self.loss == "dlr-targeted":
+            plan = [(self.method, self.loss, t) for t in range(self.targets)]
+        else:
+            plan = [(self.method, self.loss, 0)]
+        return [run for run in plan for _ in range(self.restarts)]
 
     def stronger(self, factor: int) -> AttackOptions:
         """``factor`` times the steps and the restarts (the step size follows the steps)."""

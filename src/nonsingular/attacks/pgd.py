@@ -1,4 +1,5 @@
-"""Joint attacks: PGD over the input and the weights at once, and the random-noise baseline.
+"""Joint attacks: PGD (and APGD, ``apgd.py``) over the input and the weights at once, the
+strong ensemble, and the random-noise baseline.
 
 An attack gives an upper bound on robust accuracy. Every point counts as broken if any
 restart, loss or step broke it (per-example best-so-far, the clean point included, so the
@@ -9,7 +10,7 @@ perturbation serves the whole batch, so the best iterate is chosen for the batch
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from ..errors import ConfigError
 from ..model.verify import read_batch, with_gradients
 from ..seeds import mix
 from ..threat import Threat
+from .apgd import apgd
 from .best import BestSoFar
 from .noise import noise
 from .options import AttackOptions
@@ -26,10 +28,19 @@ from .result import AttackResult
 from .space import JointSpace, State, check_domain, check_positions, margins
 
 
-def attack_loss(name: str, logits: Tensor, y: Tensor) -> Tensor:
-    """Per-example loss that the attack maximizes: ``ce``, ``margin`` (CW) or ``dlr``."""
+def attack_loss(name: str, logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+    """Per-example loss that the attack maximizes: ``ce``, ``margin`` (CW), ``dlr`` or
+    ``dlr-targeted`` (toward the class ``target`` of each example; Croce & Hein 2020)."""
     if name == "ce":
         return F.cross_entropy(logits, y, reduction="none")
+    if name == "dlr-targeted":
+        if target is None:
+            raise ConfigError("loss dlr-targeted needs a target class per example")
+        top = logits.sort(dim=1, descending=True).values
+        scale = top[:, 0] - (top[:, 2] + top[:, 3]) / 2 if top.shape[1] >= 4 else top[:, 0]
+        scale = scale - (top[:, -1] if top.shape[1] < 4 else 0)
+        gap = logits.gather(1, y[:, None]) - logits.gather(1, target[:, None])
+        return -gap.squeeze(1) / (scale + 1e-12)
     m = margins(logits, y)
     if name == "margin":
         return -m
@@ -50,6 +61,7 @@ def pgd(
     positions: Tensor | None = None,
     on_iterate: Callable[[Tensor, State], Tensor | None] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    target: Tensor | None = None,
 ) -> tuple[State, Tensor]:
     """The one PGD loop: ``steps`` projected ascent steps on every variable of ``space``.
 
@@ -59,8 +71,8 @@ def pgd(
     only the final state); when it returns a mask, only the rows it keeps are attacked on (a
     per-example space only: the rows of a shared one are never dropped), and the final state
     holds those rows. ``reduce`` sums the gradient of a variable shared by the batch over
-    the processes that hold the rest of it (distributed training). Returns the final state
-    and the mean loss along the way.
+    the processes that hold the rest of it (distributed training). ``target``: each example's
+    target class, for a targeted loss. Returns the final state and the mean loss along the way.
     """
     state = space.random(x, seed, positions) if random_start else space.zeros(x)
     trace = []
@@ -71,7 +83,7 @@ def pgd(
         state = {k: v.detach().requires_grad_(not last) for k, v in state.items()}
         with torch.set_grad_enabled(not last):
             logits = space.forward(x, state)
-            per_example = attack_loss(loss, logits, y)
+            per_example = attack_loss(loss, logits, y, target)
         trace.append(float(per_example.detach().mean()))
         keep = None if on_iterate is None else on_iterate(logits.detach(), state)
         if last:
@@ -90,28 +102,35 @@ def pgd(
         if keep is not None and not space.is_shared and not bool(keep.all()):
             if not bool(keep.any()):
                 break  # nothing left to attack
-            x, y = x[keep], y[keep]
+            x, y, target = x[keep], y[keep], None if target is None else target[keep]
             detached = {k: v[keep] if space.batched[k] else v for k, v in detached.items()}
             found = {k: g[keep] if space.batched[k] else g for k, g in found.items()}
         state = space.step(x, detached, found, alpha)
     return {k: v.detach() for k, v in state.items()}, torch.tensor(trace)
 
 
-def _pgd_run(
+class _Run(NamedTuple):
+    """One run of an attack: the algorithm (``pgd`` or ``apgd``), the loss, and each
+    example's target class (None for an untargeted loss)."""
+
+    algorithm: str
+    loss: str
+    target: Tensor | None
+
+
+def _one_run(
     space: JointSpace,
     x: Tensor,
     y: Tensor,
     index: Tensor,
     best: BestSoFar,
-    loss: str,
-    steps: int,
-    alpha: float,
-    random_start: bool,
+    run: _Run,
+    options: AttackOptions,
     seed: int,
     positions: Tensor,
     until_broken: bool,
 ) -> Tensor:
-    """One PGD run on the rows ``index``, offering every iterate to ``best``; the loss trace.
+    """One run on the rows ``index``, offering every iterate to ``best``; the loss trace.
     ``until_broken``: a row is dropped from the run as soon as it is misclassified."""
     live = [index, x[index], y[index]]  # the rows still attacked, their inputs and labels
 
@@ -125,19 +144,24 @@ def _pgd_run(
         live[:] = [rows[keep], xs[keep], ys[keep]]
         return keep
 
-    _, trace = pgd(
-        space,
-        x[index],
-        y[index],
-        steps=steps,
-        alpha=alpha,
-        loss=loss,
-        random_start=random_start,
-        seed=seed,
-        positions=positions[index.to(positions.device)],
-        on_iterate=offer,
-    )
+    common = {
+        "steps": options.steps,
+        "alpha": options.alpha,
+        "random_start": options.starts_at_random,
+        "seed": seed,
+        "positions": positions[index.to(positions.device)],
+        "on_iterate": offer,
+        "target": None if run.target is None else run.target[index],
+    }
+    if run.algorithm == "apgd":
+        _, trace = apgd(space, x[index], y[index], loss=_loss(run.loss), **common)  # type: ignore[arg-type]
+    else:
+        _, trace = pgd(space, x[index], y[index], loss=run.loss, **common)  # type: ignore[arg-type]
     return trace
+
+
+def _loss(name: str) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    return lambda logits, y, target: attack_loss(name, logits, y, target)
 
 
 def _runs(
@@ -148,20 +172,25 @@ def _runs(
     positions: Tensor,
     options: AttackOptions,
     until_broken: bool,
+    clean_logits: Tensor,
 ) -> Tensor:
-    """Every PGD run (``restarts`` per loss), each on the examples still unbroken (all of
-    them for a shared perturbation); the first run's loss trace."""
-    runs = ["ce", "margin"] if options.loss == "both" else [options.loss]
+    """Every run of ``options.runs()``, each on the examples still unbroken (all of them for
+    a shared perturbation); the first run's loss trace. A targeted run of rank ``t`` aims
+    every example at the class with its ``t+1``-th highest clean logit other than its label."""
+    order = clean_logits.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
     all_rows = torch.arange(len(y), device=x.device)
     trace = torch.zeros(1)
-    for run, loss_name in enumerate(n for n in runs for _ in range(options.restarts)):
+    for number, (algorithm, loss_name, rank) in enumerate(options.runs()):
+        if loss_name == "dlr-targeted" and rank >= clean_logits.shape[1] - 1:
+            continue  # fewer other classes than targets asked for
         rows = all_rows if space.is_shared else all_rows[best.margins > 0]
         if len(rows) == 0:
             break
-        seed = mix(options.seed, "run", run)
-        args = (options.steps, options.alpha, options.starts_at_random, seed)
-        t = _pgd_run(space, x, y, rows, best, loss_name, *args, positions, until_broken)
-        trace = t if run == 0 else trace
+        target = order[:, rank] if loss_name == "dlr-targeted" else None
+        run = _Run(algorithm, loss_name, target)
+        seed = mix(options.seed, "run", number)
+        t = _one_run(space, x, y, rows, best, run, options, seed, positions, until_broken)
+        trace = t if number == 0 else trace
     return trace
 
 
@@ -232,7 +261,7 @@ def attack(
     trace = torch.zeros(1)
     if space.balls:
         stop = until_broken and not space.is_shared
-        trace = _runs(space, x, y, best, positions, options, stop)
+        trace = _runs(space, x, y, best, positions, options, stop, logits)
     state = best.state
 
     def deltas(i: int) -> dict[str, Tensor]:

@@ -28,11 +28,11 @@ class AttackResult:
     margins:        (B,) ``z_y - max_{j != y} z_j`` under the best perturbation found.
     clean_margins:  (B,) the same without perturbation.
     success:        (B,) bool, ``margins <= 0``: the example is broken.
-    loss_trace:     pgd: the first run's mean attack loss at each iterate, start included
-                    (up to steps + 1 values), over the rows it attacks (per-example scope: the
-                    ones the clean pass gets right; with ``until_broken``, only those not yet
-                    broken, and it ends when none are left); ``[0.]`` when it attacks nothing.
-                    noise: the mean negative margin of each draw (``samples`` values; empty
+    loss_trace:     pgd, apgd, strong: the first run's mean attack loss at each iterate, start
+                    included (up to steps + 1 values), over the rows it attacks (per-example
+                    scope: the ones the clean pass gets right; with ``until_broken``, only those
+                    not yet broken, and it ends when none are left); ``[0.]`` when it attacks
+                    nothing. noise: the mean negative margin of each draw (``samples`` values; empty
                     when the threat perturbs nothing). A flat trace is suspicious.
     """
 

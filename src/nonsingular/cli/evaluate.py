@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from .. import checkpoint
@@ -12,7 +13,9 @@ from ..certificates.options import BAB_SECONDS
 from ..certificates.options import METHODS as CERTIFY_METHODS
 from ..data import Dataset, load
 from ..distributed import ranks
-from ..evaluation import EvaluationTable, evaluate
+from ..errors import ConfigError
+from ..evaluation import EvaluationTable, ExampleSaver, evaluate
+from ..evaluation.examples import sidecar
 from ..provenance import provenance
 from ..threat import grid
 from . import common
@@ -52,8 +55,10 @@ def evaluate_and_report(
     attack: AttackOptions | None,
     methods: list[str],
     options: CertifyOptions,
+    saver: ExampleSaver | None = None,
 ) -> int:
-    """What ``evaluate`` and ``certify`` share: load, evaluate the grid, print and save."""
+    """What ``evaluate`` and ``certify`` share: load, evaluate the grid, print and save (and
+    the adversarial examples ``saver`` kept, to ``args.save_examples``)."""
     threats, data, model, where = prepare(args)
     table = evaluate(
         model,
@@ -64,9 +69,30 @@ def evaluate_and_report(
         certify_options=options,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        on_attack=saver,
     )
     report(args, table, data)
+    if saver is not None and ranks().lead:
+        saver.save(args.save_examples)
+        print(f"wrote {args.save_examples} and {sidecar(args.save_examples)}")
     return 0
+
+
+def example_saver(args: argparse.Namespace) -> ExampleSaver | None:
+    """The saver ``--save-examples`` asks for, its paths checked before any work is done."""
+    path = args.save_examples
+    if path is None:
+        return None
+    if ranks().many:
+        raise ConfigError("--save-examples works in one process; run without torchrun")
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"--save-examples {path}: expected a file name ending .safetensors")
+    common.check_out(path)
+    if args.out is not None and Path(args.out).resolve() == sidecar(path).resolve():
+        raise ConfigError(f"--out {args.out} is where --save-examples writes its description")
+    if args.save_count < 1:
+        raise ConfigError(f"--save-count must be at least 1, got {args.save_count}")
+    return ExampleSaver(args.save_count)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -75,12 +101,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         steps=args.steps,
         restarts=args.restarts,
         loss=args.loss,
+        targets=args.targets,
         step_size=args.step_size,
         samples=args.samples,
         seed=args.seed,
     )  # checked before anything is loaded
     certify = CertifyOptions(time_limit=args.time_limit)
-    return evaluate_and_report(args, options, args.certify or [], certify)
+    saver = example_saver(args)
+    return evaluate_and_report(args, options, args.certify or [], certify, saver)
 
 
 DEFAULT = AttackOptions()  # the flags' defaults: the options' own
@@ -98,7 +126,11 @@ def register(sub: Any) -> None:
     common.add_threat(p, "0,0.05,0.1", "0,0.001,0.002")
     a = p.add_argument_group("attack")
     a.add_argument(
-        "--method", choices=METHODS, default=DEFAULT.method, help=f"default {DEFAULT.method}"
+        "--method",
+        choices=METHODS,
+        default=DEFAULT.method,
+        help=f"pgd, apgd, strong (APGD-CE then targeted APGD-DLR) or noise "
+        f"(default {DEFAULT.method})",
     )
     a.add_argument(
         "--steps", type=int, default=DEFAULT.steps, help=f"PGD steps (default {DEFAULT.steps})"
@@ -113,10 +145,17 @@ def register(sub: Any) -> None:
         "--loss", choices=LOSSES, default=DEFAULT.loss, help=f"attack loss (default {DEFAULT.loss})"
     )
     a.add_argument(
+        "--targets",
+        type=int,
+        default=DEFAULT.targets,
+        help="targeted runs (--loss dlr-targeted, --method strong): the classes other than the "
+        f"label with the highest clean logits, one run each (default {DEFAULT.targets})",
+    )
+    a.add_argument(
         "--step-size",
         type=float,
         default=DEFAULT.step_size,
-        help="step as a fraction of each budget (default 2.5/steps)",
+        help="step as a fraction of each budget (default pgd 2.5/steps; apgd's first step 2)",
     )
     a.add_argument(
         "--samples",
@@ -133,7 +172,28 @@ def register(sub: Any) -> None:
         help=f"also certify, e.g. ibp,crown (from {', '.join(CERTIFY_METHODS)})",
     )
     add_time_limit(a)
+    add_save_examples(p)
     p.set_defaults(func=run_evaluate)
+
+
+def add_save_examples(parser: Any) -> None:
+    """--save-examples and --save-count (evaluate only)."""
+    s = parser.add_argument_group("adversarial examples")
+    s.add_argument(
+        "--save-examples",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write the adversarial inputs and each example's weight deltas (materialized) of "
+        "the first --save-count examples at every grid point to PATH (.safetensors), "
+        "described in PATH with .json",
+    )
+    s.add_argument(
+        "--save-count",
+        type=int,
+        default=10,
+        help="examples kept per grid point by --save-examples (default 10)",
+    )
 
 
 def add_time_limit(group: Any) -> None:

@@ -6,8 +6,9 @@
 example certified that the attack broke) and reports them in the table.
 """
 
+from .examples import ExampleSaver
 from .outcomes import Outcomes
 from .run import evaluate
 from .table import EvaluationTable, Row, check
 
-__all__ = ["EvaluationTable", "Outcomes", "Row", "check", "evaluate"]
+__all__ = ["EvaluationTable", "ExampleSaver", "Outcomes", "Row", "check", "evaluate"]

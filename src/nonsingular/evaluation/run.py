@@ -5,14 +5,14 @@ AutoAttack checks its evaluations (``table.check``)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..attacks import AttackOptions
+from ..attacks import AttackOptions, AttackResult
 from ..attacks import attack as run_attack
 from ..certificates import CertifyOptions
 from ..certificates import certify as run_certify
@@ -28,6 +28,7 @@ from .outcomes import Outcomes
 from .table import EvaluationTable, Row, check
 
 Data = Dataset | tuple[Tensor, Tensor]
+OnAttack = Callable[[Threat, Tensor, Tensor, AttackResult], None]
 DEFAULT_ATTACK = AttackOptions()
 
 
@@ -49,18 +50,21 @@ def _batches(n: int, size: int) -> Iterable[slice]:
 @dataclass(frozen=True)
 class _Plan:
     """What to do at every grid point: attack with ``attack`` (None: not at all), certify
-    with each of ``methods`` and ``options``."""
+    with each of ``methods`` and ``options``; ``on_attack`` sees every attack's result."""
 
     attack: AttackOptions | None
     methods: list[str]
     options: CertifyOptions
+    on_attack: OnAttack | None = None
 
     @property
     def columns(self) -> list[str]:
         return (["attacked"] if self.attack is not None else []) + self.methods
 
 
-def _plan(attack: object, certify: Sequence[str], options: object) -> _Plan:
+def _plan(
+    attack: object, certify: Sequence[str], options: object, on_attack: OnAttack | None
+) -> _Plan:
     if attack is not None and not isinstance(attack, AttackOptions):
         raise ConfigError(
             f"attack must be AttackOptions (or None: certify only), got {type(attack).__name__}"
@@ -68,7 +72,9 @@ def _plan(attack: object, certify: Sequence[str], options: object) -> _Plan:
     methods = [check_method(m) for m in dict.fromkeys(certify)]
     if attack is None and not methods:
         raise ConfigError("nothing to evaluate: attack=None and no certificate method")
-    return _Plan(attack, methods, CertifyOptions.of(options))  # type: ignore[arg-type]
+    if on_attack is not None and not callable(on_attack):
+        raise ConfigError(f"on_attack must be callable, got {type(on_attack).__name__}")
+    return _Plan(attack, methods, CertifyOptions.of(options), on_attack)  # type: ignore[arg-type]
 
 
 @with_gradients
@@ -82,6 +88,7 @@ def evaluate(
     certify_options: CertifyOptions | None = None,
     batch_size: int = 1000,
     progress: bool = True,
+    on_attack: OnAttack | None = None,
 ) -> EvaluationTable:
     """Clean, attacked and certified accuracy of ``model`` at every threat of ``grid``.
 
@@ -91,12 +98,14 @@ def evaluate(
     as one batch, so one weight perturbation serves every example. In a torch.distributed
     process group, each process takes its share of the examples (a shared-scope point, all of
     them) and every process returns the whole table: the numbers are those of one process.
+    ``on_attack(threat, positions, y, result)`` sees each attacked batch (``positions``: its
+    examples' places in the data set), in this process (``ExampleSaver`` keeps examples).
     """
     grid = list(grid)
     if not grid or not all(isinstance(t, Threat) for t in grid):
         raise ConfigError("grid must be a non-empty list of Threat (see nonsingular.grid)")
     integer("batch_size", batch_size, 1, MAX_BATCH)
-    plan = _plan(attack, certify, certify_options)
+    plan = _plan(attack, certify, certify_options, on_attack)
     x, y = _tensors(data)
     if len(x) == 0:
         raise InputError("data holds no examples")
@@ -222,6 +231,8 @@ def _evaluate_point(
                 model, x[batch], y[batch], threat, plan.attack, positions=where, until_broken=True
             )
             counts.seconds["attack"] += time.perf_counter() - start
+            if plan.on_attack is not None:
+                plan.on_attack(threat, where, y[batch], res)
             counts.hits["clean"][where] = (res.clean_margins > 0).int().cpu()
             counts.hits["attacked"][where] = (~res.success).int().cpu()
             trace = res.loss_trace

@@ -1,0 +1,180 @@
+"""APGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of
+diverse parameter-free attacks") over every variable of a ``JointSpace``.
+
+The input delta and every weight variable take the same steps, each in its own ball (its
+``step`` direction, its ``project``): a first step of ``alpha`` radii (2 by default), then
+momentum 0.75 over the previous move; at checkpoints (after 22% of the steps, then at
+intervals 3% shorter each time, at least 6%) the step is halved, and the iterate reset to
+the point of highest loss, where fewer than 75% of the steps since the last checkpoint raised
+the loss, or where neither the step nor the best loss changed since then.
+Each example has its own step size and checkpoint decisions; when some variable is shared by
+the batch (``scope="shared"``) the batch is one problem (the summed loss, one step size).
+A run of ``steps`` costs what PGD's does: ``steps`` gradients and one last forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .options import APGD_STEP
+from .space import JointSpace, State
+
+MOMENTUM = 0.75
+RHO = 0.75  # the fraction of steps since the last checkpoint that must raise the loss
+
+
+def checkpoints(steps: int) -> set[int]:
+    """The iterations after which APGD checks its progress, in whole iterations as the
+    authors' code counts them: the first after ``0.22 steps``, each next interval
+    ``0.03 steps`` shorter than the last but at least ``0.06 steps``."""
+    interval = max(int(0.22 * steps), 1)
+    shorter, shortest = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+    marks, at = set(), interval
+    while at < steps:
+        marks.add(at)
+        interval = max(interval - shorter, shortest)
+        at += interval
+    return marks
+
+
+class _Run:
+    """The state of one APGD run: per row (an example, or the whole batch when shared) its
+    step size, best loss and checkpoint counters; per variable the current, previous and best
+    points and the gradients at the current and the best one."""
+
+    def __init__(self, space: JointSpace, state: State, grads: State, f: Tensor, alpha: float):
+        self.space, self.shared = space, space.is_shared
+        self.cur, self.grad, self.prev = state, grads, state
+        self.best, self.grad_best = dict(state), dict(grads)
+        self.f_best, self.f_prev, self.f_mark = f, f, f
+        self.eta = torch.full_like(f, alpha)
+        self.successes = torch.zeros_like(f)
+        self.reduced = torch.zeros_like(f, dtype=torch.bool)
+
+    def rows(self, t: Tensor, v: Tensor) -> Tensor:
+        """``t`` (one value per row) shaped to broadcast against the variable ``v``."""
+        return t.reshape(()) if self.shared else t.reshape(-1, *[1] * (v.dim() - 1))
+
+    def _where(self, mask: Tensor, a: State, b: State) -> State:
+        return {k: torch.where(self.rows(mask, v), a[k], v) for k, v in b.items()}
+
+    def update(self, state: State, grads: State, f: Tensor) -> None:
+        """Record the iterate ``state`` of loss ``f`` and its gradients."""
+        self.successes += (f > self.f_prev).to(f.dtype)
+        self.f_prev = f
+        better = f > self.f_best
+        self.best = self._where(better, state, self.best)
+        self.grad_best = self._where(better, grads, self.grad_best)
+        self.f_best = torch.where(better, f, self.f_best)
+        self.prev, self.cur, self.grad = self.cur, state, grads
+
+    def checkpoint(self, length: int) -> None:
+        """Halve the step of the rows that made too little progress over the last ``length``
+        iterations, and send them back to their best point."""
+        reduce = (self.successes <= RHO * length) | (~self.reduced & (self.f_mark >= self.f_best))
+        self.eta = torch.where(reduce, self.eta / 2, self.eta)
+        self.cur = self._where(reduce, self.best, self.cur)
+        self.grad = self._where(reduce, self.grad_best, self.grad)
+        self.reduced, self.f_mark = reduce, self.f_best
+        self.successes = torch.zeros_like(self.successes)
+
+    def keep(self, mask: Tensor) -> None:
+        """Go on with the rows ``mask`` only (per-example runs)."""
+        for name in ("cur", "grad", "prev", "best", "grad_best"):
+            setattr(self, name, {k: v[mask] for k, v in getattr(self, name).items()})
+        for name in ("f_best", "f_prev", "f_mark", "eta", "successes", "reduced"):
+            setattr(self, name, getattr(self, name)[mask])
+
+    def step(self, x: Tensor, first: bool) -> State:
+        """The next iterate: a step of ``eta`` radii along each ball's ascent direction, then
+        momentum over the previous move (none on the first step), projected into each ball."""
+        a = 1.0 if first else MOMENTUM
+        z, moved = {}, {}
+        for key, v in self.cur.items():
+            ball = self.space.balls[key]
+            direction = ball.step(torch.zeros_like(v), self.grad[key], 1.0)
+            z[key] = ball.project(v + self.rows(self.eta, v) * direction)
+        z = self.space.clamp_input(x, z)
+        for key, v in self.cur.items():
+            move = a * (z[key] - v) + (1 - a) * (v - self.prev[key])
+            moved[key] = self.space.balls[key].project(v + move)
+        return self.space.clamp_input(x, moved)
+
+
+def _evaluate(
+    space: JointSpace,
+    x: Tensor,
+    y: Tensor,
+    target: Tensor | None,
+    state: State,
+    loss: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    grad: bool,
+) -> tuple[Tensor, Tensor, State, State]:
+    """The per-example loss, the logits, the detached point and (``grad``) its gradients:
+    zero where the output does not reach a variable or the gradient is not finite."""
+    state = {k: v.detach().requires_grad_(grad) for k, v in state.items()}
+    with torch.set_grad_enabled(grad):
+        logits = space.forward(x, state)
+        per_example = loss(logits, y, target)
+    grads: State = {}
+    if grad:
+        keys = list(state)
+        found = torch.autograd.grad(per_example.sum(), [state[k] for k in keys], allow_unused=True)
+        grads = {
+            k: torch.zeros_like(state[k]) if g is None else g.nan_to_num(0.0, 0.0, 0.0)
+            for k, g in zip(keys, found, strict=True)
+        }
+    detached = {k: v.detach() for k, v in state.items()}
+    return per_example.detach(), logits.detach(), detached, grads
+
+
+def apgd(
+    space: JointSpace,
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    loss: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    alpha: float = APGD_STEP,
+    target: Tensor | None = None,
+    random_start: bool = True,
+    seed: int = 0,
+    positions: Tensor | None = None,
+    on_iterate: Callable[[Tensor, State], Tensor | None] | None = None,
+) -> tuple[State, Tensor]:
+    """One APGD run of ``steps`` iterations on every variable of ``space``, maximizing
+    ``loss(logits, y, target)`` (``target``: one class per example, for targeted losses).
+
+    The start, ``positions``, ``on_iterate`` (which may drop rows) and the returned final
+    state and mean loss trace are those of ``pgd``; ``alpha`` is the first step in radii.
+    """
+    state = space.random(x, seed, positions) if random_start else space.zeros(x)
+    marks, mark, trace = checkpoints(steps), 0, []
+    run: _Run | None = None
+    for it in range(steps + 1):
+        last = it == steps
+        if last and on_iterate is None:
+            break
+        f, logits, state, grads = _evaluate(space, x, y, target, state, loss, not last)
+        trace.append(float(f.mean()))
+        keep = None if on_iterate is None else on_iterate(logits, state)
+        if last:
+            break
+        total = f.sum().reshape(1) if space.is_shared else f
+        if run is None:
+            run = _Run(space, state, grads, total, alpha)
+        else:
+            run.update(state, grads, total)
+        if it in marks:
+            run.checkpoint(it - mark)
+            mark = it
+        if keep is not None and not space.is_shared and not bool(keep.all()):
+            if not bool(keep.any()):
+                break
+            x, y, target = x[keep], y[keep], None if target is None else target[keep]
+            run.keep(keep)
+        state = run.step(x, first=it == 0)
+    return state, torch.tensor(trace)
