@@ -530,7 +530,7 @@ API_CASES = {
     "certify method": (
         lambda: ns.certify(_model(), X, Y, Threat(), "lp"),
         ConfigError,
-        "method must be one of",
+        "unknown certificate method 'lp'",
     ),
     "certify intermediate": (
         lambda: ns.certify(_model(), X, Y, Threat(), intermediate="lp"),

@@ -54,7 +54,7 @@ CALLS = {
     },
     "bab": lambda m, x, y: ns.bab(m, x, y, THREAT, time_limit=0.2, steps=3),
     "evaluate": lambda m, x, y: ns.evaluate(
-        m, (x, y), [THREAT], {"steps": 3}, certify=["crown"], progress=False
+        m, (x, y), [THREAT], ns.AttackOptions(steps=3), certify=["crown"], progress=False
     ),
 }
 
