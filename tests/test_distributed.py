@@ -42,6 +42,7 @@ def without_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
+@pytest.mark.slow  # a torchrun job of two processes
 def test_evaluate_and_certify_in_two_processes_give_the_numbers_of_one(tmp_path):
     one = in_one_process("evaluate", tmp_path / "one")
     two = in_two_processes("evaluate", tmp_path / "two")
@@ -51,6 +52,7 @@ def test_evaluate_and_certify_in_two_processes_give_the_numbers_of_one(tmp_path)
     assert one["attack"][-1]["threat"]["scope"] == "shared"  # one perturbation for all: kept
 
 
+@pytest.mark.slow  # a torchrun job of two processes
 def test_training_in_two_processes_reaches_the_weights_of_one(tmp_path):
     one = in_one_process("training", tmp_path / "one")
     two = in_two_processes("training", tmp_path / "two")
@@ -79,6 +81,7 @@ def _flat(value):
         yield value
 
 
+@pytest.mark.slow  # a torchrun job of two processes
 def test_reproduce_in_two_processes_gives_the_numbers_of_one(tmp_path):
     one = in_one_process("reproduce", tmp_path / "one")
     two = in_two_processes("reproduce", tmp_path / "two")
@@ -132,6 +135,7 @@ def torchrun(args, env=None):
     )
 
 
+@pytest.mark.slow  # a torchrun job of two processes
 def test_torchrun_evaluates_like_one_process_and_a_killed_process_fails_the_job(tmp_path):
     package = tmp_path / "userpkg"
     package.mkdir()

@@ -303,6 +303,7 @@ def _completed_epochs(out):
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after_epochs, extra_delay", [(1, 0.0), (2, 0.15)])
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, kill_after_epochs, extra_delay):
     reference = tmp_path / "reference"
