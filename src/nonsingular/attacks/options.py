@@ -14,6 +14,11 @@ METHODS = ("pgd", "apgd", "strong", "noise")
 APGD_STEP = 2.0  # APGD's first step, in radii (Croce & Hein 2020: 2 eps)
 
 
+def pgd_step_size(steps: int) -> float:
+    """PGD's step as a fraction of each ball's radius: 2.5 radii in all (1 for FGSM)."""
+    return 1.0 if steps == 1 else 2.5 / steps
+
+
 @dataclass(frozen=True)
 class AttackOptions:
     """Options of a joint attack (every field is checked when the options are made).
@@ -79,7 +84,7 @@ class AttackOptions:
             return self.step_size
         if self.method in ("apgd", "strong"):
             return APGD_STEP
-        return 1.0 if self.steps == 1 else 2.5 / self.steps
+        return pgd_step_size(self.steps)
 
     @property
     def starts_at_random(self) -> bool:

@@ -23,7 +23,7 @@ from ..threat import Threat
 from .apgd import apgd
 from .best import BestSoFar
 from .noise import noise
-from .options import AttackOptions
+from .options import AttackOptions, pgd_step_size
 from .result import AttackResult
 from .space import JointSpace, State, check_domain, check_positions, margins
 
@@ -194,9 +194,7 @@ def _runs(
     return trace
 
 
-def default_step_size(steps: int) -> float:
-    """PGD's step as a fraction of each ball's radius: 2.5 radii in all (1 for FGSM)."""
-    return AttackOptions(steps=steps).alpha
+default_step_size = pgd_step_size  # training's name for it
 
 
 def _flip_attack(

@@ -27,30 +27,26 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def floats(text: str) -> list[float]:
-    """``"0,0.05,0.1"`` -> ``[0.0, 0.05, 0.1]``."""
+def _numbers(text: str, kind: type, what: str, example: str) -> list:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers like 0,0.05,0.1, got {text!r}"
+            f"expected comma-separated {what}s like {example}, got {text!r}"
         ) from None
     if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
+        raise argparse.ArgumentTypeError(f"expected at least one {what}")
     return values
+
+
+def floats(text: str) -> list[float]:
+    """``"0,0.05,0.1"`` -> ``[0.0, 0.05, 0.1]``."""
+    return _numbers(text, float, "number", "0,0.05,0.1")
 
 
 def integers(text: str) -> list[int]:
     """``"0,1,2"`` -> ``[0, 1, 2]``."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 0,1,2, got {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
+    return _numbers(text, int, "integer", "0,1,2")
 
 
 def names(text: str) -> list[str]:
