@@ -347,12 +347,12 @@ def test_a_verdict_that_rests_on_a_weak_attack_is_shown_to_change():
     text = "\n".join(stronger_attack(results, {f: f for f in FAMILIES}))
     assert "## Stronger attack" in text and "PGD-20, 2 restarts" in text
     assert "50.0% → 46.0%" in text  # the standard model, default → stronger
-    assert "3 of 5 verdicts change with the stronger attack" in text  # pgd-at's three views
+    assert "3 of 6 verdicts change with the stronger attack" in text  # pgd-at's three views, of 6
     steady = fake(
         {"standard": [range(500)] * 3, "pgd-at": pgd},
         stronger={"standard": [range(500)] * 3, "pgd-at": pgd},
     )
-    assert "0 of 5 verdicts change" in "\n".join(stronger_attack(steady, {f: f for f in FAMILIES}))
+    assert "0 of 6 verdicts change" in "\n".join(stronger_attack(steady, {f: f for f in FAMILIES}))
 
 
 def test_an_undertrained_model_is_kept_out_of_verdicts_and_adjusted_figures_shown():
@@ -469,7 +469,7 @@ def test_a_claim_that_moves_with_the_training_recipe_is_shown_to():
     row = next(line for line in text.splitlines() if line.startswith("| 1 | weight-absolute"))
     assert "supported (-4.0 points)" in row and "no difference shown (+0.0 points)" in row
     assert "no-augmentation (augment=0)" in text
-    assert "3 of 5 verdicts differ between recipes" in text  # pgd-at's three views
+    assert "3 of 6 verdicts differ between recipes" in text  # pgd-at's three views
 
 
 def test_the_toml_example_in_the_docs_is_a_valid_experiment(tmp_path):
