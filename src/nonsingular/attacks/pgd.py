@@ -3,7 +3,10 @@
 An attack gives an upper bound on robust accuracy. Every point counts as broken if any
 restart, loss or step broke it (per-example best-so-far, the clean point included, so the
 attacked margin is never above the clean one). With ``scope="shared"`` one weight
-perturbation serves the whole batch, so the best iterate is chosen for the batch as a whole.
+perturbation serves the whole batch, so the best iterate is chosen for the batch as a whole;
+its loss is clipped (a broken example stops pulling, so collapsing every example into one
+class does not satisfy it), and a result at a smaller budget of the same threat can seed it
+(``start``): offered as it is, it makes the attack monotone in the budget.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from .best import BestSoFar
 from .noise import noise
 from .options import AttackOptions
 from .result import AttackResult
-from .space import JointSpace, State, check_domain, check_positions, margins
+from .space import INPUT, JointSpace, State, check_domain, check_positions, margins
 
 
 def attack_loss(name: str, logits: Tensor, y: Tensor) -> Tensor:
@@ -44,12 +47,13 @@ def pgd(
     *,
     steps: int,
     alpha: float,
-    loss: str = "ce",
+    loss: str | Callable[[Tensor, Tensor], Tensor] = "ce",
     random_start: bool = True,
     seed: int = 0,
     positions: Tensor | None = None,
     on_iterate: Callable[[Tensor, State], Tensor | None] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    start: State | None = None,
 ) -> tuple[State, Tensor]:
     """The one PGD loop: ``steps`` projected ascent steps on every variable of ``space``.
 
@@ -59,10 +63,11 @@ def pgd(
     only the final state); when it returns a mask, only the rows it keeps are attacked on (a
     per-example space only: the rows of a shared one are never dropped), and the final state
     holds those rows. ``reduce`` sums the gradient of a variable shared by the batch over
-    the processes that hold the rest of it (distributed training). Returns the final state
-    and the mean loss along the way.
-    """
+    the processes that hold the rest of it (distributed training). ``loss``: a name of
+    ``attack_loss`` or ``loss(logits, y)`` per example; ``start``: where to start (not at
+    random). Returns the final state and the mean loss along the way."""
     state = space.random(x, seed, positions) if random_start else space.zeros(x)
+    state = state if start is None else dict(start)
     trace = []
     for it in range(steps + 1):
         last = it == steps
@@ -71,7 +76,7 @@ def pgd(
         state = {k: v.detach().requires_grad_(not last) for k, v in state.items()}
         with torch.set_grad_enabled(not last):
             logits = space.forward(x, state)
-            per_example = attack_loss(loss, logits, y)
+            per_example = attack_loss(loss, logits, y) if isinstance(loss, str) else loss(logits, y)
         trace.append(float(per_example.detach().mean()))
         keep = None if on_iterate is None else on_iterate(logits.detach(), state)
         if last:
@@ -110,9 +115,13 @@ def _pgd_run(
     seed: int,
     positions: Tensor,
     until_broken: bool,
+    start: State | None = None,
+    shift: int = 0,
 ) -> Tensor:
     """One PGD run on the rows ``index``, offering every iterate to ``best``; the loss trace.
-    ``until_broken``: a row is dropped from the run as soon as it is misclassified."""
+    ``until_broken``: a row is dropped from the run as soon as it is misclassified. ``start``:
+    where a shared run starts (all rows), instead of at random. ``shift`` > 0: a targeted run,
+    class ``c`` pushed to ``c + shift`` (modulo the classes)."""
     live = [index, x[index], y[index]]  # the rows still attacked, their inputs and labels
 
     def offer(logits: Tensor, state: State) -> Tensor | None:
@@ -131,13 +140,30 @@ def _pgd_run(
         y[index],
         steps=steps,
         alpha=alpha,
-        loss=loss,
+        loss=_shared_loss(loss, shift, best.classes) if space.is_shared else loss,
         random_start=random_start,
         seed=seed,
         positions=positions[index.to(positions.device)],
         on_iterate=offer,
+        start=start,
     )
     return trace
+
+
+def _shared_loss(name: str, shift: int, classes: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """A shared attack's loss: ``name`` (or with ``shift`` > 0, class ``c``'s logit pushed
+    above its own toward ``c + shift``), counting 0 for a broken example, which stops pulling
+    (collapsing every example into one class would otherwise satisfy it)."""
+
+    def loss(logits: Tensor, y: Tensor) -> Tensor:
+        if shift == 0:
+            value = attack_loss(name, logits, y)
+        else:
+            pair = logits.gather(1, torch.stack([(y + shift) % classes, y], 1))
+            value = pair[:, 0] - pair[:, 1]
+        return value * (margins(logits.detach(), y) > 0)
+
+    return loss
 
 
 def _runs(
@@ -148,21 +174,58 @@ def _runs(
     positions: Tensor,
     options: AttackOptions,
     until_broken: bool,
+    start: State | None = None,
 ) -> Tensor:
     """Every PGD run (``restarts`` per loss), each on the examples still unbroken (all of
-    them for a shared perturbation); the first run's loss trace."""
+    them for a shared perturbation); with a ``start``, one more run of the first loss from
+    there. The first run's loss trace."""
     runs = ["ce", "margin"] if options.loss == "both" else [options.loss]
     all_rows = torch.arange(len(y), device=x.device)
     trace = torch.zeros(1)
-    for run, loss_name in enumerate(n for n in runs for _ in range(options.restarts)):
+    plan: list[tuple[str, State | None, int]] = [
+        (n, None, 0) for n in runs for _ in range(options.restarts)
+    ]
+    if space.is_shared:  # a class permutation: below the floor one class's share would set
+        shifts = range(1, best.classes)
+        plan += [(runs[0], None, shifts[r % len(shifts)]) for r in range(options.restarts)]
+        plan += [] if start is None else [(runs[0], start, 0)]
+    for run, (loss_name, begin, shift) in enumerate(plan):
         rows = all_rows if space.is_shared else all_rows[best.margins > 0]
         if len(rows) == 0:
             break
         seed = mix(options.seed, "run", run)
-        args = (options.steps, options.alpha, options.starts_at_random, seed)
-        t = _pgd_run(space, x, y, rows, best, loss_name, *args, positions, until_broken)
+        args = (options.steps, options.alpha, options.starts_at_random, seed, positions)
+        t = _pgd_run(space, x, y, rows, best, loss_name, *args, until_broken, begin, shift)
         trace = t if run == 0 else trace
     return trace
+
+
+def _continued(
+    space: JointSpace, x: Tensor, y: Tensor, best: BestSoFar, start: AttackResult
+) -> State:
+    """Offer ``start``'s perturbation (a shared attack's at a budget within this one) to
+    ``best`` as it is; return it scaled out to this threat's budgets, the next run's start."""
+    if start.threat.scope != "shared" or space.threat.scope != "shared":
+        raise ConfigError("start: only a shared-scope attack continues from another one")
+    old, new = start.threat, space.threat
+    if old.replace(eps_x=new.eps_x, eps_w=new.eps_w) != new or not (
+        old.eps_x <= new.eps_x and old.eps_w <= new.eps_w
+    ):
+        raise ConfigError(
+            f"start: a result under {old.describe()} does not fit inside {new.describe()}: "
+            "expected the same threat at budgets no larger"
+        )
+    if start.state is None or start.x_adv.shape != x.shape:
+        raise ConfigError("start: the result of an attack on the same examples was expected")
+    state = {k: start.state.get(k, v) for k, v in space.zeros(x).items()}
+    with torch.no_grad():
+        found = margins(space.forward(x, state), y)
+    best.offer(torch.arange(len(x), device=x.device), found, state, space.inputs(x, state))
+    scaled = {}
+    for key, v in state.items():
+        was, now = (old.eps_x, new.eps_x) if key == INPUT else (old.eps_w, new.eps_w)
+        scaled[key] = space.balls[key].project(v * (now / was)) if was > 0 else v
+    return space.clamp_input(x, scaled)
 
 
 def default_step_size(steps: int) -> float:
@@ -180,6 +243,7 @@ def attack(
     *,
     positions: Tensor | None = None,
     until_broken: bool = False,
+    start: AttackResult | None = None,
     **overrides: Any,
 ) -> AttackResult:
     """Attack ``model`` at ``(x, y)`` under the joint ``threat``; the model is never modified.
@@ -192,6 +256,10 @@ def attack(
     until_broken: stop attacking an example once it is misclassified (per-example threats):
                   whether it breaks is unchanged, but its margin is then the first one found
                   below zero, not the lowest; what evaluation needs, at a fraction of the cost.
+    start:        a shared-scope threat only: the result of this attack on the same examples
+                  under the same threat at budgets no larger; its perturbation is a candidate
+                  here (so the accuracy found is never above its), and, scaled out to this
+                  threat's budgets, the start of one more run (budget continuation).
     """
     options = AttackOptions.of(options, **overrides)
     if not isinstance(until_broken, bool):
@@ -202,21 +270,26 @@ def attack(
     clean = margins(logits, y)
     check_domain(x, threat)
     positions = check_positions(positions, len(x))
+    if start is not None and (not isinstance(start, AttackResult) or options.method != "pgd"):
+        raise ConfigError("start must be an AttackResult, and continues a pgd attack only")
     if options.method == "noise":
         return noise(graph, x, y, threat, clean, options.samples, options.seed, positions)
 
     space = JointSpace(graph, threat, x)
-    best = BestSoFar(space, x, clean, shared=space.is_shared)
+    best = BestSoFar(space, x, clean, shared=space.is_shared, classes=logits.shape[1])
+    begin = None if start is None else _continued(space, x, y, best, start)
     trace = torch.zeros(1)
     if space.balls:
         stop = until_broken and not space.is_shared
-        trace = _runs(space, x, y, best, positions, options, stop)
+        trace = _runs(space, x, y, best, positions, options, stop, begin)
     state = best.state
 
     def deltas(i: int) -> dict[str, Tensor]:
         row = torch.tensor([i], device=x.device)
         return space.materialize(best.x_adv[row], space.select(state, row))
 
-    return AttackResult(
+    result = AttackResult(
         best.x_adv, best.margins, clean, best.margins <= 0, threat, options.method, trace, deltas
     )
+    result.state = state if threat.scope == "shared" else None
+    return result
