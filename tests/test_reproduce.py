@@ -113,7 +113,7 @@ def test_the_report_shows_the_verdicts_and_numbers_of_the_json(reproduced):
         report,
     )
     assert shown == [c["verdict"] for c in document["claims"]]
-    assert len(shown) == len(CLAIMS) == 5
+    assert len(shown) == len(CLAIMS) == 6  # claim 2 on awp and on weight-at
     assert "Rule:" in report and "Holm" in report and "paired" in report
     for c in document["claims"]:
         if c["difference"] is not None:  # None: every budget a floor cell (one epoch)
@@ -130,7 +130,13 @@ def test_the_report_shows_the_verdicts_and_numbers_of_the_json(reproduced):
                 assert all(s <= d for s, d in zip(found.stronger, found.default, strict=True))
     # the claims again on models trained without augmentation, beside the default recipe
     assert "## Sensitivity to the recipe" in report and "no-augmentation (augment=0)" in report
-    assert set(results.methods("no-augmentation")) == {"standard", "pgd-at", "awp", "bound-reg"}
+    assert set(results.methods("no-augmentation")) == {
+        "standard",
+        "pgd-at",
+        "awp",
+        "weight-at",
+        "bound-reg",
+    }
     info = json.loads((out / "models/seed0/no-augmentation/pgd-at/config.json").read_text())
     assert info["config"]["augment"] == 0
     (plain,) = results.of("pgd-at", "no-augmentation")
@@ -175,7 +181,9 @@ def test_the_json_reads_back_into_the_results_it_was_written_from(reproduced):
     _, results, document = reproduced
     assert Results.from_dict(results.to_dict()) == results
     assert {k: document[k] for k in results.to_dict()} == results.to_dict()
-    assert len(results.models) == len(experiment.COMPARISON) + 4  # and the recipe's four
+    assert (
+        len(results.models) == len(experiment.COMPARISON) + 5
+    )  # standard, pgd-at, awp, weight-at, bound-reg again, without augmentation
 
 
 def test_certificates_sit_under_the_attack_on_the_same_examples(reproduced):
@@ -206,15 +214,15 @@ def test_rerun_reuses_models_and_evaluations(reproduced, monkeypatch):
     monkeypatch.setattr(loop, "make_method", lambda config: NoTraining())  # used by any step
     monkeypatch.setattr(running, "evaluate", no_evaluation)
     again = run_experiment(Experiment.quick(**TINY), out, say=messages.append)
-    # the six models, and the four claim models trained without augmentation
-    assert sum("reusing" in m for m in messages) == len(experiment.COMPARISON) + 4
+    # the seven models, and the five claim models trained without augmentation
+    assert sum("reusing" in m for m in messages) == len(experiment.COMPARISON) + 5
     for model, earlier in zip(again.models, results.models, strict=True):
         assert model.accuracy == earlier.accuracy and model.joint == earlier.joint
         assert model.outcomes == earlier.outcomes and model.certified == earlier.certified
     # per main model: 4 views, the joint grid, its certificates, the training threats, 5 key
-    # budgets attacked harder (6 x 12); per recipe model: 4 views and the joint grid (4 x 5)
-    assert all(m.reused for m in again.models) and len(again.models) == 10
-    assert sum(m.evaluations_reused for m in again.models) == 92
+    # budgets attacked harder (7 x 12); per recipe model: 4 views and the joint grid (5 x 5)
+    assert all(m.reused for m in again.models) and len(again.models) == 12
+    assert sum(m.evaluations_reused for m in again.models) == 109
     assert sum(m.evaluations_computed for m in again.models) == 0
 
 
@@ -347,12 +355,12 @@ def test_a_verdict_that_rests_on_a_weak_attack_is_shown_to_change():
     text = "\n".join(stronger_attack(results, {f: f for f in FAMILIES}))
     assert "## Stronger attack" in text and "PGD-20, 2 restarts" in text
     assert "50.0% → 46.0%" in text  # the standard model, default → stronger
-    assert "3 of 5 verdicts change with the stronger attack" in text  # pgd-at's three views
+    assert "3 of 6 verdicts change with the stronger attack" in text  # pgd-at's three views, of 6
     steady = fake(
         {"standard": [range(500)] * 3, "pgd-at": pgd},
         stronger={"standard": [range(500)] * 3, "pgd-at": pgd},
     )
-    assert "0 of 5 verdicts change" in "\n".join(stronger_attack(steady, {f: f for f in FAMILIES}))
+    assert "0 of 6 verdicts change" in "\n".join(stronger_attack(steady, {f: f for f in FAMILIES}))
 
 
 def test_an_undertrained_model_is_kept_out_of_verdicts_and_adjusted_figures_shown():
@@ -469,7 +477,7 @@ def test_a_claim_that_moves_with_the_training_recipe_is_shown_to():
     row = next(line for line in text.splitlines() if line.startswith("| 1 | weight-absolute"))
     assert "supported (-4.0 points)" in row and "no difference shown (+0.0 points)" in row
     assert "no-augmentation (augment=0)" in text
-    assert "3 of 5 verdicts differ between recipes" in text  # pgd-at's three views
+    assert "3 of 6 verdicts differ between recipes" in text  # pgd-at's three views
 
 
 def test_the_toml_example_in_the_docs_is_a_valid_experiment(tmp_path):
@@ -503,6 +511,27 @@ def test_certificates_cached_by_other_bound_code_are_recomputed(reproduced, monk
     assert sum(m.evaluations_computed for m in again.models) == len(main_models)
     for model, earlier in zip(again.models, results.models, strict=True):
         assert model.certified == earlier.certified  # the same bound code: the same numbers
+
+
+def test_attacks_cached_by_other_attack_code_are_recomputed(reproduced, monkeypatch, tmp_path):
+    """A change to the attack code (the shared attack's objective, say) changes
+    ``ATTACK_REVISION``: every cached attack table is computed again, every certificate is
+    still reused, and the same code gives the same numbers."""
+    import shutil
+
+    out, results, _ = reproduced
+    shutil.copytree(out, tmp_path / "copy")
+    monkeypatch.setattr(running, "ATTACK_REVISION", running.ATTACK_REVISION + "-changed")
+    again = run_experiment(Experiment.quick(**TINY), tmp_path / "copy", say=lambda text: None)
+    main_models = [m for m in again.models if m.recipe is None]
+    computed = sum(m.evaluations_computed for m in again.models)
+    reused = sum(m.evaluations_reused for m in again.models)
+    assert reused == len(main_models)  # the certificate tables only
+    assert computed > 0 and computed + reused == sum(
+        m.evaluations_computed + m.evaluations_reused for m in results.models
+    )
+    for model, earlier in zip(again.models, results.models, strict=True):
+        assert model.joint == earlier.joint and model.outcomes == earlier.outcomes
 
 
 def _luminance(rgb) -> float:

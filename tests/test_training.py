@@ -67,12 +67,14 @@ def test_bound_regularizer_lowers_the_weight_term(mnist):
 
 
 # a small, fast run on sklearn's digits, and each robust method's own threat there (the
-# defaults are for MNIST): pgd-at input, joint-at and ibp joint, awp relative shared weights
+# defaults are for MNIST): pgd-at input, joint-at and ibp joint, awp relative shared weights,
+# weight-at per-example absolute weights
 DIGITS = {"data": "digits", "hidden": (64,), "epochs": 3, "batch_size": 64, "lr": 1e-2}
 ROBUST = {
     "pgd-at": {"eps_x": 0.1, "attack_steps": 5},
     "joint-at": {"eps_x": 0.05, "eps_w": 5e-3, "attack_steps": 5},
     "awp": {"eps_w": 0.1},
+    "weight-at": {"eps_w": 2e-2, "attack_steps": 5},
     "ibp": {"eps_x": 0.05, "eps_w": 5e-3},
 }
 
@@ -158,7 +160,9 @@ def test_the_registry_drives_every_list_of_methods(monkeypatch, capsys):
             build_parser().parse_args([command, "--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert "tiny (a throwaway method)" in shown and "tiny (MLP only)" in shown
-    assert "one of the 7 training methods" in " ".join(build_parser().format_help().split())
+    assert f"one of the {len(METHODS)} training methods" in " ".join(
+        build_parser().format_help().split()
+    )
 
 
 def test_python_3_10_reads_config_files_with_tomli(monkeypatch, tmp_path):

@@ -11,13 +11,16 @@ from .space import JointSpace, State
 class BestSoFar:
     """Best-so-far tracker: per example, or for the batch as a whole when Delta is shared."""
 
-    def __init__(self, space: JointSpace, x: Tensor, clean: Tensor, shared: bool) -> None:
+    def __init__(
+        self, space: JointSpace, x: Tensor, clean: Tensor, shared: bool, classes: int = 0
+    ) -> None:
         self.space = space
         self.shared = shared
         self.margins = clean.clone()
         self.state = space.zeros(x)
         self.x_adv = x.clone()
         self.score = self._score(clean)
+        self.classes = classes  # how many the model tells apart (targeted runs' targets)
 
     @staticmethod
     def _score(m: Tensor) -> tuple[int, float]:

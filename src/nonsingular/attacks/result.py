@@ -6,6 +6,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,8 @@ class AttackResult:
     method: str
     loss_trace: Tensor
     _deltas: Callable[[int], dict[str, Tensor]] = field(repr=False)
+    # a shared attack's best point in its own variables: where a larger budget continues
+    state: dict[Any, Tensor] | None = field(default=None, repr=False)
 
     @property
     def clean_accuracy(self) -> float:

@@ -13,7 +13,6 @@ through the per-example threat, which contains it.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from ..errors import ConfigError
 from ..model.graph import VARIABLE, Graph
 from ..model.lemma import perturbed_layers
 from ..model.verify import read_batch, with_gradients
+from ..revision import PACKAGE, code_digest
 from ..threat import Threat
 from .bab import BabResult, bab
 from .closed_form import MarginTerms, closed_form_terms, recursive_terms
@@ -42,14 +42,10 @@ def bound_code_digest(root: Path) -> str:
     certificates, the bit-flip bounds and its model reading with the operators): numbers
     cached by other bound code (``reproduce``'s evaluation caches) are recomputed, never
     reused, with no counter for a change to forget to raise."""
-    digest = hashlib.sha256()
-    for folder in ("certificates", "flips", "model"):
-        for path in sorted((root / folder).rglob("*.py")):
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
+    return code_digest(root, ("certificates", "flips", "model"))
 
 
-REVISION = bound_code_digest(Path(__file__).resolve().parent.parent)
+REVISION = bound_code_digest(PACKAGE)
 
 
 @dataclass

@@ -131,27 +131,46 @@ def _points(
     progress: bool,
 ) -> list[Counts]:
     """This process's counts at every grid point, with a progress bar (running accuracy in
-    one process)."""
+    one process). Points are taken in order of budget, and the lead process attacks every
+    shared-scope point, so that each continues from the results at budgets within its own
+    (``_start``), with the numbers of one process."""
     where = ranks()
     share = dealt(len(x), where)  # this process's examples (all of them in one process)
     positions = torch.arange(len(x))
     bar = tqdm(total=len(grid), disable=None if progress else True, unit="point", desc="evaluate")
-    local: list[Counts] = []
-    for i, threat in enumerate(grid):
+    local: dict[int, Counts] = {}
+    shared: list[AttackResult] = []  # this process's shared-scope results so far
+    for i in sorted(range(len(grid)), key=lambda k: (grid[k].eps_x, grid[k].eps_w)):
+        threat = grid[i]
         if threat.scope == "shared":  # one perturbation for every example: one process's work
-            if where.rank == i % where.world:
-                local.append(_evaluate_point(model, x, y, positions, threat, len(x), len(x), plan))
+            if where.lead:  # all shared points in one place: each continues from the others
+                args = (x, y, positions, threat, len(x), len(x), plan, _start(shared, threat))
+                local[i], found = _evaluate_point(model, *args)
+                shared += [found] if found is not None else []
             else:  # nothing here: the sum over processes is the owner's
-                local.append(Counts.none(len(x), plan))
+                local[i] = Counts.none(len(x), plan)
         else:
             args = (x[share], y[share], positions[share], threat, batch_size, len(x), plan)
-            local.append(_evaluate_point(model, *args))
+            local[i], _ = _evaluate_point(model, *args)
         bar.update(1)
         if not where.many:  # the running accuracy, where this process holds all of it
-            row = local[-1].row(threat, len(x), moved_needed=plan.attack is not None)
+            row = local[i].row(threat, len(x), moved_needed=plan.attack is not None)
             bar.set_postfix({c: f"{row.value(c):.1%}" for c in plan.columns})
     bar.close()
-    return local
+    return [local[i] for i in range(len(grid))]
+
+
+def _start(done: list[AttackResult], threat: Threat) -> AttackResult | None:
+    """Of the shared-scope results ``done``, the one the attack at ``threat`` continues from:
+    the same threat at budgets no larger, with the fewest examples surviving (None: none)."""
+    within = [
+        r
+        for r in done
+        if r.threat.replace(eps_x=threat.eps_x, eps_w=threat.eps_w) == threat
+        and r.threat.eps_x <= threat.eps_x
+        and r.threat.eps_w <= threat.eps_w
+    ]
+    return min(within, key=lambda r: r.robust_accuracy, default=None)
 
 
 @dataclass
@@ -218,19 +237,32 @@ def _evaluate_point(
     size: int,
     n: int,
     plan: _Plan,
-) -> Counts:
+    start: AttackResult | None = None,
+) -> tuple[Counts, AttackResult | None]:
     """Attack and certify ``x`` in batches of ``size`` (``positions``: each example's place in
-    the data set of ``n``, which seeds its random draws and says where its outcome goes)."""
+    the data set of ``n``, which seeds its random draws and says where its outcome goes).
+    ``start``: a shared attack's result to continue from. Returns the counts and the last
+    batch's attack result (a shared point's only one)."""
     counts = Counts.none(n, plan)
+    res = None
+    if plan.attack is None or plan.attack.method == "noise":
+        start = None
     for batch in _batches(len(x), size):
         where = positions[batch]  # the examples' places in the data set
         if plan.attack is not None:
-            start = time.perf_counter()
+            began = time.perf_counter()
             # an example counts as broken once misclassified: attacking it on is wasted work
             res = run_attack(
-                model, x[batch], y[batch], threat, plan.attack, positions=where, until_broken=True
+                model,
+                x[batch],
+                y[batch],
+                threat,
+                plan.attack,
+                positions=where,
+                until_broken=True,
+                start=start,
             )
-            counts.seconds["attack"] += time.perf_counter() - start
+            counts.seconds["attack"] += time.perf_counter() - began
             if plan.on_attack is not None:
                 plan.on_attack(threat, where, y[batch], res)
             counts.hits["clean"][where] = (res.clean_margins > 0).int().cpu()
@@ -238,10 +270,10 @@ def _evaluate_point(
             trace = res.loss_trace
             counts.moved |= bool(trace.numel() > 1 and trace.max() > trace.min())
         for method in plan.methods:
-            start = time.perf_counter()
+            began = time.perf_counter()
             cert = run_certify(model, x[batch], y[batch], threat, method, plan.options)
-            counts.seconds[method] += time.perf_counter() - start
+            counts.seconds[method] += time.perf_counter() - began
             counts.hits[method][where] = cert.certified.int().cpu()
             if plan.attack is None and method == plan.methods[0]:  # no attack: clean from bounds
                 counts.hits["clean"][where] = (cert.clean_margins > 0).int().cpu()
-    return counts
+    return counts, res

@@ -30,10 +30,15 @@ from ..distributed import alone, gather, mine, ranks
 from ..errors import ConfigError
 from ..evaluation import EvaluationTable, Outcomes, evaluate
 from ..files import exclusive, write_json
+from ..revision import PACKAGE, code_digest
 from ..threat import Threat, grid
 from ..training import train
 from .config import JOINT, Experiment
 from .results import AtKeyBudget, DataInfo, Measured, Results
+
+# the code an attacked number is computed by: the attacks, the model reading under them and
+# evaluate's batching and budget continuation
+ATTACK_REVISION = code_digest(PACKAGE, ("attacks", "model", "flips", "evaluation"))
 
 
 def _weights_hash(model: nn.Module) -> str:
@@ -234,6 +239,8 @@ class _Measure:
             "weights": self.weights,
             "format": 2,  # rows carry per-example outcomes
         }
+        if attack is not None:  # attack numbers cached by other attack code are not reused
+            key.update(attack_code=ATTACK_REVISION)
         if attack is None:  # bounds cached by other bound code are not reused
             key.update(intermediate=exp.intermediate, dtype=exp.cert_dtype, bounds=BOUNDS_REVISION)
 

@@ -142,6 +142,12 @@ class Adversarial(Method):
         return F.cross_entropy(logits, y), logits
 
 
+class WeightAdversarial(Adversarial):
+    """``weight-at``: cross-entropy at the worst per-example l_inf absolute weight perturbation
+    PGD finds (the paper's weight threat, through the lemma), the input left clean; its
+    registry entry forces that threat."""
+
+
 class AWP(Method):
     """Adversarial weight perturbation (Wu et al. 2020): input PGD when ``eps_x > 0``, then one
     normalized gradient step on the weights to the edge of the (default: relative l2, shared)

@@ -11,7 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .methods import AWP, Adversarial, BoundRegularized, IntervalBound, Method, Standard
+from .methods import (
+    AWP,
+    Adversarial,
+    BoundRegularized,
+    IntervalBound,
+    Method,
+    Standard,
+    WeightAdversarial,
+)
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -69,6 +77,17 @@ METHODS: dict[str, TrainingMethod] = {
             "scope": "shared",
             "attack_steps": 10,
         },
+        attacks=True,
+        recipes=True,
+    ),
+    # the paper's weight threat: per-example l_inf absolute weight perturbations (claim 2)
+    "weight-at": TrainingMethod(
+        WeightAdversarial,
+        "per-example l_inf weight PGD adversarial training",
+        "#56B4E9",
+        "X",
+        defaults={"eps_w": 1e-3, "attack_steps": 10},
+        forced={"eps_x": 0.0, "w_mode": "absolute", "w_norm": "linf", "scope": "per-example"},
         attacks=True,
         recipes=True,
     ),
