@@ -1,9 +1,12 @@
+import copy
 import math
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import nonsingular as ns
 from nonsingular import Threat, ThreatError, grid
 
 
@@ -84,3 +87,50 @@ def test_grid_is_the_product_with_eps_x_slowest():
         grid(eps_x=[], eps_w=[0])
     with pytest.raises(ThreatError):
         grid(eps_x=[-1], eps_w=[0])
+
+
+def _rescaled(model: torch.nn.Sequential, c: float) -> torch.nn.Sequential:
+    """The same function with the first layer (weight and bias) times ``c`` and the second
+    layer's weight divided by it: ReLU is positively homogeneous, so nothing the model
+    computes changes, only how its weights are spread between the layers."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[0].weight.mul_(c)
+        other[0].bias.mul_(c)
+        other[2].weight.div_(c)
+    return other
+
+
+@pytest.mark.parametrize("c", [0.25, 8.0])
+def test_relative_and_layer_budgets_are_scale_invariant_and_absolute_ones_are_not(c):
+    """The experiment's scale-invariant weight view: rescaling consecutive ReLU layers (which
+    leaves the function unchanged) leaves attacks and certificates under relative and layer
+    budgets unchanged, while the absolute budget's results move (it is not scale-invariant,
+    so the weight-relative family sits beside the weight-absolute one)."""
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 4)
+    ).double()
+    other = _rescaled(model, c)
+    x = torch.rand(16, 6, dtype=torch.float64)
+    y = model(x).argmax(1)
+    assert torch.allclose(model(x), other(x), atol=1e-12)  # the same function
+    options = {"steps": 20, "restarts": 1, "loss": "margin"}
+    for threat in (
+        Threat(eps_x=0.05, eps_w=0.05, w_mode="relative"),
+        Threat(eps_w=0.05, w_mode="layer"),
+    ):
+        a, b = ns.attack(model, x, y, threat, **options), ns.attack(other, x, y, threat, **options)
+        assert torch.allclose(a.margins, b.margins, atol=1e-9), threat.describe()
+        for method in ("ibp", "crown"):
+            ca, cb = (
+                ns.certify(model, x, y, threat, method),
+                ns.certify(other, x, y, threat, method),
+            )
+            assert torch.allclose(ca.worst, cb.worst, rtol=1e-6, atol=1e-9), (threat, method)
+    absolute = Threat(eps_w=0.05)
+    a, b = ns.attack(model, x, y, absolute, **options), ns.attack(other, x, y, absolute, **options)
+    assert (a.margins - b.margins).abs().max() > 1e-3
+    ca, cb = ns.certify(model, x, y, absolute, "crown"), ns.certify(other, x, y, absolute, "crown")
+    assert (ca.worst - cb.worst).abs().max() > 1e-3

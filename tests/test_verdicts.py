@@ -33,7 +33,11 @@ def flat(rate: float) -> dict[str, list[float]]:
     return out
 
 
-def build(rates: dict[str, list[dict[str, list[float]]]], classes: int = 10) -> Results:
+def build(
+    rates: dict[str, list[dict[str, list[float]]]],
+    classes: int = 10,
+    shared_attack: str = "strong",
+) -> Results:
     """Results from per method, per seed, per family (joint: the grid, eps_x slowest) robust
     accuracies: the first ``rate * N`` examples survive each budget."""
     exp = Experiment(
@@ -68,7 +72,8 @@ def build(rates: dict[str, list[dict[str, list[float]]]], classes: int = 10) -> 
                     stronger=key,
                 )
             )
-    return Results(exp, DataInfo("fake", N, N, (1,), classes), models)
+    data = DataInfo("fake", N, N, (1,), classes)
+    return Results(exp, data, models, shared_attack=shared_attack)
 
 
 def claim(results: Results, model: str, family: str):
@@ -180,20 +185,33 @@ def test_floor_cells_are_marked_and_left_out_of_averages():
     assert not claim(
         build({"standard": [standard] * 3, "pgd-at": pgd}), "pgd-at", "weight-absolute"
     ).floor_cells
-    # shared: 9% and 11% (two single-class collapses) are the floor; 13% is not
+    # shared, by the earlier attack (stopped at a collapse to one class): 9% and 11% (two
+    # single-class collapses) are the floor; 13% is not. By the strong shared attack, which
+    # goes below one class's share, only 0% is
     low = {**flat(0.5), "weight-shared": [1.0, 0.5, 0.09]}
-    for other, floor in ((0.11, True), (0.13, False)):
+    for attack, other, floor in (
+        ("single-class", 0.11, True),
+        ("single-class", 0.13, False),
+        ("strong", 0.11, False),
+    ):
         high = {**flat(0.5), "weight-shared": [1.0, 0.46, other]}
-        v = claim(build({"standard": [low] * 3, "pgd-at": [high] * 3}), "pgd-at", "weight-shared")
+        found = build({"standard": [low] * 3, "pgd-at": [high] * 3}, shared_attack=attack)
+        v = claim(found, "pgd-at", "weight-shared")
         assert [c["floor"] for c in v.per_cell] == [False, floor]
         assert v.difference == pytest.approx(-0.04 if floor else (-0.04 + other - 0.09) / 2)
+    zero = {**flat(0.5), "weight-shared": [1.0, 0.5, 0.0]}
+    v = claim(build({"standard": [zero] * 3, "pgd-at": [zero] * 3}), "pgd-at", "weight-shared")
+    assert [c["floor"] for c in v.per_cell] == [False, True]
     # every budget at the floor: nothing to decide on (with three seeds; with one, too few)
     floored = {**flat(0.5), "weight-shared": [1.0, 0.09, 0.09]}
+    old = {"shared_attack": "single-class"}
     v = claim(
-        build({"standard": [floored] * 3, "pgd-at": [floored] * 3}), "pgd-at", "weight-shared"
+        build({"standard": [floored] * 3, "pgd-at": [floored] * 3}, **old),
+        "pgd-at",
+        "weight-shared",
     )
     assert v.verdict == "excluded" and "floor" in v.reason and v.difference is None
-    v = claim(build({"standard": [floored], "pgd-at": [floored]}), "pgd-at", "weight-shared")
+    v = claim(build({"standard": [floored], "pgd-at": [floored]}, **old), "pgd-at", "weight-shared")
     assert v.verdict == "needs seeds" and len(v.floor_cells) == 2
 
 
@@ -243,3 +261,17 @@ def test_each_claim_gets_a_forest_plot_and_a_per_budget_table(tmp_path):
     assert "| 0 | 0.2 | 0.0% | 0.0% | +0.0 [+0.0, +0.0] | **floor: left out** |" in text
     assert "| 0 | 0.1 | 46.0% | 50.0% | -4.0 [-6.5, -1.5] |  |" in text
     assert "A floor cell is" in text and "forest_claim1_weight-absolute.png" in text
+
+
+def test_results_say_which_shared_attack_made_them():
+    """The shared attack is recorded and read back; files from before it was recorded read as
+    the strong attack's; anything else is refused, never guessed."""
+    from nonsingular.errors import ConfigError
+
+    found = build({"standard": [flat(0.5)] * 3}, shared_attack="single-class")
+    document = found.to_dict()
+    assert Results.from_dict(document).shared_attack == "single-class"
+    del document["shared_attack"]
+    assert Results.from_dict(document).shared_attack == "strong"
+    with pytest.raises(ConfigError, match="shared_attack must be one of strong, single-class"):
+        Results.from_dict({**document, "shared_attack": "weak"})

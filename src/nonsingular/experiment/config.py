@@ -214,7 +214,7 @@ class Experiment:
             ),
             Family(
                 "weight-relative",
-                "weights only, per-example relative (multiplicative noise)",
+                "weights only, per-example relative (scale-invariant; multiplicative noise)",
                 "eps_w",
                 self.eps_w_relative,
                 {"w_mode": "relative"},

@@ -13,6 +13,7 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..errors import ConfigError
 from ..evaluation import Outcomes
 from .config import Experiment
 
@@ -119,6 +120,9 @@ def spread(values: list[Any]) -> Spread:
     return Spread(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
 
 
+SHARED_ATTACKS = ("strong", "single-class")  # which shared attack made a run's numbers
+
+
 @dataclass
 class Results:
     """Every model the experiment measured, in the experiment's work order."""
@@ -129,6 +133,10 @@ class Results:
     seconds: float = 0.0  # this invocation, wall clock
     world_size: int = 1  # processes that shared the work
     run: dict[str, Any] | None = None  # provenance, added when the report is written
+    # the shared attack that made the shared family's numbers: "strong" (loss clipped at broken
+    # examples, class-permutation runs, budget continuation) or "single-class" (the earlier one,
+    # stopped by a collapse to one class; its floor differs: effects.FLOOR_RULE)
+    shared_attack: str = "strong"
 
     def methods(self, recipe: str | None = None) -> list[str]:
         """The methods measured under ``recipe``, in the experiment's order."""
@@ -164,6 +172,7 @@ class Results:
             "seconds": self.seconds,
             "world_size": self.world_size,
             "run": self.run,
+            "shared_attack": self.shared_attack,
         }
 
     @classmethod
@@ -175,4 +184,13 @@ class Results:
             seconds=data["seconds"],
             world_size=data["world_size"],
             run=data["run"],
+            shared_attack=_shared_attack(data.get("shared_attack", "strong")),
         )
+
+
+def _shared_attack(value: object) -> str:
+    if value not in SHARED_ATTACKS:
+        raise ConfigError(
+            f"shared_attack must be one of {', '.join(SHARED_ATTACKS)}, got {value!r}"
+        )
+    return value  # type: ignore[return-value]
