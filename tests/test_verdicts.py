@@ -275,3 +275,32 @@ def test_results_say_which_shared_attack_made_them():
     assert Results.from_dict(document).shared_attack == "strong"
     with pytest.raises(ConfigError, match="shared_attack must be one of strong, single-class"):
         Results.from_dict({**document, "shared_attack": "weak"})
+
+
+def test_figure_bands_are_95_percent_t_intervals_of_the_mean_over_seeds():
+    """A line's band at a budget is mean +- t(0.975, n - 1) sd / sqrt(n): with 3 seeds at
+    10%, 20% and 30% (sd 10 points), t = 4.303 (a printed t table) gives 20 +- 24.84 points,
+    not the +-10 of one sd."""
+    from nonsingular.experiment.report.figures import _plot_lines
+    from nonsingular.experiment.results import spread
+
+    class Axes:
+        def __init__(self):
+            self.bands = []
+
+        def plot(self, *args, **kwargs):
+            pass
+
+        def fill_between(self, x, low, high, **kwargs):
+            self.bands.append((list(low), list(high)))
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    ax = Axes()
+    _plot_lines(ax, (0.0, 0.1), {"standard": spread([[1.0, 0.1], [1.0, 0.2], [1.0, 0.3]])}, "", 3)
+    ((low, high),) = ax.bands
+    assert low[1] == pytest.approx(20 - 24.84, abs=0.01) and high[1] == pytest.approx(
+        44.84, abs=0.01
+    )
+    assert low[0] == pytest.approx(100) and high[0] == pytest.approx(100)

@@ -66,14 +66,22 @@ def seeds_t_p(per_seed: Sequence[float]) -> float:
 def seeds_t_interval(per_seed: Sequence[float], level: float = 0.95) -> tuple[float, float]:
     """The two-sided ``level`` Student-t confidence interval of the mean of the per-seed
     differences (needs two seeds at least): mean +- t(level, n - 1) * sd / sqrt(n)."""
+    values = _seeds(per_seed)
+    mean, sd = float(values.mean()), float(values.std(ddof=1))
+    half = t_half_width(sd, len(values), level)
+    return mean - half, mean + half
+
+
+def t_half_width(sd: float, n: int, level: float = 0.95) -> float:
+    """Half the width of the ``level`` Student-t interval of a mean of ``n`` values with
+    sample sd ``sd``: t(level, n - 1) * sd / sqrt(n) (the figures' bands, the intervals)."""
     from scipy.special import stdtrit  # the inverse of Student's t distribution function
 
-    values = _seeds(per_seed)
     if not 0 < level < 1:
         raise ConfigError(f"a confidence level is between 0 and 1, got {level!r}")
-    mean, sd = float(values.mean()), float(values.std(ddof=1))
-    half = float(stdtrit(len(values) - 1, 0.5 + level / 2)) * sd / math.sqrt(len(values))
-    return mean - half, mean + half
+    if n < 2:
+        raise ConfigError(f"an interval over seeds needs 2 seeds at least, got {n}")
+    return float(stdtrit(n - 1, 0.5 + level / 2)) * sd / math.sqrt(n)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

@@ -10,23 +10,30 @@ import matplotlib
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
 
 from ...files import write_bytes
+from ..effects import LEVEL
 from ..results import Results, Spread
+from ..stats import t_half_width
 from .summary import Summary, caption, style
 
 HEATMAP = "cividis"  # perceptually uniform and colour-blind safe (not red-green)
 
 
-def _plot_lines(ax: Any, budgets: tuple[float, ...], lines: dict[str, Spread], label: str) -> None:
+def _plot_lines(
+    ax: Any, budgets: tuple[float, ...], lines: dict[str, Spread], label: str, seeds: int
+) -> None:
+    """A line per model (its mean over ``seeds``), with the 95% t interval of that mean as
+    a band (``BAND``)."""
     for method, entry in lines.items():
         color, marker = style(method)
         ax.plot(
             budgets, [100 * v for v in entry.mean], marker=marker, ms=4, label=method, color=color
         )
-        if entry.sd is not None:
+        if entry.sd is not None and seeds > 1:
+            half = [t_half_width(s, seeds, LEVEL) for s in entry.sd]
             ax.fill_between(
                 budgets,
-                [100 * (m - s) for m, s in zip(entry.mean, entry.sd, strict=True)],
-                [100 * (m + s) for m, s in zip(entry.mean, entry.sd, strict=True)],
+                [100 * (m - h) for m, h in zip(entry.mean, half, strict=True)],
+                [100 * (m + h) for m, h in zip(entry.mean, half, strict=True)],
                 color=color,
                 alpha=0.15,
             )
@@ -58,7 +65,7 @@ def input_figure(results: Results, summary: Summary, folder: Path) -> str:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     budgets = results.experiment.family("input").budgets
-    _plot_lines(ax, budgets, summary.families["input"], "eps_x (linf)")
+    _plot_lines(ax, budgets, summary.families["input"], "eps_x (linf)", results.seeds)
     ax.set_title("Input-only attacks")
     ax.legend(fontsize=8)
     return _save(fig, folder / "accuracy_vs_eps_x.png", caption(results))
@@ -70,7 +77,7 @@ def weights_figure(results: Results, summary: Summary, folder: Path) -> str:
     fig = Figure(figsize=(5 * len(families), 4))
     axes = fig.subplots(1, len(families), squeeze=False)[0]
     for ax, family in zip(axes, families, strict=True):
-        _plot_lines(ax, family.budgets, summary.families[family.name], "eps_w")
+        _plot_lines(ax, family.budgets, summary.families[family.name], "eps_w", results.seeds)
         ax.set_title(family.label.replace("weights only, ", ""), fontsize=10)
     axes[0].legend(fontsize=8)
     fig.suptitle("Weight-only attacks in three views")

@@ -22,6 +22,9 @@ def _loss(name: str) -> str:
     return LOSS_NAMES.get(name, name)
 
 
+BAND = "95% t interval of the mean over seeds"
+
+
 def caption(results: Results, certified: bool = False, bands: bool = True) -> str:
     """What a figure shows: examples, seeds and, for line plots, what the bands are."""
     data = results.data
@@ -29,7 +32,7 @@ def caption(results: Results, certified: bool = False, bands: bool = True) -> st
     seeds = results.seeds
     text = f"{n} {data.name} test examples, {seeds} seed{'s' if seeds != 1 else ''}"
     if seeds > 1:
-        text += "; mean over seeds" + ("; bands: ± 1 sd over seeds" if bands else "")
+        text += "; mean over seeds" + (f"; bands: {BAND}" if bands else "")
     return text
 
 
