@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo reproduce test bench lint format clean
+.PHONY: install demo reproduce readme test bench lint format clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ CORES = $(shell $(PYTHON) -c "import os; print(len(os.sched_getaffinity(0)))")
 reproduce: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(CORES) \
 		-m nonsingular reproduce --seeds 3 --out runs/reproduce
+
+# the README's results blocks, generated again from the shipped results.json files
+readme: $(STAMP)
+	$(PY) -m nonsingular.experiment.report.readme README.md
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -103,3 +103,57 @@ def test_the_shipped_report_is_regenerated_from_its_results_with_the_same_number
     write_report(Results.from_dict(shipped), tmp_path, rewrite=True)
     assert json.loads((tmp_path / "results.json").read_text()) == shipped
     assert (tmp_path / "report.md").read_text() == (ROOT / folder / "report.md").read_text()
+
+
+def test_the_readme_results_are_generated_from_the_shipped_results():
+    """Every marked results block of the README (table and claim paragraphs) is exactly what
+    ``report.readme`` generates from its folder's results.json: no result is written by hand."""
+    from nonsingular.experiment.report import readme
+
+    text = (ROOT / "README.md").read_text()
+    assert len(readme.BLOCK.findall(text)) == len(marked_tables()) >= 2
+    assert readme.rewritten(text, ROOT) == text, "run `make readme` after changing results"
+
+
+def _verdict(differences: list[float]):
+    from nonsingular.experiment.verdicts import Verdict
+
+    cells = [
+        {"eps_x": 0.0, "eps_w": w, "model": 0.5 + d, "standard": 0.5, "difference": d}
+        | {"interval": [d - 0.01, d + 0.01], "floor": False}
+        for w, d in zip((1e-3, 2e-3, 4e-3), differences, strict=False)
+    ]
+    mean = sum(differences) / len(differences)
+    return Verdict(
+        "1",
+        "pgd-at is less robust than standard",
+        "pgd-at",
+        "weight-absolute",
+        "less robust",
+        "underpowered",
+        seeds=3,
+        metric_model=0.5 + mean,
+        metric_standard=0.5,
+        difference=mean,
+        interval=(mean - 0.03, mean + 0.03),
+        per_seed_differences=(mean, mean, -0.001),
+        p=0.2,
+        p_holm=0.4,
+        cells=[{"eps_x": 0.0, "eps_w": c["eps_w"]} for c in cells],
+        per_cell=cells,
+    )
+
+
+def test_the_claim_paragraph_says_where_a_model_is_below_standard():
+    """The words follow the numbers: "none" only when no budget is below; otherwise how many
+    and which, with their differences; seeds ahead counted from the per-seed differences."""
+    from nonsingular.experiment.report.readme import paragraph
+
+    labels = {"weight-absolute": "weights, absolute"}
+    above = paragraph(_verdict([0.02, 0.01, 0.03]), labels)
+    assert "below standard at none of the 3 budgets" in above
+    assert "ahead in 2 of 3 seeds" in above and "+2.0 points (95% interval -1.0 to +5.0)" in above
+    below = paragraph(_verdict([0.02, -0.004, 0.03]), labels)
+    assert "none" not in below and "below standard at 1 of the 3 budgets" in below
+    assert "eps_w = 0.002: -0.4 points, interval -1.4 to +0.6" in below
+    assert "At the largest budget (eps_w = 0.004) pgd-at holds 53.0% and standard 50.0%" in below

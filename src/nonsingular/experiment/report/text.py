@@ -269,8 +269,10 @@ def checks_section(results: Results, summary: Summary) -> list[str]:
     floor = 1.5 / results.data.classes
     for family in results.experiment.families():
         top = summary.families[family.name]["standard"].mean[-1]
-        # one shared perturbation for every example cannot push accuracy much below chance
-        limit = floor if results.experiment.shared(family.name) else 0.05
+        # the earlier shared attack stopped at a collapse to one class (near chance); the
+        # strong one is held to near zero, as every other threat is
+        earlier = results.shared_attack == "single-class"
+        limit = floor if earlier and results.experiment.shared(family.name) else 0.05
         verdict = "reaches" if top <= limit else "does NOT reach"
         out.append(
             f"- Span, {family.name}: the standard model at the largest budget "
