@@ -302,6 +302,13 @@ def _train_command(out, *extra):
     ]
 
 
+# one thread: a matrix product split over a number of threads that the BLAS picks by the load
+# (MKL's dynamic threading) sums in another order, so two runs of the same training under
+# load can differ in their last bits, which training amplifies; with one thread the reference
+# run and the resumed one do the same arithmetic, and only the resume is tested
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE"}
+
+
 def _completed_epochs(out):
     path = out / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -311,9 +318,9 @@ def _completed_epochs(out):
 @pytest.mark.parametrize("kill_after_epochs, extra_delay", [(1, 0.0), (2, 0.15)])
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, kill_after_epochs, extra_delay):
     reference = tmp_path / "reference"
-    subprocess.run(_train_command(reference), check=True, timeout=300)
+    subprocess.run(_train_command(reference), check=True, timeout=300, env=ONE_THREAD)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_command(killed))
+    proc = subprocess.Popen(_train_command(killed), env=ONE_THREAD)
     deadline = time.time() + 240
     while _completed_epochs(killed) < kill_after_epochs and proc.poll() is None:
         assert time.time() < deadline
@@ -325,7 +332,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, kill_after_ep
     assert 0 < _completed_epochs(killed) < 4
     for line in (killed / "metrics.jsonl").read_text().splitlines():
         json.loads(line)  # every file is whole, never half-written
-    subprocess.run(_train_command(killed, "--resume"), check=True, timeout=300)
+    subprocess.run(_train_command(killed, "--resume"), check=True, timeout=300, env=ONE_THREAD)
     a, _ = checkpoint.load(reference / "model.safetensors")
     b, _ = checkpoint.load(killed / "model.safetensors")
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
