@@ -19,11 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/nonsingular reproduce --quick --out runs/reproduce-quick
 
-# the full experiment, 3 seeds, one process per core (models are dealt to the processes)
+# the full experiment, 8 seeds, one process per core (models are dealt to the processes)
 CORES = $(shell $(PYTHON) -c "import os; print(len(os.sched_getaffinity(0)))")
 reproduce: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(CORES) \
-		-m nonsingular reproduce --seeds 3 --out runs/reproduce
+		-m nonsingular reproduce --seeds 8 --out runs/reproduce
 
 # the README's results blocks, generated again from the shipped results.json files
 readme: $(STAMP)
