@@ -91,25 +91,12 @@ def pgd(
         state = {k: v.detach().requires_grad_(not last) for k, v in state.items()}
         with torch.set_grad_enabled(not last):
             logits = space.forward(x, state)
-            per_example = (
-                attack_loss(loss, logits, y, target)
-                if isinstance(loss, str)
-                else loss(logits, y, target)
-            )
+            per_example = _per_example(loss, logits, y, target)
         trace.append(float(per_example.detach().mean()))
         keep = None if on_iterate is None else on_iterate(logits.detach(), state)
         if last:
             break
-        keys = list(state)
-        # a weight the output does not reach (a dead ReLU branch) gets no gradient: zero; so
-        # does a non-finite one (logits overflowing there), which would step out of the ball
-        grads = torch.autograd.grad(per_example.sum(), [state[k] for k in keys], allow_unused=True)
-        found = {
-            k: torch.zeros_like(state[k]) if g is None else g.nan_to_num(0.0, 0.0, 0.0)
-            for k, g in zip(keys, grads, strict=True)
-        }
-        if reduce is not None:
-            found = {k: g if space.batched[k] else reduce(g) for k, g in found.items()}
+        found = _gradients(space, state, per_example, reduce)
         detached = {k: v.detach() for k, v in state.items()}
         if keep is not None and not space.is_shared and not bool(keep.all()):
             if not bool(keep.any()):
@@ -119,6 +106,38 @@ def pgd(
             found = {k: g[keep] if space.batched[k] else g for k, g in found.items()}
         state = space.step(x, detached, found, alpha)
     return {k: v.detach() for k, v in state.items()}, torch.tensor(trace)
+
+
+def _per_example(
+    loss: str | Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    logits: Tensor,
+    y: Tensor,
+    target: Tensor | None,
+) -> Tensor:
+    return (
+        attack_loss(loss, logits, y, target) if isinstance(loss, str) else loss(logits, y, target)
+    )
+
+
+def _gradients(
+    space: JointSpace,
+    state: State,
+    per_example: Tensor,
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> State:
+    """The gradient of the summed loss in every variable (summed over the processes by
+    ``reduce`` where a variable is shared). A weight the output does not reach (a dead ReLU
+    branch) gets none: zero; so does a non-finite one (logits overflowing there), which would
+    step out of the ball."""
+    keys = list(state)
+    grads = torch.autograd.grad(per_example.sum(), [state[k] for k in keys], allow_unused=True)
+    found = {
+        k: torch.zeros_like(state[k]) if g is None else g.nan_to_num(0.0, 0.0, 0.0)
+        for k, g in zip(keys, grads, strict=True)
+    }
+    if reduce is not None:
+        found = {k: g if space.batched[k] else reduce(g) for k, g in found.items()}
+    return found
 
 
 class _Run(NamedTuple):
@@ -350,6 +369,20 @@ def attack(
     if space.balls:
         stop = until_broken and not space.is_shared
         trace = _runs(space, x, y, best, positions, options, stop, logits, begin)
+    return _result(space, best, x, clean, threat, options.method, trace)
+
+
+def _result(
+    space: JointSpace,
+    best: BestSoFar,
+    x: Tensor,
+    clean: Tensor,
+    threat: Threat,
+    method: str,
+    trace: Tensor,
+) -> AttackResult:
+    """The best point found, as an ``AttackResult`` whose weight deltas are materialized on
+    demand (and, for a shared threat, its state: where a larger budget continues)."""
     state = best.state
 
     def deltas(i: int) -> dict[str, Tensor]:
@@ -357,7 +390,7 @@ def attack(
         return space.materialize(best.x_adv[row], space.select(state, row))
 
     result = AttackResult(
-        best.x_adv, best.margins, clean, best.margins <= 0, threat, options.method, trace, deltas
+        best.x_adv, best.margins, clean, best.margins <= 0, threat, method, trace, deltas
     )
     result.state = state if threat.scope == "shared" else None
     return result
