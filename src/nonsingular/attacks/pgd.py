@@ -360,4 +360,5 @@ def attack(
         best.x_adv, best.margins, clean, best.margins <= 0, threat, options.method, trace, deltas
     )
     result.state = state if threat.scope == "shared" else None
+    result.untouched = space.untouched
     return result
