@@ -88,8 +88,13 @@ def _why_not(node: Node, name: str) -> str:
     op = node.op
     if isinstance(op, ModuleCall):
         own = [k for k, v in node.kwargs.get(PARAMETERS, {}).items() if v == Param(name)]
-        what = own[0] if own else name
-        return f"{what} of {op.label}, which is not a linear map's weight"
+        if own:
+            owner_name, _, leaf = own[0].rpartition(".")
+            owner = op.module.get_submodule(owner_name) if owner_name else op.module
+            return (
+                f"'{leaf}' of a {type(owner).__name__} inside {op.label}, "
+                "not a linear map's weight or bias"
+            )
     return f"read by {node.label}, which is not a linear map"
 
 
