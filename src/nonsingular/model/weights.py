@@ -305,9 +305,47 @@ __all__ = [
     "Coverage",
     "ParameterBudget",
     "WeightChoice",
+    "WeightCoverage",
     "bounded_layers",
     "choose_weights",
     "coverage",
     "module_role",
-    "radius",
+    "weight_coverage",
 ]
+
+
+@dataclass(frozen=True)
+class WeightCoverage:
+    """What a weight threat does to a model's parameters.
+
+    moved:     the parameters it perturbs (``named_parameters`` names, a tied one once).
+    untouched: every other parameter -> why it stays as it is.
+    """
+
+    moved: tuple[str, ...]
+    untouched: dict[str, str]
+
+    def lines(self, limit: int = 12) -> list[str]:
+        """Human lines naming the untouched parameters (at most ``limit`` of them)."""
+        if not self.untouched:
+            return [f"the weight threat moves every parameter ({len(self.moved)})"]
+        out = [
+            f"the weight threat moves {len(self.moved)} parameters and leaves "
+            f"{len(self.untouched)} as they are:"
+        ]
+        out += [f"  {name}: {why}" for name, why in list(self.untouched.items())[:limit]]
+        if len(self.untouched) > limit:
+            out.append(f"  ... and {len(self.untouched) - limit} more (AttackResult.untouched)")
+        return out
+
+
+def weight_coverage(model: nn.Module, x: Tensor, threat: Threat) -> WeightCoverage:
+    """Which parameters of ``model`` (read on inputs like ``x``) ``threat`` moves and which it
+    leaves as they are, with why. Raises ThreatError as attacks do (``choose_weights``)."""
+    from .reader import read_model  # reading builds on this package: imported when asked
+    from .verify import check_batch
+
+    graph = read_model(model, x)
+    check_batch(graph, model, x)
+    choice = choose_weights(graph, threat)
+    return WeightCoverage(tuple(choice.moved), choice.untouched)
