@@ -159,6 +159,81 @@ def test_weights_of_attention_and_recurrent_layers_move_the_logits():
         assert bool((res.margins < res.clean_margins - 1e-6).any()), kind
 
 
+class MixedLayers(nn.Module):
+    """Dense steps each written one way: ``nn.Linear``, ``h @ W``, ``einsum``, ``F.linear``
+    with a transposed parameter, a Linear whose weight is also read by a matmul, or a
+    LayerNorm (no linear weight)."""
+
+    def __init__(self, kinds, widths):
+        super().__init__()
+        self.kinds = kinds
+        self.steps = nn.ModuleList()
+        self.raw = nn.ParameterList()
+        for kind, (a, b) in zip(kinds, zip(widths, widths[1:], strict=False), strict=True):
+            self.steps.append(nn.Linear(a, b) if kind in ("linear", "tied") else nn.LayerNorm(a))
+            self.raw.append(nn.Parameter(torch.randn(a, b) * 0.5))
+
+    def forward(self, x):
+        h = x
+        for kind, step, w in zip(self.kinds, self.steps, self.raw, strict=True):
+            if kind == "linear":
+                h = step(h)
+            elif kind == "matmul":
+                h = h @ w
+            elif kind == "einsum":
+                h = torch.einsum("bi,ij->bj", h, w)
+            elif kind == "transposed":
+                h = F.linear(h, w.t())
+            elif kind == "tied":
+                h = step(h) + 0.5 * (h @ step.weight.T)
+            else:  # layernorm, then the raw matmul so that the width moves on
+                h = step(h) @ w
+            h = torch.tanh(h)
+        return h
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    kinds=st.lists(
+        st.sampled_from(["linear", "matmul", "einsum", "transposed", "tied", "layernorm"]),
+        min_size=1,
+        max_size=4,
+    ),
+    seed=st.integers(0, 2**16),
+    threat=st.sampled_from(list(WEIGHT_THREATS.values())),
+)
+def test_moved_and_untouched_split_the_parameters_and_replay_exactly(kinds, seed, threat):
+    """Whatever way each layer is written, the parameters split into moved (materialized,
+    replayed exactly) and untouched (each with a reason), and ``weight_coverage`` says the
+    same as the attack."""
+    torch.manual_seed(seed)
+    widths = [5] + [int(w) for w in torch.randint(3, 7, (len(kinds),))]
+    model = MixedLayers(kinds, widths).eval()
+    x = torch.rand(3, 5, generator=torch.Generator().manual_seed(seed))
+    y = labels(model, x)
+    names = {n for n, _ in model.named_parameters()}
+    try:
+        covered = ns.weight_coverage(model, x, threat)
+    except ThreatError as exc:  # only when nothing in it is a linear map's weight
+        assert "moves no parameter" in str(exc)
+        return
+    res = ns.attack(model, x, y, threat, steps=3)
+    assert set(covered.moved) | set(covered.untouched) == names
+    assert not set(covered.moved) & set(covered.untouched)
+    assert covered.untouched == res.untouched
+    for i in range(len(x)):
+        assert sorted(res.weight_deltas(i)) == list(covered.moved)
+        replayed = margins(res.replay(model, i), y[i : i + 1])
+        assert abs(float(replayed) - float(res.margins[i])) < 1e-4
+    for i, kind in enumerate(kinds):  # independent of the library: what each way must give
+        raw = f"raw.{i}"
+        assert (raw in covered.moved) == (kind != "linear" and kind != "tied"), (kind, raw)
+        if kind in ("linear", "tied"):
+            assert f"steps.{i}.weight" in covered.moved
+        if kind == "layernorm":
+            assert f"steps.{i}.weight" in covered.untouched
+
+
 def test_a_weight_threat_that_moves_nothing_is_an_error():
     class Scales(nn.Module):
         def __init__(self):

@@ -342,7 +342,6 @@ def attack(
         raise ConfigError("start must be an AttackResult, and continues a pgd or apgd attack only")
     if options.method == "noise":
         return noise(graph, x, y, threat, clean, options.samples, options.seed, positions)
-
     space = JointSpace(graph, threat, x)
     best = BestSoFar(space, x, clean, shared=space.is_shared, classes=logits.shape[1])
     begin = None if start is None else _continued(space, x, y, best, start)
