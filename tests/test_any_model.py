@@ -281,6 +281,45 @@ def test_certificates_refuse_what_they_cannot_bound_with_a_typed_error(kind):
                 ns.certify(model, x, y, threat, method)
 
 
+class TupleOutputs(nn.Module):
+    """An operation returning a tuple of values of the input, then one of its items."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if self.how == "chunk":
+            a, b = x.chunk(2, dim=1)
+        elif self.how == "split":
+            a, b = torch.split(x, 3, dim=1)
+        elif self.how == "unbind":
+            a, b = x.view(-1, 2, 3).unbind(1)
+        else:  # max over a dimension: (values, indices)
+            a, b = x.view(-1, 2, 3).max(dim=1).values, x[:, 3:]
+        return self.fc(a - b)
+
+
+@pytest.mark.parametrize("how", ["chunk", "split", "unbind", "max"])
+def test_a_tuple_of_input_values_is_never_fixed_at_the_centre(how):
+    """Regression: such a node was read as a shape (like ``x.size(0)``) and bounds took its
+    value at the centre of the input box, certifying examples the attack breaks."""
+    torch.manual_seed(0)
+    model, x = TupleOutputs(how).eval(), torch.rand(8, 6)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    threat = Threat(eps_x=0.3)
+    res = ns.attack(model, x, y, threat, steps=30)
+    assert bool(res.success.any())  # the budget is large enough to break some
+    for method in ("ibp", "crown"):
+        try:
+            cert = ns.certify(model, x, y, threat, method)
+        except UnsupportedLayerError:
+            continue
+        assert not bool((cert.certified & res.success).any()), method
+
+
 class ComputedWeight(nn.Module):
     """A Linear layer, then ``F.linear`` with a weight computed from a parameter."""
 
