@@ -13,23 +13,25 @@ forms, chosen per affine node:
 - any other moved parameter (a matmul/einsum operand, attention and recurrent weights, a
   weight also read elsewhere: ``WeightChoice.operands``) is a ``weight`` variable too, and the
   model then runs once per example with that example's copy (``torch.func.vmap``, or a loop
-  over the examples where the graph calls a module as it is): one materialized perturbation
-  per example, every operation that reads the parameter reading the same copy.
+  over the examples where it calls an RNN module, which vmap cannot batch): one materialized
+  perturbation per example, every operation that reads the parameter reading the same copy.
 
 Attacks and adversarial training walk its variables; nothing here branches on the weight mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..balls import Ball, make_ball
 from ..errors import InputError
-from ..model.graph import VARIABLE, Graph
+from ..model.graph import Graph
 from ..model.lemma import LayerBudget, nonnegative_nodes, tied
 from ..model.operators.call import ModuleCall
 from ..model.weights import choose_weights
@@ -254,8 +256,8 @@ class JointSpace:
         training: bool,
     ) -> Tensor:
         """``forward`` one example at a time, each with its own copy of the moved parameters
-        (``operands``): vmapped, or a loop where the graph calls a module as it is (an RNN has
-        no batching rule, a Transformer layer's fast path no derivative under vmap)."""
+        (``operands``): vmapped (attention on its composite path: the fused fast path has no
+        derivative under vmap), or a loop where vmap cannot go (an RNN has no batching rule)."""
         if record is None and training is False and _vmappable(graph):
             batched = {k: v for k, v in state.items() if self.batched[k]}
             shared = {k: v for k, v in state.items() if not self.batched[k]}
@@ -265,7 +267,10 @@ class JointSpace:
                 return self.forward(x_row[None], row, graph=graph)[0]
 
             try:
-                return torch.func.vmap(one)(x, batched)
+                with _attention_fast_path(False), warnings.catch_warnings():
+                    # vmap runs an operation without a batching rule as a loop, and says so
+                    warnings.filterwarnings("ignore", "There is a performance drop because")
+                    return torch.func.vmap(one)(x, batched)
             except (RuntimeError, TypeError, ValueError, NotImplementedError):
                 graph.cache["vmappable"] = False  # an operation vmap cannot batch: loop
         rows = []
@@ -324,13 +329,30 @@ def _single_vector_nodes(graph: Graph, x: Tensor) -> set[int]:
 
 
 def _vmappable(graph: Graph) -> bool:
-    """Whether ``graph`` may run under ``torch.func.vmap``: no module called as it is (until
-    a vmapped run fails, then never again for this graph)."""
+    """Whether ``graph`` may run under ``torch.func.vmap``: no RNN module among the modules it
+    calls as they are (until a vmapped run fails, then never again for this graph)."""
     if "vmappable" not in graph.cache:
+        called = [n.op.module for n in graph.nodes if isinstance(n.op, ModuleCall)]
         graph.cache["vmappable"] = not any(
-            n.kind == VARIABLE and isinstance(n.op, ModuleCall) for n in graph.nodes
+            isinstance(m, nn.RNNBase) for module in called for m in module.modules()
         )
     return graph.cache["vmappable"]
+
+
+@contextlib.contextmanager
+def _attention_fast_path(enabled: bool) -> Iterator[None]:
+    """PyTorch's fused attention fast path on or off inside (restored after, even on errors):
+    its kernels have no derivative under vmap; the composite path computes the same function."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def _with_tensors(budget: LayerBudget, graph: Graph, threat: Threat) -> LayerBudget:
