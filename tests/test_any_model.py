@@ -157,6 +157,7 @@ def test_weights_of_attention_and_recurrent_layers_move_the_logits():
         moved = set(res.weight_deltas(0))
         assert moved and all(any(n == m or n.startswith(m + ".") for m in layers) for n in moved)
         assert bool((res.margins < res.clean_margins - 1e-6).any()), kind
+    assert torch.backends.mha.get_fastpath_enabled()  # turned off inside vmap only, restored
 
 
 class MixedLayers(nn.Module):
