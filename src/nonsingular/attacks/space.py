@@ -12,8 +12,8 @@ forms, chosen per affine node:
 - shared parameters (a ``weight`` variable, ``W.shape``): one perturbation for the whole batch;
 - any other moved parameter (a matmul/einsum operand, attention and recurrent weights, a
   weight also read elsewhere: ``WeightChoice.operands``) is a ``weight`` variable too, and the
-  model then runs once per example with that example's copy (``torch.func.vmap``, or a loop
-  over the examples where it calls an RNN module, which vmap cannot batch): one materialized
+  model then runs once per example with that example's copy (``torch.func.vmap``, RNNs
+  unrolled over time; a loop over the examples where vmap fails): one materialized
   perturbation per example, every operation that reads the parameter reading the same copy.
 
 Attacks and adversarial training walk its variables; nothing here branches on the weight mode.
@@ -27,13 +27,13 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..balls import Ball, make_ball
 from ..errors import InputError
 from ..model.graph import Graph
 from ..model.lemma import LayerBudget, nonnegative_nodes, tied
-from ..model.operators.call import ModuleCall
+from ..model.operators.recurrent import unrolled_recurrent
 from ..model.weights import choose_weights
 from ..seeds import generator, mix, per_example
 from ..threat import Threat
@@ -257,7 +257,8 @@ class JointSpace:
     ) -> Tensor:
         """``forward`` one example at a time, each with its own copy of the moved parameters
         (``operands``): vmapped (attention on its composite path: the fused fast path has no
-        derivative under vmap), or a loop where vmap cannot go (an RNN has no batching rule)."""
+        derivative under vmap; RNNs unrolled over time: their fused kernels have no batching
+        rule), or a loop over the examples where vmap still fails."""
         if record is None and training is False and _vmappable(graph):
             batched = {k: v for k, v in state.items() if self.batched[k]}
             shared = {k: v for k, v in state.items() if not self.batched[k]}
@@ -267,7 +268,7 @@ class JointSpace:
                 return self.forward(x_row[None], row, graph=graph)[0]
 
             try:
-                with _attention_fast_path(False), warnings.catch_warnings():
+                with _attention_fast_path(False), unrolled_recurrent(), warnings.catch_warnings():
                     # vmap runs an operation without a batching rule as a loop, and says so
                     warnings.filterwarnings("ignore", "There is a performance drop because")
                     return torch.func.vmap(one)(x, batched)
@@ -329,14 +330,9 @@ def _single_vector_nodes(graph: Graph, x: Tensor) -> set[int]:
 
 
 def _vmappable(graph: Graph) -> bool:
-    """Whether ``graph`` may run under ``torch.func.vmap``: no RNN module among the modules it
-    calls as they are (until a vmapped run fails, then never again for this graph)."""
-    if "vmappable" not in graph.cache:
-        called = [n.op.module for n in graph.nodes if isinstance(n.op, ModuleCall)]
-        graph.cache["vmappable"] = not any(
-            isinstance(m, nn.RNNBase) for module in called for m in module.modules()
-        )
-    return graph.cache["vmappable"]
+    """Whether ``graph`` may run under ``torch.func.vmap`` (until a vmapped run fails, then
+    never again for this graph: a loop over the examples instead)."""
+    return graph.cache.get("vmappable", True)
 
 
 @contextlib.contextmanager
