@@ -282,6 +282,32 @@ def test_certificates_refuse_what_they_cannot_bound_with_a_typed_error(kind):
                 ns.certify(model, x, y, threat, method)
 
 
+class ShapeReads(nn.Module):
+    """A Linear whose weight's shape (not values) the forward also reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x.view(-1, self.fc.weight.shape[1]))
+        return self.head(torch.relu(h).reshape(x.size(0), self.fc.weight.size(0)))
+
+
+def test_reading_a_weights_shape_keeps_its_layer_bounded():
+    """``W.shape``/``W.size()`` do not move with ``W``: the layer keeps the lemma and bounds."""
+    torch.manual_seed(17)
+    model, x = ShapeReads().eval(), torch.rand(4, 6, generator=torch.Generator().manual_seed(17))
+    y = labels(model, x)
+    threat = Threat(eps_x=0.02, eps_w=0.01)
+    check_sound(model, x, y, threat, ["ibp", "crown"])
+    assert set(ns.attack(model, x, y, threat, steps=3).weight_deltas(0)) == {
+        "fc.weight",
+        "head.weight",
+    }
+
+
 class TupleOutputs(nn.Module):
     """An operation returning a tuple of values of the input, then one of its items."""
 

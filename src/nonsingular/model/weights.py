@@ -84,6 +84,21 @@ def _role(node: Node, operand: Param | Ref) -> str | None:
     return None
 
 
+SHAPE_READS = frozenset({"shape", "ndim", "dtype", "device", "layout", "is_cuda"})
+SHAPE_METHODS = frozenset({torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel})
+
+
+def _reads_shape_only(node: Node) -> bool:
+    """Whether ``node`` reads only its tensor's shape (``W.shape``, ``W.size(0)``): a value no
+    weight perturbation changes."""
+    op = node.op
+    if not isinstance(op, Call) or not node.args:
+        return False
+    if op.fn is getattr:
+        return len(node.args) == 2 and node.args[1] in SHAPE_READS
+    return op.fn in SHAPE_METHODS
+
+
 def _why_not(node: Node, name: str) -> str:
     op = node.op
     if isinstance(op, ModuleCall):
@@ -141,6 +156,7 @@ def _coverage(graph: Graph) -> Coverage:
             n.kind == VARIABLE
             and isinstance(n.op, Affine)
             and name in (n.op.weight_name, n.op.bias_name)
+            or _reads_shape_only(n)
             for n in uses.get(name, [])
         )
         if found and not direct:
