@@ -145,7 +145,7 @@ def test_weights_of_attention_and_recurrent_layers_move_the_logits():
     """A weight-only attack restricted to the attention or recurrent weights (no Linear
     around them moved) still lowers margins: those weights are really perturbed."""
     for kind, layers in (
-        ("transformer-encoder", ["encoder.layers.0.self_attn"]),
+        ("transformer-encoder", ["encoder.layers.0.self_attn"]),  # in_proj and out_proj
         ("multihead-attention", ["attn"]),
         ("lstm", ["rnn"]),
         ("gru", ["rnn.weight_hh_l1"]),
@@ -156,6 +156,8 @@ def test_weights_of_attention_and_recurrent_layers_move_the_logits():
         res = ns.attack(model, x, y, Threat(eps_w=0.1, layers=layers), steps=6, loss="margin")
         moved = set(res.weight_deltas(0))
         assert moved and all(any(n == m or n.startswith(m + ".") for m in layers) for n in moved)
+        if kind == "transformer-encoder":  # a module name selects every weight inside it
+            assert {n.rsplit(".", 1)[-1] for n in moved} == {"in_proj_weight", "weight"}
         assert bool((res.margins < res.clean_margins - 1e-6).any()), kind
     assert torch.backends.mha.get_fastpath_enabled()  # turned off inside vmap only, restored
 

@@ -54,7 +54,8 @@ class Threat:
              (one Delta for the whole batch or data set).
     layers:  None for every parameter that enters a linear map (Linear/Conv weights, matmul
              and einsum operands, attention and LSTM/GRU weights: ``model/weights.py``), or
-             parameter / module names (``"0.weight"`` or ``"0"``).
+             parameter / module names (``"0.weight"``, ``"0"``; a module selects every
+             weight inside it, at any depth).
     bias:    also perturb the biases of the chosen weights' linear maps (same mode, own
              budget eps_w).
     flips:   bit flips instead of eps_w: at most ``flips`` flips of bits of the integers of the

@@ -232,9 +232,10 @@ def _selected(graph: Graph, cov: Coverage, threat: Threat) -> set[str]:
     by_name: dict[str, set[str]] = {}
     names = {**{n: n for n in graph.tensors}, **graph.aliases}
     for alias, canonical in names.items():
-        if canonical in weights:
-            by_name.setdefault(alias, set()).add(canonical)
-            by_name.setdefault(_module_of(alias), set()).add(canonical)
+        if canonical in weights:  # the name itself and every module holding it, at any depth
+            parts = alias.split(".")
+            for n in [alias] + [".".join(parts[:k]) for k in range(1, len(parts))]:
+                by_name.setdefault(n, set()).add(canonical)
     unknown = [n for n in threat.layers if n not in by_name]
     if unknown:
         movable = ", ".join(sorted(weights)) or "none"
