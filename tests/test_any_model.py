@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nonsingular as ns
-from nonsingular import Threat
+from nonsingular import Threat, ThreatError, UnsupportedLayerError
 from nonsingular.attacks import margins
 from nonsingular.model import read_model
 from nonsingular.model.catalog import MODULES
@@ -20,7 +20,7 @@ from nonsingular.model.catalog import MODULES
 from .conftest import assert_state_equal, state_copy
 from .test_attacks import in_ball
 from .test_certificates import TOL, check_sound, random_margins
-from .zoo import ZOO
+from .zoo import NEVER_MOVED, OTHER_WEIGHTS, ZOO
 
 THREATS = {
     "absolute": Threat(eps_x=0.03, eps_w=0.01),
@@ -96,6 +96,295 @@ def test_certificates_are_sound_on_every_kind(kind):
         Threat(eps_x=0.1, x_norm="l2", eps_w=0.02, w_mode="relative"),
     ):
         check_sound(model, x, y, threat, ["ibp", "crown", "alpha-crown"])
+
+
+# ------------------------------------------------------------- weights outside Linear/Conv
+WEIGHT_THREATS = {
+    "absolute": Threat(eps_x=0.03, eps_w=0.05),
+    "relative-l2": Threat(eps_w=0.2, w_norm="l2", w_mode="relative"),
+    "bias": Threat(eps_w=0.05, bias=True),
+    "shared": Threat(eps_x=0.03, eps_w=0.05, scope="shared"),
+}
+
+
+def is_bias(name):
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf.startswith("bias") or leaf in ("in_proj_bias", "b3")
+
+
+@pytest.mark.parametrize("threat", list(WEIGHT_THREATS))
+@pytest.mark.parametrize("kind", list(OTHER_WEIGHTS))
+def test_every_parameter_is_moved_or_listed_with_why(kind, threat):
+    """Every parameter is either perturbed (its materialized delta nonzero where the example
+    is attacked, inside the ball, replayed exactly through the unmodified model) or listed as
+    untouched with a reason."""
+    model, x = OTHER_WEIGHTS[kind]()
+    y = labels(model, x)
+    threat = WEIGHT_THREATS[threat]
+    before = state_copy(model)
+    res = ns.attack(model, x, y, threat, steps=6, loss="margin")
+    assert_state_equal(model, before)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    left = NEVER_MOVED[kind] | (set() if threat.bias else {n for n in params if is_bias(n)})
+    assert set(res.untouched) == left
+    assert all(isinstance(why, str) and why for why in res.untouched.values())
+    for i in range(len(x)):
+        deltas = res.weight_deltas(i)
+        assert set(deltas) == set(params) - left
+        for name, delta in deltas.items():
+            assert delta.shape == params[name].shape
+            if res.clean_margins[i] > 0:  # an example already broken is not attacked
+                assert float(delta.abs().max()) > 0, name
+            assert in_ball(threat, params[name], delta), name
+        replayed = margins(res.replay(model, i), y[i : i + 1])
+        assert abs(float(replayed) - float(res.margins[i])) < 1e-4
+    assert bool((res.margins < res.clean_margins - 1e-6).any())
+
+
+def test_weights_of_attention_and_recurrent_layers_move_the_logits():
+    """A weight-only attack restricted to the attention or recurrent weights (no Linear
+    around them moved) still lowers margins: those weights are really perturbed."""
+    for kind, layers in (
+        ("transformer-encoder", ["encoder.layers.0.self_attn"]),  # in_proj and out_proj
+        ("multihead-attention", ["attn"]),
+        ("lstm", ["rnn"]),
+        ("gru", ["rnn.weight_hh_l1"]),
+        ("einsum-matmul", ["W1", "W2"]),
+    ):
+        model, x = OTHER_WEIGHTS[kind]()
+        y = labels(model, x)
+        res = ns.attack(model, x, y, Threat(eps_w=0.1, layers=layers), steps=6, loss="margin")
+        moved = set(res.weight_deltas(0))
+        assert moved and all(any(n == m or n.startswith(m + ".") for m in layers) for n in moved)
+        if kind == "transformer-encoder":  # a module name selects every weight inside it
+            assert {n.rsplit(".", 1)[-1] for n in moved} == {"in_proj_weight", "weight"}
+        assert bool((res.margins < res.clean_margins - 1e-6).any()), kind
+    assert torch.backends.mha.get_fastpath_enabled()  # turned off inside vmap only, restored
+
+
+class MixedLayers(nn.Module):
+    """Dense steps each written one way: ``nn.Linear``, ``h @ W``, ``einsum``, ``F.linear``
+    with a transposed parameter, a Linear whose weight is also read by a matmul, or a
+    LayerNorm (no linear weight)."""
+
+    def __init__(self, kinds, widths):
+        super().__init__()
+        self.kinds = kinds
+        self.steps = nn.ModuleList()
+        self.raw = nn.ParameterList()
+        for kind, (a, b) in zip(kinds, zip(widths, widths[1:], strict=False), strict=True):
+            self.steps.append(nn.Linear(a, b) if kind in ("linear", "tied") else nn.LayerNorm(a))
+            self.raw.append(nn.Parameter(torch.randn(a, b) * 0.5))
+
+    def forward(self, x):
+        h = x
+        for kind, step, w in zip(self.kinds, self.steps, self.raw, strict=True):
+            if kind == "linear":
+                h = step(h)
+            elif kind == "matmul":
+                h = h @ w
+            elif kind == "einsum":
+                h = torch.einsum("bi,ij->bj", h, w)
+            elif kind == "transposed":
+                h = F.linear(h, w.t())
+            elif kind == "tied":
+                h = step(h) + 0.5 * (h @ step.weight.T)
+            else:  # layernorm, then the raw matmul so that the width moves on
+                h = step(h) @ w
+            h = torch.tanh(h)
+        return h
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    kinds=st.lists(
+        st.sampled_from(["linear", "matmul", "einsum", "transposed", "tied", "layernorm"]),
+        min_size=1,
+        max_size=4,
+    ),
+    seed=st.integers(0, 2**16),
+    threat=st.sampled_from(list(WEIGHT_THREATS.values())),
+)
+def test_moved_and_untouched_split_the_parameters_and_replay_exactly(kinds, seed, threat):
+    """Whatever way each layer is written, the parameters split into moved (materialized,
+    replayed exactly) and untouched (each with a reason), and ``weight_coverage`` says the
+    same as the attack."""
+    torch.manual_seed(seed)
+    widths = [5] + [int(w) for w in torch.randint(3, 7, (len(kinds),))]
+    model = MixedLayers(kinds, widths).eval()
+    x = torch.rand(3, 5, generator=torch.Generator().manual_seed(seed))
+    y = labels(model, x)
+    names = {n for n, _ in model.named_parameters()}
+    try:
+        covered = ns.weight_coverage(model, x, threat)
+    except ThreatError as exc:  # only when nothing in it is a linear map's weight
+        assert "moves no parameter" in str(exc)
+        return
+    res = ns.attack(model, x, y, threat, steps=3)
+    assert set(covered.moved) | set(covered.untouched) == names
+    assert not set(covered.moved) & set(covered.untouched)
+    assert covered.untouched == res.untouched
+    for i in range(len(x)):
+        assert sorted(res.weight_deltas(i)) == list(covered.moved)
+        replayed = margins(res.replay(model, i), y[i : i + 1])
+        assert abs(float(replayed) - float(res.margins[i])) < 1e-4
+    for i, kind in enumerate(kinds):  # independent of the library: what each way must give
+        raw = f"raw.{i}"
+        assert (raw in covered.moved) == (kind != "linear" and kind != "tied"), (kind, raw)
+        if kind in ("linear", "tied"):
+            assert f"steps.{i}.weight" in covered.moved
+        if kind == "layernorm":
+            assert f"steps.{i}.weight" in covered.untouched
+
+
+def test_a_weight_threat_that_moves_nothing_is_an_error():
+    class Scales(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(6)
+            self.scale = nn.Parameter(torch.ones(6))
+
+        def forward(self, x):
+            return (self.norm(x) * self.scale)[:, :3]
+
+    x = torch.rand(4, 6)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ThreatError, match="eps_w=0.01 moves no parameter of Scales.*norm.weight"):
+        ns.attack(Scales(), x, y, Threat(eps_w=0.01))
+    with pytest.raises(ThreatError, match="moves no parameter"):
+        ns.certify(Scales(), x, y, Threat(eps_w=0.01), "ibp")
+    assert ns.attack(Scales(), x, y, Threat(eps_x=0.01)).untouched == {}  # no weight budget
+    model, x = OTHER_WEIGHTS["einsum-matmul"]()  # biases only, and bias=False: nothing
+    y = labels(model, x)
+    with pytest.raises(ThreatError, match="movable weights: W1, W2, W3"):
+        ns.attack(model, x, y, Threat(eps_w=0.01, layers=["shift"]))
+
+
+def test_layers_naming_a_parameter_no_threat_moves_lists_the_movable_ones():
+    model, x = OTHER_WEIGHTS["transformer-encoder"]()
+    y = labels(model, x)
+    name = "encoder.layers.0.norm1.weight"
+    with pytest.raises(ThreatError, match=f"'{name}', which no weight threat moves.*LayerNorm"):
+        ns.attack(model, x, y, Threat(eps_w=0.01, layers=[name]))
+    with pytest.raises(ThreatError, match="movable weights: embed.weight, encoder.layers.0"):
+        ns.attack(model, x, y, Threat(eps_w=0.01, layers=[name]))
+    with pytest.raises(ThreatError, match="not a weight of this model"):
+        ns.attack(model, x, y, Threat(eps_w=0.01, layers=["encoder.nope"]))
+
+
+@pytest.mark.parametrize("kind", list(OTHER_WEIGHTS))
+def test_certificates_refuse_what_they_cannot_bound_with_a_typed_error(kind):
+    """Bounds never ignore a moved parameter or an operation they cannot follow: an RNN's or
+    attention's tuple output is bounded as a value (never fixed at the input's centre)."""
+    model, x = OTHER_WEIGHTS[kind]()
+    y = labels(model, x)
+    for threat in (Threat(eps_x=0.01, eps_w=0.01), Threat(eps_x=0.01)):
+        for method in ("ibp", "crown"):
+            with pytest.raises(UnsupportedLayerError):
+                ns.certify(model, x, y, threat, method)
+
+
+class ShapeReads(nn.Module):
+    """A Linear whose weight's shape (not values) the forward also reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x.view(-1, self.fc.weight.shape[1]))
+        return self.head(torch.relu(h).reshape(x.size(0), self.fc.weight.size(0)))
+
+
+def test_reading_a_weights_shape_keeps_its_layer_bounded():
+    """``W.shape``/``W.size()`` do not move with ``W``: the layer keeps the lemma and bounds."""
+    torch.manual_seed(17)
+    model, x = ShapeReads().eval(), torch.rand(4, 6, generator=torch.Generator().manual_seed(17))
+    y = labels(model, x)
+    threat = Threat(eps_x=0.02, eps_w=0.01)
+    check_sound(model, x, y, threat, ["ibp", "crown"])
+    assert set(ns.attack(model, x, y, threat, steps=3).weight_deltas(0)) == {
+        "fc.weight",
+        "head.weight",
+    }
+
+
+class TupleOutputs(nn.Module):
+    """An operation returning a tuple of values of the input, then one of its items."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if self.how == "chunk":
+            a, b = x.chunk(2, dim=1)
+        elif self.how == "split":
+            a, b = torch.split(x, 3, dim=1)
+        elif self.how == "unbind":
+            a, b = x.view(-1, 2, 3).unbind(1)
+        else:  # max over a dimension: (values, indices)
+            a, b = x.view(-1, 2, 3).max(dim=1).values, x[:, 3:]
+        return self.fc(a - b)
+
+
+@pytest.mark.parametrize("how", ["chunk", "split", "unbind", "max"])
+def test_a_tuple_of_input_values_is_never_fixed_at_the_centre(how):
+    """Regression: such a node was read as a shape (like ``x.size(0)``) and bounds took its
+    value at the centre of the input box, certifying examples the attack breaks."""
+    torch.manual_seed(0)
+    model, x = TupleOutputs(how).eval(), torch.rand(8, 6)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    threat = Threat(eps_x=0.3)
+    res = ns.attack(model, x, y, threat, steps=30)
+    assert bool(res.success.any())  # the budget is large enough to break some
+    for method in ("ibp", "crown"):
+        try:
+            cert = ns.certify(model, x, y, threat, method)
+        except UnsupportedLayerError:
+            continue
+        assert not bool((cert.certified & res.success).any()), method
+
+
+class ComputedWeight(nn.Module):
+    """A Linear layer, then ``F.linear`` with a weight computed from a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.w = nn.Parameter(torch.randn(3, 8) * 0.3)
+
+    def forward(self, x):
+        return F.linear(torch.relu(self.fc(x)), self.w * 2.0)
+
+
+def test_certificates_on_weights_they_follow_are_sound_against_the_full_attack():
+    """Bounds refuse a threat moving ``w`` (computed weight); restricted to ``fc`` they answer,
+    soundly against attacks and random materialized perturbations, and the attack moving
+    ``w`` as well never ends above the certified margin of the restricted threat by more than
+    the extra budget allows (it only adds freedom: its margins are lower or equal)."""
+    torch.manual_seed(16)
+    model, x = (
+        ComputedWeight().eval(),
+        torch.rand(4, 6, generator=torch.Generator().manual_seed(16)),
+    )
+    y = labels(model, x)
+    full = Threat(eps_x=0.02, eps_w=0.01)
+    with pytest.raises(UnsupportedLayerError, match="moves 'w'"):
+        ns.certify(model, x, y, full, "crown")
+    part = full.replace(layers=("fc",))
+    check_sound(model, x, y, part, ["ibp", "crown", "alpha-crown"])
+    bound = ns.certify(model, x, y, part, "crown").worst.float()
+    res = ns.attack(model, x, y, full, steps=20, loss="margin")
+    assert set(res.weight_deltas(0)) == {"fc.weight", "w"}
+    for i in range(len(x)):
+        replayed = margins(res.replay(model, i), y[i : i + 1])
+        assert abs(float(replayed) - float(res.margins[i])) < 1e-5
+    restricted = ns.attack(model, x, y, part, steps=20, loss="margin")
+    assert bool((bound <= restricted.margins + TOL).all())
 
 
 # ------------------------------------------------------------------------------ random graphs

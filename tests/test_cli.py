@@ -25,6 +25,22 @@ def run(capsys, *args):
     return code, out, err
 
 
+def test_evaluate_names_the_parameters_the_weight_threat_leaves(capsys, ckpt, standard_mlp):
+    common = ["evaluate", "--checkpoint", str(ckpt), "--test-size", "20", "--steps", "2"]
+    common += ["--quiet", "--device", "cpu", "--eps-w", "0.002"]
+    names = [n for n, _ in standard_mlp.named_parameters()]
+    biases = [n for n in names if n.endswith(".bias")]
+    assert biases
+    code, out, err = run(capsys, *common)
+    assert code == 0, err
+    assert f"moves {len(names) - len(biases)} parameters and leaves {len(biases)}" in out
+    for name in biases:
+        assert f"  {name}: a bias: moved with bias=True" in out
+    code, out, err = run(capsys, *common, "--bias")
+    assert code == 0, err
+    assert f"the weight threat moves every parameter ({len(names)})" in out
+
+
 def test_evaluate_a_checkpoint_prints_a_table_and_writes_json(capsys, ckpt, tmp_path):
     out_path = tmp_path / "r.json"
     code, out, err = run(

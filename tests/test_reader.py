@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nonsingular as ns
-from nonsingular import InputError, Threat, ThreatError, UnsupportedLayerError
+from nonsingular import InputError, Threat, UnsupportedLayerError
 from nonsingular.errors import UnsupportedModelError
 from nonsingular.model import check_batch, read_model
 from nonsingular.model.graph import Param, Ref, compile_template, slots
@@ -228,7 +228,7 @@ def test_operations_without_relaxations_are_attacked_but_not_certified():
         read_model(model, x)
 
 
-def test_weights_a_threat_cannot_move_exactly_are_refused_by_name():
+def test_weights_computed_or_read_elsewhere_are_moved_as_copies_and_bounds_refuse_them():
     class Computed(nn.Module):
         def __init__(self):
             super().__init__()
@@ -245,12 +245,22 @@ def test_weights_a_threat_cannot_move_exactly_are_refused_by_name():
         def forward(self, x):
             return self.fc(x) + x @ self.fc.weight.T
 
-    x, y = torch.rand(2, 4), torch.tensor([0, 1])
-    with pytest.raises(ThreatError, match="computes its weight in forward"):
-        ns.attack(Computed(), x, y, Threat(eps_w=0.01))
+    torch.manual_seed(0)
+    x = torch.rand(2, 4)
+    for model, name in ((Computed(), "w"), (Shared(), "fc.weight")):
+        with torch.no_grad():
+            y = model(x).argmax(1)  # both right: both attacked
+        res = ns.attack(model, x, y, Threat(eps_w=0.05), steps=5)
+        for i in range(len(x)):
+            delta = res.weight_deltas(i)[name]
+            assert float(delta.abs().max()) > 0  # moved, inside the ball
+            assert float(delta.abs().max()) <= 0.05 * (1 + 1e-6)
+            logits = res.replay(model, i)[0]
+            margin = logits[y[i]] - logits.scatter(0, y[i : i + 1], float("-inf")).max()
+            assert abs(float(margin) - float(res.margins[i])) < 1e-5
+        with pytest.raises(UnsupportedLayerError, match=f"moves '{name}'"):
+            ns.certify(model, x, y, Threat(eps_w=0.01))
     assert ns.attack(Computed(), x, y, Threat(eps_x=0.01)).margins.shape == (2,)
-    with pytest.raises(ThreatError, match="'fc.weight' is also read by Tensor.t|'fc.weight'"):
-        ns.certify(Shared(), x, y, Threat(eps_w=0.01))
 
 
 def test_a_float32_near_tie_is_never_certified():

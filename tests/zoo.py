@@ -217,3 +217,116 @@ ZOO = {
     "tied-linear": tied,
     "reused-relu": reused_relu,
 }
+
+
+# ------------------------------------------------------------- weights outside Linear/Conv
+class Einsum(nn.Module):
+    """Raw ``nn.Parameter``s in einsum, ``@`` (one of them transposed first), F.linear with a
+    computed weight; ``shift`` is only added (not a linear map's) and ``unused`` never read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W1 = nn.Parameter(torch.randn(6, 8) * 0.5)
+        self.shift = nn.Parameter(torch.randn(8) * 0.1)
+        self.W2 = nn.Parameter(torch.randn(5, 8) * 0.4)
+        self.W3 = nn.Parameter(torch.randn(3, 5) * 0.5)
+        self.b3 = nn.Parameter(torch.randn(3) * 0.1)
+        self.unused = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(torch.einsum("bi,ij->bj", x, self.W1) + self.shift)
+        h = torch.tanh(h @ self.W2.t())
+        return F.linear(h, self.W3 * 2.0, self.b3)
+
+
+class Encoder(nn.Module):
+    """A Linear embedding, an ``nn.TransformerEncoder`` (self-attention, feed-forward,
+    LayerNorms), a mean over positions and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(dim=1))
+
+
+class Attention(nn.Module):
+    """``nn.MultiheadAttention`` called directly (query, key, value), its output's first item."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(5, 1, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(out[:, -1])
+
+
+class Recurrent(nn.Module):
+    """An LSTM (bidirectional) or GRU (two layers) over the sequence, a Linear on its last
+    output."""
+
+    def __init__(self, cell: str) -> None:
+        super().__init__()
+        if cell == "lstm":
+            self.rnn: nn.RNNBase = nn.LSTM(5, 6, batch_first=True, bidirectional=True)
+            width = 12
+        else:
+            self.rnn = nn.GRU(5, 6, num_layers=2, batch_first=True)
+            width = 6
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def einsum() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(11)
+    return _init(Einsum(), 11), _images(11, 6)
+
+
+def transformer() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(12)
+    return _init(Encoder(), 12), _images(12, 3, 5)
+
+
+def attention() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(13)
+    return _init(Attention(), 13), _images(13, 3, 5)
+
+
+def lstm() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(14)
+    return _init(Recurrent("lstm"), 14), _images(14, 3, 5)
+
+
+def gru() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(15)
+    return _init(Recurrent("gru"), 15), _images(15, 3, 5)
+
+
+# weights that enter linear maps other than a Linear/Conv module's: attacks move them (one
+# materialized copy per example), bounds refuse them; what stays out, and why it must
+OTHER_WEIGHTS = {
+    "einsum-matmul": einsum,
+    "transformer-encoder": transformer,
+    "multihead-attention": attention,
+    "lstm": lstm,
+    "gru": gru,
+}
+# the parameters no weight threat moves in each (their names as ``named_parameters`` gives)
+NEVER_MOVED = {
+    "einsum-matmul": {"shift", "unused"},
+    "transformer-encoder": {
+        f"encoder.layers.0.norm{i}.{p}" for i in (1, 2) for p in ("weight", "bias")
+    },
+    "multihead-attention": set(),
+    "lstm": set(),
+    "gru": set(),
+}

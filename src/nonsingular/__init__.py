@@ -18,6 +18,7 @@ from .errors import (
 )
 from .evaluation import EvaluationTable, Outcomes, evaluate
 from .flips import FlipAttackResult, FlipsTo, Quantization, flips_to, quantize, quantized
+from .model.weights import WeightCoverage, weight_coverage
 from .threat import Threat, grid
 from .training import TrainConfig, TrainResult, train
 
@@ -47,6 +48,7 @@ __all__ = [
     "TrainResult",
     "UnsupportedLayerError",
     "UnsupportedModelError",
+    "WeightCoverage",
     "attack",
     "bab",
     "certify",
@@ -56,4 +58,5 @@ __all__ = [
     "quantize",
     "quantized",
     "train",
+    "weight_coverage",
 ]

@@ -52,9 +52,12 @@ class Threat:
              ``w_norm="l2"``: ``||Delta||_F <= eps_w`` (absolute) or ``eps_w*||W||_F`` (relative).
     scope:   ``per-example`` (the adversary picks Delta for each input) or ``shared``
              (one Delta for the whole batch or data set).
-    layers:  None for every Linear/Conv1d/Conv2d weight, or parameter / module names
-             (``"0.weight"`` or ``"0"``).
-    bias:    also perturb the biases of the chosen layers (same mode, own budget eps_w).
+    layers:  None for every parameter that enters a linear map (Linear/Conv weights, matmul
+             and einsum operands, attention and LSTM/GRU weights: ``model/weights.py``), or
+             parameter / module names (``"0.weight"``, ``"0"``; a module selects every
+             weight inside it, at any depth).
+    bias:    also perturb the biases of the chosen weights' linear maps (same mode, own
+             budget eps_w).
     flips:   bit flips instead of eps_w: at most ``flips`` flips of bits of the integers of the
              chosen weights of a quantized model (``nonsingular.quantize``; see
              docs/quantization.md). Exclusive with ``eps_w``.

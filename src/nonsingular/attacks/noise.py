@@ -60,4 +60,5 @@ def noise(
         "noise",
         torch.tensor(trace),
         deltas,
+        untouched=space.untouched,
     )

@@ -361,7 +361,6 @@ def attack(
         raise ConfigError("start must be an AttackResult, and continues a pgd or apgd attack only")
     if options.method == "noise":
         return noise(graph, x, y, threat, clean, options.samples, options.seed, positions)
-
     space = JointSpace(graph, threat, x)
     best = BestSoFar(space, x, clean, shared=space.is_shared, classes=logits.shape[1])
     begin = None if start is None else _continued(space, x, y, best, start)
@@ -393,4 +392,5 @@ def _result(
         best.x_adv, best.margins, clean, best.margins <= 0, threat, method, trace, deltas
     )
     result.state = state if threat.scope == "shared" else None
+    result.untouched = space.untouched
     return result

@@ -35,6 +35,9 @@ class AttackResult:
                     not yet broken, and it ends when none are left); ``[0.]`` when it attacks
                     nothing. noise: the mean negative margin of each draw (``samples`` values; empty
                     when the threat perturbs nothing). A flat trace is suspicious.
+    untouched:      every parameter of the model the weight threat leaves as it is, with why
+                    (not a linear map's, a bias without ``bias=True``, left out by ``layers``);
+                    empty when the threat has no weight budget.
     """
 
     x_adv: Tensor
@@ -47,6 +50,7 @@ class AttackResult:
     _deltas: Callable[[int], dict[str, Tensor]] = field(repr=False)
     # a shared attack's best point in its own variables: where a larger budget continues
     state: dict[Any, Tensor] | None = field(default=None, repr=False)
+    untouched: dict[str, str] = field(default_factory=dict)
 
     @property
     def clean_accuracy(self) -> float:

@@ -9,14 +9,21 @@ forms, chosen per affine node:
   example, per-example scope, its weight read by no other node: as cheap as an input attack;
 - per-example parameters (a ``weight`` variable, ``(B, *W.shape)``): convolutions, Linear over
   several positions, and tied weights (one tensor read by several nodes, perturbed once);
-- shared parameters (a ``weight`` variable, ``W.shape``): one perturbation for the whole batch.
+- shared parameters (a ``weight`` variable, ``W.shape``): one perturbation for the whole batch;
+- any other moved parameter (a matmul/einsum operand, attention and recurrent weights, a
+  weight also read elsewhere: ``WeightChoice.operands``) is a ``weight`` variable too, and the
+  model then runs once per example with that example's copy (``torch.func.vmap``, RNNs
+  unrolled over time; a loop over the examples where vmap fails): one materialized
+  perturbation per example, every operation that reads the parameter reading the same copy.
 
 Attacks and adversarial training walk its variables; nothing here branches on the weight mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -25,7 +32,9 @@ from torch import Tensor
 from ..balls import Ball, make_ball
 from ..errors import InputError
 from ..model.graph import Graph
-from ..model.lemma import LayerBudget, nonnegative_nodes, perturbed_layers, tied
+from ..model.lemma import LayerBudget, nonnegative_nodes, tied
+from ..model.operators.recurrent import unrolled_recurrent
+from ..model.weights import choose_weights
 from ..seeds import generator, mix, per_example
 from ..threat import Threat
 
@@ -108,10 +117,21 @@ class JointSpace:
         if threat.eps_x > 0:
             self.balls[INPUT] = make_ball(threat.x_norm, threat.eps_x, batch_dims=1)
             self.batched[INPUT] = True
-        budgets = perturbed_layers(graph, threat)
+        choice = choose_weights(graph, threat)
+        self.untouched = choice.untouched  # parameters the threat leaves as they are, and why
+        self.operands: list[str] = []  # per-example parameters the model runs row by row with
+        budgets = choice.budgets
+        one_weight = shared_weights or threat.scope == "shared"
+        for p in choice.operands:
+            key = Variable("weight", p.name)
+            self.balls[key] = p.ball(batch_dims=0 if one_weight else 1)
+            self.batched[key] = not one_weight
+            if one_weight:
+                self.shared[p.name] = key
+            else:
+                self.operands.append(p.name)
         if not budgets:
             return
-        one_weight = shared_weights or threat.scope == "shared"
         several = tied(budgets)
         single = _single_vector_nodes(graph, x)
         nonnegative = nonnegative_nodes(graph, threat.bounds is not None and threat.bounds[0] >= 0)
@@ -207,6 +227,8 @@ class JointSpace:
         the perturbation is added to. training: BatchNorm's batch statistics and Dropout.
         """
         graph = self.graph if graph is None else graph
+        if self.operands and len(x) > 1:
+            return self._rows(x, state, record, graph, training)
         overrides = {}
         for k, (budget, key, nonnegative) in self.lemma.items():
             live = _with_tensors(budget, graph, self.threat)
@@ -214,14 +236,50 @@ class JointSpace:
         for k, budget in self.per_example.items():
             overrides[k] = self._per_example(budget, graph, state)
         tensors = None
-        if self.shared:
+        if self.shared or self.operands:
             tensors = dict(graph.tensors)
             for name, key in self.shared.items():
                 tensors[name] = tensors[name] + state[key]
+            for name in self.operands:  # one example here: its own copy
+                tensors[name] = tensors[name] + state[Variable("weight", name)][0]
         x_in = self.inputs(x, state)
         return graph.run(
             x_in, tensors=tensors, overrides=overrides, record=record, training=training
         )
+
+    def _rows(
+        self,
+        x: Tensor,
+        state: State,
+        record: Callable[[int, Tensor], None] | None,
+        graph: Graph,
+        training: bool,
+    ) -> Tensor:
+        """``forward`` one example at a time, each with its own copy of the moved parameters
+        (``operands``): vmapped (attention on its composite path: the fused fast path has no
+        derivative under vmap; RNNs unrolled over time: their fused kernels have no batching
+        rule), or a loop over the examples where vmap still fails."""
+        if record is None and training is False and _vmappable(graph):
+            batched = {k: v for k, v in state.items() if self.batched[k]}
+            shared = {k: v for k, v in state.items() if not self.batched[k]}
+
+            def one(x_row: Tensor, rows: State) -> Tensor:
+                row = {**shared, **{k: v[None] for k, v in rows.items()}}
+                return self.forward(x_row[None], row, graph=graph)[0]
+
+            try:
+                with _attention_fast_path(False), unrolled_recurrent(), warnings.catch_warnings():
+                    # vmap runs an operation without a batching rule as a loop, and says so
+                    warnings.filterwarnings("ignore", "There is a performance drop because")
+                    return torch.func.vmap(one)(x, batched)
+            except (RuntimeError, TypeError, ValueError, NotImplementedError):
+                graph.cache["vmappable"] = False  # an operation vmap cannot batch: loop
+        rows = []
+        for i in range(len(x)):
+            index = torch.tensor([i], device=x.device)
+            part = self.select(state, index)
+            rows.append(self.forward(x[index], part, record, graph=graph, training=training))
+        return torch.cat(rows)
 
     @staticmethod
     def _per_example(budget: LayerBudget, graph: Graph, state: State) -> Callable[[Tensor], Tensor]:
@@ -269,6 +327,28 @@ def _single_vector_nodes(graph: Graph, x: Tensor) -> set[int]:
             values = graph.values(x[:1])
         graph.cache[key] = {n.index for n in graph.affine_nodes if n.op.one_vector(values[n.first])}
     return graph.cache[key]
+
+
+def _vmappable(graph: Graph) -> bool:
+    """Whether ``graph`` may run under ``torch.func.vmap`` (until a vmapped run fails, then
+    never again for this graph: a loop over the examples instead)."""
+    return graph.cache.get("vmappable", True)
+
+
+@contextlib.contextmanager
+def _attention_fast_path(enabled: bool) -> Iterator[None]:
+    """PyTorch's fused attention fast path on or off inside (restored after, even on errors):
+    its kernels have no derivative under vmap; the composite path computes the same function."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def _with_tensors(budget: LayerBudget, graph: Graph, threat: Threat) -> LayerBudget:

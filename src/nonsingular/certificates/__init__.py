@@ -159,7 +159,8 @@ def _default_chunk(graph: Graph, x: Tensor, method: str) -> int:
         return max(1, len(x))
     with torch.no_grad():
         values = graph.values(x[:1])
-    widest = max((values[n.index].numel() for n in graph.nodes if n.kind == VARIABLE), default=1)
+    tensors = [values[n.index] for n in graph.nodes if n.kind == VARIABLE]
+    widest = max((v.numel() for v in tensors if isinstance(v, Tensor)), default=1)
     per_example = 2 * widest * max(widest, x[0].numel())  # (2 neurons, node) per example
     return max(1, min(len(x), (1 << 25) // per_example))
 

@@ -16,6 +16,7 @@ from ..distributed import ranks
 from ..errors import ConfigError
 from ..evaluation import EvaluationTable, ExampleSaver, evaluate
 from ..evaluation.examples import sidecar
+from ..model.weights import WeightCoverage, weight_coverage
 from ..provenance import provenance
 from ..threat import grid
 from . import common
@@ -31,7 +32,20 @@ def prepare(args: argparse.Namespace) -> tuple[list, Any, Any, Any]:
     return threats, data, model, where
 
 
-def report(args: argparse.Namespace, table: EvaluationTable, data: Dataset) -> None:
+def coverage(threats: list, model: Any, x: Any) -> WeightCoverage | None:
+    """What the grid's weight threats move (they share layers and bias: the first one with a
+    weight budget says it for all), checked before any work: a weight threat that moves
+    nothing, or ``--layers`` naming what no threat moves, stops here."""
+    weighted = [t for t in threats if t.eps_w > 0]
+    return weight_coverage(model, x, weighted[0]) if weighted else None
+
+
+def report(
+    args: argparse.Namespace,
+    table: EvaluationTable,
+    data: Dataset,
+    covered: WeightCoverage | None = None,
+) -> None:
     if not ranks().lead:  # every process holds the whole table: one writes and prints it
         return
     if args.out is not None:
@@ -42,6 +56,8 @@ def report(args: argparse.Namespace, table: EvaluationTable, data: Dataset) -> N
         about = provenance(args.argv, data, split_seed=args.seed, checkpoint=made)
         table.save(args.out, world_size=ranks().world, provenance=about)
     print(table)
+    if covered is not None:
+        print("\n".join(covered.lines()))
     for column in table.columns():
         kind = "attacked" if column == "attacked" else f"certified ({column})"
         print(f"\n{kind} accuracy (rows eps_x, columns eps_w):")
@@ -60,6 +76,7 @@ def evaluate_and_report(
     """What ``evaluate`` and ``certify`` share: load, evaluate the grid, print and save (and
     the adversarial examples ``saver`` kept, to ``args.save_examples``)."""
     threats, data, model, where = prepare(args)
+    covered = coverage(threats, model, data.x_test[:2].to(where))
     table = evaluate(
         model,
         (data.x_test.to(where), data.y_test.to(where)),
@@ -71,7 +88,7 @@ def evaluate_and_report(
         progress=not args.quiet,
         on_attack=saver,
     )
-    report(args, table, data)
+    report(args, table, data, covered)
     if saver is not None and ranks().lead:
         saver.save(args.save_examples)
         print(f"wrote {args.save_examples} and {sidecar(args.save_examples)}")

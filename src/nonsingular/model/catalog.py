@@ -25,7 +25,7 @@ from ..errors import UnsupportedLayerError
 from .graph import Param
 from .operators.affine import Affine
 from .operators.base import Operator
-from .operators.call import ModuleCall
+from .operators.call import PARAMETERS, ModuleCall
 from .operators.elementwise import Elementwise
 from .operators.linear import Identity, LinearMap
 from .operators.normalization import BatchNorm, LayerNorm
@@ -229,5 +229,9 @@ def module_operator(module: nn.Module, name: str, args: tuple, kwargs: dict[str,
         if getattr(module, "inplace", False) is True:  # its write is read by inplace.py
             module = copy.copy(module)  # a shallow copy: the user's module keeps inplace=True
             module.inplace = False
-        return ModuleCall(module, label), args, kwargs
+        prefix = f"{name}." if name else ""
+        parameters = {
+            n: Param(prefix + n) for n, _ in module.named_parameters(remove_duplicate=False)
+        }
+        return ModuleCall(module, label), args, {**kwargs, PARAMETERS: parameters}
     return build(module, name, label, args[0])

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from ..balls import Ball, make_ball
-from ..errors import ThreatError
 from ..threat import Threat
 from .graph import Graph, Node
 from .operators.affine import Affine
@@ -33,6 +32,17 @@ from .operators.pooling import MaxPool
 # the most elements of ``L C^T`` (``LayerBudget.coupled_support``) held at once: rows of ``lam``
 # are taken in chunks below it
 JOINT_ELEMENTS = 1 << 24
+
+
+def radius(threat: Threat, p: Tensor) -> Tensor:
+    """The radius of ``threat``'s ball around the parameter ``p``: 0-dim, or elementwise
+    (relative linf)."""
+    eps = torch.tensor(threat.eps_w, dtype=p.dtype, device=p.device)
+    if threat.w_mode == "absolute":
+        return eps
+    if threat.w_mode == "layer":
+        return eps * p.abs().max()
+    return eps * (p.abs() if threat.w_norm == "linf" else p.norm())  # relative
 
 
 @dataclass
@@ -83,18 +93,10 @@ class LayerBudget:
     def from_threat(cls, node: Node, graph: Graph, threat: Threat) -> LayerBudget:
         op: Affine = node.op  # type: ignore[assignment]
 
-        def radius(p: Tensor) -> Tensor:
-            eps = torch.tensor(threat.eps_w, dtype=p.dtype, device=p.device)
-            if threat.w_mode == "absolute":
-                return eps
-            if threat.w_mode == "layer":
-                return eps * p.abs().max()
-            return eps * (p.abs() if threat.w_norm == "linf" else p.norm())  # relative
-
         weight = graph.tensors[op.weight_name]  # type: ignore[index]
         bias = graph.tensors[op.bias_name] if op.bias_name else None
-        bias_radius = radius(bias) if threat.bias and bias is not None else None
-        return cls(node, weight, bias, threat.w_norm, radius(weight), bias_radius)
+        bias_radius = radius(threat, bias) if threat.bias and bias is not None else None
+        return cls(node, weight, bias, threat.w_norm, radius(threat, weight), bias_radius)
 
     def _through_layer(self, h_abs: Tensor, radius: Tensor) -> Tensor:
         """``R |h|`` through the layer's linear map (cheap forms for a uniform radius)."""
@@ -303,68 +305,17 @@ def _center_radius(h: Box, unit: float, positions: int) -> tuple[Tensor, Tensor]
     return center, radius
 
 
-def _module_of(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
 def perturbed_layers(graph: Graph, threat: Threat) -> list[LayerBudget]:
-    """The affine nodes ``threat`` perturbs, with their budgets (empty when ``eps_w == 0``).
+    """The Linear/Conv layers ``threat`` perturbs, with their budgets, for bounds (empty when
+    ``eps_w == 0``); ``weights.choose_weights`` checks the threat against the model.
 
-    Raises ThreatError when the threat names something that is not a weight of the model, or
-    would perturb a weight that is computed in ``forward`` or read outside a linear layer
-    (its perturbation would not be the model's).
+    Raises ThreatError when the threat names something no weight threat moves, or moves
+    nothing; UnsupportedLayerError when it moves parameters bounds cannot follow (a matmul
+    operand, attention or recurrent weights, a weight also read elsewhere).
     """
-    affine = graph.affine_nodes
-    if threat.layers is None:
-        chosen = affine
-    else:  # names are checked even with no weight budget: a typo is never ignored
-        by_name: dict[str, set[int]] = {}
-        names = {**{n: n for n in graph.tensors}, **graph.aliases}
-        for node in affine:
-            op: Affine = node.op  # type: ignore[assignment]
-            for alias, canonical in names.items():
-                if canonical == op.weight_name:
-                    by_name.setdefault(alias, set()).add(node.index)
-                    by_name.setdefault(_module_of(alias), set()).add(node.index)
-        unknown = [n for n in threat.layers if n not in by_name]
-        if unknown:
-            known = ", ".join(sorted({n.op.weight_name for n in affine if n.op.weight_name}))  # type: ignore[union-attr]
-            hint = " (biases follow bias=True)" if any(n.endswith(".bias") for n in unknown) else ""
-            raise ThreatError(
-                f"threat.layers names {', '.join(unknown)}, which is not a weight of this "
-                f"model{hint}; weights: {known}"
-            )
-        wanted = set().union(*(by_name[n] for n in threat.layers))
-        chosen = [n for n in affine if n.index in wanted]
-    if threat.eps_w == 0:
-        return []
-    _check_perturbable(graph, chosen, threat)
-    return [LayerBudget.from_threat(node, graph, threat) for node in chosen]
+    from .weights import bounded_layers  # weights.py builds on this module
 
-
-def _check_perturbable(graph: Graph, chosen: list[Node], threat: Threat) -> None:
-    uses = graph.uses()
-    for node in chosen:
-        op: Affine = node.op  # type: ignore[assignment]
-        if op.weight_name is None:
-            raise ThreatError(
-                f"{op.label} computes its weight in forward (it is not a parameter of the model), "
-                "so a weight threat cannot perturb it; pass Threat(layers=[...]) naming the "
-                "layers to perturb"
-            )
-        names = [op.weight_name] + ([op.bias_name] if threat.bias and op.bias_name else [])
-        for name in names:
-            for reader in uses.get(name, []):
-                other = reader.op
-                if not isinstance(other, Affine) or name not in (
-                    other.weight_name,
-                    other.bias_name,
-                ):
-                    raise ThreatError(
-                        f"parameter '{name}' is also read by {reader.label}, not as the weight of "
-                        "a linear layer: perturbing it only in its layers would not be the "
-                        "model's perturbation; leave it out with Threat(layers=[...])"
-                    )
+    return bounded_layers(graph, threat)
 
 
 def tied(budgets: list[LayerBudget]) -> set[str]:

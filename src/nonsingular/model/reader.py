@@ -363,8 +363,8 @@ def _classify(graph: Graph, x: Tensor) -> None:
         depends[node.index] = any(depends[i] for i in node.refs)
         if not depends[node.index]:
             node.kind = CONSTANT
-        elif isinstance(values[node.index], Tensor):
-            node.kind = VARIABLE
+        elif _holds_tensor(values[node.index]):  # a tuple of tensors (an RNN's, attention's)
+            node.kind = VARIABLE  # is bounded as a value, never fixed at the centre like a size
         else:
             node.kind = SHAPE
         if isinstance(values[node.index], Tensor):  # the dtype torch computes it in
@@ -376,3 +376,14 @@ def _classify(graph: Graph, x: Tensor) -> None:
         raise UnsupportedModelError(
             f"{graph.model_name}.forward must return a tensor of logits computed from its input"
         )
+
+
+def _holds_tensor(value: Any) -> bool:
+    """Whether ``value`` is a tensor or a tuple, list or dict holding one."""
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
