@@ -35,6 +35,7 @@ from .ibp import ibp_margins, interval_bounds
 from .options import BAB_SECONDS, BOUNDS, METHODS, CertifyOptions, check_method
 from .region import InputRegion
 from .rounding import certificate_unit, exact_products
+from .support import check_bounded
 
 
 def bound_code_digest(root: Path) -> str:
@@ -135,6 +136,8 @@ def certify(
     graph, x, y, logits = read_batch(model, x, y)
     classes = logits.shape[1]
     check_domain(x, threat)
+    perturbed_layers(graph, threat)  # a threat that does not fit the model, said first
+    check_bounded(graph)
     if method == "bab":
         found = bab(model, x, y, threat, time_limit=options.time_limit, dtype=dtype)
         return CertifyResult(found.lower, method, threat, margins(logits, y))

@@ -45,7 +45,7 @@ from ..seeds import mix
 from .augment import random_shift
 from .config import TrainConfig
 from .fit import check_fits
-from .methods import Batch
+from .methods import Batch, deployed
 from .registry import make_method
 from .state import load_state, restore, save_state
 
@@ -337,7 +337,8 @@ def _objective(model: nn.Module, method: Any, where: Ranks, x: torch.Tensor) -> 
     objective = _Objective(model, method)
     if not where.many:
         return objective
-    used = read_model(model, x).uses()
+    with deployed(model):
+        used = read_model(model, x).uses()
     unused = any(name not in used for name, _ in model.named_parameters())
     return DistributedDataParallel(objective, find_unused_parameters=unused)
 
