@@ -24,6 +24,7 @@ from ..attacks.space import check_domain, margins
 from ..errors import ConfigError
 from ..model.graph import VARIABLE, Graph
 from ..model.lemma import perturbed_layers
+from ..model.select import Selector, selecting
 from ..model.verify import read_batch, with_gradients
 from ..revision import PACKAGE, code_digest
 from ..threat import Threat
@@ -111,6 +112,8 @@ def certify(
     threat: Threat,
     method: str = "crown",
     options: CertifyOptions | None = None,
+    *,
+    logits: Selector | None = None,
     **overrides: Any,
 ) -> CertifyResult:
     """Certified lower bounds on the margins of ``model`` at ``(x, y)`` under ``threat``.
@@ -119,10 +122,13 @@ def certify(
     ``options``: ``CertifyOptions`` (intermediate, batch_size, dtype, time_limit); ``overrides``
     replace some of them by name (``certify(..., dtype=torch.float32)``). ``nonsingular.bab``
     also says which examples bab found broken, with their counterexamples. The model is read
-    from its real graph, checked against ``model(x)``, and never modified.
+    from its real graph, checked against ``model(x)``, and never modified. ``logits``: for a
+    model returning a dict or tuple, the key or index of its logits (or a function of its
+    output returning them).
     """
     check_method(method)
     options = CertifyOptions.of(options, **overrides)
+    model = selecting(model, logits)
     intermediate, dtype = options.intermediate, options.dtype
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")

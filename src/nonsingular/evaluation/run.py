@@ -18,29 +18,25 @@ from ..certificates import CertifyOptions
 from ..certificates import certify as run_certify
 from ..certificates.options import check_method
 from ..checks import MAX_BATCH, integer
-from ..data import Dataset
+from ..data import Dataset, Examples, examples
 from ..distributed import dealt, ranks, summed
 from ..distributed import total as distributed_total
 from ..errors import ConfigError, InputError
+from ..model.select import Selector, selecting
 from ..model.verify import with_gradients
 from ..threat import Threat
 from .outcomes import Outcomes
 from .table import EvaluationTable, Row, check
 
-Data = Dataset | tuple[Tensor, Tensor]
 OnAttack = Callable[[Threat, Tensor, Tensor, AttackResult], None]
 DEFAULT_ATTACK = AttackOptions()
 
 
-def _tensors(data: Data) -> tuple[Tensor, Tensor]:
+def _tensors(data: Examples) -> tuple[Tensor, Tensor]:
+    """A nonsingular Dataset's test split; every other form of data whole."""
     if isinstance(data, Dataset):
         return data.x_test, data.y_test
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return data[0], data[1]
-    raise InputError(
-        f"data must be a nonsingular Dataset or an (x, y) pair of tensors, "
-        f"got {type(data).__name__}"
-    )
+    return examples(data)
 
 
 def _batches(n: int, size: int) -> Iterable[slice]:
@@ -80,7 +76,7 @@ def _plan(
 @with_gradients
 def evaluate(
     model: nn.Module,
-    data: Data,
+    data: Examples,
     grid: Sequence[Threat],
     attack: AttackOptions | None = DEFAULT_ATTACK,
     *,
@@ -89,10 +85,12 @@ def evaluate(
     batch_size: int = 1000,
     progress: bool = True,
     on_attack: OnAttack | None = None,
+    logits: Selector | None = None,
 ) -> EvaluationTable:
     """Clean, attacked and certified accuracy of ``model`` at every threat of ``grid``.
 
-    data: a Dataset (its test split) or ``(x, y)``. attack: the attack's options (None: do
+    data: a Dataset (its test split), ``(x, y)`` tensors, a ``torch.utils.data.Dataset`` or a
+    ``DataLoader`` (read once, whole). attack: the attack's options (None: do
     not attack). certify: methods of ``nonsingular.certify`` to run too (``"ibp"``,
     ``"crown"``, ...), with ``certify_options``. Shared-scope points attack the whole data set
     as one batch, so one weight perturbation serves every example. In a torch.distributed
@@ -100,12 +98,15 @@ def evaluate(
     them) and every process returns the whole table: the numbers are those of one process.
     ``on_attack(threat, positions, y, result)`` sees each attacked batch (``positions``: its
     examples' places in the data set), in this process (``ExampleSaver`` keeps examples).
+    ``logits``: for a model returning a dict or tuple, the key or index of its logits (or a
+    function of its output returning them).
     """
     grid = list(grid)
     if not grid or not all(isinstance(t, Threat) for t in grid):
         raise ConfigError("grid must be a non-empty list of Threat (see nonsingular.grid)")
     integer("batch_size", batch_size, 1, MAX_BATCH)
     plan = _plan(attack, certify, certify_options, on_attack)
+    model = selecting(model, logits)
     x, y = _tensors(data)
     if len(x) == 0:
         raise InputError("data holds no examples")
