@@ -200,7 +200,9 @@ def add_time_limit(group: Any) -> None:
     group.add_argument(
         "--time-limit",
         type=float,
-        default=BAB_SECONDS,
+        default=None,
         metavar="SECONDS",
-        help=f"bab's time per example, after which it is unknown (default {BAB_SECONDS:g})",
+        help=f"seconds per example: bab's own, after which it is unknown (default "
+        f"{BAB_SECONDS:g}); for the other methods the run's budget at each grid point is this "
+        "times the examples, and examples not reached in it are not certified (default: none)",
     )

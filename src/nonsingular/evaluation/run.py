@@ -52,6 +52,7 @@ class _Plan:
     methods: list[str]
     options: CertifyOptions
     on_attack: OnAttack | None = None
+    progress: bool = False  # certify's own bar over the examples of each batch
 
     @property
     def columns(self) -> list[str]:
@@ -59,7 +60,11 @@ class _Plan:
 
 
 def _plan(
-    attack: object, certify: Sequence[str], options: object, on_attack: OnAttack | None
+    attack: object,
+    certify: Sequence[str],
+    options: object,
+    on_attack: OnAttack | None,
+    progress: bool = False,
 ) -> _Plan:
     if attack is not None and not isinstance(attack, AttackOptions):
         raise ConfigError(
@@ -70,7 +75,8 @@ def _plan(
         raise ConfigError("nothing to evaluate: attack=None and no certificate method")
     if on_attack is not None and not callable(on_attack):
         raise ConfigError(f"on_attack must be callable, got {type(on_attack).__name__}")
-    return _Plan(attack, methods, CertifyOptions.of(options), on_attack)  # type: ignore[arg-type]
+    options = CertifyOptions.of(options)  # type: ignore[arg-type]
+    return _Plan(attack, methods, options, on_attack, progress)  # type: ignore[arg-type]
 
 
 @with_gradients
@@ -105,7 +111,7 @@ def evaluate(
     if not grid or not all(isinstance(t, Threat) for t in grid):
         raise ConfigError("grid must be a non-empty list of Threat (see nonsingular.grid)")
     integer("batch_size", batch_size, 1, MAX_BATCH)
-    plan = _plan(attack, certify, certify_options, on_attack)
+    plan = _plan(attack, certify, certify_options, on_attack, progress and ranks().lead)
     model = selecting(model, logits)
     x, y = _tensors(data)
     if len(x) == 0:
@@ -272,7 +278,9 @@ def _evaluate_point(
             counts.moved |= bool(trace.numel() > 1 and trace.max() > trace.min())
         for method in plan.methods:
             began = time.perf_counter()
-            cert = run_certify(model, x[batch], y[batch], threat, method, plan.options)
+            cert = run_certify(
+                model, x[batch], y[batch], threat, method, plan.options, progress=plan.progress
+            )
             counts.seconds[method] += time.perf_counter() - began
             counts.hits[method][where] = cert.certified.int().cpu()
             if plan.attack is None and method == plan.methods[0]:  # no attack: clean from bounds
