@@ -326,8 +326,7 @@ def attack(
                   under the same threat at budgets no larger; its perturbation is a candidate
                   here (so the accuracy found is never above its), and, scaled out to this
                   threat's budgets, the start of one more PGD run (budget continuation).
-    logits:       for a model returning a dict or tuple: the key or index of its logits, or
-                  a function of its output that returns them (``model.select``).
+    logits:       a dict or tuple output's key or index of the logits, or a function (``select``).
     Under ``Threat(flips=k)`` (a quantized model) ``pgd`` is the progressive bit search and
     ``noise`` random bit flips (``flips.attack.flip_attack``; steps and restarts do not apply).
     """

@@ -138,12 +138,7 @@ def certify(
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
     if threat.flips:  # bit flips of a quantized MLP: their own bounds, always in float64
-        from ..flips.certify import flip_bab, flip_certify
-
-        if method == "bab":
-            found = flip_bab(model, x, y, threat, time_limit=options.bab_seconds)
-            return CertifyResult(found.lower, method, threat, found.attack.clean_margins)
-        return flip_certify(model, x, y, threat, method)
+        return _flip_certify(model, x, y, threat, method, options)
     graph, x, y, logits = read_batch(model, x, y)
     classes = logits.shape[1]
     check_domain(x, threat)
@@ -170,6 +165,17 @@ def certify(
     lower = torch.cat(parts) if parts else x.new_zeros(0, classes, dtype=dtype)
     finished = torch.arange(len(x), device=lower.device) < done
     return CertifyResult(lower, method, threat, margins(logits, y), finished)
+
+
+def _flip_certify(
+    model: nn.Module, x: Tensor, y: Tensor, threat: Threat, method: str, options: CertifyOptions
+) -> CertifyResult:
+    from ..flips.certify import flip_bab, flip_certify
+
+    if method == "bab":
+        found = flip_bab(model, x, y, threat, time_limit=options.bab_seconds)
+        return CertifyResult(found.lower, method, threat, found.attack.clean_margins)
+    return flip_certify(model, x, y, threat, method)
 
 
 def _chunk(graph: Graph, x: Tensor, threat: Threat, method: str, options: CertifyOptions) -> int:

@@ -86,6 +86,23 @@ def _starting_model(
     return copy, None
 
 
+def _prepared(
+    config: TrainConfig,
+    given: Examples | None,
+    model: nn.Module | None,
+    logits: Selector | None,
+    device: str | torch.device,
+) -> tuple[Dataset, nn.Module, Architecture | None]:
+    """The data (read into a Dataset, in the model's dtype), the model to train (on
+    ``device``) and how a checkpoint rebuilds it."""
+    data = training_set(given) if given is not None else load(config.data, seed=config.seed)
+    check_selector(logits)
+    model, architecture = _starting_model(config, data, model, logits)
+    model = model.to(device)
+    widen = architecture is None and not isinstance(given, Dataset)
+    return _fitted(data, model, device, widen), model, architecture
+
+
 def _fitted(data: Dataset, model: nn.Module, device: str | torch.device, widen: bool) -> Dataset:
     """``data`` in the model's floating dtype; with ``widen`` (classes read from the labels,
     a model given), as many classes as the model outputs where that is more."""
@@ -233,12 +250,7 @@ def train(
     """
     config = config.resolved()
     split_seed = config.seed if data is None else None  # None: the caller's data, split its way
-    given = data
-    data = training_set(data) if data is not None else load(config.data, seed=config.seed)
-    check_selector(logits)
-    model, architecture = _starting_model(config, data, model, logits)
-    model = model.to(device)
-    data = _fitted(data, model, device, architecture is None and not isinstance(given, Dataset))
+    data, model, architecture = _prepared(config, data, model, logits, device)
     check_fits(model, data, config, device, architecture)  # the data too; before any write
     method = make_method(config)
     method.prepare(model, data.x_train[: config.batch_size].to(device))  # before any write
