@@ -80,6 +80,10 @@ def test_examples_not_reached_in_the_time_limit_are_unknown_never_certified(conv
         certify_options=ns.CertifyOptions(time_limit=1e-9),
     )
     assert table.rows[0].certified[method] <= 1 / len(x)
+    assert table.rows[0].unknown == {method: len(x) - 1}
+    assert any("not reached by" in w for w in table.warnings)
+    again = type(table.rows[0]).from_dict(table.rows[0].to_dict())
+    assert again.unknown == table.rows[0].unknown
 
 
 def test_one_example_that_does_not_fit_in_memory_is_refused_before_anything_runs(conv, monkeypatch):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -189,6 +189,7 @@ class Counts:
     hits: dict[str, Tensor]
     seconds: dict[str, float]
     moved: bool = False
+    unknown: dict[str, float] = field(default_factory=dict)  # per method: not reached in time
 
     @classmethod
     def none(cls, n: int, plan: _Plan) -> Counts:
@@ -197,6 +198,7 @@ class Counts:
         return cls(
             hits={c: torch.zeros(n, dtype=torch.int32) for c in ["clean", *plan.columns]},
             seconds=dict.fromkeys(attacked + plan.methods, 0.0),
+            unknown=dict.fromkeys(plan.methods, 0.0),
         )
 
     @staticmethod
@@ -208,13 +210,14 @@ class Counts:
         hits = summed(torch.stack([torch.stack(list(c.hits.values())) for c in points]))
         values: list[float] = []
         for c in points:  # the same keys in the same order on every process
-            values += [float(c.moved), *c.seconds.values()]
+            values += [float(c.moved), *c.seconds.values(), *c.unknown.values()]
         numbers = iter(distributed_total(values))
         out = []
         for c, found in zip(points, hits, strict=True):
             moved = next(numbers) > 0
             seconds = {k: next(numbers) for k in c.seconds}
-            out.append(Counts(dict(zip(c.hits, found, strict=True)), seconds, moved))
+            unknown = {k: next(numbers) for k in c.unknown}
+            out.append(Counts(dict(zip(c.hits, found, strict=True)), seconds, moved, unknown))
         return out
 
     def row(self, threat: Threat, n: int, moved_needed: bool) -> Row:
@@ -232,6 +235,7 @@ class Counts:
             {m: 0 if broken is None else int((found[m] & broken).sum()) for m in methods},
             dict(self.seconds),
             {c: Outcomes.of(v) for c, v in found.items()},
+            {m: int(v) for m, v in self.unknown.items()},
         )
 
 
@@ -283,6 +287,8 @@ def _evaluate_point(
             )
             counts.seconds[method] += time.perf_counter() - began
             counts.hits[method][where] = cert.certified.int().cpu()
+            if cert.finished is not None:
+                counts.unknown[method] += int((~cert.finished).sum())
             if plan.attack is None and method == plan.methods[0]:  # no attack: clean from bounds
                 counts.hits["clean"][where] = (cert.clean_margins > 0).int().cpu()
     return counts, res
