@@ -155,7 +155,8 @@ def test_certify_shows_progress_over_the_examples(conv, monkeypatch):
         (["--memory-limit", "0"], "--memory-limit must be"),
     ],
 )
-def test_the_cli_checks_its_limits(capsys, flags, message):
-    code = main(["certify", "--train-quick", "--data", "digits", *flags])
+@pytest.mark.parametrize("command", ["certify", "evaluate"])
+def test_the_cli_checks_its_limits(capsys, command, flags, message):
+    code = main([command, "--train-quick", "--data", "digits", *flags])
     _, err = capsys.readouterr()
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1

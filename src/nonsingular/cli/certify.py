@@ -8,20 +8,15 @@ from typing import Any
 from ..certificates import CertifyOptions
 from ..certificates.crown import INTERMEDIATE
 from ..certificates.options import METHODS
-from ..checks import number
 from . import common
-from .evaluate import add_time_limit, evaluate_and_report
+from .evaluate import add_time_limit, evaluate_and_report, memory_bytes
 
 DEFAULT = CertifyOptions()  # the flags' defaults: the options' own
 
 
 def run_certify(args: argparse.Namespace) -> int:
-    gb = args.memory_limit
-    memory = (
-        None if gb is None else int(number("--memory-limit", gb, 0.0, 1e6, positive=True) * 1e9)
-    )
     options = CertifyOptions(
-        intermediate=args.intermediate, time_limit=args.time_limit, memory_limit=memory
+        intermediate=args.intermediate, time_limit=args.time_limit, memory_limit=memory_bytes(args)
     )
     return evaluate_and_report(args, None, args.method, options)
 
@@ -52,12 +47,4 @@ def register(sub: Any) -> None:
     )
     b.add_argument("--batch-size", type=int, default=1000, help="examples per batch")
     add_time_limit(b)
-    b.add_argument(
-        "--memory-limit",
-        type=float,
-        default=None,
-        metavar="GB",
-        help="memory a run may plan to take: chunks are sized to fit, and a model whose one "
-        "example would not fit is refused before it starts (default: 80%% of what is free)",
-    )
     c.set_defaults(func=run_certify)
