@@ -15,6 +15,7 @@ from nonsingular.model.architectures import Architecture, resnet
 from nonsingular.training import TrainConfig, train
 
 from .conftest import assert_state_equal, state_copy
+from .zoo import DIGIT_MODELS
 
 FACTORY = """
 import torch
@@ -45,6 +46,19 @@ def small(in_shape, classes, width=4):
 @pytest.fixture(scope="module")
 def digits():
     return load("digits")
+
+
+@pytest.fixture(scope="module")
+def digits_tiny(digits):
+    """64 training and 16 test digits: enough for one epoch of every method."""
+    return ns.data.Dataset(
+        "digits-tiny",
+        digits.x_train[:64],
+        digits.y_train[:64],
+        digits.x_test[:16],
+        digits.y_test[:16],
+        digits.classes,
+    )
 
 
 @pytest.fixture
@@ -200,3 +214,76 @@ def test_the_builtin_resnet_is_a_real_residual_network_the_library_reads():
     adds = [n for n in graph.nodes if "add" in n.label]
     assert len(adds) == 2  # one residual sum per block
     assert any("AdaptiveAvgPool2d" in n.label for n in graph.nodes)
+
+
+# what each method does with each of DIGIT_MODELS: trains, or refuses before training starts
+# with an UnsupportedLayerError naming the layer it cannot use (their bounds: bound-reg needs an
+# MLP, ibp needs interval bounds through every layer)
+REFUSES = {
+    "bound-reg": {
+        "einsum-matmul": "einsum",
+        "transformer-encoder": "encoder|embed",
+        "lstm": "rnn|getitem",
+        "gru": "rnn|getitem",
+    },
+    "ibp": {
+        "einsum-matmul": "einsum",
+        "transformer-encoder": "encoder",
+        "lstm": "rnn",
+        "gru": "rnn",
+    },
+}
+
+
+@pytest.mark.parametrize("zoo_name", DIGIT_MODELS)
+@pytest.mark.parametrize("method", ns.training.METHODS)
+def test_every_method_trains_attention_recurrent_and_einsum_models_or_says_why(
+    digits_tiny, method, zoo_name, tmp_path
+):
+    model = DIGIT_MODELS[zoo_name]()  # in training mode, as a fresh module is
+    before = state_copy(model)
+    steps = {"attack_steps": 2} if ns.training.METHODS[method].attacks else {}
+    config = TrainConfig(method=method, epochs=1, batch_size=32, eval_size=8, **steps)
+    out = tmp_path / "run"
+    refusal = REFUSES.get(method, {}).get(zoo_name)
+    if refusal is not None:
+        with pytest.raises(UnsupportedLayerError, match=refusal):
+            train(config, digits_tiny, model=model, out_dir=out, progress=False)
+        assert not out.exists()  # refused before training started: nothing written
+    else:
+        result = train(config, digits_tiny, model=model, out_dir=out, progress=False)
+        assert len(result.history) == 1 and result.history[0]["loss"] == result.history[0]["loss"]
+        trained = result.model.state_dict()
+        assert any(not torch.equal(trained[k], v) for k, v in before.items())
+        assert (out / "model.safetensors").exists()
+    assert_state_equal(model, before)
+    assert model.training
+
+
+def test_adversarial_training_attacks_a_module_run_as_it_is_in_eval_mode(digits_tiny, monkeypatch):
+    """The TransformerEncoder (run as it is) computes its deployed function while PGD
+    searches (no Dropout), and its training function in the loss."""
+    from nonsingular.training import methods
+
+    modes: list[tuple[str, bool]] = []
+    real = methods.pgd
+
+    def spy(space, *args, **kwargs):
+        modes.append(("attack", model_in_use[0].encoder.training))
+        return real(space, *args, **kwargs)
+
+    model_in_use: list = []
+    real_loss = methods.Adversarial.loss
+
+    def loss(self, model, *args):
+        model_in_use[:] = [model]
+        result = real_loss(self, model, *args)
+        modes.append(("loss", model.encoder.training))
+        return result
+
+    monkeypatch.setattr(methods, "pgd", spy)
+    monkeypatch.setattr(methods.Adversarial, "loss", loss)
+    config = TrainConfig(method="pgd-at", epochs=1, batch_size=32, eval_size=0, attack_steps=2)
+    train(config, digits_tiny, model=DIGIT_MODELS["transformer-encoder"](), progress=False)
+    assert ("attack", False) in modes and ("loss", True) in modes
+    assert ("attack", True) not in modes and ("loss", False) not in modes

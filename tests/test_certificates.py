@@ -708,3 +708,36 @@ def test_the_bounds_revision_follows_the_bound_code(tmp_path):
     relu = copy / "model" / "operators" / "relaxations.py"
     relu.write_text(relu.read_text() + "\n# a change\n")
     assert bound_code_digest(copy) != REVISION
+
+
+class _Split(nn.Module):
+    """``torch.split`` of the input: a tuple of tensors the bounds cannot follow as boxes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(x, 3, dim=1)
+        return self.fc(a * b)
+
+
+@pytest.mark.parametrize("zoo_name", ["lstm", "gru", "split"])
+@pytest.mark.parametrize("method", ["ibp", "crown", "closed-form"])
+def test_a_value_read_from_the_input_outside_a_tensor_is_refused_by_name(zoo_name, method):
+    """An LSTM returns (output, (h, c)): bounds once held it fixed at one point of the input
+    region, and 'certified' margins an attack beat. Now an UnsupportedLayerError naming it,
+    while the attack still runs."""
+    from .zoo import DIGIT_MODELS
+
+    if zoo_name == "split":
+        torch.manual_seed(0)
+        model, x = _Split().eval(), torch.rand(4, 6)
+    else:
+        model, x = DIGIT_MODELS[zoo_name]().eval(), torch.rand(4, 1, 8, 8)
+    y = model(x).argmax(1)
+    threat = Threat(eps_x=0.3)
+    name = "split" if zoo_name == "split" else "rnn"
+    with pytest.raises(UnsupportedLayerError, match=f"{name}.*not one tensor"):
+        ns.certify(model, x, y, threat, method, dtype=torch.float32)
+    assert ns.attack(model, x, y, threat, steps=5).margins.shape == (4,)

@@ -131,7 +131,9 @@ def test_bad_arguments(mnist, standard_mlp):
         evaluate(standard_mlp, data, [], progress=False)
     with pytest.raises(ConfigError, match="batch_size"):
         evaluate(standard_mlp, data, [Threat()], batch_size=0, progress=False)
-    with pytest.raises(InputError, match="Dataset or an"):
+    with pytest.raises(
+        InputError, match="Dataset, an \\(x, y\\) pair of tensors, a torch.utils.data.Dataset"
+    ):
         evaluate(standard_mlp, mnist.x_test, [Threat()], progress=False)
     with pytest.raises(InputError, match="no examples"):
         evaluate(

@@ -240,9 +240,9 @@ class Named(Net):
         return {"logits": super().forward(x)}
 
 
-class Double(Net):
+class Double(Net):  # float32 weights, float64 logits (a float64 model trains: data is cast)
     def forward(self, x):
-        return self.fc(x.flatten(1).to(self.fc.weight.dtype))
+        return self.fc(x.flatten(1)).double()
 
 
 class Detached(Net):
@@ -277,7 +277,7 @@ def named():
 
 
 def float64():
-    return Double(dtype=torch.float64)
+    return Double()
 
 
 def frozen():

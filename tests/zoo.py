@@ -330,3 +330,63 @@ NEVER_MOVED = {
     "lstm": set(),
     "gru": set(),
 }
+
+
+# ------------------------------------------------- digit classifiers beyond the lemma's layers
+# Models of 8x8 digits (1, 8, 8) -> 10 classes, for training on ``load("digits")``: parameters
+# read by einsum/matmul, a TransformerEncoder, an LSTM, a GRU (each row of the image a step).
+
+
+class EinsumNet(nn.Module):
+    """Raw ``nn.Parameter`` weights used through ``torch.einsum`` and ``@``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(11)
+        self.W1 = nn.Parameter(torch.randn(64, 16, generator=gen) / 8)
+        self.b1 = nn.Parameter(torch.zeros(16))
+        self.W2 = nn.Parameter(torch.randn(16, 10, generator=gen) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(torch.einsum("bi,ij->bj", x.flatten(1), self.W1) + self.b1)
+        return h @ self.W2
+
+
+class RecurrentNet(nn.Module):
+    """An LSTM or GRU over the image's rows, its last output to a Linear head."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.rnn = getattr(nn, kind)(8, 12, batch_first=True)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x.flatten(1, 2))
+        return self.head(out[:, -1])
+
+
+class AttentionNet(nn.Module):
+    """A one-layer ``nn.TransformerEncoder`` (Dropout on) over the image's rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x.flatten(1, 2))).mean(1))
+
+
+def _digit_model(build: type[nn.Module], *args: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build(*args)  # training mode, as a user's fresh module is
+
+
+DIGIT_MODELS = {
+    "einsum-matmul": lambda: _digit_model(EinsumNet, seed=11),
+    "transformer-encoder": lambda: _digit_model(AttentionNet, seed=12),
+    "lstm": lambda: _digit_model(RecurrentNet, "LSTM", seed=13),
+    "gru": lambda: _digit_model(RecurrentNet, "GRU", seed=14),
+}

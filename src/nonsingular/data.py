@@ -18,13 +18,15 @@ import zlib
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Union
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import Dataset as TorchDataset
 
 from nonsingular.checks import MAX_SEED, integer
-from nonsingular.errors import DataError
+from nonsingular.errors import DataError, InputError
 
 NAMES: tuple[str, ...] = ("mnist5k", "digits", "idx:PATH", "cifar10:PATH")
 """Accepted forms of ``load``'s name; ``PATH`` is a local directory."""
@@ -66,6 +68,94 @@ class Dataset:
             f"Dataset({self.name!r}, train={len(self.x_train)}, test={len(self.x_test)}, "
             f"shape={self.in_shape}, classes={self.classes})"
         )
+
+
+Examples = Union["Dataset", tuple[torch.Tensor, torch.Tensor], TorchDataset, DataLoader]
+"""Every form a data set is accepted in: a nonsingular ``Dataset``, an ``(x, y)`` pair of
+tensors, a ``torch.utils.data.Dataset`` of ``(input, label)`` items, or a ``DataLoader`` of
+``(inputs, labels)`` batches (these two are read once, whole, into memory)."""
+
+
+def examples(data: object, what: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of ``data`` in any form of :data:`Examples` but a nonsingular Dataset (whose
+    split the caller picks): a pair as it is, a torch Dataset's items stacked, a DataLoader's
+    batches concatenated. InputError when an item is not an ``(input, label)`` pair of one
+    input shape."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            return x, y
+        raise InputError(
+            f"{what} as a pair must be (x, y) torch tensors, got ({type(x).__name__}, "
+            f"{type(y).__name__})"
+        )
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        return data.tensors[0], data.tensors[1]
+    if isinstance(data, DataLoader):
+        return _joined([_pair(b, what, "batch") for b in data], what, torch.cat)
+    if isinstance(data, (TorchDataset, IterableDataset)):
+        return _joined([_pair(item, what, "item") for item in _items(data)], what, torch.stack)
+    raise InputError(
+        f"{what} must be a nonsingular Dataset, an (x, y) pair of tensors, a "
+        f"torch.utils.data.Dataset or a DataLoader; got {type(data).__name__}"
+    )
+
+
+def _items(data: object) -> list[object]:
+    if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
+        return list(data)  # type: ignore[call-overload]
+    return [data[i] for i in range(len(data))]  # type: ignore[index, arg-type]
+
+
+def _pair(item: object, what: str, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``(input, label)`` item or ``(inputs, labels)`` batch, as tensors."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        found = (
+            f"a dict with keys {sorted(map(str, item))}"
+            if isinstance(item, dict)
+            else f"{type(item).__name__}"
+            + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
+        )
+        raise InputError(f"{what}: each {kind} must be an (input, label) pair, got {found}")
+    x, y = item
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{what}: each {kind}'s input must be a tensor, got {type(x).__name__}")
+    if isinstance(y, bool) or not isinstance(y, (int, torch.Tensor, np.integer)):
+        raise InputError(
+            f"{what}: each {kind}'s label must be an integer (or integer tensor), got "
+            f"{type(y).__name__} {y!r}"[:200]
+        )
+    return x, torch.as_tensor(y)
+
+
+def _joined(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], what: str, join: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not pairs:
+        raise InputError(f"{what} holds no examples")
+    shapes = {tuple(x.shape[1:] if join is torch.cat else x.shape) for x, _ in pairs}
+    if len(shapes) > 1:
+        raise InputError(
+            f"{what}: inputs of several shapes {sorted(shapes)[:3]}; expected one shape "
+            "(resize or pad them)"
+        )
+    try:
+        return join([x for x, _ in pairs]), join([y for _, y in pairs])  # type: ignore[operator]
+    except RuntimeError as exc:
+        raise InputError(f"{what}: its labels do not stack into one vector: {exc}") from None
+
+
+def training_set(data: object) -> Dataset:
+    """``data`` as a Dataset to train on: a nonsingular Dataset as it is; any other form of
+    :data:`Examples` as the training split (no test split), with as many classes as its
+    largest label says (``train`` checks the labels, and takes more classes from a model
+    that outputs more)."""
+    if isinstance(data, Dataset):
+        return data
+    x, y = examples(data)
+    integer = not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+    classes = int(y.max()) + 1 if integer and y.numel() else 1
+    return Dataset("user data", x, y, x[:0], y[:0], max(1, classes))
 
 
 def load(

@@ -48,3 +48,8 @@ class QuantizationError(NonsingularError, ValueError):
 class BoundError(UnsupportedLayerError, ValueError):
     """An operator's bound asked for arguments it cannot bound soundly (shapes that do not
     match, a pooling window of padding only, a LayerNorm without a positive eps)."""
+
+
+class MemoryLimitError(ConfigError, MemoryError):
+    """A certificate whose estimated memory for one example exceeds what is available (or
+    ``CertifyOptions.memory_limit``): refused before it starts, rather than swapping."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..model.select import Selector, selecting
 from ..model.verify import read_batch, with_gradients
 from ..seeds import mix
 from ..threat import Threat
@@ -327,6 +328,7 @@ def attack(
     positions: Tensor | None = None,
     until_broken: bool = False,
     start: AttackResult | None = None,
+    logits: Selector | None = None,
     **overrides: Any,
 ) -> AttackResult:
     """Attack ``model`` at ``(x, y)`` under the joint ``threat``; the model is never modified.
@@ -343,10 +345,12 @@ def attack(
                   under the same threat at budgets no larger; its perturbation is a candidate
                   here (so the accuracy found is never above its), and, scaled out to this
                   threat's budgets, the start of one more PGD run (budget continuation).
+    logits:       a dict or tuple output's key or index of the logits, or a function (``select``).
     Under ``Threat(flips=k)`` (a quantized model) ``pgd`` is the progressive bit search and
     ``noise`` random bit flips (``flips.attack.flip_attack``; steps and restarts do not apply).
     """
     options = AttackOptions.of(options, **overrides)
+    model = selecting(model, logits)
     if isinstance(threat, Threat) and threat.flips:  # bit flips: progressive bit search
         return _flip_attack(model, x, y, threat, options)
     if not isinstance(until_broken, bool):

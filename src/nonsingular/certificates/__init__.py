@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from ..attacks.space import check_domain, margins
 from ..errors import ConfigError
-from ..model.graph import VARIABLE, Graph
+from ..model.graph import Graph
 from ..model.lemma import perturbed_layers
+from ..model.select import Selector, selecting
 from ..model.verify import read_batch, with_gradients
 from ..revision import PACKAGE, code_digest
 from ..threat import Threat
@@ -34,7 +35,9 @@ from .crown_engine import margin_matrix, trusted
 from .ibp import ibp_margins, interval_bounds
 from .options import BAB_SECONDS, BOUNDS, METHODS, CertifyOptions, check_method
 from .region import InputRegion
+from .resources import chunk_size, estimate_memory, run_chunks
 from .rounding import certificate_unit, exact_products
+from .support import check_bounded
 
 
 def bound_code_digest(root: Path) -> str:
@@ -56,12 +59,15 @@ class CertifyResult:
            as the model computes it (the rounding of its own arithmetic included); ``-inf``
            where a value the model computes may overflow. Never NaN.
     clean_margins: (B,) ``z_y - max_{j != y} z_j`` without perturbation.
+    finished: (B,) bool, the examples bounded within ``time_limit`` (None: every one); the
+           others are unknown: their lower bounds are ``-inf``, never certified.
     """
 
     lower: Tensor
     method: str
     threat: Threat
     clean_margins: Tensor
+    finished: Tensor | None = None
 
     @property
     def worst(self) -> Tensor:
@@ -110,6 +116,9 @@ def certify(
     threat: Threat,
     method: str = "crown",
     options: CertifyOptions | None = None,
+    *,
+    logits: Selector | None = None,
+    progress: bool = True,
     **overrides: Any,
 ) -> CertifyResult:
     """Certified lower bounds on the margins of ``model`` at ``(x, y)`` under ``threat``.
@@ -118,51 +127,66 @@ def certify(
     ``options``: ``CertifyOptions`` (intermediate, batch_size, dtype, time_limit); ``overrides``
     replace some of them by name (``certify(..., dtype=torch.float32)``). ``nonsingular.bab``
     also says which examples bab found broken, with their counterexamples. The model is read
-    from its real graph, checked against ``model(x)``, and never modified.
+    from its real graph, checked against ``model(x)``, and never modified. ``logits``: for a
+    model returning a dict or tuple, the key or index of its logits (or a function of its
+    output returning them). ``progress``: a progress bar over the examples (on a terminal).
     """
     check_method(method)
     options = CertifyOptions.of(options, **overrides)
+    model = selecting(model, logits)
     intermediate, dtype = options.intermediate, options.dtype
     if not isinstance(threat, Threat):
         raise ConfigError(f"threat must be a nonsingular.Threat, got {type(threat).__name__}")
     if threat.flips:  # bit flips of a quantized MLP: their own bounds, always in float64
-        from ..flips.certify import flip_bab, flip_certify
-
-        if method == "bab":
-            found = flip_bab(model, x, y, threat, time_limit=options.time_limit)
-            return CertifyResult(found.lower, method, threat, found.attack.clean_margins)
-        return flip_certify(model, x, y, threat, method)
+        return _flip_certify(model, x, y, threat, method, options)
     graph, x, y, logits = read_batch(model, x, y)
     classes = logits.shape[1]
     check_domain(x, threat)
+    perturbed_layers(graph, threat)  # a threat that does not fit the model, said first
+    check_bounded(graph)
     if method == "bab":
-        found = bab(model, x, y, threat, time_limit=options.time_limit, dtype=dtype)
+        found = bab(model, x, y, threat, time_limit=options.bab_seconds, dtype=dtype)
         return CertifyResult(found.lower, method, threat, margins(logits, y))
     bound_graph = graph.cast(dtype)
     unit = certificate_unit(logits.dtype, x.device, dtype)
-    size = options.batch_size or _default_chunk(graph, x, method)
-    parts = []
+    size = _chunk(bound_graph, x.to(dtype), threat, method, options)
+
+    def bound(chunk: slice) -> Tensor:
+        xs, ys = x[chunk].to(dtype), y[chunk]
+        lower = trusted(_bounds(bound_graph, xs, ys, threat, method, intermediate, classes, unit))
+        return lower.scatter(1, ys[:, None], float("inf"))
+
     with torch.no_grad(), exact_products():
-        for i in range(0, len(x), size):
-            xs, ys = x[i : i + size].to(dtype), y[i : i + size]
-            lower = trusted(
-                _bounds(bound_graph, xs, ys, threat, method, intermediate, classes, unit)
-            )
-            parts.append(lower.scatter(1, ys[:, None], float("inf")))
+        label = f"certify {method}"
+        parts, done = run_chunks(bound, len(x), size, options.time_limit, label, progress)
+    if done < len(x):  # not reached in the time limit: no bound, never certified
+        rest = x.new_full((len(x) - done, classes), -float("inf"), dtype=dtype)
+        parts.append(rest.scatter(1, y[done:, None], float("inf")))
     lower = torch.cat(parts) if parts else x.new_zeros(0, classes, dtype=dtype)
-    return CertifyResult(lower, method, threat, margins(logits, y))
+    finished = torch.arange(len(x), device=lower.device) < done
+    return CertifyResult(lower, method, threat, margins(logits, y), finished)
 
 
-def _default_chunk(graph: Graph, x: Tensor, method: str) -> int:
-    """Examples per chunk so that CROWN's largest bound matrix stays near 256 MB."""
-    if method not in ("crown", "alpha-crown"):
-        return max(1, len(x))
-    with torch.no_grad():
-        values = graph.values(x[:1])
-    tensors = [values[n.index] for n in graph.nodes if n.kind == VARIABLE]
-    widest = max((v.numel() for v in tensors if isinstance(v, Tensor)), default=1)
-    per_example = 2 * widest * max(widest, x[0].numel())  # (2 neurons, node) per example
-    return max(1, min(len(x), (1 << 25) // per_example))
+def _flip_certify(
+    model: nn.Module, x: Tensor, y: Tensor, threat: Threat, method: str, options: CertifyOptions
+) -> CertifyResult:
+    from ..flips.certify import flip_bab, flip_certify
+
+    if method == "bab":
+        found = flip_bab(model, x, y, threat, time_limit=options.bab_seconds)
+        return CertifyResult(found.lower, method, threat, found.attack.clean_margins)
+    return flip_certify(model, x, y, threat, method)
+
+
+def _chunk(graph: Graph, x: Tensor, threat: Threat, method: str, options: CertifyOptions) -> int:
+    """Examples per chunk: ``options.batch_size``, or as many as memory allows (a
+    MemoryLimitError, before anything runs, when not even one example fits)."""
+    if len(x) == 0:
+        return 1
+    budgets = {b.index: b for b in perturbed_layers(graph, threat)}
+    estimate = estimate_memory(graph, x, method, options.intermediate, budgets, threat)
+    fits = chunk_size(estimate, len(x), method, options.memory_limit, x.device)
+    return min(options.batch_size or fits, fits)
 
 
 __all__ = [

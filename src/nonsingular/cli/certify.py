@@ -9,13 +9,15 @@ from ..certificates import CertifyOptions
 from ..certificates.crown import INTERMEDIATE
 from ..certificates.options import METHODS
 from . import common
-from .evaluate import add_time_limit, evaluate_and_report
+from .evaluate import add_time_limit, evaluate_and_report, memory_bytes
 
 DEFAULT = CertifyOptions()  # the flags' defaults: the options' own
 
 
 def run_certify(args: argparse.Namespace) -> int:
-    options = CertifyOptions(intermediate=args.intermediate, time_limit=args.time_limit)
+    options = CertifyOptions(
+        intermediate=args.intermediate, time_limit=args.time_limit, memory_limit=memory_bytes(args)
+    )
     return evaluate_and_report(args, None, args.method, options)
 
 

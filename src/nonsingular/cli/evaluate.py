@@ -11,6 +11,7 @@ from ..attacks import LOSSES, METHODS, AttackOptions
 from ..certificates import CertifyOptions
 from ..certificates.options import BAB_SECONDS
 from ..certificates.options import METHODS as CERTIFY_METHODS
+from ..checks import number
 from ..data import Dataset, load
 from ..distributed import ranks
 from ..errors import ConfigError
@@ -123,7 +124,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         samples=args.samples,
         seed=args.seed,
     )  # checked before anything is loaded
-    certify = CertifyOptions(time_limit=args.time_limit)
+    certify = CertifyOptions(time_limit=args.time_limit, memory_limit=memory_bytes(args))
     saver = example_saver(args)
     return evaluate_and_report(args, options, args.certify or [], certify, saver)
 
@@ -213,11 +214,29 @@ def add_save_examples(parser: Any) -> None:
     )
 
 
+def memory_bytes(args: argparse.Namespace) -> int | None:
+    """--memory-limit (GB) in bytes, checked (None: not given)."""
+    gb = args.memory_limit
+    return None if gb is None else int(number("--memory-limit", gb, 0.0, 1e6, positive=True) * 1e9)
+
+
 def add_time_limit(group: Any) -> None:
+    """--time-limit and --memory-limit: the certificates' limits (certify and evaluate)."""
+    group.add_argument(
+        "--memory-limit",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="memory a certificate run may plan to take: chunks are sized to fit, and a model "
+        "whose one example would not fit is refused before it starts (default: 80%% of what "
+        "is free)",
+    )
     group.add_argument(
         "--time-limit",
         type=float,
-        default=BAB_SECONDS,
+        default=None,
         metavar="SECONDS",
-        help=f"bab's time per example, after which it is unknown (default {BAB_SECONDS:g})",
+        help=f"seconds per example: bab's own, after which it is unknown (default "
+        f"{BAB_SECONDS:g}); for the other methods the run's budget at each grid point is this "
+        "times the examples, and examples not reached in it are not certified (default: none)",
     )

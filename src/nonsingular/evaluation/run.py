@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -18,29 +18,25 @@ from ..certificates import CertifyOptions
 from ..certificates import certify as run_certify
 from ..certificates.options import check_method
 from ..checks import MAX_BATCH, integer
-from ..data import Dataset
+from ..data import Dataset, Examples, examples
 from ..distributed import dealt, ranks, summed
 from ..distributed import total as distributed_total
 from ..errors import ConfigError, InputError
+from ..model.select import Selector, selecting
 from ..model.verify import with_gradients
 from ..threat import Threat
 from .outcomes import Outcomes
 from .table import EvaluationTable, Row, check
 
-Data = Dataset | tuple[Tensor, Tensor]
 OnAttack = Callable[[Threat, Tensor, Tensor, AttackResult], None]
 DEFAULT_ATTACK = AttackOptions()
 
 
-def _tensors(data: Data) -> tuple[Tensor, Tensor]:
+def _tensors(data: Examples) -> tuple[Tensor, Tensor]:
+    """A nonsingular Dataset's test split; every other form of data whole."""
     if isinstance(data, Dataset):
         return data.x_test, data.y_test
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return data[0], data[1]
-    raise InputError(
-        f"data must be a nonsingular Dataset or an (x, y) pair of tensors, "
-        f"got {type(data).__name__}"
-    )
+    return examples(data)
 
 
 def _batches(n: int, size: int) -> Iterable[slice]:
@@ -56,6 +52,7 @@ class _Plan:
     methods: list[str]
     options: CertifyOptions
     on_attack: OnAttack | None = None
+    progress: bool = False  # certify's own bar over the examples of each batch
 
     @property
     def columns(self) -> list[str]:
@@ -63,7 +60,11 @@ class _Plan:
 
 
 def _plan(
-    attack: object, certify: Sequence[str], options: object, on_attack: OnAttack | None
+    attack: object,
+    certify: Sequence[str],
+    options: object,
+    on_attack: OnAttack | None,
+    progress: bool = False,
 ) -> _Plan:
     if attack is not None and not isinstance(attack, AttackOptions):
         raise ConfigError(
@@ -74,13 +75,14 @@ def _plan(
         raise ConfigError("nothing to evaluate: attack=None and no certificate method")
     if on_attack is not None and not callable(on_attack):
         raise ConfigError(f"on_attack must be callable, got {type(on_attack).__name__}")
-    return _Plan(attack, methods, CertifyOptions.of(options), on_attack)  # type: ignore[arg-type]
+    options = CertifyOptions.of(options)  # type: ignore[arg-type]
+    return _Plan(attack, methods, options, on_attack, progress)  # type: ignore[arg-type]
 
 
 @with_gradients
 def evaluate(
     model: nn.Module,
-    data: Data,
+    data: Examples,
     grid: Sequence[Threat],
     attack: AttackOptions | None = DEFAULT_ATTACK,
     *,
@@ -89,10 +91,12 @@ def evaluate(
     batch_size: int = 1000,
     progress: bool = True,
     on_attack: OnAttack | None = None,
+    logits: Selector | None = None,
 ) -> EvaluationTable:
     """Clean, attacked and certified accuracy of ``model`` at every threat of ``grid``.
 
-    data: a Dataset (its test split) or ``(x, y)``. attack: the attack's options (None: do
+    data: a Dataset (its test split), ``(x, y)`` tensors, a ``torch.utils.data.Dataset`` or a
+    ``DataLoader`` (read once, whole). attack: the attack's options (None: do
     not attack). certify: methods of ``nonsingular.certify`` to run too (``"ibp"``,
     ``"crown"``, ...), with ``certify_options``. Shared-scope points attack the whole data set
     as one batch, so one weight perturbation serves every example. In a torch.distributed
@@ -100,12 +104,15 @@ def evaluate(
     them) and every process returns the whole table: the numbers are those of one process.
     ``on_attack(threat, positions, y, result)`` sees each attacked batch (``positions``: its
     examples' places in the data set), in this process (``ExampleSaver`` keeps examples).
+    ``logits``: for a model returning a dict or tuple, the key or index of its logits (or a
+    function of its output returning them).
     """
     grid = list(grid)
     if not grid or not all(isinstance(t, Threat) for t in grid):
         raise ConfigError("grid must be a non-empty list of Threat (see nonsingular.grid)")
     integer("batch_size", batch_size, 1, MAX_BATCH)
-    plan = _plan(attack, certify, certify_options, on_attack)
+    plan = _plan(attack, certify, certify_options, on_attack, progress and ranks().lead)
+    model = selecting(model, logits)
     x, y = _tensors(data)
     if len(x) == 0:
         raise InputError("data holds no examples")
@@ -182,6 +189,7 @@ class Counts:
     hits: dict[str, Tensor]
     seconds: dict[str, float]
     moved: bool = False
+    unknown: dict[str, float] = field(default_factory=dict)  # per method: not reached in time
 
     @classmethod
     def none(cls, n: int, plan: _Plan) -> Counts:
@@ -190,6 +198,7 @@ class Counts:
         return cls(
             hits={c: torch.zeros(n, dtype=torch.int32) for c in ["clean", *plan.columns]},
             seconds=dict.fromkeys(attacked + plan.methods, 0.0),
+            unknown=dict.fromkeys(plan.methods, 0.0),
         )
 
     @staticmethod
@@ -201,13 +210,14 @@ class Counts:
         hits = summed(torch.stack([torch.stack(list(c.hits.values())) for c in points]))
         values: list[float] = []
         for c in points:  # the same keys in the same order on every process
-            values += [float(c.moved), *c.seconds.values()]
+            values += [float(c.moved), *c.seconds.values(), *c.unknown.values()]
         numbers = iter(distributed_total(values))
         out = []
         for c, found in zip(points, hits, strict=True):
             moved = next(numbers) > 0
             seconds = {k: next(numbers) for k in c.seconds}
-            out.append(Counts(dict(zip(c.hits, found, strict=True)), seconds, moved))
+            unknown = {k: next(numbers) for k in c.unknown}
+            out.append(Counts(dict(zip(c.hits, found, strict=True)), seconds, moved, unknown))
         return out
 
     def row(self, threat: Threat, n: int, moved_needed: bool) -> Row:
@@ -225,6 +235,7 @@ class Counts:
             {m: 0 if broken is None else int((found[m] & broken).sum()) for m in methods},
             dict(self.seconds),
             {c: Outcomes.of(v) for c, v in found.items()},
+            {m: int(v) for m, v in self.unknown.items()},
         )
 
 
@@ -271,9 +282,13 @@ def _evaluate_point(
             counts.moved |= bool(trace.numel() > 1 and trace.max() > trace.min())
         for method in plan.methods:
             began = time.perf_counter()
-            cert = run_certify(model, x[batch], y[batch], threat, method, plan.options)
+            cert = run_certify(
+                model, x[batch], y[batch], threat, method, plan.options, progress=plan.progress
+            )
             counts.seconds[method] += time.perf_counter() - began
             counts.hits[method][where] = cert.certified.int().cpu()
+            if cert.finished is not None:
+                counts.unknown[method] += int((~cert.finished).sum())
             if plan.attack is None and method == plan.methods[0]:  # no attack: clean from bounds
                 counts.hits["clean"][where] = (cert.clean_margins > 0).int().cpu()
     return counts, res

@@ -23,7 +23,8 @@ class Row:
     ``certified`` maps a certificate method to its certified accuracy; ``unsound`` counts,
     per method, examples it certified that the attack broke (always 0 unless there is a bug).
     ``outcomes``: per column (``clean``, ``attacked``, each method), the examples one by one
-    (``Outcomes``): what paired comparisons of two models need.
+    (``Outcomes``): what paired comparisons of two models need. ``unknown``: per method, the
+    examples its ``time_limit`` left unbounded (counted as not certified).
     """
 
     threat: Threat
@@ -35,6 +36,7 @@ class Row:
     unsound: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     outcomes: dict[str, Outcomes] = field(default_factory=dict)
+    unknown: dict[str, int] = field(default_factory=dict)  # not reached in the time limit
 
     @property
     def eps_x(self) -> float:
@@ -63,6 +65,7 @@ class Row:
             "loss_moved": self.loss_moved,
             "unsound": dict(self.unsound),
             "outcomes": {c: v.bits for c, v in self.outcomes.items()},
+            "unknown": dict(self.unknown),
         }
 
     @classmethod
@@ -80,6 +83,7 @@ class Row:
                 unsound={k: int(v) for k, v in data.get("unsound", {}).items()},
                 seconds={k: float(v) for k, v in data["seconds"].items()},
                 outcomes={k: Outcomes(v) for k, v in data["outcomes"].items()},
+                unknown={k: int(v) for k, v in data.get("unknown", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"not an evaluation row: {exc!r}"[:200]) from None
@@ -221,6 +225,12 @@ def check(table: EvaluationTable) -> list[str]:
             )
         if not r.loss_moved and r.attacked == r.clean:
             found.append(f"the attack loss never moved {where}: gradients may be zero or masked")
+        for method, count in r.unknown.items():
+            if count:
+                found.append(
+                    f"{count} of {r.n} examples were not reached by {method} within its time "
+                    f"limit {where}: counted as not certified (unknown)"
+                )
         for method, count in r.unsound.items():
             if count:
                 found.append(

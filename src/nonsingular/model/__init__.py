@@ -4,7 +4,14 @@ check of every reading against ``model(x)``."""
 from .graph import Graph, Node
 from .lemma import LayerBudget, OutputSet, perturbed_layers
 from .reader import eval_mode, preserved, read_model
-from .verify import check_batch, check_clean_logits, move_batch, read_batch, with_gradients
+from .verify import (
+    check_batch,
+    check_clean_logits,
+    model_dtype,
+    move_batch,
+    read_batch,
+    with_gradients,
+)
 
 __all__ = [
     "Graph",
@@ -14,6 +21,7 @@ __all__ = [
     "check_batch",
     "check_clean_logits",
     "eval_mode",
+    "model_dtype",
     "move_batch",
     "perturbed_layers",
     "preserved",

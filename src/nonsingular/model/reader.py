@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 
-from ..errors import InputError, UnsupportedModelError
+from ..errors import InputError, NonsingularError, UnsupportedModelError
 from .catalog import MODULES, module_operator
 from .functions import function_operator, method_operator
 from .graph import CONSTANT, INPUT, SHAPE, VARIABLE, Graph, Node, Param, Ref
@@ -135,6 +135,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     try:
         with eval_mode(model):
             graph = _Tracer().trace(root)
+    except NonsingularError:  # said already (a logits= selector that picks nothing)
+        raise
     except Exception as exc:  # tracing runs user code: any failure means "cannot read"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UnsupportedModelError(
@@ -270,7 +272,8 @@ class _Converter:
             if not isinstance(result, fx.Node) or result not in self.index:
                 raise UnsupportedModelError(
                     f"{self.model_name}.forward must return one tensor of logits, it "
-                    f"returns {type(result).__name__}"
+                    f"returns {type(result).__name__}: pass logits= (a dict key, a tuple "
+                    "index, or a function of the output) to pick them"
                 )
             self.output = self.index[result]
         else:

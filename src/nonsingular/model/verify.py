@@ -36,12 +36,25 @@ def usable(tensor: Tensor) -> Tensor:
     return tensor.clone() if tensor.is_inference() else tensor
 
 
-def move_batch(x: object, y: object, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` on ``device``; InputError for anything but tensors."""
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of every floating parameter and buffer of ``model`` (None: none,
+    or several): the dtype its inputs are cast to."""
+    tensors = [*model.parameters(), *model.buffers()]
+    found = {t.dtype for t in tensors if t.is_floating_point()}
+    return found.pop() if len(found) == 1 else None
+
+
+def move_batch(
+    x: object, y: object, device: torch.device, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` on ``device``, floating ``x`` in ``dtype`` (None: its own); InputError for
+    anything but tensors."""
     for name, value in (("x", x), ("y", y)):
         if not isinstance(value, Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    return usable(x.to(device)), usable(y.to(device))  # type: ignore[union-attr]
+    if dtype is None or not x.is_floating_point():  # type: ignore[union-attr]
+        dtype = x.dtype  # type: ignore[union-attr]
+    return usable(x.to(device, dtype)), usable(y.to(device))  # type: ignore[union-attr]
 
 
 def check_clean_logits(logits: Tensor) -> None:
@@ -140,7 +153,7 @@ def read_batch(
     model: nn.Module, x: object, y: object, *, detach: bool = True
 ) -> tuple[Graph, Tensor, Tensor, Tensor]:
     """Read ``model`` and check it on ``(x, y)``: ``(graph, x, y as int64, logits)``, with the
-    batch moved to the model's device."""
+    batch moved to the model's device and ``x`` cast to its floating dtype."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     tensors = [*model.named_parameters(), *model.named_buffers()]
@@ -148,7 +161,7 @@ def read_batch(
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InputError(f"the model's {name} holds NaN or infinite values")
     device = next((t.device for _, t in tensors), torch.device("cpu"))
-    x, y = move_batch(x, y, device)
+    x, y = move_batch(x, y, device, model_dtype(model))  # a float64/bfloat16 model: in its dtype
     graph = read_model(model, x, detach=detach)
     logits = check_batch(graph, model, x, y)
     return graph, x, y.long(), logits

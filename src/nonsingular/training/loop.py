@@ -22,7 +22,7 @@ import math
 import os
 import time
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +33,20 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..attacks import attack
-from ..data import Dataset, load
+from ..data import Dataset, Examples, load, training_set
 from ..distributed import Ranks, part, ranks, sum_gradient
 from ..distributed import total as distributed_total
 from ..errors import ConfigError, TrainingError
 from ..files import exclusive, refuse_links, write_json, write_text
-from ..model import read_model, with_gradients
+from ..model import model_dtype, read_model, with_gradients
 from ..model.architectures import Architecture
+from ..model.select import Selector, check_selector, selecting, unselected
 from ..provenance import provenance
 from ..seeds import mix
 from .augment import random_shift
 from .config import TrainConfig
 from .fit import check_fits
-from .methods import Batch
+from .methods import Batch, deployed
 from .registry import make_method
 from .state import load_state, restore, save_state
 
@@ -70,7 +71,7 @@ def build_model(config: TrainConfig, data: Dataset) -> nn.Module:
 
 
 def _starting_model(
-    config: TrainConfig, data: Dataset, model: nn.Module | None
+    config: TrainConfig, data: Dataset, model: nn.Module | None, logits: Selector | None = None
 ) -> tuple[nn.Module, Architecture | None]:
     """The model to train (a copy of the caller's, which is never touched) and how a
     checkpoint can rebuild it (None for an instance of unknown origin)."""
@@ -79,10 +80,44 @@ def _starting_model(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     try:
-        copy = deepcopy(model)
+        copy = deepcopy(selecting(model, logits))
     except Exception as exc:  # a module holding something that cannot be copied
         raise ConfigError(f"cannot copy {type(model).__name__} to train it: {exc}") from None
     return copy, None
+
+
+def _prepared(
+    config: TrainConfig,
+    given: Examples | None,
+    model: nn.Module | None,
+    logits: Selector | None,
+    device: str | torch.device,
+) -> tuple[Dataset, nn.Module, Architecture | None]:
+    """The data (read into a Dataset, in the model's dtype), the model to train (on
+    ``device``) and how a checkpoint rebuilds it."""
+    data = training_set(given) if given is not None else load(config.data, seed=config.seed)
+    check_selector(logits)
+    model, architecture = _starting_model(config, data, model, logits)
+    model = model.to(device)
+    widen = architecture is None and not isinstance(given, Dataset)
+    return _fitted(data, model, device, widen), model, architecture
+
+
+def _fitted(data: Dataset, model: nn.Module, device: str | torch.device, widen: bool) -> Dataset:
+    """``data`` in the model's floating dtype; with ``widen`` (classes read from the labels,
+    a model given), as many classes as the model outputs where that is more."""
+    dtype = model_dtype(model)
+    if dtype is not None and data.x_train.is_floating_point() and data.x_train.dtype != dtype:
+        data = replace(data, x_train=data.x_train.to(dtype), x_test=data.x_test.to(dtype))
+    if widen and len(data.x_train):
+        with torch.no_grad(), deployed(model):  # the copy trained, in eval mode: no state moves
+            try:
+                out = model(data.x_train[:1].to(device))
+            except Exception:  # check_fits says what does not fit, and how
+                return data
+        if isinstance(out, Tensor) and out.dim() == 2 and out.shape[1] > data.classes:
+            data = replace(data, classes=int(out.shape[1]))
+    return data
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
@@ -191,26 +226,31 @@ def _write_outputs(
 @with_gradients
 def train(
     config: TrainConfig,
-    data: Dataset | None = None,
+    data: Examples | None = None,
     *,
     out_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
     model: nn.Module | None = None,
+    logits: Selector | None = None,
 ) -> TrainResult:
     """Train a model with ``config`` on ``data`` (default: ``load(config.data)``).
 
+    data: a nonsingular Dataset (its training split; its test split gives the per-epoch
+    metrics), or ``(x, y)`` tensors, a ``torch.utils.data.Dataset`` or a ``DataLoader``
+    (read once, whole: all of it is trained on, and the per-epoch test metrics are None).
+    Its inputs are cast to the model's floating dtype (float64, bfloat16 models train in it).
     model: train a copy of this module (yours is never touched) instead of building
     ``config.model``; its checkpoint then records its class, and loading it needs an instance.
     out_dir: keep a run directory there (see the module docstring); ``resume=True``
     continues the run it holds from its last completed epoch. Returns the model in eval mode.
+    logits: for a ``model`` returning a dict or tuple, the key or index of its logits (or a
+    function of its output returning them); the model returned returns what yours does.
     """
     config = config.resolved()
     split_seed = config.seed if data is None else None  # None: the caller's data, split its way
-    data = data if data is not None else load(config.data, seed=config.seed)
-    model, architecture = _starting_model(config, data, model)
-    model = model.to(device)
+    data, model, architecture = _prepared(config, data, model, logits, device)
     check_fits(model, data, config, device, architecture)  # the data too; before any write
     method = make_method(config)
     method.prepare(model, data.x_train[: config.batch_size].to(device))  # before any write
@@ -236,7 +276,7 @@ def train(
                         out / STATE, model, opt, schedule, epoch + 1, history, config.to_dict()
                     )
                     _write_outputs(out, model, architecture, config, history)
-        model.eval()
+        unselected(model.eval())
         if writes and resume:
             _write_outputs(out, model, architecture, config, history)  # killed after the state
     return TrainResult(model, config, history, out)
@@ -337,7 +377,8 @@ def _objective(model: nn.Module, method: Any, where: Ranks, x: torch.Tensor) -> 
     objective = _Objective(model, method)
     if not where.many:
         return objective
-    used = read_model(model, x).uses()
+    with deployed(model):
+        used = read_model(model, x).uses()
     unused = any(name not in used for name, _ in model.named_parameters())
     return DistributedDataParallel(objective, find_unused_parameters=unused)
 
@@ -434,12 +475,12 @@ def _epoch_metrics(
         "epoch": epoch + 1,
         "loss": loss,
         "train_accuracy": train_accuracy,
-        "test_accuracy": accuracy(model, x_test, y_test),
+        "test_accuracy": accuracy(model, x_test, y_test) if len(x_test) else None,
         "robust_accuracy": None,
         "eval_threat": None,
         "seconds": seconds,
     }
-    if eval_threat is not None and config.eval_size > 0:
+    if eval_threat is not None and config.eval_size > 0 and len(x_test):
         n = min(config.eval_size, len(x_test))
         res = attack(model, x_test[:n], y_test[:n], eval_threat, steps=10, seed=0)
         metrics["robust_accuracy"] = res.robust_accuracy

@@ -5,15 +5,20 @@ The model is read once (its graph, with the live parameters, checked against ``m
 Adversarial methods find their perturbation on a detached copy of that reading, in eval mode
 (the attack never builds a graph through the weights, nor moves BatchNorm statistics), then
 evaluate the loss at that perturbation on the live reading in training mode (batch
-statistics, Dropout), whose parameters get the gradient.
+statistics, Dropout), whose parameters get the gradient. A module nonsingular runs as it is
+(an LSTM, a TransformerEncoder: ``ModuleCall``) computes in the mode its module is in, so the
+reading and the attacks run with the model held in eval mode (``deployed``), and the loss
+with it in training mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,7 +27,9 @@ from ..certificates import closed_form_terms, recursive_terms
 from ..certificates.closed_form import dense_layers
 from ..certificates.ibp import ibp_margins, interval_bounds
 from ..certificates.region import InputRegion
+from ..certificates.support import check_bounded
 from ..model import Graph, check_batch, perturbed_layers, read_model
+from ..model.weights import choose_weights
 from ..threat import Threat
 
 if TYPE_CHECKING:  # the config reads the registry, which imports these classes
@@ -41,6 +48,19 @@ class Batch:
     reduce: Callable[[Tensor], Tensor] | None = None
 
 
+@contextlib.contextmanager
+def deployed(model: nn.Module) -> Iterator[None]:
+    """``model`` (the training copy) in eval mode inside, every module's own mode restored
+    after: what a module run as it is computes while the reading is checked and attacked."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class Method:
     """``loss(model, x, y, progress, batch)``; ``progress`` in [0, 1] is how far training is.
 
@@ -56,8 +76,9 @@ class Method:
     def graph(self, model: nn.Module, x: Tensor) -> Graph:
         """The live reading of ``model`` (made, and checked against ``model(x)``, once)."""
         if self._read is None or self._read[0] is not model:
-            graph = read_model(model, x, detach=False)
-            check_batch(graph, model, x)
+            with deployed(model):
+                graph = read_model(model, x, detach=False)
+                check_batch(graph, model, x)
             self._read = (model, graph)
         return self._read[1]
 
@@ -65,7 +86,7 @@ class Method:
         """Check, before training starts (and before anything is written), that this method
         can train ``model`` on batches like ``x``: read it, and try the loss's parts."""
         graph = self.graph(model, x)
-        perturbed_layers(graph, self.threat)  # the threat fits the model
+        choose_weights(graph, self.threat)  # the threat fits the model (and moves something)
 
     def scale(self, progress: float) -> float:
         """The fraction of the full budget in use at ``progress``."""
@@ -135,9 +156,10 @@ class Adversarial(Method):
     ) -> tuple[Tensor, Tensor]:
         c, threat = self.config, self.budget(progress)
         live = self.graph(model, x)
-        state, space = _attack_state(
-            threat, live.detached(), x, y, c.attack_steps, c.attack_step_size, batch
-        )
+        with deployed(model):
+            state, space = _attack_state(
+                threat, live.detached(), x, y, c.attack_steps, c.attack_step_size, batch
+            )
         logits = space.forward(x, state, graph=live, training=True)
         return F.cross_entropy(logits, y), logits
 
@@ -159,14 +181,15 @@ class AWP(Method):
         c, threat = self.config, self.budget(progress)
         live = self.graph(model, x)
         detached = live.detached()
-        inputs, _ = _attack_state(
-            threat.replace(eps_w=0.0), detached, x, y, c.attack_steps, c.attack_step_size, batch
-        )
-        x_adv = JointSpace.inputs(x, inputs)
-        weights_only = threat.replace(eps_x=0.0)
-        delta, space = _attack_state(
-            weights_only, detached, x_adv, y, 1, 1.0, batch, random_start=False
-        )
+        with deployed(model):
+            inputs, _ = _attack_state(
+                threat.replace(eps_w=0.0), detached, x, y, c.attack_steps, c.attack_step_size, batch
+            )
+            x_adv = JointSpace.inputs(x, inputs)
+            weights_only = threat.replace(eps_x=0.0)
+            delta, space = _attack_state(
+                weights_only, detached, x_adv, y, 1, 1.0, batch, random_start=False
+            )
         logits = space.forward(x_adv, delta, graph=live, training=True)
         return F.cross_entropy(logits, y), logits
 
@@ -205,6 +228,16 @@ class IntervalBound(Method):
     """Certified training (Gowal et al. 2019) with the joint IBP bound: while the budget ramps
     up, the weight of the clean loss goes from 1 to ``kappa``; the robust loss is the
     cross-entropy of the worst-case margins."""
+
+    def prepare(self, model: nn.Module, x: Tensor) -> None:
+        """Also bound one example at the full budget: a layer without interval bounds (an
+        einsum, an LSTM run as it is) is an UnsupportedLayerError naming it, before training."""
+        super().prepare(model, x)
+        graph = self.graph(model, x).detached()
+        check_bounded(graph)
+        budgets = {b.index: b for b in perturbed_layers(graph, self.threat)}
+        with torch.no_grad(), deployed(model):
+            interval_bounds(graph, budgets, InputRegion.from_threat(x[:1], self.threat), unit=0.0)
 
     def loss(
         self, model: nn.Module, x: Tensor, y: Tensor, progress: float, batch: Batch
