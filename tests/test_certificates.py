@@ -735,14 +735,15 @@ def test_weight_splits_decide_what_relu_splits_cannot():
     threat = WEIGHT_TERM_THREAT
     samples = random_margins(model, x, y, threat)[:, 0, 1]
     assert float(samples.min()) >= 0.05 - 1e-9  # robust, as the docstring computes
-    relu_only = ns.bab(model, x, y, threat, time_limit=60.0, restarts=1, weight_splits=False)
+    relu_only = ns.bab(
+        model, x, y, threat, time_limit=60.0, steps=20, restarts=1, weight_splits=False
+    )
     # every ReLU split and still unproved: stuck, long before the time limit
     assert relu_only.status == ["unknown"] and float(relu_only.seconds[0]) < 60.0
     assert float(relu_only.lower[0, 1]) <= 0
-    both = ns.bab(model, x, y, threat, time_limit=60.0, restarts=1)
+    both = ns.bab(model, x, y, threat, time_limit=60.0, steps=20, restarts=1)
     assert both.status == ["certified"], both.lower
     assert 0 < float(both.lower[0, 1]) <= float(samples.min()) + TOL
-    assert bool(ns.certify(model, x, y, threat, "bab").certified[0])
 
 
 @st.composite
@@ -858,3 +859,21 @@ def test_a_weight_split_whose_constraint_is_dropped_is_caught(monkeypatch):
     monkeypatch.setattr(crown, "split_box", dropped)
     with pytest.raises(AssertionError):
         _check_split_leaves(model, x, y, WEIGHT_TERM_THREAT, 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@settings(max_examples=6, deadline=None)
+@given(case=signed_networks(), threat=threats(modes=DENSE_MODES, input_norms=("linf",)))
+def test_weight_split_bab_is_sound_on_cuda_as_the_model_runs_there(case, threat):
+    """bab with weight-term splits on a GPU, on inputs of both signs: its margin bounds hold for
+    the model as it runs there; and the weight-term model is certified there as on the CPU."""
+    model, x, y = case
+    threat = Threat(**{**threat.__dict__, "bounds": (-1.0, 1.0)})
+    samples = random_margins(model, x, y, threat, device="cuda")
+    found = ns.bab(copy.deepcopy(model).cuda(), x.cuda(), y.cuda(), threat, time_limit=0.5)
+    lower = found.lower.cpu().float().nan_to_num(posinf=float("-inf"))
+    assert float((lower[None] - samples).max()) <= TOL
+    one = _weight_term_model().cuda()
+    x1, y1 = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    result = ns.bab(one, x1.cuda(), y1.cuda(), WEIGHT_TERM_THREAT, time_limit=60.0, steps=20)
+    assert result.status == ["certified"], result.lower

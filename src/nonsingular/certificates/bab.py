@@ -370,16 +370,15 @@ class _Domains:
             {k: put(v, slopes[k]) for k, v in domains.slopes.items()},
             {k: put(v, betas[k][0]) for k, v in domains.betas.items()},
             lower,
-            _branch_scores(
-                self.nodes,
-                self.relus,
-                self.weighted,
-                self.budgets,
-                boxes,
-                splits,
-                record,
-                worst_row,
-            ),
+            self.scores(boxes, splits, record, worst_row),
+        )
+
+    def scores(
+        self, boxes: dict[int, Box], splits: dict[int, Tensor], lams: dict[int, Tensor], row: Tensor
+    ) -> Tensor:
+        """Every domain's branching scores (``_branch_scores``) over this pool's split nodes."""
+        return _branch_scores(
+            self.nodes, self.relus, self.weighted, self.budgets, boxes, splits, lams, row
         )
 
     def bound_alike(self, domains: _Open, steps: int) -> _Open:
@@ -521,9 +520,8 @@ def bab(
     counterexample) or unknown after ``time_limit`` seconds of its own. ``batch``: domains
     bounded together, shared among the examples still open; ``steps``, ``restarts``: the PGD
     attack that runs first (per loss, cross entropy and margin). An example whose values may
-    overflow (CROWN's bound ``-inf``) is unknown at once. ``weight_splits``: also split the
-    inputs of perturbed dense layers at 0 where they take both signs (the weight term's
-    relaxation); False splits ReLUs only."""
+    overflow (CROWN's bound ``-inf``) is unknown at once. ``weight_splits``: also split inputs
+    of both signs of perturbed dense layers (their weight term's chord); False: ReLUs only."""
     number("time_limit", time_limit, 0.0, 1e9)
     integer("batch", batch, 1, 1 << 20)
     check_bound_dtype(dtype)
@@ -553,9 +551,8 @@ def bab(
     open_ = ~broken & ~root.certified & (root.worst > -float("inf"))
     hard = open_.nonzero().flatten()
     if len(hard):
-        pool = _Domains(
-            bound_graph, budgets, x[hard].to(dtype), y[hard], threat, unit, classes, weight_splits
-        )
+        xs, pick = x[hard].to(dtype), (threat, unit, classes, weight_splits)
+        pool = _Domains(bound_graph, budgets, xs, y[hard], *pick)
         with torch.no_grad(), exact_products():
             settled, bound = pool.solve(lower[hard], time_limit, batch)
         for i, outcome in zip(hard.tolist(), settled, strict=True):
