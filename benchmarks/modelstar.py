@@ -15,7 +15,8 @@ with a radius of ``2 p% * max|W_l|`` on layer ``l``, at least ``p%`` of its rang
 at least as large as the per-layer one).
 
     python benchmarks/modelstar.py [--examples 100] [--epochs 20] [--bab-seconds 2]
-        [--percents 0.05,0.1,0.2,0.4] [--layers 1,2,3,4,5,6] [--eps-x 0.005] [--json out.json]
+        [--percents 0.05,0.1,0.2,0.4] [--layers 1,2,3,4,5,6] [--all-percents 0.05,0.1]
+        [--eps-x 0.005] [--json out.json]
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--bab-seconds", type=float, default=2.0, help="bab's limit per example")
     parser.add_argument("--percents", default="0.05,0.1,0.2,0.4")
-    parser.add_argument("--layers", default="1,2,3,4,5,6", help="1-based Linear layers")
+    parser.add_argument("--layers", default="1,2,3,4,5,6", help="1-based Linear layers, or ''")
+    parser.add_argument("--all-percents", default=None, help="the every-layer rows' percents")
     parser.add_argument("--eps-x", type=float, default=0.005, help="the joint rows' input budget")
     parser.add_argument("--no-all", action="store_true", help="skip the every-layer rows")
     parser.add_argument("--json", default=None, help="write the rows here as JSON")
@@ -102,15 +104,16 @@ def main() -> None:
             flush=True,
         )
 
-    for index in [int(i) for i in args.layers.split(",")]:
+    for index in [int(i) for i in args.layers.split(",") if i]:
         name, layer = layers[index - 1]
         spread = float(layer.weight.detach().max() - layer.weight.detach().min())
         for p in percents:
             eps = p / 100 * spread
             run(str(index), p, eps, 0.0, ns.Threat(eps_w=eps, layers=(name,)))
     if not args.no_all:
+        every = [float(p) for p in (args.all_percents or args.percents).split(",")]
         for eps_x in (0.0, args.eps_x):
-            for p in percents:
+            for p in every:
                 ratio = 2 * p / 100
                 run("all", p, ratio, eps_x, ns.Threat(eps_x=eps_x, eps_w=ratio, w_mode="layer"))
         name, layer = layers[3]

@@ -710,29 +710,36 @@ def test_the_bounds_revision_follows_the_bound_code(tmp_path):
     assert bound_code_digest(copy) != REVISION
 
 
-def _weight_term_model(third: float = 1.0, bias: float = 5.05) -> nn.Module:
+def _weight_term_model(third: float = 1.0, bias: float = 5.05, flatten: bool = True) -> nn.Module:
     """Flatten, then ``z = (x, 5, -x) + u`` with ``|u_i| <= 0.1 |x|`` (the first layer's
     weights perturbed by 0.1), ReLU, margin ``5.05 + h_1 - h_2 + h_3``: on ``x`` in [-1, 1] it
     is at least ``0.05 + 0.8 |x| > 0``, smallest at ``x = 0``, where ``|x| = 0``. With every
     ReLU fixed the weight term's chord above ``|x|`` on [-1, 1] still costs 0.1 there: only a
     split of ``x`` at 0 (the weight term's input) makes the domain exact. ``third``, ``bias``:
-    the margin's weight on ``h_3`` and its bias, in place of 1 and 5.05."""
+    the margin's weight on ``h_3`` and its bias, in place of 1 and 5.05; ``flatten=False``:
+    the first layer reads the model's input itself."""
     first, last = nn.Linear(1, 3), nn.Linear(3, 2)
     with torch.no_grad():
         first.weight.copy_(torch.tensor([[1.0], [0.0], [-1.0]]))
         first.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
         last.weight.copy_(torch.tensor([[1.0, -1.0, third], [0.0, 0.0, 0.0]]))
         last.bias.copy_(torch.tensor([bias, 0.0]))
-    return nn.Sequential(nn.Flatten(), first, nn.ReLU(), last).double().eval()
+    layers = [nn.Flatten()] if flatten else []
+    return nn.Sequential(*layers, first, nn.ReLU(), last).double().eval()
 
 
 WEIGHT_TERM_THREAT = Threat(eps_x=1.0, eps_w=0.1, bounds=(-1.0, 1.0), layers=("1",))
 
 
-def test_weight_splits_decide_what_relu_splits_cannot():
-    model = _weight_term_model()
+@pytest.mark.parametrize("flatten", [True, False])
+def test_weight_splits_decide_what_relu_splits_cannot(flatten):
+    model = _weight_term_model(flatten=flatten)
     x, y = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
-    threat = WEIGHT_TERM_THREAT
+    threat = (
+        WEIGHT_TERM_THREAT
+        if flatten
+        else Threat(**{**WEIGHT_TERM_THREAT.__dict__, "layers": ("0",)})
+    )
     samples = random_margins(model, x, y, threat)[:, 0, 1]
     assert float(samples.min()) >= 0.05 - 1e-9  # robust, as the docstring computes
     relu_only = ns.bab(
@@ -749,12 +756,13 @@ def test_weight_splits_decide_what_relu_splits_cannot():
 @st.composite
 def signed_networks(draw):
     """A random small network on inputs of both signs whose perturbed dense layers may read
-    values of both signs (the input, or a Linear with no activation after it): Flatten, then
-    1-3 hidden Linear layers each followed by a ReLU or nothing, then the output Linear."""
+    values of both signs (the input, or a Linear with no activation after it): Flatten or
+    not, then 1-3 hidden Linear layers each followed by a ReLU or nothing, then the output
+    Linear."""
     seed = draw(st.integers(0, 2**16))
     torch.manual_seed(seed)
     width, classes = draw(st.integers(1, 4)), draw(st.integers(2, 4))
-    layers: list[nn.Module] = [nn.Flatten()]
+    layers: list[nn.Module] = [nn.Flatten()] if draw(st.booleans()) else []
     for _ in range(draw(st.integers(1, 3))):
         out = draw(st.integers(1, 8))
         layers.append(nn.Linear(width, out, bias=draw(st.booleans())))
@@ -763,7 +771,8 @@ def signed_networks(draw):
         width = out
     layers.append(nn.Linear(width, classes))
     model = nn.Sequential(*layers).double().eval()
-    x = torch.rand(2, layers[1].in_features, generator=torch.Generator().manual_seed(seed))
+    first = next(m for m in layers if isinstance(m, nn.Linear))
+    x = torch.rand(2, first.in_features, generator=torch.Generator().manual_seed(seed))
     y = torch.randint(0, classes, (2,), generator=torch.Generator().manual_seed(seed + 1))
     return model, (2 * x - 1).double(), y
 
@@ -839,16 +848,21 @@ def test_weight_split_domains_bound_the_points_inside_them(case, threat, rounds)
     _check_split_leaves(model, x, y, Threat(**{**threat.__dict__, "bounds": (-1.0, 1.0)}), rounds)
 
 
-def test_a_weight_split_whose_constraint_is_dropped_is_caught(monkeypatch):
+@pytest.mark.parametrize("flatten", [True, False])
+def test_a_weight_split_whose_constraint_is_dropped_is_caught(monkeypatch, flatten):
     """The same check on the weight-term model without ``h_3`` (margin ``5 - 0.1 |x|`` for
-    ``x <= 0``): it splits ``x`` at 0, and is caught when the ``x <= 0`` half's box is taken
-    as the ``x >= 0`` half's (its constraint dropped for the other's): the chord then prices
-    ``|x|`` as ``x`` where ``x < 0``."""
+    ``x <= 0``): it splits ``x`` at 0 (a node, or the input region itself), and is caught when
+    the ``x <= 0`` half's box is taken as the ``x >= 0`` half's (its constraint dropped for
+    the other's): the chord then prices ``|x|`` as ``x`` where ``x < 0``."""
+    import importlib
+
     from nonsingular.certificates import crown
 
-    model = _weight_term_model(third=0.0, bias=5.0)
+    bab = importlib.import_module("nonsingular.certificates.bab")  # the module, not ns.bab
+    model = _weight_term_model(third=0.0, bias=5.0, flatten=flatten)
     x, y = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
-    assert _check_split_leaves(model, x, y, WEIGHT_TERM_THREAT, 6) > 0
+    threat = Threat(**{**WEIGHT_TERM_THREAT.__dict__, "layers": ("1" if flatten else "0",)})
+    assert _check_split_leaves(model, x, y, threat, 6) > 0
     real = crown.split_box
 
     def dropped(box, signs):
@@ -857,8 +871,9 @@ def test_a_weight_split_whose_constraint_is_dropped_is_caught(monkeypatch):
         return real(box, signs)
 
     monkeypatch.setattr(crown, "split_box", dropped)
+    monkeypatch.setattr(bab, "split_box", dropped)
     with pytest.raises(AssertionError):
-        _check_split_leaves(model, x, y, WEIGHT_TERM_THREAT, 6)
+        _check_split_leaves(model, x, y, threat, 6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -22,7 +22,7 @@ of a split cover the parent (a value is <= 0 or >= 0).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ from ..model.lemma import LayerBudget, nonnegative_nodes, perturbed_layers
 from ..model.operators.base import Box
 from ..model.verify import read_batch, with_gradients
 from ..threat import Threat
-from .crown import crown_bounds, crown_slopes, is_relu, optimized_bound
+from .crown import crown_bounds, crown_slopes, is_relu, optimized_bound, split_box
 from .crown_engine import Bounds, margin_matrix
 from .options import BAB_SECONDS
 from .region import InputRegion
@@ -193,14 +193,24 @@ def _flat(box: Box) -> tuple[Tensor, Tensor]:
     return box.lower.flatten(1), box.upper.flatten(1)
 
 
+def _split_region(region: InputRegion, splits: dict[int, Tensor]) -> InputRegion:
+    """``region`` within a domain's splits of the model's input (node 0): its box narrowed
+    to the signs held (``split_box``); the l2 ball, if any, is kept (it holds the domain)."""
+    if 0 not in splits:
+        return region
+    box = split_box(Box(region.lower, region.upper), splits[0])
+    return replace(region, lower=box.lower, upper=box.upper)
+
+
 def _weight_inputs(
     graph: Graph, budgets: dict[int, LayerBudget], root: Bounds, threat: Threat
 ) -> dict[int, int]:
     """The perturbed dense layers whose weight term a backward pass takes linearly in their
     input (linf, one vector) with an input of both signs somewhere at the root, other than
-    the model's input itself and values the graph alone shows to be >= 0 (a ReLU's output,
-    whose box may reach below 0 by a rounding term): layer -> input node. Their chord above
-    ``|h|`` is the weight term's relaxation, exact once the input's sign is split."""
+    values the graph alone shows to be >= 0 (a ReLU's output, whose box may reach below 0 by
+    a rounding term): layer -> input node (0: the model's input, split by narrowing the input
+    region, ``_split_region``). Their chord above ``|h|`` is the weight term's relaxation,
+    exact once the input's sign is split."""
     found = {}
     signed = threat.bounds is None or threat.bounds[0] < 0
     nonnegative = nonnegative_nodes(graph, not signed)
@@ -208,7 +218,7 @@ def _weight_inputs(
         budget = budgets[layer]
         (k, *_) = graph.nodes[layer].box_refs
         box = root.values[k]
-        if k == 0 or k in nonnegative or not budget.linear_in_input(box.lower):
+        if k in nonnegative or not budget.linear_in_input(box.lower):
             continue
         if bool(((box.lower < 0) & (box.upper > 0)).any()):
             found[layer] = k
@@ -317,7 +327,7 @@ class _Domains:
         they have not yet proved, by slopes and multipliers optimized from the given ones (a
         parent's bound holds in its children, so the better of the two is kept)."""
         xs = self.x[domains.example]
-        region = InputRegion.from_threat(xs, self.threat)
+        region = _split_region(InputRegion.from_threat(xs, self.threat), domains.splits)
         splits = domains.splits
         # every node before the first split holds as at the root; later ones by IBP
         first = min(
@@ -346,7 +356,7 @@ class _Domains:
             return t.gather(1, at_rows(t))
 
         slopes = {k: picked(v).requires_grad_(True) for k, v in domains.slopes.items()}
-        betas = {k: (picked(domains.betas[k]).requires_grad_(True), v) for k, v in splits.items()}
+        betas = {k: (picked(v).requires_grad_(True), splits[k]) for k, v in domains.betas.items()}
         record: dict[int, Tensor] = {}
         found = optimized_bound(
             self.graph, region, bounds, picked(c), slopes, betas, steps, record=record
@@ -408,7 +418,8 @@ class _Domains:
         for n in self.nodes:
             box = bounds.values[n]
             splits[n] = torch.zeros(box.shape, dtype=torch.int8, device=self.x.device)
-            betas[n] = self.x.new_zeros(len(self.x), k, *box.shape[1:])
+            if n != 0:  # the input's splits narrow the region itself: no multiplier
+                betas[n] = self.x.new_zeros(len(self.x), k, *box.shape[1:])
         slopes = {relu: crown_slopes(bounds.values[n], k) for relu, n in self.relus.items()}
         every = torch.arange(len(self.x), device=self.x.device)
         lower = known.to(self.x.dtype).reshape(len(self.x), k)
