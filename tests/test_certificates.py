@@ -743,3 +743,187 @@ def test_a_value_read_from_the_input_outside_a_tensor_is_refused_by_name(zoo_nam
     with pytest.raises(UnsupportedLayerError, match=refused):
         ns.certify(model, x, y, threat, method, dtype=torch.float32)
     assert ns.attack(model, x, y, threat, steps=5).margins.shape == (4,)
+
+
+def _weight_term_model(third: float = 1.0, bias: float = 5.05, flatten: bool = True) -> nn.Module:
+    """Flatten, then ``z = (x, 5, -x) + u`` with ``|u_i| <= 0.1 |x|`` (the first layer's
+    weights perturbed by 0.1), ReLU, margin ``5.05 + h_1 - h_2 + h_3``: on ``x`` in [-1, 1] it
+    is at least ``0.05 + 0.8 |x| > 0``, smallest at ``x = 0``, where ``|x| = 0``. With every
+    ReLU fixed the weight term's chord above ``|x|`` on [-1, 1] still costs 0.1 there: only a
+    split of ``x`` at 0 (the weight term's input) makes the domain exact. ``third``, ``bias``:
+    the margin's weight on ``h_3`` and its bias, in place of 1 and 5.05; ``flatten=False``:
+    the first layer reads the model's input itself."""
+    first, last = nn.Linear(1, 3), nn.Linear(3, 2)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[1.0], [0.0], [-1.0]]))
+        first.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+        last.weight.copy_(torch.tensor([[1.0, -1.0, third], [0.0, 0.0, 0.0]]))
+        last.bias.copy_(torch.tensor([bias, 0.0]))
+    layers = [nn.Flatten()] if flatten else []
+    return nn.Sequential(*layers, first, nn.ReLU(), last).double().eval()
+
+
+WEIGHT_TERM_THREAT = Threat(eps_x=1.0, eps_w=0.1, bounds=(-1.0, 1.0), layers=("1",))
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_weight_splits_decide_what_relu_splits_cannot(flatten):
+    model = _weight_term_model(flatten=flatten)
+    x, y = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    threat = (
+        WEIGHT_TERM_THREAT
+        if flatten
+        else Threat(**{**WEIGHT_TERM_THREAT.__dict__, "layers": ("0",)})
+    )
+    samples = random_margins(model, x, y, threat)[:, 0, 1]
+    assert float(samples.min()) >= 0.05 - 1e-9  # robust, as the docstring computes
+    relu_only = ns.bab(
+        model, x, y, threat, time_limit=60.0, steps=20, restarts=1, weight_splits=False
+    )
+    # every ReLU split and still unproved: stuck, long before the time limit
+    assert relu_only.status == ["unknown"] and float(relu_only.seconds[0]) < 60.0
+    assert float(relu_only.lower[0, 1]) <= 0
+    both = ns.bab(model, x, y, threat, time_limit=60.0, steps=20, restarts=1)
+    assert both.status == ["certified"], both.lower
+    assert 0 < float(both.lower[0, 1]) <= float(samples.min()) + TOL
+
+
+@st.composite
+def signed_networks(draw):
+    """A random small network on inputs of both signs whose perturbed dense layers may read
+    values of both signs (the input, or a Linear with no activation after it): Flatten or
+    not, then 1-3 hidden Linear layers each followed by a ReLU or nothing, then the output
+    Linear."""
+    seed = draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    width, classes = draw(st.integers(1, 4)), draw(st.integers(2, 4))
+    layers: list[nn.Module] = [nn.Flatten()] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 3))):
+        out = draw(st.integers(1, 8))
+        layers.append(nn.Linear(width, out, bias=draw(st.booleans())))
+        if draw(st.booleans()):
+            layers.append(nn.ReLU())
+        width = out
+    layers.append(nn.Linear(width, classes))
+    model = nn.Sequential(*layers).double().eval()
+    first = next(m for m in layers if isinstance(m, nn.Linear))
+    x = torch.rand(2, first.in_features, generator=torch.Generator().manual_seed(seed))
+    y = torch.randint(0, classes, (2,), generator=torch.Generator().manual_seed(seed + 1))
+    return model, (2 * x - 1).double(), y
+
+
+def _node_values_sampled(model, x, threat, n, generator):
+    """For ``n`` random joint perturbations of one example of a ``Sequential``: its logits
+    ``(n, K)`` and every node's value, flat ``(n, width)`` (node ``k`` is the output of the
+    ``k``-th module; node 0 the input), through the unmodified model, weights materialized."""
+    params = sample_parameters(model, x, threat, n, generator)
+    xs = sample_inputs(x[0], threat, n, generator)
+    seen, found = [], []
+    hooks = [m.register_forward_hook(lambda _m, _a, out: found.append(out)) for m in model]
+    try:
+        for s in range(n):
+            found[:] = [xs[s : s + 1]]
+            functional_call(model, {k: v[s] for k, v in params.items()}, (xs[s : s + 1],))
+            seen.append([v[0].flatten() for v in found])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.stack(c) for c in zip(*seen, strict=True)]
+
+
+def _check_split_leaves(model, x, y, threat, rounds):
+    """Split every example's domains ``rounds`` times (ReLUs and weight terms' inputs, every
+    leaf kept): every sampled perturbation falls in some leaf, and in each leaf it falls in,
+    every margin is at least that leaf's bound. Returns how many weight-term splits were made."""
+    from nonsingular.certificates.bab import _Domains, _splittable
+    from nonsingular.certificates.rounding import certificate_unit, exact_products
+
+    graph = read_model(model, x).cast(torch.float64)
+    budgets = {b.index: b for b in perturbed_layers(graph, threat)}
+    unit = certificate_unit(torch.float64, x.device, torch.float64)
+    classes = int(model(x).shape[1])
+    generator, weight_splits = torch.Generator().manual_seed(0), 0
+    for i in range(len(x)):
+        one = _Domains(graph, budgets, x[i : i + 1], y[i : i + 1], threat, unit, classes)
+        with torch.no_grad(), exact_products():
+            unknown = torch.full((classes,), -float("inf"), dtype=torch.float64)
+            leaves = one.start(unknown.scatter(0, y[i : i + 1], float("inf"))[None])
+            for _ in range(rounds):
+                split = _splittable(leaves) & (leaves.worst <= 0)
+                splittable, kept = split.nonzero().flatten(), (~split).nonzero().flatten()
+                if len(splittable) == 0:
+                    break
+                made = one.children(leaves.rows(splittable))
+                leaves = leaves.rows(kept).cat(one.bound(made, 3))
+        weight_splits += sum(int((leaves.splits[k] != 0).sum()) for k in one.weighted.values())
+        values = _node_values_sampled(model, x[i : i + 1], threat, 64, generator)
+        logits = values[-1]
+        margins = logits[:, y[i] : y[i] + 1] - logits  # (n, K)
+        inside = torch.ones(len(margins), len(leaves.lower), dtype=torch.bool)
+        for node in one.nodes:
+            signs, z = leaves.splits[node].flatten(1)[None], values[node][:, None]
+            inside &= (((signs >= 0) | (z <= 1e-9)) & ((signs <= 0) | (z >= -1e-9))).all(2)
+        assert bool(inside.any(1).all()), "a perturbation outside every domain"
+        lower = leaves.lower.nan_to_num(posinf=-float("inf"))  # (D, K); the label's own: skip
+        gap = torch.where(inside[:, :, None], lower[None] - margins[:, None], -float("inf"))
+        assert float(gap.max()) <= TOL, float(gap.max())
+    return weight_splits
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    case=signed_networks(),
+    threat=threats(modes=DENSE_MODES, input_norms=("linf",)),
+    rounds=st.integers(1, 4),
+)
+def test_weight_split_domains_bound_the_points_inside_them(case, threat, rounds):
+    """Branch and bound's domains with weight-term splits (inputs of perturbed dense layers
+    split at 0), on inputs of both signs: the leaves cover the perturbations and bound them."""
+    model, x, y = case
+    _check_split_leaves(model, x, y, Threat(**{**threat.__dict__, "bounds": (-1.0, 1.0)}), rounds)
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_a_weight_split_whose_constraint_is_dropped_is_caught(monkeypatch, flatten):
+    """The same check on the weight-term model without ``h_3`` (margin ``5 - 0.1 |x|`` for
+    ``x <= 0``): it splits ``x`` at 0 (a node, or the input region itself), and is caught when
+    the ``x <= 0`` half's box is taken as the ``x >= 0`` half's (its constraint dropped for
+    the other's): the chord then prices ``|x|`` as ``x`` where ``x < 0``."""
+    import importlib
+
+    from nonsingular.certificates import crown
+
+    bab = importlib.import_module("nonsingular.certificates.bab")  # the module, not ns.bab
+    model = _weight_term_model(third=0.0, bias=5.0, flatten=flatten)
+    x, y = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    threat = Threat(**{**WEIGHT_TERM_THREAT.__dict__, "layers": ("1" if flatten else "0",)})
+    assert _check_split_leaves(model, x, y, threat, 6) > 0
+    real = crown.split_box
+
+    def dropped(box, signs):
+        if box.lower.shape[1:] == (1,):  # the input's value: both halves become ``x >= 0``
+            signs = signs.abs()
+        return real(box, signs)
+
+    monkeypatch.setattr(crown, "split_box", dropped)
+    monkeypatch.setattr(bab, "split_box", dropped)
+    with pytest.raises(AssertionError):
+        _check_split_leaves(model, x, y, threat, 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@settings(max_examples=6, deadline=None)
+@given(case=signed_networks(), threat=threats(modes=DENSE_MODES, input_norms=("linf",)))
+def test_weight_split_bab_is_sound_on_cuda_as_the_model_runs_there(case, threat):
+    """bab with weight-term splits on a GPU, on inputs of both signs: its margin bounds hold for
+    the model as it runs there; and the weight-term model is certified there as on the CPU."""
+    model, x, y = case
+    threat = Threat(**{**threat.__dict__, "bounds": (-1.0, 1.0)})
+    samples = random_margins(model, x, y, threat, device="cuda")
+    found = ns.bab(copy.deepcopy(model).cuda(), x.cuda(), y.cuda(), threat, time_limit=0.5)
+    lower = found.lower.cpu().float().nan_to_num(posinf=float("-inf"))
+    assert float((lower[None] - samples).max()) <= TOL
+    one = _weight_term_model().cuda()
+    x1, y1 = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    result = ns.bab(one, x1.cuda(), y1.cuda(), WEIGHT_TERM_THREAT, time_limit=60.0, steps=20)
+    assert result.status == ["certified"], result.lower

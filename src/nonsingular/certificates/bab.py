@@ -22,7 +22,7 @@ of a split cover the parent (a value is <= 0 or >= 0).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -31,11 +31,11 @@ from ..attacks import AttackResult, attack
 from ..attacks.space import check_domain
 from ..checks import integer, number
 from ..model.graph import Graph
-from ..model.lemma import LayerBudget, perturbed_layers
+from ..model.lemma import LayerBudget, nonnegative_nodes, perturbed_layers
 from ..model.operators.base import Box
 from ..model.verify import read_batch, with_gradients
 from ..threat import Threat
-from .crown import crown_bounds, crown_slopes, is_relu, optimized_bound
+from .crown import crown_bounds, crown_slopes, is_relu, optimized_bound, split_box
 from .crown_engine import Bounds, margin_matrix
 from .options import BAB_SECONDS
 from .region import InputRegion
@@ -44,6 +44,7 @@ from .rounding import certificate_unit, check_bound_dtype, exact_products
 STATUSES = CERTIFIED, BROKEN, UNKNOWN = ("certified", "broken", "unknown")
 ROOT_STEPS = 20  # gradient steps on the example's own slopes before any split
 OPTIMIZE_STEPS = 3  # gradient steps on each batch of domains' slopes and multipliers
+LEAF_STEPS = 200  # gradient steps on the multipliers of a domain with nothing left to split
 
 
 @dataclass
@@ -134,26 +135,94 @@ class _Open:
         )
 
 
-def _intercept_scores(
+def _relu_scores(lower: Tensor, upper: Tensor, lam: Tensor) -> Tensor:
+    """What a ReLU's upper line costs the bound on the worst margin, per neuron (``lam``: the
+    coefficients reaching the ReLU on that margin's row): ``-lam u (-l) / (u - l)`` where
+    ``lam < 0`` (BaBSR's intercept score), plus a small share of the relaxation's area as a
+    tie-break."""
+    area = -lower * upper / (upper - lower).clamp_min(1e-30)
+    return (-lam).clamp(min=0) * area + 1e-4 * lam.abs() * area
+
+
+def _chord_scores(lower: Tensor, upper: Tensor, budget: LayerBudget, lam: Tensor) -> Tensor:
+    """What the chord above ``|h|`` costs the bound on the worst margin, per input of a
+    perturbed dense layer (``lam``: the coefficients reaching the layer's output on that row):
+    ``g_j (-2 l u / (u - l))``, the chord's offset at 0 times ``g = |lam| R`` (the weight
+    term, ``LayerBudget.weight_terms``), which a split of the input at 0 removes."""
+    radius = budget.weight_radius
+    if radius.dim() == 0:
+        g = radius * lam.abs().sum(-1, keepdim=True)
+    else:
+        g = lam.abs() @ radius.expand_as(budget.weight)
+    return g * 2 * (-lower * upper / (upper - lower).clamp_min(1e-30))
+
+
+def _branch_scores(
+    nodes: list[int],
     relus: dict[int, int],
+    weighted: dict[int, int],
+    budgets: dict[int, LayerBudget],
     boxes: dict[int, Box],
     splits: dict[int, Tensor],
     lams: dict[int, Tensor],
     row: Tensor,
 ) -> Tensor:
-    """Per domain and free unstable neuron, what its ReLU's upper line costs the bound on the
-    worst margin (``row``): ``-lam u (-l) / (u - l)`` where ``lam < 0`` (BaBSR's intercept
-    score), plus a small share of the relaxation's area as a tie-break; -1 where nothing is
-    left to split. Flat over the split nodes in order."""
-    scores = []
-    for relu, k in relus.items():
+    """Per domain and free value of a split node (an unstable ReLU's input, or an input of
+    both signs of a perturbed dense layer, ``weighted``: layer -> input), what its relaxation
+    costs the bound on the worst margin (``row``): the larger of the two where a value is
+    both; -1 where nothing is left to split. Flat over ``nodes`` in order."""
+    every = torch.arange(len(row), device=row.device)
+    found = {}
+    for k in nodes:
         lower, upper = boxes[k].lower.flatten(1), boxes[k].upper.flatten(1)
         free = (splits[k].flatten(1) == 0) & (lower < 0) & (upper > 0)
-        area = -lower * upper / (upper - lower).clamp_min(1e-30)
-        lam = lams[relu][torch.arange(len(row)), row].flatten(1)
-        score = (-lam).clamp(min=0) * area + 1e-4 * lam.abs() * area
-        scores.append(torch.where(free, score, -1.0))
-    return torch.cat(scores, 1) if scores else row.new_zeros(len(row), 0, dtype=torch.float)
+        found[k] = torch.where(free, 0.0, -1.0).to(lower.dtype)
+    for relu, k in relus.items():
+        lam = lams[relu][every, row].flatten(1)
+        found[k] = torch.where(found[k] >= 0, _relu_scores(*_flat(boxes[k]), lam), found[k])
+    for layer, k in weighted.items():
+        lam = lams[layer][every, row].flatten(1)
+        score = _chord_scores(*_flat(boxes[k]), budgets[layer], lam)
+        found[k] = torch.where(found[k] >= 0, torch.maximum(found[k], score), found[k])
+    if not nodes:
+        return row.new_zeros(len(row), 0, dtype=torch.float)
+    return torch.cat([found[k] for k in nodes], 1)
+
+
+def _flat(box: Box) -> tuple[Tensor, Tensor]:
+    return box.lower.flatten(1), box.upper.flatten(1)
+
+
+def _split_region(region: InputRegion, splits: dict[int, Tensor]) -> InputRegion:
+    """``region`` within a domain's splits of the model's input (node 0): its box narrowed
+    to the signs held (``split_box``); the l2 ball, if any, is kept (it holds the domain)."""
+    if 0 not in splits:
+        return region
+    box = split_box(Box(region.lower, region.upper), splits[0])
+    return replace(region, lower=box.lower, upper=box.upper)
+
+
+def _weight_inputs(
+    graph: Graph, budgets: dict[int, LayerBudget], root: Bounds, threat: Threat
+) -> dict[int, int]:
+    """The perturbed dense layers whose weight term a backward pass takes linearly in their
+    input (linf, one vector) with an input of both signs somewhere at the root, other than
+    values the graph alone shows to be >= 0 (a ReLU's output, whose box may reach below 0 by
+    a rounding term): layer -> input node (0: the model's input, split by narrowing the input
+    region, ``_split_region``). Their chord above ``|h|`` is the weight term's relaxation,
+    exact once the input's sign is split."""
+    found = {}
+    signed = threat.bounds is None or threat.bounds[0] < 0
+    nonnegative = nonnegative_nodes(graph, not signed)
+    for layer in root.linear:
+        budget = budgets[layer]
+        (k, *_) = graph.nodes[layer].box_refs
+        box = root.values[k]
+        if k in nonnegative or not budget.linear_in_input(box.lower):
+            continue
+        if bool(((box.lower < 0) & (box.upper > 0)).any()):
+            found[layer] = k
+    return found
 
 
 def _fair_share(worst: Tensor, example: Tensor, batch: int) -> Tensor:
@@ -241,11 +310,14 @@ class _Domains:
         threat: Threat,
         unit: float,
         classes: int,
+        weight_splits: bool = True,
     ) -> None:
         self.graph, self.budgets, self.x, self.y = graph, budgets, x, y
         self.threat, self.unit, self.classes = threat, unit, classes
+        self.weight_splits = weight_splits
         self.relus = _relu_inputs(graph)
-        self.nodes = list(self.relus.values())
+        self.weighted: dict[int, int] = {}  # layer -> input split at 0 (set by start())
+        self.nodes = list(self.relus.values())  # every split node, in graph order
         self.bounded = torch.zeros(len(x), dtype=torch.long, device=x.device)  # per example
         self.spent = torch.zeros(len(x), dtype=torch.float64)  # seconds, per example
         self.root: Bounds  # the bounds at the root, set by start()
@@ -255,7 +327,7 @@ class _Domains:
         they have not yet proved, by slopes and multipliers optimized from the given ones (a
         parent's bound holds in its children, so the better of the two is kept)."""
         xs = self.x[domains.example]
-        region = InputRegion.from_threat(xs, self.threat)
+        region = _split_region(InputRegion.from_threat(xs, self.threat), domains.splits)
         splits = domains.splits
         # every node before the first split holds as at the root; later ones by IBP
         first = min(
@@ -284,7 +356,7 @@ class _Domains:
             return t.gather(1, at_rows(t))
 
         slopes = {k: picked(v).requires_grad_(True) for k, v in domains.slopes.items()}
-        betas = {k: (picked(domains.betas[k]).requires_grad_(True), v) for k, v in splits.items()}
+        betas = {k: (picked(v).requires_grad_(True), splits[k]) for k, v in domains.betas.items()}
         record: dict[int, Tensor] = {}
         found = optimized_bound(
             self.graph, region, bounds, picked(c), slopes, betas, steps, record=record
@@ -308,7 +380,15 @@ class _Domains:
             {k: put(v, slopes[k]) for k, v in domains.slopes.items()},
             {k: put(v, betas[k][0]) for k, v in domains.betas.items()},
             lower,
-            _intercept_scores(self.relus, boxes, splits, record, worst_row),
+            self.scores(boxes, splits, record, worst_row),
+        )
+
+    def scores(
+        self, boxes: dict[int, Box], splits: dict[int, Tensor], lams: dict[int, Tensor], row: Tensor
+    ) -> Tensor:
+        """Every domain's branching scores (``_branch_scores``) over this pool's split nodes."""
+        return _branch_scores(
+            self.nodes, self.relus, self.weighted, self.budgets, boxes, splits, lams, row
         )
 
     def bound_alike(self, domains: _Open, steps: int) -> _Open:
@@ -330,17 +410,32 @@ class _Domains:
         region = InputRegion.from_threat(self.x, self.threat)
         bounds = crown_bounds(self.graph, self.budgets, region, "crown", self.unit)
         self.root = bounds
+        if self.weight_splits:
+            self.weighted = _weight_inputs(self.graph, self.budgets, bounds, self.threat)
+            self.nodes = sorted(set(self.relus.values()) | set(self.weighted.values()))
         k = self.classes
-        splits, slopes, betas = {}, {}, {}
-        for relu, n in self.relus.items():
+        splits, betas = {}, {}
+        for n in self.nodes:
             box = bounds.values[n]
             splits[n] = torch.zeros(box.shape, dtype=torch.int8, device=self.x.device)
-            slopes[relu] = crown_slopes(box, k)
-            betas[n] = self.x.new_zeros(len(self.x), k, *box.shape[1:])
+            if n != 0:  # the input's splits narrow the region itself: no multiplier
+                betas[n] = self.x.new_zeros(len(self.x), k, *box.shape[1:])
+        slopes = {relu: crown_slopes(bounds.values[n], k) for relu, n in self.relus.items()}
         every = torch.arange(len(self.x), device=self.x.device)
         lower = known.to(self.x.dtype).reshape(len(self.x), k)
         one = _Open(every, splits, {}, slopes, betas, lower, self.x.new_zeros(len(self.x), 1))
         return self.bound(one, ROOT_STEPS)
+
+    def leaves(self, made: _Open) -> _Open:
+        """``made`` with its unproved domains that have nothing left to split bounded again
+        with ``LEAF_STEPS`` multiplier steps from where they are: with every ReLU fixed and
+        every weight term's input of one sign, the domain is a linear program (linf dense
+        layers), whose Lagrangian bound these steps approach."""
+        leaf = (made.worst <= 0) & ~_splittable(made)
+        if not bool(leaf.any()):
+            return made
+        rest = made.rows((~leaf).nonzero().flatten())
+        return rest.cat(self.bound_alike(made.rows(leaf.nonzero().flatten()), LEAF_STEPS))
 
     def children(self, parents: _Open) -> _Open:
         """Each domain split in two at its best-scored neuron (every one must have one): the
@@ -373,11 +468,10 @@ class _Domains:
 
         def settle(made: _Open) -> None:  # proved rows leave, a stuck one ends its example
             nonlocal floor
+            made = self.leaves(made)
             proved = made.worst > 0
             floor = _fold(floor, made.rows(proved.nonzero().flatten()))
-            padded = torch.cat([made.scores, made.scores.new_full((len(proved), 1), -1.0)], 1)
-            splittable = padded.amax(1) >= 0  # a free unstable neuron is left to split
-            stuck = ~proved & ~splittable
+            stuck = ~proved & ~_splittable(made)
             active[made.example[stuck]] = False
             queue.add(made.rows((~proved).nonzero().flatten()))
 
@@ -404,6 +498,12 @@ class _Domains:
             self.spent += (time.perf_counter() - started) * share / share.sum()
 
 
+def _splittable(domains: _Open) -> Tensor:
+    """(D,) bool: whether a free value is left to split in each domain."""
+    padded = torch.cat([domains.scores, domains.scores.new_full((len(domains.worst), 1), -1.0)], 1)
+    return padded.amax(1) >= 0
+
+
 def _fold(floor: Tensor, domains: _Open) -> Tensor:
     """``floor`` (B, K) lowered to each of ``domains``' margin bounds, at its example."""
     if len(domains.example) == 0:
@@ -425,12 +525,14 @@ def bab(
     restarts: int = 2,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    weight_splits: bool = True,
 ) -> BabResult:
     """Branch and bound on every example of ``(x, y)``: certified, broken (with the attack's
     counterexample) or unknown after ``time_limit`` seconds of its own. ``batch``: domains
     bounded together, shared among the examples still open; ``steps``, ``restarts``: the PGD
     attack that runs first (per loss, cross entropy and margin). An example whose values may
-    overflow (CROWN's bound ``-inf``) is unknown at once."""
+    overflow (CROWN's bound ``-inf``) is unknown at once. ``weight_splits``: also split inputs
+    of both signs of perturbed dense layers (their weight term's chord); False: ReLUs only."""
     number("time_limit", time_limit, 0.0, 1e9)
     integer("batch", batch, 1, 1 << 20)
     check_bound_dtype(dtype)
@@ -460,7 +562,8 @@ def bab(
     open_ = ~broken & ~root.certified & (root.worst > -float("inf"))
     hard = open_.nonzero().flatten()
     if len(hard):
-        pool = _Domains(bound_graph, budgets, x[hard].to(dtype), y[hard], threat, unit, classes)
+        xs, pick = x[hard].to(dtype), (threat, unit, classes, weight_splits)
+        pool = _Domains(bound_graph, budgets, xs, y[hard], *pick)
         with torch.no_grad(), exact_products():
             settled, bound = pool.solve(lower[hard], time_limit, batch)
         for i, outcome in zip(hard.tolist(), settled, strict=True):

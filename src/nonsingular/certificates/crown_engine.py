@@ -245,7 +245,8 @@ def backward(
     (``signs`` in {-1, 0, 1}, ``(B, *shape)``). Each adds ``-beta signs . value``, which is
     <= 0 inside the domain, so the bound holds over the domain (beta-CROWN's Lagrangian).
     record: filled with the coefficients ``(B, K, *shape)`` reaching every node that is not
-    affine (branch and bound reads what each ReLU's relaxation costs the bound).
+    affine and every ``linear`` perturbed node (branch and bound reads what each ReLU's
+    relaxation and each weight term's chord cost the bound).
     """
     values = bounds.values
     pending: dict[int, Tensor] = {start: lam}
@@ -258,7 +259,7 @@ def backward(
             lam = term if lam is None else lam + term
         if lam is None:
             continue
-        if record is not None and not node.op.linear:
+        if record is not None and (not node.op.linear or node.index in bounds.linear):
             record[node.index] = lam
         if not relax and not node.op.linear:
             const = const + constant_min(lam, values[node.index])
