@@ -38,6 +38,7 @@ from ..distributed import Ranks, part, ranks, sum_gradient
 from ..distributed import total as distributed_total
 from ..errors import ConfigError, TrainingError
 from ..files import exclusive, refuse_links, write_json, write_text
+from ..flips.grid import quantize
 from ..model import read_model, with_gradients
 from ..model.architectures import Architecture
 from ..provenance import provenance
@@ -426,7 +427,8 @@ def _epoch_metrics(
     test_set: tuple[torch.Tensor, torch.Tensor],
 ) -> dict[str, Any]:
     """The metrics line of one epoch: its loss and accuracies, and a cheap robust accuracy
-    (PGD-10 on ``eval_size`` test examples) under the config's evaluation threat."""
+    (PGD-10 on ``eval_size`` test examples) under the config's evaluation threat (bit flips:
+    the shared bit search on the model quantized to 8 bits per channel)."""
     start = time.perf_counter()
     x_test, y_test = test_set
     eval_threat = config.eval_threat()
@@ -441,7 +443,8 @@ def _epoch_metrics(
     }
     if eval_threat is not None and config.eval_size > 0:
         n = min(config.eval_size, len(x_test))
-        res = attack(model, x_test[:n], y_test[:n], eval_threat, steps=10, seed=0)
+        target = quantize(model) if eval_threat.flips else model  # flips: of its integers
+        res = attack(target, x_test[:n], y_test[:n], eval_threat, steps=10, seed=0)
         metrics["robust_accuracy"] = res.robust_accuracy
         metrics["eval_threat"] = eval_threat.describe()
     metrics["eval_seconds"] = time.perf_counter() - start
