@@ -13,6 +13,7 @@ import nonsingular as ns
 from nonsingular import ConfigError
 from nonsingular.data import load
 from nonsingular.flips.grid import bit_changes
+from nonsingular.model.architectures import mlp
 from nonsingular.training import TrainConfig, train
 from nonsingular.training.flip_at import on_grid, worst_flips
 from nonsingular.training.registry import make_method
@@ -157,3 +158,15 @@ def test_flip_at_reports_its_accuracy_under_flips_each_epoch(digits):
     x, y = digits.x_test[:50], digits.y_test[:50]
     found = ns.attack(q, x, y, config.eval_threat())
     assert line["robust_accuracy"] == found.robust_accuracy  # the shared search on its grid
+
+
+def test_a_quantized_model_trains_as_a_float_model_and_is_saved(digits, tmp_path):
+    torch.manual_seed(0)
+    model = ns.quantize(mlp((1, 8, 8), hidden=(16,), classes=10))
+    config = TrainConfig(method="flip-at", **{**DIGITS, "epochs": 1})
+    result = train(config, digits, progress=False, model=model, out_dir=tmp_path / "run")
+    with pytest.raises(ns.QuantizationError, match="not quantized"):
+        ns.quantized(result.model)  # its weights left the grid: no stale grid carried
+    assert ns.quantized(model).bits == 8  # the caller's model keeps its own
+    assert ns.quantized(ns.quantize(result.model)).bits == 8  # quantized again to deploy
+    assert (tmp_path / "run" / "model.safetensors").exists()

@@ -38,6 +38,7 @@ from ..distributed import Ranks, part, ranks, sum_gradient
 from ..distributed import total as distributed_total
 from ..errors import ConfigError, TrainingError
 from ..files import exclusive, refuse_links, write_json, write_text
+from ..flips.grid import ATTRIBUTE as QUANTIZATION
 from ..flips.grid import quantize
 from ..model import read_model, with_gradients
 from ..model.architectures import Architecture
@@ -83,6 +84,8 @@ def _starting_model(
         copy = deepcopy(model)
     except Exception as exc:  # a module holding something that cannot be copied
         raise ConfigError(f"cannot copy {type(model).__name__} to train it: {exc}") from None
+    if hasattr(copy, QUANTIZATION):  # training moves the weights off the grid: a float model
+        delattr(copy, QUANTIZATION)
     return copy, None
 
 
@@ -204,6 +207,7 @@ def train(
 
     model: train a copy of this module (yours is never touched) instead of building
     ``config.model``; its checkpoint then records its class, and loading it needs an instance.
+    A quantized model trains as a float one (its weights leave the grid): quantize the result.
     out_dir: keep a run directory there (see the module docstring); ``resume=True``
     continues the run it holds from its last completed epoch. Returns the model in eval mode.
     """
