@@ -39,6 +39,21 @@ def evaluate(out: Path) -> dict:
     return {"attack": table.to_dict()["rows"], "certify": certified.to_dict()["rows"]}
 
 
+def flips(out: Path) -> dict:
+    """Bit flips of the quantized model: per-example (alone and joint with eps_x, dealt to the
+    processes), shared (one process) and random faults, attacked and certified."""
+    model = ns.quantize(_model())
+    x = load("digits", test_size=45).x_test
+    with torch.no_grad():
+        data = (x, model(x).argmax(1))  # labelled by the model: every example counts
+    grid = ns.grid(eps_x=[0.0, 0.03], flips=[0, 1, 3]) + ns.grid(flips=[4], scope="shared")
+    table = ns.evaluate(model, data, grid, certify=["crown"], batch_size=16, progress=False)
+    noise = ns.evaluate(
+        model, data, ns.grid(flips=[20]), ns.AttackOptions(method="noise"), progress=False
+    )
+    return {"attack": table.to_dict()["rows"], "noise": noise.to_dict()["rows"]}
+
+
 def training(out: Path) -> dict:
     data = load("digits")
     weights = {}
@@ -81,7 +96,7 @@ def reproduce(out: Path) -> dict:
     return {"models": document["models"], "world_size": results.world_size}
 
 
-TASKS = {"evaluate": evaluate, "training": training, "reproduce": reproduce}
+TASKS = {"evaluate": evaluate, "flips": flips, "training": training, "reproduce": reproduce}
 
 
 def worker(rank: int, world: int, port: int, task: str, out: str) -> None:

@@ -80,8 +80,8 @@ def test_every_method_trains_a_users_residual_model_without_touching_it(digits, 
     before = state_copy(model)
     quick = {"epochs": 3, "eval_size": 60, "lr": 1e-2}
     chance = 1 / digits.classes
-    for method in ("standard", "pgd-at", "awp", "joint-at", "ibp"):
-        budget = {} if method in ("standard", "awp") else {"eps_x": 0.05, "eps_w": 1e-3}
+    for method in ("standard", "pgd-at", "awp", "joint-at", "ibp", "flip-at"):
+        budget = {} if method in ("standard", "awp", "flip-at") else {"eps_x": 0.05, "eps_w": 1e-3}
         if method == "pgd-at":  # it trains against inputs only (a weight budget is refused)
             budget = {"eps_x": 0.05}
         config = TrainConfig(method=method, **budget, **quick)
@@ -218,8 +218,9 @@ def test_the_builtin_resnet_is_a_real_residual_network_the_library_reads():
 
 # what each method does with each of DIGIT_MODELS: trains, or refuses before training starts
 # with an UnsupportedLayerError naming the layer it cannot use (their bounds: bound-reg needs an
-# MLP, ibp needs interval bounds through every layer)
+# MLP, ibp needs interval bounds through every layer; flip-at needs a Linear or Conv layer)
 REFUSES = {
+    "flip-at": {"einsum-matmul": "no Linear or Conv layer"},
     "bound-reg": {
         "einsum-matmul": "einsum",
         "transformer-encoder": "encoder|embed",

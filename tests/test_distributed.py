@@ -1,6 +1,6 @@
 """Two processes (torch.distributed, gloo on the CPU) give the numbers of one: evaluate,
-certify, train (all six methods) and reproduce, from Python and through torchrun; a process
-that dies fails the job, and nothing partial is written."""
+certify (bit flips too), train (every method) and reproduce, from Python and through
+torchrun; a process that dies fails the job, and nothing partial is written."""
 
 from __future__ import annotations
 
@@ -50,6 +50,17 @@ def test_evaluate_and_certify_in_two_processes_give_the_numbers_of_one(tmp_path)
     assert without_timings(two["certify"]) == without_timings(one["certify"])
     assert any(r["attacked"] < r["clean"] for r in one["attack"])  # the attacks did something
     assert one["attack"][-1]["threat"]["scope"] == "shared"  # one perturbation for all: kept
+
+
+@pytest.mark.slow  # a torchrun job of two processes
+def test_bit_flip_evaluation_in_two_processes_gives_the_numbers_of_one(tmp_path):
+    one = in_one_process("flips", tmp_path / "one")
+    two = in_two_processes("flips", tmp_path / "two")
+    assert without_timings(two["attack"]) == without_timings(one["attack"])
+    assert without_timings(two["noise"]) == without_timings(one["noise"])
+    assert [r["threat"].get("flips", 0) for r in one["attack"]] == [0, 1, 3, 0, 1, 3, 4]
+    assert any(r["attacked"] < r["clean"] for r in one["attack"])  # the flips did something
+    assert any(r["certified"]["crown"] < r["clean"] for r in one["attack"])
 
 
 @pytest.mark.slow  # a torchrun job of two processes

@@ -73,7 +73,11 @@ OPTIONS: list[tuple[str, Any, str]] = [
     ("w-norm", ("linf", "l2"), "weight norm (default: the method's)"),
     ("scope", ("per-example", "shared"), "weight scope (default: the method's)"),
     ("bias", _flag, "perturb biases too: true or false (default false)"),
-    ("attack-steps", int, "PGD steps of the inner attack (default: the method's)"),
+    (
+        "attack-steps",
+        int,
+        "PGD steps of the inner attack; flip-at: the bit flips (default: the method's)",
+    ),
     ("attack-step-size", float, "inner step as a fraction of the budget (default 2.5/steps)"),
     ("lambda-x", float, "bound-reg: weight of the input term"),
     ("lambda-w", float, "bound-reg: weight of the weight term"),

@@ -69,6 +69,16 @@ class Family:
         return [Threat(**{**self.threat, self.axis: b}) for b in self.budgets]
 
 
+def default_methods(model: str) -> tuple[str, ...]:
+    """Every registered method, MLP-only ones for an MLP only, bit-flip ones left out (no family
+    of the experiment measures flips yet)."""
+    return tuple(
+        m
+        for m, entry in METHODS.items()
+        if (model == "mlp" or not entry.mlp_only) and not entry.flips
+    )
+
+
 @dataclass(frozen=True)
 class Experiment:
     """What ``nonsingular reproduce`` runs; ``quick()`` is the few-minute version."""
@@ -142,8 +152,7 @@ class Experiment:
         ):
             raise ConfigError(f"methods must be a list of method names, got {self.methods!r}")
         if self.methods is None:
-            chosen = tuple(m for m in METHODS if self.model == "mlp" or not METHODS[m].mlp_only)
-            object.__setattr__(self, "methods", chosen)
+            object.__setattr__(self, "methods", default_methods(self.model))
         if self.recipe_methods is None:
             chosen = tuple(m for m in METHODS if METHODS[m].recipes)
             object.__setattr__(self, "recipe_methods", chosen)

@@ -136,6 +136,11 @@ class TrainConfig:
                 f"method {self.method} trains on attacked examples: attack_steps must be >= 1, "
                 f"got {steps}"
             )
+        if method.flips and self.eval_eps_w:
+            raise ConfigError(
+                f"method {self.method} is evaluated under bit flips (its attack_steps), not "
+                f"eval_eps_w; got eval_eps_w = {self.eval_eps_w} (leave it unset)"
+            )
         try:  # the threat fields must make a valid threat
             self.resolved_threat()
         except ThreatError as exc:
@@ -152,7 +157,11 @@ class TrainConfig:
         return replace(self, **self._defaults())
 
     def resolved_threat(self) -> Threat:
+        """The training threat; for a bit-flip method (``flip-at``), ``attack_steps`` flips
+        of the 8-bit integers, one set shared by the batch."""
         c = {**{f.name: getattr(self, f.name) for f in fields(self)}, **self._defaults()}
+        if METHODS[self.method].flips:
+            return Threat(flips=c["attack_steps"], scope=c["scope"])
         return Threat(
             eps_x=c["eps_x"],
             eps_w=c["eps_w"],
@@ -168,7 +177,7 @@ class TrainConfig:
         threat = self.resolved_threat()
         if self.eval_eps_x is not None or self.eval_eps_w is not None:
             threat = threat.replace(eps_x=self.eval_eps_x or 0.0, eps_w=self.eval_eps_w or 0.0)
-        return threat if threat.perturbs_input or threat.perturbs_weights else None
+        return threat if threat.perturbs_input or threat.perturbs_weights or threat.flips else None
 
     def replace(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)

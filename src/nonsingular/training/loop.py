@@ -38,6 +38,8 @@ from ..distributed import Ranks, part, ranks, sum_gradient
 from ..distributed import total as distributed_total
 from ..errors import ConfigError, TrainingError
 from ..files import exclusive, refuse_links, write_json, write_text
+from ..flips.grid import ATTRIBUTE as QUANTIZATION
+from ..flips.grid import quantize
 from ..model import model_dtype, read_model, with_gradients
 from ..model.architectures import Architecture
 from ..model.select import Selector, check_selector, selecting, unselected
@@ -83,6 +85,8 @@ def _starting_model(
         copy = deepcopy(selecting(model, logits))
     except Exception as exc:  # a module holding something that cannot be copied
         raise ConfigError(f"cannot copy {type(model).__name__} to train it: {exc}") from None
+    if hasattr(copy, QUANTIZATION):  # training moves the weights off the grid: a float model
+        delattr(copy, QUANTIZATION)
     return copy, None
 
 
@@ -243,6 +247,7 @@ def train(
     Its inputs are cast to the model's floating dtype (float64, bfloat16 models train in it).
     model: train a copy of this module (yours is never touched) instead of building
     ``config.model``; its checkpoint then records its class, and loading it needs an instance.
+    A quantized model trains as a float one (its weights leave the grid): quantize the result.
     out_dir: keep a run directory there (see the module docstring); ``resume=True``
     continues the run it holds from its last completed epoch. Returns the model in eval mode.
     logits: for a ``model`` returning a dict or tuple, the key or index of its logits (or a
@@ -467,7 +472,8 @@ def _epoch_metrics(
     test_set: tuple[torch.Tensor, torch.Tensor],
 ) -> dict[str, Any]:
     """The metrics line of one epoch: its loss and accuracies, and a cheap robust accuracy
-    (PGD-10 on ``eval_size`` test examples) under the config's evaluation threat."""
+    (PGD-10 on ``eval_size`` test examples) under the config's evaluation threat (bit flips:
+    the shared bit search on the model quantized to 8 bits per channel)."""
     start = time.perf_counter()
     x_test, y_test = test_set
     eval_threat = config.eval_threat()
@@ -482,7 +488,8 @@ def _epoch_metrics(
     }
     if eval_threat is not None and config.eval_size > 0 and len(x_test):
         n = min(config.eval_size, len(x_test))
-        res = attack(model, x_test[:n], y_test[:n], eval_threat, steps=10, seed=0)
+        target = quantize(model) if eval_threat.flips else model  # flips: of its integers
+        res = attack(target, x_test[:n], y_test[:n], eval_threat, steps=10, seed=0)
         metrics["robust_accuracy"] = res.robust_accuracy
         metrics["eval_threat"] = eval_threat.describe()
     metrics["eval_seconds"] = time.perf_counter() - start

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .flip_at import FlipAdversarial
 from .methods import (
     AWP,
     Adversarial,
@@ -39,6 +40,9 @@ class TrainingMethod:
     # config may give (another is refused, so what a run records is what it trained with)
     forced: dict[str, Any] = field(default_factory=dict)
     attacks: bool = False  # its loss needs an inner attack (attack_steps >= 1)
+    # its threat is bit flips of the 8-bit per-channel integers, attack_steps of them (the
+    # flips a run trains against, and its per-epoch robust accuracy's threat)
+    flips: bool = False
     mlp_only: str = ""  # why the experiment trains it for an MLP only ("": any model)
     recipes: bool = False  # retrained under every recipe (standard and the claims' models)
 
@@ -115,6 +119,18 @@ METHODS: dict[str, TrainingMethod] = {
         "#CC79A7",
         "P",
         defaults={"eps_x": 0.1, "eps_w": 1e-4, "ramp": 0.5},
+    ),
+    # training against the worst bit flips of the weights' integers (Stutz et al.'s adversarial
+    # bit error training, ranked as Rakin et al.'s bit search ranks): attack_steps = the flips
+    "flip-at": TrainingMethod(
+        FlipAdversarial,
+        "8-bit flip adversarial training (the worst first-order flips), after Stutz et al.",
+        "#999999",
+        "*",
+        defaults={"attack_steps": 10},
+        forced={"eps_x": 0.0, "eps_w": 0.0, "scope": "shared", "bias": False},
+        attacks=True,
+        flips=True,
     ),
 }
 
