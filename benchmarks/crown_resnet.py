@@ -95,7 +95,7 @@ def main() -> None:
             + (f", before {totals[False] / done:.2f} s/example" if i < before_n else ""),
             flush=True,
         )
-    for first_pass, mask in certified.items():
+    for mask in certified.values():
         if bool((mask & broken[: len(mask)]).any()):
             raise SystemExit("UNSOUND: an example the attack broke was certified")
     lost = certified[False] & ~certified[True][:before_n]
