@@ -65,42 +65,30 @@ def _combine(a: Tensor | None, b: Tensor | None, sign: float) -> Tensor | None:
     return a + b * sign if sign > 0 else a - b
 
 
-def _from_lower_upper(
-    low: tuple[Tensor | None, Tensor], high: tuple[Tensor | None, Tensor]
-) -> Linear:
-    mid = _combine(high[0], low[0], 1.0)
-    rad = _combine(high[0], low[0], -1.0)
-    return Linear(
-        None if mid is None else mid / 2,
-        (high[1] + low[1]) / 2,
-        None if rad is None else rad / 2,
-        (high[1] - low[1]) / 2,
-    )
-
-
 def concretize(lin: Linear, region: InputRegion) -> Box:
     """The box the bounds give over the input region (``-inf``/``inf`` where not finite)."""
     (low_c, low), (high_c, high) = lin.lower_upper()
-    lower = low + _least(low_c, region).reshape(low.shape)
-    upper = high - _least(None if high_c is None else -high_c, region).reshape(low.shape)
+    lower = low + _least(low_c, region, low.shape)
+    upper = high - _least(None if high_c is None else -high_c, region, low.shape)
     lower = torch.where(torch.isnan(lower), -torch.inf, lower)
     upper = torch.where(torch.isnan(upper), torch.inf, upper)
     return Box(lower, upper)
 
 
-def _least(coeff: Tensor | None, region: InputRegion) -> Tensor:
-    """``min over the region of coeff . x`` for every output: ``(B, N)``; as two batched
-    products over the box's centre and radius (the coefficients stay ``(B, n_x, N)``)."""
+def _least(coeff: Tensor | None, region: InputRegion, shape: torch.Size) -> Tensor:
+    """``min over the region of coeff . x`` for every output, shaped ``shape`` (``(B, *out)``);
+    as two batched products over the box's centre and radius (the coefficients stay
+    ``(B, n_x, N)``)."""
     if coeff is None:
         return region.lower.new_zeros(())
     batch, n = coeff.shape[:2]
     flat = coeff.reshape(batch, n, -1)
     if region.l2_radius is not None:  # the ball too: the general form
         lam = flat.transpose(1, 2).reshape(batch, -1, *region.lower.shape[1:])
-        return region.minimum(lam)
+        return region.minimum(lam).reshape(shape)
     center = ((region.upper + region.lower) / 2).reshape(batch, 1, n)
     radius = ((region.upper - region.lower) / 2).reshape(batch, 1, n)
-    return (torch.bmm(center, flat) - torch.bmm(radius, flat.abs())).squeeze(1)
+    return (torch.bmm(center, flat) - torch.bmm(radius, flat.abs())).reshape(shape)
 
 
 def start(region: InputRegion) -> Linear:
@@ -227,24 +215,42 @@ def _map_step(node: Node, lins: list[Linear], args: tuple, kwargs: dict) -> Line
 
 
 def _relu_step(lin: Linear, box: Box) -> Linear:
-    """CROWN's lines for a ReLU whose input lies in ``box``: the chord above, ``alpha z``
-    below (``alpha`` 1 where ``u > -l``, else 0), exact where the neuron is stable."""
+    """CROWN's lines for a ReLU whose input lies in ``box``: the chord ``s z + t`` above,
+    ``a z`` below (``a`` 1 where ``u > -l``, else 0), exact where the neuron is stable. With
+    ``p = (s + a) / 2`` and ``q = (s - a) / 2`` the centre becomes ``p M + q D + t / 2`` and
+    the half-width ``q M + p D + t / 2``."""
     lower, upper = box.lower, box.upper
     active = lower >= 0
     unstable = (lower < 0) & (upper > 0)
     chord = torch.where(unstable, upper / (upper - lower).clamp_min(1e-30), active.to(lower.dtype))
     below = (active | (unstable & (upper > -lower))).to(lower.dtype)
-    intercept = torch.where(unstable, -chord * lower, 0.0)
-    (low_c, low), (high_c, high) = lin.lower_upper()
-    low_out = (None if low_c is None else low_c * below.unsqueeze(1), low * below)
-    high_out = (None if high_c is None else high_c * chord.unsqueeze(1), high * chord + intercept)
-    return _from_lower_upper(low_out, high_out)
+    half = torch.where(unstable, -chord * lower, 0.0) / 2
+    p, q = (chord + below) / 2, (chord - below) / 2
+
+    def mix(a: Tensor | None, b: Tensor | None, c: Tensor, d: Tensor) -> Tensor | None:
+        if a is None:  # a c + b d, None standing for zero
+            return None if b is None else b * d
+        return a * c if b is None else torch.addcmul(a * c, b, d)
+
+    p1, q1 = p.unsqueeze(1), q.unsqueeze(1)
+    mid, rad = mix(lin.mid, lin.rad, p1, q1), mix(lin.mid, lin.rad, q1, p1)
+    return Linear(
+        mid,
+        lin.mid_const * p + lin.rad_const * q + half,
+        rad,
+        lin.mid_const * q + lin.rad_const * p + half,
+    )
 
 
 def uses_forward(graph: Graph) -> bool:
     """Whether the first pass pays: graphs with convolutions, whose layers have thousands of
     neurons a backward pass would take two rows each for."""
     return any(isinstance(n.op, Affine) and n.op.is_conv for n in graph.nodes)
+
+
+# the most coefficients (``B n_x`` per value) one node's bounds may hold; past it the pass
+# stops and the nodes after it keep their boxes alone
+FORWARD_ELEMENTS = 1 << 25
 
 
 class ForwardPass:
@@ -254,6 +260,7 @@ class ForwardPass:
 
     def __init__(self, graph: Graph, region: InputRegion) -> None:
         self.graph, self.region = graph, region
+        self.inputs = region.lower[0].numel()
         self.lins: dict[int, Linear] = {0: start(region)}
         self.last: dict[int, int] = {}
         for node in graph.nodes:
@@ -268,6 +275,9 @@ class ForwardPass:
         """Node ``index``'s forward bounds (its Box in ``bounds`` already made, with what moves
         it recorded), concretized where ``box_wanted``: a box that holds it (else None)."""
         node = self.graph.nodes[index]
+        if bounds.values[index].lower.numel() * self.inputs > FORWARD_ELEMENTS:
+            self.lins.clear()  # too large to hold: what was made so far restarts from boxes
+            return None
         lins = [self._of(bounds, ref) for ref in node.box_refs]
         args, kwargs = node.fill(bounds.values, self.graph.tensors)
         lin = _step(node, lins, args, kwargs, bounds)
