@@ -90,11 +90,16 @@ def main() -> None:
             totals[first_pass] += took
             certified[first_pass] = torch.cat([certified[first_pass], cert.certified])
         done = min(n, i + args.chunk)
-        print(
-            f"  {done:4d} examples: after {totals[True] / done:.2f} s/example"
-            + (f", before {totals[False] / done:.2f} s/example" if i < before_n else ""),
-            flush=True,
+        line = (
+            f"  {done:4d} examples: after {totals[True] / done:.2f} s/example, certified "
+            f"{int(certified[True].sum())}"
         )
+        if i < before_n:
+            line += (
+                f"; before {totals[False] / done:.2f} s/example, certified "
+                f"{int(certified[False].sum())}"
+            )
+        print(f"{line}; load {os.getloadavg()[0]:.1f}", flush=True)
     for mask in certified.values():
         if bool((mask & broken[: len(mask)]).any()):
             raise SystemExit("UNSOUND: an example the attack broke was certified")
