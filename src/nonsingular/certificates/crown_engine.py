@@ -267,25 +267,33 @@ def backward(
             const = const + constant_min(lam, values[node.index])
             continue
         args, kwargs = node.fill(values, graph.tensors)
-        added = bounds.added[node.index] if relax else bounds.everything_added(node.index)
         if slopes is not None and node.index in slopes:
             lams, c = relu_backward(lam, args[0], slopes[node.index])
         else:
             lams, c = node.op.backward(lam, *args, **kwargs)
-        weighted = relax and node.index in bounds.linear
-        magnitude = lam.abs() if weighted or _has_box(added) else None  # once per node
-        const = const + c - added_support(lam, added, magnitude)
-        if weighted:
-            first = node.index == start  # where lam may be one neuron per row (tightening)
-            const = const + _weight_term(
-                bounds, node.index, lam, args[0], lams[0], first, magnitude
-            )
+        const = const + c - _moved(bounds, node.index, lam, args[0], lams, relax, start)
         for ref, part in zip(node.box_refs, lams, strict=True):
             if part is not None:
                 pending[ref] = pending[ref] + part if ref in pending else part
     if 0 in pending:
         const = const + region.minimum(pending.pop(0))
     return bounds.trusted(const)
+
+
+def _moved(
+    bounds: Bounds, index: int, lam: Tensor, h: Any, lams: list, relax: bool, start: int
+) -> Tensor | float:
+    """What ``backward`` takes off at node ``index`` for what moves its output beyond its
+    operator (``Bounds.added``; a ``linear`` node's weight term from the coefficients, part
+    of it added to ``lams[0]``); ``|lam|`` is computed once for all of it."""
+    added = bounds.added[index] if relax else bounds.everything_added(index)
+    weighted = relax and index in bounds.linear
+    magnitude = lam.abs() if weighted or _has_box(added) else None
+    total = added_support(lam, added, magnitude)
+    if weighted:
+        first = index == start  # where lam may be one neuron per row (tightening)
+        total = total - _weight_term(bounds, index, lam, h, lams[0], first, magnitude)
+    return total
 
 
 def _has_box(added: tuple[Tensor | float, Tensor | None]) -> bool:
