@@ -17,7 +17,7 @@ both alike). Prints seconds per example and certified counts; a certified exampl
 attack broke, or an example "before" certifies and "after" does not, stops the script.
 
     python benchmarks/crown_resnet.py [--examples 100] [--epochs 20] [--dtype float64]
-        [--chunk 5] [--before-examples N]
+        [--chunk 5] [--before-examples N] [--model-cache resnet.safetensors]
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ import argparse
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 
 import nonsingular as ns
 from nonsingular.certificates import crown
 from nonsingular.data import load
+from nonsingular.model.architectures import resnet
 from nonsingular.training import TrainConfig, train
 
 THREAT = ns.Threat(eps_x=0.005, eps_w=1e-5)  # certify_speed.py's reference joint threat
@@ -48,6 +50,18 @@ def timed(model, x, y, first_pass: bool, dtype: torch.dtype) -> tuple[ns.Certify
         crown.FIRST_PASS = saved
 
 
+def trained(epochs: int, cache: str | None) -> torch.nn.Module:
+    """The ResNet trained for ``epochs`` on mnist5k (seed 0), or the one ``cache`` holds."""
+    if cache is not None and Path(cache).exists():
+        return ns.checkpoint.load(cache, model=resnet())[0]
+    torch.manual_seed(0)
+    config = TrainConfig(model="resnet", epochs=epochs, seed=0)
+    model = train(config, load("mnist5k"), progress=False).model.eval()
+    if cache is not None:
+        ns.checkpoint.save(model, cache)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=100)
@@ -55,12 +69,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--chunk", type=int, default=5)
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument(
+        "--model-cache",
+        default=None,
+        help="a .safetensors checkpoint: loaded if it exists, else written after training",
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
     data = load("mnist5k")
-    config = TrainConfig(model="resnet", epochs=args.epochs, seed=0)
-    model = train(config, data, progress=False).model.eval()
+    model = trained(args.epochs, args.model_cache)
     n = args.examples
     before_n = n if args.before_examples is None else min(n, args.before_examples)
     x, y = data.x_test[:n], data.y_test[:n]
