@@ -181,40 +181,43 @@ def node_box(graph: Graph, budgets: dict[int, LayerBudget], index: int, bounds: 
     return box.widen(widen) if isinstance(widen, Tensor) or widen > 0 else box
 
 
-def box_support(lam: Tensor, radius: Tensor | float) -> Tensor:
-    """``max over |d| <= radius of lam . d``: ``(B, K)``."""
-    magnitude = lam.abs().flatten(2)
+def box_support(lam: Tensor, radius: Tensor | float, magnitude: Tensor | None = None) -> Tensor:
+    """``max over |d| <= radius of lam . d``: ``(B, K)``; ``magnitude``: ``|lam|`` if known."""
+    magnitude = (lam.abs() if magnitude is None else magnitude).flatten(2)
     if not isinstance(radius, Tensor):
         return magnitude.sum(-1) * radius
     if radius.dim() == lam.dim() - 1 and radius.shape[0] == lam.shape[0]:
         full = radius.expand(lam.shape[0], *lam.shape[2:]).reshape(lam.shape[0], -1, 1)
         return torch.bmm(magnitude, full).squeeze(-1)  # no (B, K, N) product in memory
-    return (lam.abs() * radius.unsqueeze(1)).flatten(2).sum(-1)
+    return (magnitude.reshape(lam.shape) * radius.unsqueeze(1)).flatten(2).sum(-1)
 
 
 def _weight_term(
-    bounds: Bounds, index: int, lam: Tensor, h: Box, into: Tensor, first: bool
+    bounds: Bounds, index: int, lam: Tensor, h: Box, into: Tensor, first: bool, magnitude: Tensor
 ) -> Tensor:
     """A lower bound ``(B, K)`` on the weight term of a ``linear`` node for ``lam``: the dense
     layer's chord, linear in its input (its part on the input added to ``into``), or, for a
     weight shared across positions, the smaller of the joint support and the box's. Where
     every row of ``lam`` holds one output value (``first``: checked), both are the same: the
-    box's is taken."""
+    box's is taken. ``magnitude``: ``|lam|``."""
     budget, box = bounds.linear[index]
     if budget.linear_in_input(h.lower):
         return budget.weight_terms(lam, h, bounds.unit, into=into)
-    separate = box_support(lam, box)
+    separate = box_support(lam, box, magnitude)
     if first and bool(((lam != 0).flatten(2).sum(-1) <= 1).all()):
         return -separate
-    return -torch.minimum(budget.coupled_support(lam, h, bounds.unit), separate)
+    return -torch.minimum(budget.coupled_support(lam, h, bounds.unit, magnitude), separate)
 
 
-def added_support(lam: Tensor, added: tuple[Tensor | float, Tensor | None]) -> Tensor | float:
-    """``max of lam . d`` over what moves a node's output (``Bounds.added``)."""
+def added_support(
+    lam: Tensor, added: tuple[Tensor | float, Tensor | None], magnitude: Tensor | None = None
+) -> Tensor | float:
+    """``max of lam . d`` over what moves a node's output (``Bounds.added``); ``magnitude``:
+    ``|lam|`` if known."""
     radius, ball = added
     total: Tensor | float = 0.0
-    if isinstance(radius, Tensor) or radius > 0:
-        total = box_support(lam, radius)
+    if _has_box(added):
+        total = box_support(lam, radius, magnitude)
     if ball is not None:
         total = total + lam.flatten(2).norm(dim=-1) * ball.reshape(-1, 1)
     return total
@@ -265,21 +268,39 @@ def backward(
             const = const + constant_min(lam, values[node.index])
             continue
         args, kwargs = node.fill(values, graph.tensors)
-        added = bounds.added[node.index] if relax else bounds.everything_added(node.index)
         if slopes is not None and node.index in slopes:
             lams, c = relu_backward(lam, args[0], slopes[node.index])
         else:
             lams, c = node.op.backward(lam, *args, **kwargs)
-        const = const + c - added_support(lam, added)
-        if relax and node.index in bounds.linear:
-            first = node.index == start  # where lam may be one neuron per row (tightening)
-            const = const + _weight_term(bounds, node.index, lam, args[0], lams[0], first)
+        const = const + c - _moved(bounds, node.index, lam, args[0], lams, relax, start)
         for ref, part in zip(node.box_refs, lams, strict=True):
             if part is not None:
                 pending[ref] = pending[ref] + part if ref in pending else part
     if 0 in pending:
         const = const + region.minimum(pending.pop(0))
     return bounds.trusted(const)
+
+
+def _moved(
+    bounds: Bounds, index: int, lam: Tensor, h: Any, lams: list, relax: bool, start: int
+) -> Tensor | float:
+    """What ``backward`` takes off at node ``index`` for what moves its output beyond its
+    operator (``Bounds.added``; a ``linear`` node's weight term from the coefficients, part
+    of it added to ``lams[0]``); ``|lam|`` is computed once for all of it."""
+    added = bounds.added[index] if relax else bounds.everything_added(index)
+    weighted = relax and index in bounds.linear
+    magnitude = lam.abs() if weighted or _has_box(added) else None
+    total = added_support(lam, added, magnitude)
+    if weighted:
+        first = index == start  # where lam may be one neuron per row (tightening)
+        total = total - _weight_term(bounds, index, lam, h, lams[0], first, magnitude)
+    return total
+
+
+def _has_box(added: tuple[Tensor | float, Tensor | None]) -> bool:
+    """Whether ``added`` has a box part (not the number 0)."""
+    radius = added[0]
+    return isinstance(radius, Tensor) or radius > 0
 
 
 def margin_matrix(y: Tensor, classes: int, dtype: torch.dtype) -> Tensor:

@@ -147,7 +147,9 @@ class LayerBudget:
         them (``coupled_support``) rather than output by output."""
         return not self.op.one_vector(h)
 
-    def coupled_support(self, lam: Tensor, h: Box, unit: float) -> Tensor:
+    def coupled_support(
+        self, lam: Tensor, h: Box, unit: float, magnitude: Tensor | None = None
+    ) -> Tensor:
         """An upper bound ``(B, K)`` on the largest ``lam . (Delta_W h + Delta_b)`` over the
         budget and every input in ``h``, one ``Delta_W`` serving every position.
 
@@ -156,9 +158,11 @@ class LayerBudget:
         ``R . |L X^T|`` (linf) or ``rho ||L X^T||_F`` (l2). Over the box ``X = C + r U``
         (``|U| <= 1``), ``|L X^T| <= |L C^T| + |L| r^T`` elementwise: exact where the input
         is fixed. The bias term ``<Delta_b, L 1>`` is exact (docs/certificates.md).
+        ``magnitude``: ``|lam|``, if known.
         """
         op, weight = self.op, self.weight
         cols = op.output_columns(lam, weight)  # (B, K, g, O, P)
+        sizes = op.output_columns(lam.abs() if magnitude is None else magnitude, weight)
         center, radius = _center_radius(h, unit, cols.shape[-1])
         both = op.input_columns(torch.cat([center, radius]), weight)  # one im2col for both
         centers, spread = both[: len(center)], both[len(center) :]  # (B, g, J, P)
@@ -172,15 +176,18 @@ class LayerBudget:
         batch, _, groups, outs, _ = cols.shape
         step = max(1, JOINT_ELEMENTS // (batch * groups * outs * both.shape[2]))
         parts = [
-            self._joint_rows(cols[:, i : i + step], centers, spread, through)
+            self._joint_rows(
+                cols[:, i : i + step], sizes[:, i : i + step], centers, spread, through
+            )
             for i in range(0, cols.shape[1], step)
         ]
         return torch.cat(parts, dim=1)
 
     def _joint_rows(
-        self, cols: Tensor, centers: Tensor, spread: Tensor, through: Tensor | None
+        self, cols: Tensor, sizes: Tensor, centers: Tensor, spread: Tensor, through: Tensor | None
     ) -> Tensor:
-        """``coupled_support`` for coefficient columns ``cols (B, k, g, O, P)``."""
+        """``coupled_support`` for coefficient columns ``cols (B, k, g, O, P)``, whose
+        magnitudes are ``sizes``."""
         fixed = torch.einsum("bkgop,bgjp->bkgoj", cols, centers)  # L C^T
         if through is not None:  # linf
             r = self.weight_radius
@@ -189,9 +196,9 @@ class LayerBudget:
             else:
                 total = (fixed.abs() * self.op.weight_rows(r.expand_as(self.weight))).flatten(2)
                 total = total.sum(-1)
-            total = total + (cols.abs() * through[:, None]).flatten(2).sum(-1)
+            total = total + (sizes * through[:, None]).flatten(2).sum(-1)
         else:
-            moved = torch.einsum("bkgop,bgjp->bkgoj", cols.abs(), spread)  # |L| r^T
+            moved = torch.einsum("bkgop,bgjp->bkgoj", sizes, spread)  # |L| r^T
             total = self.weight_radius * (
                 fixed.flatten(2).norm(dim=-1) + moved.flatten(2).norm(dim=-1)
             )

@@ -1,0 +1,135 @@
+"""CROWN with its own intermediate bounds on the built-in ResNet, before and after the cheap
+first pass (issue 22, item 1), side by side in one run.
+
+Trains the built-in ResNet (``--model resnet``: channels 16, 32) on mnist5k (``--epochs``,
+seed 0), attacks the first ``--examples`` test digits at the reference joint threat of
+``certify_speed.py`` (eps_x = 0.005, eps_w = 1e-5, absolute linf, per example; PGD-50, 2
+restarts, cross-entropy and margin), and certifies them with ``crown`` and ``intermediate =
+"crown"``:
+
+- before: every neuron that interval bounds leave unstable is tightened by a backward pass
+  (two rows of ``lam`` each), as git main does (``crown.FIRST_PASS = False``);
+- after:  forward linear bounds first (``certificates/forward.py``), then backward passes only
+  for the neurons those leave unstable, the bound nearer zero first.
+
+The two run in turn on chunks of ``--chunk`` examples (so a shared machine's load falls on
+both alike). Prints seconds per example and certified counts; a certified example that the
+attack broke, or an example "before" certifies and "after" does not, stops the script.
+
+    python benchmarks/crown_resnet.py [--examples 100] [--epochs 20] [--dtype float64]
+        [--chunk 5] [--before-examples N] [--model-cache resnet.safetensors]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import nonsingular as ns
+from nonsingular.certificates import crown
+from nonsingular.data import load
+from nonsingular.model.architectures import resnet
+from nonsingular.training import TrainConfig, train
+
+THREAT = ns.Threat(eps_x=0.005, eps_w=1e-5)  # certify_speed.py's reference joint threat
+
+
+def timed(model, x, y, first_pass: bool, dtype: torch.dtype) -> tuple[ns.CertifyResult, float]:
+    """``crown`` with its own intermediate bounds, with the first pass on or off."""
+    saved, crown.FIRST_PASS = crown.FIRST_PASS, first_pass
+    try:
+        start = time.perf_counter()
+        cert = ns.certify(model, x, y, THREAT, "crown", intermediate="crown", dtype=dtype)
+        return cert, time.perf_counter() - start
+    finally:
+        crown.FIRST_PASS = saved
+
+
+def trained(epochs: int, cache: str | None) -> torch.nn.Module:
+    """The ResNet trained for ``epochs`` on mnist5k (seed 0), or the one ``cache`` holds."""
+    if cache is not None and Path(cache).exists():
+        return ns.checkpoint.load(cache, model=resnet())[0]
+    torch.manual_seed(0)
+    config = TrainConfig(model="resnet", epochs=epochs, seed=0)
+    model = train(config, load("mnist5k"), progress=False).model.eval()
+    if cache is not None:
+        ns.checkpoint.save(model, cache)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=100)
+    parser.add_argument("--before-examples", type=int, default=None, help="default: all")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--chunk", type=int, default=5)
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument(
+        "--model-cache",
+        default=None,
+        help="a .safetensors checkpoint: loaded if it exists, else written after training",
+    )
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    data = load("mnist5k")
+    model = trained(args.epochs, args.model_cache)
+    n = args.examples
+    before_n = n if args.before_examples is None else min(n, args.before_examples)
+    x, y = data.x_test[:n], data.y_test[:n]
+    attacked = ns.attack(model, x, y, THREAT, steps=50, restarts=2, loss="both")
+    broken = attacked.success
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"model: ResNet (channels 16, 32), {args.epochs} epochs, seed 0; threat "
+        f"{THREAT.describe()}; {n} test digits; crown, intermediate crown, {args.dtype}"
+    )
+    print(
+        f"clean {int((attacked.clean_margins > 0).sum())}/{n}; attack leaves "
+        f"{int((~attacked.success).sum())}/{n}"
+    )
+    timed(model, x[:1], y[:1], True, dtype)  # warm-up (first-call imports)
+    totals = {True: 0.0, False: 0.0}
+    certified = {True: torch.zeros(0, dtype=torch.bool), False: torch.zeros(0, dtype=torch.bool)}
+    for i in range(0, n, args.chunk):
+        xs, ys = x[i : i + args.chunk], y[i : i + args.chunk]
+        for first_pass in (False, True):
+            if not first_pass and i >= before_n:
+                continue
+            cert, took = timed(model, xs, ys, first_pass, dtype)
+            totals[first_pass] += took
+            certified[first_pass] = torch.cat([certified[first_pass], cert.certified])
+        done = min(n, i + args.chunk)
+        line = (
+            f"  {done:4d} examples: after {totals[True] / done:.2f} s/example, certified "
+            f"{int(certified[True].sum())}"
+        )
+        if i < before_n:
+            line += (
+                f"; before {totals[False] / done:.2f} s/example, certified "
+                f"{int(certified[False].sum())}"
+            )
+        print(f"{line}; load {os.getloadavg()[0]:.1f}", flush=True)
+    for mask in certified.values():
+        if bool((mask & broken[: len(mask)]).any()):
+            raise SystemExit("UNSOUND: an example the attack broke was certified")
+    lost = certified[False] & ~certified[True][:before_n]
+    if bool(lost.any()):
+        raise SystemExit(f"after certifies fewer: examples {lost.nonzero().flatten().tolist()}")
+    for label, first_pass, count in (("before", False, before_n), ("after", True, n)):
+        print(
+            f"{label:6s}: {totals[first_pass] / max(1, count):.2f} s/example over {count}; "
+            f"certified {int(certified[first_pass].sum())}/{count}"
+        )
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
