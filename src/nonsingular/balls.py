@@ -71,7 +71,11 @@ class BoxBall(Ball):
     def ascend(self, v: Tensor, grad: Tensor, alpha: float) -> Tensor:
         if isinstance(self.radius, float):  # the hot path of every PGD step: three kernels
             return v.add(grad.sign(), alpha=alpha * self.radius).clamp_(-self.radius, self.radius)
-        return super().ascend(v, grad, alpha)
+        r = _as_tensor(self.radius, v)
+        if r.requires_grad:  # a relative radius carrying its parameter's gradient (training)
+            return super().ascend(v, grad, alpha)
+        # elementwise radius (relative linf): the same numbers in three kernels, not five
+        return torch.addcmul(v, r * alpha, grad.sign()).clamp_(min=-r, max=r)
 
 
 class L2Ball(Ball):

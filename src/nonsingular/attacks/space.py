@@ -72,6 +72,15 @@ def margins(logits: Tensor, y: Tensor) -> Tensor:
     return margin.masked_fill(margin.isnan(), float("-inf"))
 
 
+def finite_gradient(g: Tensor | None, like: Tensor) -> Tensor:
+    """A variable's gradient for a step: zero where there is none (``g`` None: the output does
+    not reach it) or where it is not finite (logits overflowing: it would step out of the
+    ball). One summing pass decides; only a gradient whose sum is not finite is copied."""
+    if g is None:
+        return torch.zeros_like(like)
+    return g if bool(torch.isfinite(g.sum())) else g.nan_to_num(0.0, 0.0, 0.0)
+
+
 def check_positions(positions: object, batch: int) -> Tensor:
     """Each example's place in its data set (default 0..B-1), checked."""
     if positions is None:
