@@ -45,18 +45,23 @@ class BestSoFar:
         rows = index[better]
         self.margins[rows] = m[better]
         self.x_adv[rows] = x_adv[better].detach()
-        everyone = bool(better.all()) and self._whole(index)
+        whole = self._whole(index)
+        everyone = whole and bool(better.all())
         for key, v in state.items():
             if not self.space.batched[key]:
                 continue
             if everyone:  # every row improved: keep the candidate itself, no copy
                 self.state[key] = v.detach()
                 self._borrowed.add(key)
-                continue
-            if key in self._borrowed:  # the attack's own tensor: copy before writing into it
-                self.state[key] = self.state[key].clone()
+            elif whole:  # one pass, into a new tensor: what is kept is never written into
+                mask = better.reshape(-1, *[1] * (v.dim() - 1))
+                self.state[key] = torch.where(mask, v.detach(), self.state[key])
                 self._borrowed.discard(key)
-            self.state[key][rows] = v[better].detach()
+            elif bool(better.any()):
+                if key in self._borrowed:  # the attack's own tensor: copy before writing
+                    self.state[key] = self.state[key].clone()
+                    self._borrowed.discard(key)
+                self.state[key][rows] = v[better].detach()
         return better
 
     def _whole(self, index: Tensor) -> bool:

@@ -113,7 +113,7 @@ def pgd(
             x, y, target = x[keep], y[keep], None if target is None else target[keep]
             detached = {k: v[keep] if space.batched[k] else v for k, v in detached.items()}
             found = {k: g[keep] if space.batched[k] else g for k, g in found.items()}
-        state = space.step(x, detached, found, alpha)
+        state = space.step(x, detached, found, alpha, consume=True)  # found: its own
     return {k: v.detach() for k, v in state.items()}, torch.tensor(trace)
 
 
