@@ -404,3 +404,18 @@ def test_per_example_conv_kernels_equal_materialized_weights(
         with torch.no_grad():
             expected = functional_call(model, params, (x[row],))
         torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_best_so_far_copies_a_kept_iterate_before_a_sub_batch_writes_into_it(small_cnn, sample):
+    x = sample[0][:4]
+    space = JointSpace(read_model(small_cnn, x), Threat(eps_x=0.1, eps_w=0.01), x)
+    best = BestSoFar(space, x, torch.full((4,), 5.0), shared=False)
+    first = space.random(x, seed=1)
+    kept = {k: v.clone() for k, v in first.items()}
+    best.offer(torch.arange(4), torch.full((4,), 1.0), first, space.inputs(x, first))
+    later = space.random(x[:2], seed=2)  # rows 2 and 3 only (a later run's survivors)
+    best.offer(torch.tensor([2, 3]), torch.tensor([0.0, 2.0]), later, x[:2])
+    for key, v in first.items():
+        assert torch.equal(v, kept[key])  # the attack's own iterate is untouched
+        assert torch.equal(best.state[key][2], later[key][0])
+        assert torch.equal(best.state[key][[0, 1, 3]], kept[key][[0, 1, 3]])
