@@ -3,11 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.func import functional_call
 
 import nonsingular as ns
 from nonsingular import ConfigError, InputError, Threat
 from nonsingular.attacks import JointSpace, margins
+from nonsingular.attacks.best import BestSoFar
+from nonsingular.attacks.space import finite_gradient
 from nonsingular.model import read_model
 
 from .conftest import assert_state_equal, state_copy
@@ -324,3 +328,94 @@ def test_attacks_run_on_cuda_and_replay_there(scope):
             logits = res.replay(model, i)[0]
             replayed = logits[y[i]] - logits.scatter(0, y[i : i + 1], float("-inf")).max()
             assert abs(float(replayed - res.margins[i])) <= 1e-4, (kwargs, i)
+
+
+def test_finite_gradient_zeroes_only_what_cannot_be_stepped_along():
+    like = torch.ones(2, 3)
+    assert torch.equal(finite_gradient(None, like), torch.zeros(2, 3))
+    g = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]])
+    assert finite_gradient(g, like) is g  # finite: no copy
+    bad = torch.tensor([[1.0, float("nan"), float("inf")], [float("-inf"), 2.0, 0.0]])
+    assert torch.equal(finite_gradient(bad, like), torch.tensor([[1.0, 0, 0], [0, 2.0, 0]]))
+    assert bool(bad[0, 1].isnan())  # the caller's gradient is left as it was
+    huge = torch.full((4,), 3e38)  # finite entries whose sum overflows: kept as they are
+    assert torch.equal(finite_gradient(huge, huge), huge)
+
+
+def test_best_so_far_never_writes_into_an_iterate_it_kept(small_cnn, sample):
+    # a fully improved iterate is kept without a copy; a later partial improvement must copy
+    # it before writing, so the attack's own tensor (and what was kept) stay as they were
+    x = sample[0][:4]
+    space = JointSpace(read_model(small_cnn, x), Threat(eps_x=0.1, eps_w=0.01), x)
+    best = BestSoFar(space, x, torch.full((4,), 5.0), shared=False)
+    rows = torch.arange(4)
+    first = space.random(x, seed=1)
+    kept = {k: v.clone() for k, v in first.items()}
+    best.offer(rows, torch.full((4,), 1.0), first, space.inputs(x, first))
+    second = space.random(x, seed=2)
+    better = best.offer(rows, torch.tensor([0.0, 2.0, -1.0, 3.0]), second, x)
+    assert better.tolist() == [True, False, True, False]
+    for key, v in first.items():
+        assert torch.equal(v, kept[key])  # the first iterate is untouched
+        expected = torch.where(better.reshape(-1, *[1] * (v.dim() - 1)), second[key], kept[key])
+        assert torch.equal(best.state[key], expected)
+    assert best.margins.tolist() == [0.0, 1.0, -1.0, 1.0]
+    third = space.random(x, seed=3)  # only some rows of a sub-batch: no borrowing
+    best.offer(torch.tensor([1, 3]), torch.tensor([0.5, 4.0]), space.select(third, rows[:2]), x[:2])
+    for key in first:
+        assert torch.equal(best.state[key][1], third[key][0])
+        assert torch.equal(best.state[key][3], kept[key][3])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dims=st.sampled_from([1, 2]),
+    stride=st.integers(1, 2),
+    padding=st.sampled_from([0, 1, "same"]),
+    dilation=st.integers(1, 2),
+    groups=st.sampled_from([1, 2]),
+    padding_mode=st.sampled_from(["zeros", "reflect"]),
+    kernel=st.integers(1, 3),
+    seed=st.integers(0, 1000),
+)
+def test_per_example_conv_kernels_equal_materialized_weights(
+    dims, stride, padding, dilation, groups, padding_mode, kernel, seed
+):
+    # each example's own kernel (one grouped convolution for the batch) gives what the
+    # unmodified model computes with that example's weights written into it
+    stride = 1 if padding == "same" else stride
+    conv = (torch.nn.Conv1d if dims == 1 else torch.nn.Conv2d)(
+        4, 6, kernel, stride, padding, dilation, groups, padding_mode=padding_mode
+    )
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    x = torch.rand(3, 4, *[7] * dims)
+    model(x)  # the lazy layer takes its shape
+    threat = Threat(eps_w=0.05, bias=True)
+    space = JointSpace(read_model(model, x), threat, x)
+    state = space.random(x, seed)
+    assert {str(k) for k in space.balls} == {"w:0.weight", "w:0.bias", "t:3.weight"}
+    with torch.no_grad():
+        got = space.forward(x, state)
+    for i in range(len(x)):
+        row = torch.tensor([i])
+        deltas = space.materialize(x[row], space.select(state, row))
+        params = {n: p + deltas.get(n, 0) for n, p in model.named_parameters()}
+        with torch.no_grad():
+            expected = functional_call(model, params, (x[row],))
+        torch.testing.assert_close(got[row], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_best_so_far_copies_a_kept_iterate_before_a_sub_batch_writes_into_it(small_cnn, sample):
+    x = sample[0][:4]
+    space = JointSpace(read_model(small_cnn, x), Threat(eps_x=0.1, eps_w=0.01), x)
+    best = BestSoFar(space, x, torch.full((4,), 5.0), shared=False)
+    first = space.random(x, seed=1)
+    kept = {k: v.clone() for k, v in first.items()}
+    best.offer(torch.arange(4), torch.full((4,), 1.0), first, space.inputs(x, first))
+    later = space.random(x[:2], seed=2)  # rows 2 and 3 only (a later run's survivors)
+    best.offer(torch.tensor([2, 3]), torch.tensor([0.0, 2.0]), later, x[:2])
+    for key, v in first.items():
+        assert torch.equal(v, kept[key])  # the attack's own iterate is untouched
+        assert torch.equal(best.state[key][2], later[key][0])
+        assert torch.equal(best.state[key][[0, 1, 3]], kept[key][[0, 1, 3]])

@@ -73,3 +73,43 @@ def test_steps_move_by_alpha_times_radius():
 @pytest.mark.parametrize("ball", [BoxBall(0.5), L2Ball(0.5, 1)])
 def test_contains_rejects_points_outside(ball):
     assert not ball.contains(torch.full((1, 4), 0.6))
+
+
+@given(shape=shapes, seed=st.integers(0, 10_000), alpha=st.floats(0.01, 2.0))
+def test_elementwise_box_ascent_is_the_projected_step(shape, seed, alpha):
+    # the fused step of an elementwise radius (relative linf) gives exactly the numbers of
+    # the two-part definition, project(step(...)), zero-radius coordinates included
+    radius = tensor(shape, seed + 1).abs() * (tensor(shape, seed + 3) > 0)
+    ball = BoxBall(radius)
+    v = ball.project(tensor(shape, seed))
+    grad = tensor(shape, seed + 2) * (tensor(shape, seed + 4) > -1)  # some exact zeros
+    expected = ball.project(ball.step(v, grad, alpha))
+    fused = ball.ascend(v, grad, alpha)
+    assert torch.equal(fused, expected)
+    assert ball.contains(fused)
+    before = v.clone()
+    scratch = grad.clone()
+    assert torch.equal(ball.ascend(v, scratch, alpha, consume=True), expected)  # into scratch
+    assert torch.equal(v, before)  # the iterate itself is never written into
+
+
+@given(shape=shapes, seed=st.integers(0, 10_000), alpha=st.floats(0.01, 2.0))
+def test_uniform_box_ascent_into_the_gradient_gives_the_same_numbers(shape, seed, alpha):
+    ball = BoxBall(0.3)
+    v = ball.project(tensor(shape, seed))
+    grad = tensor(shape, seed + 2) * (tensor(shape, seed + 4) > -1)
+    plain = ball.ascend(v, grad.clone(), alpha)
+    torch.testing.assert_close(plain, ball.project(ball.step(v, grad, alpha)))
+    assert torch.equal(ball.ascend(v, grad.clone(), alpha, consume=True), plain)
+    expanded = torch.ones(shape).expand(2, *shape)  # not a scratch tensor: left alone
+    ball.ascend(torch.zeros(2, *shape), expanded, alpha, consume=True)
+    assert torch.equal(expanded, torch.ones(2, *shape))
+
+
+def test_elementwise_box_ascent_keeps_a_radius_gradient():
+    # training's relative radius carries its parameter's gradient through the step
+    weight = torch.tensor([0.5, -2.0], requires_grad=True)
+    ball = BoxBall(0.1 * weight.abs())
+    out = ball.ascend(torch.zeros(2), torch.tensor([1.0, 1.0]), 10.0)  # clipped at the radius
+    (grad,) = torch.autograd.grad(out.sum(), weight)
+    torch.testing.assert_close(grad, torch.tensor([0.1, -0.1]))

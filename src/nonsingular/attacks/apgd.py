@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .options import APGD_STEP
-from .space import JointSpace, State
+from .space import JointSpace, State, finite_gradient
 
 MOMENTUM = 0.75
 RHO = 0.75  # the fraction of steps since the last checkpoint that must raise the loss
@@ -123,10 +123,7 @@ def _evaluate(
     if grad:
         keys = list(state)
         found = torch.autograd.grad(per_example.sum(), [state[k] for k in keys], allow_unused=True)
-        grads = {
-            k: torch.zeros_like(state[k]) if g is None else g.nan_to_num(0.0, 0.0, 0.0)
-            for k, g in zip(keys, found, strict=True)
-        }
+        grads = {k: finite_gradient(g, state[k]) for k, g in zip(keys, found, strict=True)}
     detached = {k: v.detach() for k, v in state.items()}
     return per_example.detach(), logits.detach(), detached, grads
 

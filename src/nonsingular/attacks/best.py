@@ -18,6 +18,10 @@ class BestSoFar:
         self.shared = shared
         self.margins = clean.clone()
         self.state = space.zeros(x)
+        # variables whose best is an attack's iterate itself, held without a copy (attacks
+        # never write into their iterates: each step makes new tensors); copied on a partial
+        # update
+        self._borrowed: set[object] = set()
         self.x_adv = x.clone()
         self.score = self._score(clean)
         self.classes = classes  # how many the model tells apart (targeted runs' targets)
@@ -34,13 +38,33 @@ class BestSoFar:
                 return torch.zeros_like(m, dtype=torch.bool)
             self.score, self.margins = score, m.clone()
             self.state = {k: v.detach().clone() for k, v in state.items()}
+            self._borrowed.clear()
             self.x_adv = x_adv.detach().clone()
             return torch.ones_like(m, dtype=torch.bool)
         better = m < self.margins[index]
         rows = index[better]
         self.margins[rows] = m[better]
         self.x_adv[rows] = x_adv[better].detach()
+        whole = self._whole(index)
+        everyone = whole and bool(better.all())
         for key, v in state.items():
-            if self.space.batched[key]:
+            if not self.space.batched[key]:
+                continue
+            if everyone:  # every row improved: keep the candidate itself, no copy
+                self.state[key] = v.detach()
+                self._borrowed.add(key)
+            elif whole:  # one pass, into a new tensor: what is kept is never written into
+                mask = better.reshape(-1, *[1] * (v.dim() - 1))
+                self.state[key] = torch.where(mask, v.detach(), self.state[key])
+                self._borrowed.discard(key)
+            elif bool(better.any()):
+                if key in self._borrowed:  # the attack's own tensor: copy before writing
+                    self.state[key] = self.state[key].clone()
+                    self._borrowed.discard(key)
                 self.state[key][rows] = v[better].detach()
         return better
+
+    def _whole(self, index: Tensor) -> bool:
+        """Whether ``index`` is every row in order (0..B-1)."""
+        rows = len(self.margins)
+        return len(index) == rows and bool((index == torch.arange(rows, device=index.device)).all())

@@ -30,7 +30,15 @@ from .best import BestSoFar
 from .noise import noise
 from .options import AttackOptions, pgd_step_size
 from .result import AttackResult
-from .space import INPUT, JointSpace, State, check_domain, check_positions, margins
+from .space import (
+    INPUT,
+    JointSpace,
+    State,
+    check_domain,
+    check_positions,
+    finite_gradient,
+    margins,
+)
 
 
 def attack_loss(name: str, logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
@@ -105,7 +113,7 @@ def pgd(
             x, y, target = x[keep], y[keep], None if target is None else target[keep]
             detached = {k: v[keep] if space.batched[k] else v for k, v in detached.items()}
             found = {k: g[keep] if space.batched[k] else g for k, g in found.items()}
-        state = space.step(x, detached, found, alpha)
+        state = space.step(x, detached, found, alpha, consume=True)  # found: its own
     return {k: v.detach() for k, v in state.items()}, torch.tensor(trace)
 
 
@@ -132,10 +140,7 @@ def _gradients(
     step out of the ball."""
     keys = list(state)
     grads = torch.autograd.grad(per_example.sum(), [state[k] for k in keys], allow_unused=True)
-    found = {
-        k: torch.zeros_like(state[k]) if g is None else g.nan_to_num(0.0, 0.0, 0.0)
-        for k, g in zip(keys, grads, strict=True)
-    }
+    found = {k: finite_gradient(g, state[k]) for k, g in zip(keys, grads, strict=True)}
     if reduce is not None:
         found = {k: g if space.batched[k] else reduce(g) for k, g in found.items()}
     return found

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -70,6 +71,15 @@ def margins(logits: Tensor, y: Tensor) -> Tensor:
     other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
     margin = true - other
     return margin.masked_fill(margin.isnan(), float("-inf"))
+
+
+def finite_gradient(g: Tensor | None, like: Tensor) -> Tensor:
+    """A variable's gradient for a step: zero where there is none (``g`` None: the output does
+    not reach it) or where it is not finite (logits overflowing: it would step out of the
+    ball). One summing pass decides; only a gradient whose sum is not finite is copied."""
+    if g is None:
+        return torch.zeros_like(like)
+    return g if bool(torch.isfinite(g.sum())) else g.nan_to_num(0.0, 0.0, 0.0)
 
 
 def check_positions(positions: object, batch: int) -> Tensor:
@@ -207,9 +217,19 @@ class JointSpace:
             state[INPUT] = (x + state[INPUT]).clamp(lo, hi) - x
         return state
 
-    def step(self, x: Tensor, state: State, grads: State, alpha: float) -> State:
-        """One projected ascent step of every variable."""
-        new = {key: self.balls[key].ascend(v, grads[key], alpha) for key, v in state.items()}
+    def step(
+        self, x: Tensor, state: State, grads: State, alpha: float, *, consume: bool = False
+    ) -> State:
+        """One projected ascent step of every variable. ``consume``: the gradients are the
+        caller's scratch, which the step may compute into (one that shares its memory with
+        another variable's is not)."""
+        shared = Counter(g.data_ptr() for g in grads.values())
+        new = {
+            key: self.balls[key].ascend(
+                v, grads[key], alpha, consume=consume and shared[grads[key].data_ptr()] == 1
+            )
+            for key, v in state.items()
+        }
         return self.clamp_input(x, new)
 
     def forward(
