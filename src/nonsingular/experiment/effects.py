@@ -163,8 +163,13 @@ def family_cells(results: Results, family: str, attack: str | None = None) -> li
 def floor_of(results: Results, family: str) -> float:
     """The accuracy at or below which a cell of ``family`` is at the floor: 0%, but for a
     shared family measured by the earlier shared attack (``FLOOR_RULE``)."""
-    earlier = results.shared_attack == "single-class" and results.experiment.shared(family)
-    return shared_floor(results.data.classes) if earlier else 0.0
+    return shared_floor(results.data.classes) if single_class(results, family) else 0.0
+
+
+def single_class(results: Results, family: str) -> bool:
+    """Whether ``family``'s numbers come from the earlier shared attack, which stopped where
+    every example fell into one class (so near chance is as low as they go)."""
+    return results.shared_attack == "single-class" and results.experiment.shared(family)
 
 
 def t_summary(values: Sequence[float]) -> tuple[float, tuple[float, float] | None, float | None]:

@@ -196,11 +196,19 @@ def _decide(claims: list[Verdict]) -> None:
             v.reason = _interval_words(v.interval)
 
 
+def interval_text(interval: tuple[float, float] | None) -> str:
+    """An interval of differences in points: ``+0.8 to +2.8`` (``-`` without one)."""
+    if interval is None:
+        return "-"
+    lo, hi = (100 * b for b in interval)
+    return f"{lo:+.1f} to {hi:+.1f}"
+
+
 def _interval_words(interval: tuple[float, float] | None) -> str:
-    lo, hi = (100 * b for b in interval)  # type: ignore[union-attr]
     where = "within" if within(interval) else "wider than"
     return (
-        f"{100 * LEVEL:.0f}% interval {lo:+.1f} to {hi:+.1f} points, {where} ±{100 * EQUIVALENCE:g}"
+        f"{100 * LEVEL:.0f}% interval {interval_text(interval)} points, {where} "
+        f"±{100 * EQUIVALENCE:g}"
     )
 
 

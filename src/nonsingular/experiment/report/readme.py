@@ -17,7 +17,7 @@ from pathlib import Path
 from ...errors import ConfigError
 from ...files import write_text
 from ..results import Results
-from ..verdicts import UNDECIDED, Verdict, verdicts
+from ..verdicts import UNDECIDED, Verdict, interval_text, verdicts
 from .summary import pct
 
 START = "<!-- results: {folder} -->"
@@ -45,13 +45,6 @@ def _shown(v: Verdict) -> str:
     return words + (f" ({v.reason})" if v.verdict in ("not run", "excluded") else "")
 
 
-def _interval(interval: tuple[float, float] | None) -> str:
-    if interval is None:
-        return "-"
-    lo, hi = (100 * b for b in interval)
-    return f"{lo:+.1f} to {hi:+.1f}"
-
-
 def table(claims: list[Verdict], labels: dict[str, str]) -> list[str]:
     """The verdict table: a row per claim and family."""
     out = [
@@ -65,7 +58,7 @@ def table(claims: list[Verdict], labels: dict[str, str]) -> list[str]:
             numbers = ["-"] * 5
         else:
             numbers = [pct(v.metric_model), pct(v.metric_standard)]  # type: ignore[arg-type]
-            numbers += [f"{100 * v.difference:+.1f}", _interval(v.interval)]
+            numbers += [f"{100 * v.difference:+.1f}", interval_text(v.interval)]
             numbers += ["-" if v.p_holm is None else f"{v.p_holm:.2g}"]
         out.append("| " + " | ".join([name, labels[v.family], *numbers, _shown(v)]) + " |")
     return out
@@ -84,7 +77,7 @@ def _by_budget(v: Verdict) -> str:
     if not below:
         return f"It is below standard at none of the {len(kept)} budgets averaged."
     shown = "; ".join(
-        f"{_cell(c)}: {100 * c['difference']:+.1f} points, interval {_interval(c['interval'])}"
+        f"{_cell(c)}: {100 * c['difference']:+.1f} points, interval {interval_text(c['interval'])}"
         for c in below[:3]
     )
     more = f", and {len(below) - 3} more" if len(below) > 3 else ""
@@ -107,7 +100,7 @@ def paragraph(v: Verdict, labels: dict[str, str]) -> str:
         head,
         f"Averaged over {len(v.cells)} budgets{floor}, {v.model} holds "
         f"{pct(v.metric_model)} and standard {pct(v.metric_standard)}: "  # type: ignore[arg-type]
-        f"{100 * v.difference:+.1f} points (95% interval {_interval(v.interval)}), "
+        f"{100 * v.difference:+.1f} points (95% interval {interval_text(v.interval)}), "
         f"{v.model} ahead in {ahead} of {len(v.per_seed_differences)} seeds; "
         f"p {v.p:.2g} over seeds, {v.p_holm:.2g} after Holm.",
         _by_budget(v),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ...provenance import provenance
 from ...training import METHODS
 from ..config import RECIPES
-from ..effects import single_threat
+from ..effects import single_class, single_threat
 from ..results import Results, Spread
 from ..verdicts import RULE, Verdict, verdicts
 from .effects import per_budget_section, points, single_threat_section
@@ -271,8 +271,7 @@ def checks_section(results: Results, summary: Summary) -> list[str]:
         top = summary.families[family.name]["standard"].mean[-1]
         # the earlier shared attack stopped at a collapse to one class (near chance); the
         # strong one is held to near zero, as every other threat is
-        earlier = results.shared_attack == "single-class"
-        limit = floor if earlier and results.experiment.shared(family.name) else 0.05
+        limit = floor if single_class(results, family.name) else 0.05
         verdict = "reaches" if top <= limit else "does NOT reach"
         out.append(
             f"- Span, {family.name}: the standard model at the largest budget "
