@@ -92,6 +92,7 @@ def pgd(
     """
     state = space.random(x, seed, positions) if random_start else space.zeros(x)
     state = state if start is None else dict(start)
+    objective = _loss(loss) if isinstance(loss, str) else loss
     trace = []
     for it in range(steps + 1):
         last = it == steps
@@ -100,7 +101,7 @@ def pgd(
         state = {k: v.detach().requires_grad_(not last) for k, v in state.items()}
         with torch.set_grad_enabled(not last):
             logits = space.forward(x, state)
-            per_example = _per_example(loss, logits, y, target)
+            per_example = objective(logits, y, target)
         trace.append(float(per_example.detach().mean()))
         keep = None if on_iterate is None else on_iterate(logits.detach(), state)
         if last:
@@ -115,17 +116,6 @@ def pgd(
             found = {k: g[keep] if space.batched[k] else g for k, g in found.items()}
         state = space.step(x, detached, found, alpha, consume=True)  # found: its own
     return {k: v.detach() for k, v in state.items()}, torch.tensor(trace)
-
-
-def _per_example(
-    loss: str | Callable[[Tensor, Tensor, Tensor | None], Tensor],
-    logits: Tensor,
-    y: Tensor,
-    target: Tensor | None,
-) -> Tensor:
-    return (
-        attack_loss(loss, logits, y, target) if isinstance(loss, str) else loss(logits, y, target)
-    )
 
 
 def _gradients(
