@@ -14,19 +14,9 @@ from ..certificates import BabResult, CertifyResult
 from ..errors import ConfigError, UnsupportedModelError
 from ..model.verify import read_batch
 from ..threat import Threat
-from .bounds import (
-    Arithmetic,
-    ChainBounds,
-    Dense,
-    backward,
-    bound,
-    chain_bounds,
-    gamma,
-    layer_terms,
-    margin_matrix,
-    read_chain,
-    relax,
-)
+from .bounds import Arithmetic, ChainBounds, Dense, bound, chain_bounds, margin_matrix, read_chain
+from .exact import Found, Problem, point_pass, search
+from .grid import Flip, bit_changes, dequantize
 from .space import FlipSpace
 
 METHODS = ("ibp", "crown")
@@ -95,111 +85,35 @@ def flip_certify(
     return CertifyResult(lower, method, threat, margins(logits, y))
 
 
-def _candidates(
-    chain: list[Dense], bounds: ChainBounds, y: Tensor, budget: Arithmetic, space: FlipSpace
-) -> list[tuple[int, Tensor, Tensor]]:
-    """For one example (a batch of one): per flipped layer, the flips ``(F, 3)`` (row, column,
-    bit position) that CROWN cannot rule out: ``|lambda_j| * |delta| * max|h_i|`` reaches
-    the margin's bound without flips for some class; and ``(K,)`` a lower bound on each
-    margin under any one flip of that layer that is ruled out."""
-    c = margin_matrix(y, chain[-1].weight.shape[0], torch.float64)
-    const, _ = backward(chain, bounds, len(chain) - 1, c, 0, budget)
-    lam = c
-    found = []
-    for m in range(len(chain) - 1, -1, -1):
-        layer = chain[m]
-        if layer.flips is not None:
-            weight = space.params[layer.name]
-            delta = space.deltas(layer.name, space.integers[layer.name], weight).double().abs()
-            h_abs = torch.maximum(bounds.h_lo[m].abs(), bounds.h_hi[m].abs())[0]
-            ratio = const[0, :, None] / lam[0].abs().clamp_min(1e-300)  # (K, n_out)
-            ratio = ratio.masked_fill(lam[0].abs() == 0, float("inf"))
-            ratio[y[0]] = float("inf")
-            threshold = ratio.min(dim=0).values  # (n_out,)
-            effect = delta.view(*weight.shape, -1) * h_abs[None, :, None]
-            effect = effect * (1 + 8 * budget.unit)  # the effect's own rounding
-            mask = effect >= threshold[:, None, None]
-            hit = mask.nonzero()
-            rest = effect.masked_fill(mask, 0.0).flatten(1).amax(1)  # (n_out,) largest left
-            spared = const[0] - (lam[0].abs() * rest).amax(1)  # (K,) over flips ruled out
-            flips = torch.cat([hit[:, :2], space.allowed[hit[:, 2]][:, None]], 1)
-            found.append((m, flips, spared))
-        if m == 0:
-            break
-        a = lam @ layer.weight
-        lower, upper, _ = relax(*bounds.pre[m - 1])
-        lam = torch.where(a >= 0, a * lower[:, None], a * upper[:, None])
-    return found
+def weight_changes(space: FlipSpace, layer: Dense) -> Tensor | None:
+    """``(n_out, n_in, n_allowed)`` the change each allowed flip makes to each weight of
+    ``layer``, exactly (float64 difference of the two values the model would hold)."""
+    if layer.flips is None:
+        return None
+    w, q = space.params[layer.name], space.integers[layer.name]
+    change = bit_changes(q, space.bits)[..., space.allowed]
+    new = dequantize(q[..., None] + change, space.quantization.scales[layer.name][..., None])
+    return new.double() - w.double()[..., None]
 
 
-def _tail(
-    chain: list[Dense], point: ChainBounds, m: int, flips: Tensor, dw: Tensor, budget: Arithmetic
-) -> tuple[Tensor, Tensor]:
-    """Logit boxes ``(F, classes)`` of one example with each single flip of layer ``m``
-    (``flips`` rows ``(row, column, bit)``, ``dw`` its weight change): the unflipped point
-    boxes (its rounding) moved in one coordinate, then interval arithmetic to the output."""
-    layer = chain[m]
-    lo, hi = point.h_lo[m][0], point.h_hi[m][0]
-    centre = (lo + hi) / 2 @ layer.weight.T + layer.bias
-    radius = (hi - lo) / 2 @ layer.weight.abs().T + point.terms[m].err[0]
-    rows, cols, count = flips[:, 0], flips[:, 1], len(flips)
-    zc, zr = centre.repeat(count, 1), radius.repeat(count, 1)
-    at = torch.arange(count)
-    h_abs = torch.maximum(lo[cols].abs(), hi[cols].abs())
-    zc[at, rows] += dw * (lo[cols] + hi[cols]) / 2
-    zr[at, rows] += dw.abs() * (
-        (hi[cols] - lo[cols]) / 2 + gamma(layer.fan_in + 1, budget.unit) * h_abs
-    )
-    for nxt in chain[m + 1 :]:
-        h_lo, h_hi = (zc - zr).clamp_min(0), (zc + zr).clamp_min(0)
-        err = layer_terms(nxt, h_hi, budget.k, budget.unit, budget.tiny).err
-        zc = (h_lo + h_hi) / 2 @ nxt.weight.T + nxt.bias
-        zr = (h_hi - h_lo) / 2 @ nxt.weight.abs().T + err
-    return zc - zr, zc + zr
+def single_problem(
+    space: FlipSpace, chain: list[Dense], x: Tensor, y: Tensor, budget: Arithmetic
+) -> Problem:
+    """The search over single flips of one example ``(1, ...)``, replayed through
+    ``space`` (the unmodified model)."""
+
+    def replay(found: list[Found]) -> Tensor:
+        sets = [[_flip(space, chain, f)] for f in found]
+        return space.replay_margins(x.expand(len(sets), *x.shape[1:]), y.expand(len(sets)), sets)
+
+    c = margin_matrix(y, chain[-1].weight.shape[0], torch.float64)[0]
+    changes = [weight_changes(space, layer) for layer in chain]
+    return Problem(chain, point_pass(chain, x, budget), changes, c, int(y[0]), replay)
 
 
-def _single_flips(
-    space: FlipSpace, chain: list[Dense], x: Tensor, y: Tensor, budget: Arithmetic, deadline: float
-) -> tuple[str, list, Tensor, int]:
-    """Complete search over single flips of one example ``(1, ...)``: ``(status, flips,
-    lower (classes,), flips run exactly)``."""
-    lo, hi = input_box(x, Threat(bounds=None))
-    bounds = chain_bounds(chain, lo, hi, True, budget)
-    plain = [Dense(d.name, d.weight, d.bias, None) for d in chain]
-    point = chain_bounds(plain, lo, hi, False, budget)
-    c = margin_matrix(y, chain[-1].weight.shape[0], torch.float64)
-    low, _ = backward(plain, point, len(chain) - 1, c, len(chain) - 1, budget)
-    lower, ran, unsure = low[0].clone(), 0, []
-    for m, flips, spared in _candidates(chain, bounds, y, budget, space):
-        lower = torch.minimum(lower, spared)
-        name, weight = chain[m].name, space.params[chain[m].name]
-        delta = space.deltas(name, space.integers[name], weight).view(*weight.shape, -1)
-        column = torch.searchsorted(space.allowed, flips[:, 2].contiguous())
-        for part in range(0, len(flips), 4096):
-            if time.monotonic() > deadline:
-                return "unknown", [], lower, ran
-            f = flips[part : part + 4096]
-            dw = delta[f[:, 0], f[:, 1], column[part : part + 4096]].double()
-            z_lo, z_hi = _tail(chain, point, m, f, dw, budget)
-            worst = (z_lo.gather(1, y.expand(len(f))[:, None]) - z_hi).scatter(
-                1, y.expand(len(f))[:, None], float("inf")
-            )
-            lower = torch.minimum(lower, worst.min(0).values)
-            ran += len(f)
-            cols = weight.shape[1]
-            unsure += [
-                (name, int(r) * cols + int(i), int(b))
-                for r, i, b in f[worst.min(1).values <= 0].tolist()
-            ]
-    if not unsure:
-        return "certified", [], lower, ran
-    margins_found = space.replay_margins(
-        x.expand(len(unsure), *x.shape[1:]), y.expand(len(unsure)), [[u] for u in unsure]
-    )
-    broken = (margins_found <= 0).nonzero().flatten()
-    if len(broken):
-        return "broken", [unsure[int(broken[0])]], lower, ran
-    return "unknown", [], lower, ran
+def _flip(space: FlipSpace, chain: list[Dense], found: Found) -> Flip:
+    m, row, col, bit = found
+    return (chain[m].name, row * chain[m].fan_in + col, int(space.allowed[bit]))
 
 
 def flip_bab(
@@ -229,11 +143,12 @@ def flip_bab(
             elif float(clean[i]) <= 0:
                 state = "broken"
             elif threat.eps_x == 0:
-                state, flips, low, domains[i] = _single_flips(
-                    space, chain, x[i : i + 1], y[i : i + 1], budget, start + time_limit
-                )
-                if state != "unknown":  # every flip was bounded: a lower bound for all
-                    lower[i] = torch.maximum(low, root.lower[i])
+                problem = single_problem(space, chain, x[i : i + 1], y[i : i + 1], budget)
+                out = search(problem, budget, start + time_limit)
+                state, domains[i] = out.status, out.ranges
+                flips = [_flip(space, chain, out.flip)] if out.flip is not None else []
+                if state == "certified":  # every flip was bounded: a lower bound for all
+                    lower[i] = torch.maximum(out.lower, root.lower[i])
             status.append(state)
             sets.append(flips)
             seconds[i] = time.monotonic() - start

@@ -1,0 +1,235 @@
+"""The complete search over single bit flips of one example (``flip_bab``, docs/quantization.md).
+
+A flip of weight ``W[r, c]`` of layer m by ``dw`` moves one pre-activation, ``z_m[r]``, by
+``dw * h_c``; every other value up to layer m is unchanged. So each flip of row r is a value
+``t`` of one scalar, ``z_m[r]``, and the margin is a function of ``t``. The flips of each row
+are sorted by ``t``; a range of them is bounded at once by bounds on every neuron downstream
+that are affine in ``t`` (ReLUs relaxed over the range; every layer's rounding as the other
+certificates count it, the flip's own included in ``t``'s radius). A range not certified is
+halved; a range of one value of ``t`` still not certified is run exactly on the unmodified
+model, which either breaks the example (the flip is returned) or leaves the margin inside the
+rounding (then no bound can decide it: the example stays unknown).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .bounds import Arithmetic, Dense, gamma, layer_terms, relax
+
+BATCH = 2048  # ranges bounded together
+REPLAYS = 256  # flips run on the model between looks at the clock
+EPS64 = torch.finfo(torch.float64).eps  # covers dw's own rounding for float64 weights
+# A flip as the search names it: (layer index, row, column, index into the allowed bits).
+Found = tuple[int, int, int, int]
+
+
+@dataclass
+class Pass:
+    """One example through the unflipped chain: ``h_lo[m], h_hi[m]`` the input box of layer m
+    and ``z_mid[m] +- z_rad[m]`` its output box, both from the model's rounding alone."""
+
+    h_lo: list[Tensor]
+    h_hi: list[Tensor]
+    z_mid: list[Tensor]
+    z_rad: list[Tensor]
+
+
+def point_pass(chain: list[Dense], x: Tensor, budget: Arithmetic) -> Pass:
+    """The boxes of ``x`` (one example, flat) through ``chain`` with no flip."""
+    lo = hi = x.flatten().double()
+    p = Pass([], [], [], [])
+    for layer in chain:
+        plain = Dense(layer.name, layer.weight, layer.bias, None)
+        h_abs = torch.maximum(lo.abs(), hi.abs())[None]
+        err = layer_terms(plain, h_abs, 1, budget.unit, budget.tiny).err[0]
+        mid = (lo + hi) / 2 @ layer.weight.T + layer.bias
+        rad = (hi - lo) / 2 @ layer.weight.abs().T + err
+        p.h_lo.append(lo)
+        p.h_hi.append(hi)
+        p.z_mid.append(mid)
+        p.z_rad.append(rad)
+        lo, hi = (mid - rad).clamp_min(0), (mid + rad).clamp_min(0)
+    return p
+
+
+@dataclass
+class Rows:
+    """The single flips of one layer, row by row, sorted by the value they give ``z_m[r]``:
+    ``t`` ``(n_out, F)`` its centre, ``order`` ``(n_out, F)`` each flip's column times the
+    number of allowed bits plus its bit's index, ``rad`` ``(n_out,)`` the row's largest
+    radius (the unflipped box, the flip's rounding and its input's box)."""
+
+    t: Tensor
+    order: Tensor
+    rad: Tensor
+
+
+def sorted_rows(dw: Tensor, p: Pass, m: int, budget: Arithmetic) -> Rows:
+    """``dw`` ``(n_out, n_in, n_bits)``: the exact weight change of each flip of layer m."""
+    lo, hi = p.h_lo[m], p.h_hi[m]
+    h_abs = torch.maximum(lo.abs(), hi.abs())
+    t = p.z_mid[m][:, None, None] + dw * ((lo + hi) / 2)[None, :, None]
+    spread = (hi - lo) / 2 + (gamma(dw.shape[1] + 1, budget.unit) + EPS64) * h_abs
+    rad = p.z_rad[m] + (dw.abs() * spread[None, :, None]).flatten(1).amax(1)
+    t, order = t.flatten(1).sort(dim=1)
+    return Rows(t, order, rad)
+
+
+def _relu_affine(a_lo, b_lo, a_hi, b_hi, t_lo, t_hi):
+    """ReLU of neurons bounded by ``a t + b``: the affine bounds of its output and its largest
+    value."""
+    z_lo = b_lo + torch.minimum(a_lo * t_lo, a_lo * t_hi)
+    z_hi = b_hi + torch.maximum(a_hi * t_lo, a_hi * t_hi)
+    lower, upper, intercept = relax(z_lo, z_hi)
+    return lower * a_lo, lower * b_lo, upper * a_hi, upper * b_hi + intercept, z_hi.clamp_min(0)
+
+
+def range_bounds(
+    chain: list[Dense], p: Pass, m: int, rows: Tensor, t_lo: Tensor, t_hi: Tensor, c: Tensor,
+    budget: Arithmetic,
+) -> Tensor:  # fmt: skip
+    """``(N, K)`` lower bounds on ``c . z`` (``c`` ``(K, classes)``) with ``z_m[rows[n]]``
+    anywhere in ``[t_lo[n], t_hi[n]]`` and every other value of layer m in its box."""
+    count, at = len(rows), torch.arange(len(rows))
+    a = t_lo.new_zeros(count, chain[m].weight.shape[0])
+    a[at, rows] = 1.0
+    b_lo = (p.z_mid[m] - p.z_rad[m]).expand_as(a).clone()
+    b_hi = (p.z_mid[m] + p.z_rad[m]).expand_as(a).clone()
+    b_lo[at, rows], b_hi[at, rows] = 0.0, 0.0
+    a_lo, a_hi, t_lo, t_hi = a, a, t_lo[:, None], t_hi[:, None]
+    if m == len(chain) - 1:  # the flipped layer gives the logits
+        coef = a_lo @ c.clamp(min=0).T + a_hi @ c.clamp(max=0).T
+        const = b_lo @ c.clamp(min=0).T + b_hi @ c.clamp(max=0).T
+        return const + torch.minimum(coef * t_lo, coef * t_hi)
+    for idx in range(m + 1, len(chain)):
+        layer = chain[idx]
+        a_lo, b_lo, a_hi, b_hi, h_abs = _relu_affine(a_lo, b_lo, a_hi, b_hi, t_lo, t_hi)
+        plain = Dense(layer.name, layer.weight, layer.bias, None)
+        err = layer_terms(plain, h_abs, 1, budget.unit, budget.tiny).err
+        weight, bias = layer.weight, layer.bias
+        if idx == len(chain) - 1:
+            weight, bias, err = c @ weight, c @ bias, err @ c.abs().T
+        mid = torch.cat([a_lo + a_hi, b_lo + b_hi]) / 2 @ weight.T
+        rad = torch.cat([a_hi - a_lo, b_hi - b_lo]) / 2 @ weight.abs().T
+        a_lo, a_hi = mid[:count] - rad[:count], mid[:count] + rad[:count]
+        b_lo, b_hi = mid[count:] - rad[count:] + bias - err, mid[count:] + rad[count:] + bias + err
+    return b_lo + torch.minimum(a_lo * t_lo, a_lo * t_hi)
+
+
+@dataclass
+class Outcome:
+    """A search's end: ``status`` certified, broken (``flip`` breaks it on the model) or
+    unknown (the time limit, or ``inside`` flips whose margin lies within the rounding);
+    ``lower`` ``(classes,)`` a lower bound on each margin over the flips bounded (meaningful
+    when certified); ``ranges`` the ranges bounded."""
+
+    status: str
+    flip: Found | None
+    lower: Tensor
+    ranges: int
+    inside: int = 0
+
+
+@dataclass
+class Problem:
+    """One example's search: the chain, its unflipped pass, each layer's exact weight changes
+    ``(n_out, n_in, n_bits)`` (None: not flipped), the margin matrix ``c`` ``(K, classes)``
+    (``+inf`` bounds at the label's own row are ignored), and ``replay``: the margins the
+    unmodified model gives under each flip of a list."""
+
+    chain: list[Dense]
+    point: Pass
+    changes: list[Tensor | None]
+    c: Tensor
+    label: int
+    replay: Callable[[list[Found]], Tensor]
+
+
+def search(problem: Problem, budget: Arithmetic, deadline: float) -> Outcome:
+    """Every single flip of every flipped layer (the last layer first: its flips are the
+    cheapest to bound), bounded by ranges; broken as soon as a replay breaks the example."""
+    p, c = problem.point, problem.c
+    lower = c.clamp(min=0) @ (p.z_mid[-1] - p.z_rad[-1]) + c.clamp(max=0) @ (
+        p.z_mid[-1] + p.z_rad[-1]
+    )
+    lower[problem.label] = float("inf")  # no flip
+    ranges, inside = 0, 0
+    for m in range(len(problem.chain) - 1, -1, -1):
+        dw = problem.changes[m]
+        if dw is None:
+            continue
+        rows = sorted_rows(dw, problem.point, m, budget)
+        out = _layer(problem, m, rows, budget, deadline, lower)
+        ranges += out.ranges
+        inside += out.inside
+        if out.status != "certified":
+            return Outcome(out.status, out.flip, lower, ranges, inside)
+    certified = inside == 0 and bool((lower > 0).all())
+    return Outcome("certified" if certified else "unknown", None, lower, ranges, inside)
+
+
+def _layer(
+    problem: Problem, m: int, rows: Rows, budget: Arithmetic, deadline: float, lower: Tensor
+) -> Outcome:
+    """Bisect the ranges of layer m's rows (``lower`` is lowered in place)."""
+    width = rows.t.shape[1]
+    n_out = rows.t.shape[0]
+    todo = [
+        (torch.arange(n_out), torch.zeros(n_out, dtype=torch.long), torch.full((n_out,), width))
+    ]
+    ranges, inside = 0, 0
+    while todo:
+        if time.monotonic() > deadline:
+            return Outcome("unknown", None, lower, ranges, inside)
+        row, start, end = (v[:BATCH] for v in todo[-1])
+        rest = [v[BATCH:] for v in todo.pop()]
+        if len(rest[0]):
+            todo.append(tuple(rest))
+        t_lo = rows.t[row, start] - rows.rad[row]
+        t_hi = rows.t[row, end - 1] + rows.rad[row]
+        low = range_bounds(problem.chain, problem.point, m, row, t_lo, t_hi, problem.c, budget)
+        low[:, problem.label] = float("inf")
+        ranges += len(row)
+        worst = low.min(1).values
+        done = worst > 0
+        single = rows.t[row, start] == rows.t[row, end - 1]
+        leaf = ~done & single
+        if bool((done | leaf).any()):
+            lower.copy_(torch.minimum(lower, low[done | leaf].amin(0)))
+        split = ~done & ~single
+        if bool(split.any()):
+            r, s, e = row[split], start[split], end[split]
+            mid = (s + e) // 2
+            todo.append((torch.cat([r, r]), torch.cat([s, mid]), torch.cat([mid, e])))
+        if bool(leaf.any()):
+            order = worst[leaf].argsort()  # the likeliest to break first
+            found = _flips(m, rows, *(v[leaf][order] for v in (row, start, end)), problem)
+            inside += int((end[leaf] - start[leaf]).sum())
+            for part in range(0, len(found), REPLAYS):
+                if time.monotonic() > deadline:
+                    return Outcome("unknown", None, lower, ranges, inside)
+                some = found[part : part + REPLAYS]
+                broken = (problem.replay(some) <= 0).nonzero().flatten()
+                if len(broken):
+                    return Outcome("broken", some[int(broken[0])], lower, ranges, inside)
+    return Outcome("certified", None, lower, ranges, inside)
+
+
+def _flips(m: int, rows: Rows, row: Tensor, start: Tensor, end: Tensor, problem: Problem) -> list:
+    """The flips of the given ranges that can change the model's output: a flip whose weight
+    meets an input that is exactly zero (``h_hi == 0``: a zero pixel or a ReLU the rounding box
+    keeps off) changes a product ``w * 0`` from one zero to another, so the model computes the
+    unflipped logits, whose margin is positive here; those are left out."""
+    n_bits, live = problem.changes[m].shape[2], problem.point.h_hi[m] > 0
+    out = []
+    for r, s, e in zip(row.tolist(), start.tolist(), end.tolist(), strict=True):
+        for f in rows.order[r, s:e].tolist():
+            if live[f // n_bits]:
+                out.append((m, r, f // n_bits, f % n_bits))
+    return out
