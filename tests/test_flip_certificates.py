@@ -198,8 +198,8 @@ def test_flip_certificates_refuse_what_they_cannot_bound():
     q_model, x, y = network(0, torch.float32)
     with pytest.raises(ns.ConfigError, match="method"):
         ns.certify(q_model, x, y, ns.Threat(flips=1), method="recursive")
-    with pytest.raises(ns.ConfigError, match="flips=1 only"):
-        ns.bab(q_model, x, y, ns.Threat(flips=2))
+    with pytest.raises(ns.ConfigError, match="flips=1 or 2 only"):
+        ns.bab(q_model, x, y, ns.Threat(flips=3))
     from nonsingular.model.architectures import cnn
 
     conv = ns.quantize(cnn((1, 8, 8), (2, 2), 5, 3))
@@ -274,3 +274,62 @@ def test_range_bounds_hold_for_every_single_flip(dtype):
                 unflipped_violations += int((same > real).sum())
     assert nonvacuous > 0
     assert unflipped_violations > 0
+
+
+def worst_pair(q_model, x, y):
+    """Per example, the lowest margin over no flip, every single flip and every pair of flips
+    (every weight, every bit; two bits of one integer too), each run on the unmodified model
+    (``functional_call``) with its integers flipped one after the other and rebuilt by
+    ``dequantize``."""
+    space = FlipSpace(q_model, ns.Threat(flips=2))
+    grid = ns.quantized(q_model)
+    every = [
+        (n, i, b)
+        for n, name in enumerate(space.names)
+        for i in range(space.params[name].numel())
+        for b in range(space.bits)
+    ]
+    none = (-1, 0, 0)  # no flip
+    sets = [(none, none)] + [(f, none) for f in every]
+    sets += [(every[i], every[j]) for i in range(len(every)) for j in range(i + 1, len(every))]
+    first, second = (torch.tensor([s[k] for s in sets]) for k in (0, 1))
+    stacked = {}
+    for n, name in enumerate(space.names):
+        q = space.integers[name].flatten().repeat(len(sets), 1)
+        for which, i, b in (first.T, second.T):
+            hit = (which == n).nonzero().flatten()
+            change = bit_changes(q[hit, i[hit]], space.bits)[torch.arange(len(hit)), b[hit]]
+            q[hit, i[hit]] += change
+        w = dequantize(q.view(len(sets), *space.params[name].shape), grid.scales[name])
+        stacked[name] = w
+    params = dict(space.params)
+
+    def run(weights):
+        return functional_call(q_model, {**params, **weights}, (x,))
+
+    with torch.no_grad():
+        logits = torch.func.vmap(run)(stacked)  # (sets, B, classes)
+    m = margins(logits.flatten(0, 1), y.repeat(len(sets))).view(len(sets), -1)
+    return m.double().min(0).values
+
+
+def test_bab_for_two_flips_matches_exhaustive_pair_enumeration():
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        model = mlp((1, 2, 3), hidden=(3, 3), classes=3)
+        q_model = ns.quantize(model, bits=3, granularity="channel" if seed % 2 else "tensor")
+        x = torch.rand(4, 1, 2, 3, generator=torch.Generator().manual_seed(seed))
+        y = q_model(x).argmax(1)
+        truth = worst_pair(q_model, x, y)
+        result = ns.bab(q_model, x, y, ns.Threat(flips=2), time_limit=60.0)
+        assert "unknown" not in result.status
+        for i, status in enumerate(result.status):
+            seen.add(status)
+            assert (status == "certified") == bool(truth[i] > 0), (seed, i, truth[i])
+            assert bool(result.lower[i].min() <= truth[i])
+            if status == "broken":
+                assert len(result.attack.bit_flips(i)) <= 2
+                logits = result.attack.replay(q_model, i)
+                assert float(margins(logits, y[i : i + 1])[0]) <= 0
+    assert seen == {"certified", "broken"}

@@ -15,7 +15,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..model.verify import read_batch
 from ..threat import Threat
 from .bounds import Arithmetic, ChainBounds, Dense, bound, chain_bounds, margin_matrix, read_chain
-from .exact import Found, Problem, point_pass, search
+from .exact import Found, Outcome, Problem, pair_search, point_pass, search
 from .grid import Flip, bit_changes, dequantize
 from .space import FlipSpace
 
@@ -85,29 +85,41 @@ def flip_certify(
     return CertifyResult(lower, method, threat, margins(logits, y))
 
 
-def weight_changes(space: FlipSpace, layer: Dense) -> Tensor | None:
-    """``(n_out, n_in, n_allowed)`` the change each allowed flip makes to each weight of
-    ``layer``, exactly (float64 difference of the two values the model would hold)."""
-    if layer.flips is None:
-        return None
-    w, q = space.params[layer.name], space.integers[layer.name]
+def weight_changes(space: FlipSpace, name: str, q: Tensor, weight: Tensor) -> Tensor:
+    """``(n_out, n_in, n_allowed)`` the change each allowed flip makes to each element of the
+    weight ``name`` (integers ``q``, values ``weight``), exactly: the float64 difference of
+    the two values the model would hold."""
     change = bit_changes(q, space.bits)[..., space.allowed]
-    new = dequantize(q[..., None] + change, space.quantization.scales[layer.name][..., None])
-    return new.double() - w.double()[..., None]
+    new = dequantize(q[..., None] + change, space.quantization.scales[name][..., None])
+    return new.double() - weight.double()[..., None]
 
 
 def single_problem(
-    space: FlipSpace, chain: list[Dense], x: Tensor, y: Tensor, budget: Arithmetic
-) -> Problem:
-    """The search over single flips of one example ``(1, ...)``, replayed through
-    ``space`` (the unmodified model)."""
+    space: FlipSpace, chain: list[Dense], x: Tensor, y: Tensor, budget: Arithmetic,
+    first: Found | None = None,
+) -> Problem:  # fmt: skip
+    """The search over single flips of one example ``(1, ...)`` (after the flip ``first``,
+    when given), replayed through ``space`` (the unmodified model)."""
+    ints = dict(space.integers)
+    weights = {d.name: space.params[d.name] for d in chain if d.flips is not None}
+    if first is not None:
+        name = chain[first[0]].name
+        ints = space.current([_flip(space, chain, first)])
+        weights[name] = dequantize(ints[name], space.quantization.scales[name])
+        layer = chain[first[0]]
+        chain = list(chain)
+        chain[first[0]] = Dense(name, weights[name].double(), layer.bias, layer.flips)
+    before = [] if first is None else [_flip(space, chain, first)]
 
     def replay(found: list[Found]) -> Tensor:
-        sets = [[_flip(space, chain, f)] for f in found]
+        sets = [[*before, _flip(space, chain, f)] for f in found]
         return space.replay_margins(x.expand(len(sets), *x.shape[1:]), y.expand(len(sets)), sets)
 
     c = margin_matrix(y, chain[-1].weight.shape[0], torch.float64)[0]
-    changes = [weight_changes(space, layer) for layer in chain]
+    changes = [
+        None if d.flips is None else weight_changes(space, d.name, ints[d.name], weights[d.name])
+        for d in chain
+    ]
     return Problem(chain, point_pass(chain, x, budget), changes, c, int(y[0]), replay)
 
 
@@ -116,20 +128,36 @@ def _flip(space: FlipSpace, chain: list[Dense], found: Found) -> Flip:
     return (chain[m].name, row * chain[m].fan_in + col, int(space.allowed[bit]))
 
 
+def _open_example(
+    space: FlipSpace, chain: list[Dense], x: Tensor, y: Tensor, budget: Arithmetic, deadline: float
+) -> Outcome:
+    """The complete search for one example ``(1, ...)`` the bounds leave open: single flips
+    (``budget.k == 1``) or pairs."""
+    problem = single_problem(space, chain, x, y, budget)
+    if budget.k == 1:
+        return search(problem, budget, deadline)
+
+    def flipped(first: Found) -> Problem:
+        return single_problem(space, chain, x, y, budget, first)
+
+    return pair_search(problem, flipped, budget, deadline)
+
+
 def flip_bab(
     model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, time_limit: float = 5.0
 ) -> BabResult:
-    """Complete verification of one bit flip (``threat.flips == 1``, ``eps_x == 0``): CROWN
-    first; for each example it leaves open, every single flip its bounds cannot rule out is
-    bounded at the point (its rounding included) and, where that is not enough, run on the
-    unmodified model: certified, broken with the flip (``attack.bit_flips(i)``), or unknown
-    after ``time_limit`` seconds. With ``eps_x > 0`` open examples are unknown."""
-    if threat.flips != 1:
+    """Complete verification of one or two bit flips (``threat.flips`` 1 or 2, ``eps_x ==
+    0``): CROWN first; for each example it leaves open, the flips are bounded by ranges of
+    one neuron's flips and those not ruled out run on the unmodified model
+    (``exact.search``, ``exact.pair_search``): certified, broken with its flips
+    (``attack.bit_flips(i)``), or unknown (after ``time_limit`` seconds, or a margin inside
+    the model's rounding). With ``eps_x > 0`` open examples are unknown."""
+    if threat.flips not in (1, 2):
         raise ConfigError(
-            f"bab for bit flips is complete for flips=1 only; got flips={threat.flips}"
+            f"bab for bit flips is complete for flips=1 or 2 only; got flips={threat.flips}"
         )
     space, chain, x, y, logits = _read(model, x, y, threat)
-    budget = arithmetic(1, logits.dtype)
+    budget = arithmetic(threat.flips, logits.dtype)
     root = flip_certify(model, x, y, threat, "crown")
     clean = margins(logits, y)
     status, sets, lower = [], [], root.lower.clone()
@@ -143,10 +171,11 @@ def flip_bab(
             elif float(clean[i]) <= 0:
                 state = "broken"
             elif threat.eps_x == 0:
-                problem = single_problem(space, chain, x[i : i + 1], y[i : i + 1], budget)
-                out = search(problem, budget, start + time_limit)
+                out = _open_example(
+                    space, chain, x[i : i + 1], y[i : i + 1], budget, start + time_limit
+                )
                 state, domains[i] = out.status, out.ranges
-                flips = [_flip(space, chain, out.flip)] if out.flip is not None else []
+                flips = [_flip(space, chain, f) for f in out.flips]
                 if state == "certified":  # every flip was bounded: a lower bound for all
                     lower[i] = torch.maximum(out.lower, root.lower[i])
             status.append(state)

@@ -92,16 +92,21 @@ def _relu_affine(a_lo, b_lo, a_hi, b_hi, t_lo, t_hi):
 
 def range_bounds(
     chain: list[Dense], p: Pass, m: int, rows: Tensor, t_lo: Tensor, t_hi: Tensor, c: Tensor,
-    budget: Arithmetic,
+    budget: Arithmetic, spare: bool = False,
 ) -> Tensor:  # fmt: skip
     """``(N, K)`` lower bounds on ``c . z`` (``c`` ``(K, classes)``) with ``z_m[rows[n]]``
-    anywhere in ``[t_lo[n], t_hi[n]]`` and every other value of layer m in its box."""
+    anywhere in ``[t_lo[n], t_hi[n]]`` and every other value of layer m in its box; ``spare``:
+    and one more flip of any weight of layer m or later (each layer's neurons widened by their
+    row's largest flip effect, ``Dense.flips``, as IBP does)."""
     count, at = len(rows), torch.arange(len(rows))
     a = t_lo.new_zeros(count, chain[m].weight.shape[0])
     a[at, rows] = 1.0
     b_lo = (p.z_mid[m] - p.z_rad[m]).expand_as(a).clone()
     b_hi = (p.z_mid[m] + p.z_rad[m]).expand_as(a).clone()
     b_lo[at, rows], b_hi[at, rows] = 0.0, 0.0
+    if spare:
+        more = _spare(chain[m], p.h_hi[m].abs().maximum(p.h_lo[m].abs())[None], budget)
+        b_lo, b_hi = b_lo - more, b_hi + more
     a_lo, a_hi, t_lo, t_hi = a, a, t_lo[:, None], t_hi[:, None]
     if m == len(chain) - 1:  # the flipped layer gives the logits
         coef = a_lo @ c.clamp(min=0).T + a_hi @ c.clamp(max=0).T
@@ -112,6 +117,8 @@ def range_bounds(
         a_lo, b_lo, a_hi, b_hi, h_abs = _relu_affine(a_lo, b_lo, a_hi, b_hi, t_lo, t_hi)
         plain = Dense(layer.name, layer.weight, layer.bias, None)
         err = layer_terms(plain, h_abs, 1, budget.unit, budget.tiny).err
+        if spare:
+            err = err + _spare(layer, h_abs, budget)
         weight, bias = layer.weight, layer.bias
         if idx == len(chain) - 1:
             weight, bias, err = c @ weight, c @ bias, err @ c.abs().T
@@ -122,15 +129,26 @@ def range_bounds(
     return b_lo + torch.minimum(a_lo * t_lo, a_lo * t_hi)
 
 
+def _spare(layer: Dense, h_abs: Tensor, budget: Arithmetic) -> Tensor:
+    """``(N, n_out)``: the largest change one flip of ``layer`` makes to each neuron for
+    inputs with ``|h| <= h_abs`` ``(N, n_in)``, its rounding included."""
+    if layer.flips is None:
+        return h_abs.new_zeros(len(h_abs), layer.weight.shape[0])
+    largest = layer.flips[..., 0]  # (n_out, n_in)
+    step = max(1, (1 << 22) // largest.numel())
+    out = [(largest[None] * h[:, None]).amax(2) for h in h_abs.split(step)]
+    return torch.cat(out) * (1 + gamma(layer.fan_in + 1, budget.unit))
+
+
 @dataclass
 class Outcome:
-    """A search's end: ``status`` certified, broken (``flip`` breaks it on the model) or
+    """A search's end: ``status`` certified, broken (``flips`` break it on the model) or
     unknown (the time limit, or ``inside`` flips whose margin lies within the rounding);
     ``lower`` ``(classes,)`` a lower bound on each margin over the flips bounded (meaningful
     when certified); ``ranges`` the ranges bounded."""
 
     status: str
-    flip: Found | None
+    flips: list[Found]
     lower: Tensor
     ranges: int
     inside: int = 0
@@ -151,85 +169,146 @@ class Problem:
     replay: Callable[[list[Found]], Tensor]
 
 
+Settle = Callable[[list[Found], int, float], Outcome]
+
+
 def search(problem: Problem, budget: Arithmetic, deadline: float) -> Outcome:
     """Every single flip of every flipped layer (the last layer first: its flips are the
-    cheapest to bound), bounded by ranges; broken as soon as a replay breaks the example."""
-    p, c = problem.point, problem.c
-    lower = c.clamp(min=0) @ (p.z_mid[-1] - p.z_rad[-1]) + c.clamp(max=0) @ (
-        p.z_mid[-1] + p.z_rad[-1]
+    cheapest to bound), bounded by ranges; a range of one value still open is replayed at
+    once, and the example is broken as soon as a replay breaks it."""
+    return _sweep(
+        problem, budget, deadline, False, lambda live, dead, at: _replay(problem, live, dead, at)
     )
-    lower[problem.label] = float("inf")  # no flip
-    ranges, inside = 0, 0
+
+
+def pair_search(
+    problem: Problem, flipped: Callable[[Found], Problem], budget: Arithmetic, deadline: float
+) -> Outcome:
+    """Every set of at most two flips: the single flips first (``search``); then every first
+    flip f1, the one of a pair in the lower layer (either of two in one layer), by ranges
+    bounded with one more flip allowed from f1's layer on; each f1 of a range of one value
+    still open is applied (``flipped(f1)``: the problem of the model it makes) and the
+    single-flip search run on the rest. A first flip meeting an input that is exactly zero
+    changes nothing a later flip could see, so its pairs are the single flips, already
+    certified."""
+    first = search(problem, budget, deadline)
+    if first.status != "certified":
+        return first
+
+    def settle(live: list[Found], dead: int, at: float) -> Outcome:
+        lower = torch.full_like(problem.c[:, 0], float("inf"))
+        ranges, inside = 0, 0
+        for f1 in live:
+            out = search(flipped(f1), budget, at)
+            ranges += out.ranges
+            if out.status == "broken":
+                return Outcome("broken", [f1, *out.flips], lower, ranges, inside)
+            if out.status == "unknown":
+                inside += max(out.inside, 1)
+            lower = torch.minimum(lower, out.lower)
+        return Outcome("unknown" if inside else "certified", [], lower, ranges, inside)
+
+    second = _sweep(problem, budget, deadline, True, settle)
+    second.lower = torch.minimum(second.lower, first.lower)
+    second.ranges += first.ranges
+    return second
+
+
+def _replay(problem: Problem, live: list[Found], dead: int, deadline: float) -> Outcome:
+    """Run single flips on the model, the likeliest first: broken at the first that breaks
+    the example; else they are open (their margins inside the rounding)."""
+    lower = torch.full_like(problem.c[:, 0], float("inf"))
+    for part in range(0, len(live), REPLAYS):
+        if time.monotonic() > deadline:
+            break
+        some = live[part : part + REPLAYS]
+        broken = (problem.replay(some) <= 0).nonzero().flatten()
+        if len(broken):
+            return Outcome("broken", [some[int(broken[0])]], lower, 0, 0)
+    return Outcome("unknown", [], lower, 0, len(live) + dead)
+
+
+def _sweep(
+    problem: Problem, budget: Arithmetic, deadline: float, spare: bool, settle: Settle
+) -> Outcome:
+    """Each flipped layer's rows by ranges (``_layer``), the last layer first; certified when
+    every range is, and the unflipped point too."""
+    p, c = problem.point, problem.c
+    box = (p.z_mid[-1] - p.z_rad[-1], p.z_mid[-1] + p.z_rad[-1])
+    lower = c.clamp(min=0) @ box[0] + c.clamp(max=0) @ box[1]  # no flip
+    lower[problem.label] = float("inf")
+    total = Outcome("certified", [], lower, 0, 0)
     for m in range(len(problem.chain) - 1, -1, -1):
-        dw = problem.changes[m]
-        if dw is None:
+        if problem.changes[m] is None:
             continue
-        rows = sorted_rows(dw, problem.point, m, budget)
-        out = _layer(problem, m, rows, budget, deadline, lower)
-        ranges += out.ranges
-        inside += out.inside
-        if out.status != "certified":
-            return Outcome(out.status, out.flip, lower, ranges, inside)
-    certified = inside == 0 and bool((lower > 0).all())
-    return Outcome("certified" if certified else "unknown", None, lower, ranges, inside)
+        rows = sorted_rows(problem.changes[m], problem.point, m, budget)
+        out = _layer(problem, m, rows, budget, deadline, total, spare, settle)
+        if out is not None:
+            return out
+    total.status = "certified" if total.inside == 0 and bool((total.lower > 0).all()) else "unknown"
+    return total
 
 
 def _layer(
-    problem: Problem, m: int, rows: Rows, budget: Arithmetic, deadline: float, lower: Tensor
-) -> Outcome:
-    """Bisect the ranges of layer m's rows (``lower`` is lowered in place)."""
-    width = rows.t.shape[1]
-    n_out = rows.t.shape[0]
+    problem: Problem, m: int, rows: Rows, budget: Arithmetic, deadline: float,
+    total: Outcome, spare: bool, settle: Settle,
+) -> Outcome | None:  # fmt: skip
+    """Bisect the ranges of layer m's rows, ``total`` kept up to date; an outcome when the
+    example is broken or the time is up, else None."""
+    n_out, width = rows.t.shape
     todo = [
         (torch.arange(n_out), torch.zeros(n_out, dtype=torch.long), torch.full((n_out,), width))
     ]
-    ranges, inside = 0, 0
     while todo:
         if time.monotonic() > deadline:
-            return Outcome("unknown", None, lower, ranges, inside)
+            return Outcome("unknown", [], total.lower, total.ranges, total.inside)
         row, start, end = (v[:BATCH] for v in todo[-1])
         rest = [v[BATCH:] for v in todo.pop()]
         if len(rest[0]):
             todo.append(tuple(rest))
         t_lo = rows.t[row, start] - rows.rad[row]
         t_hi = rows.t[row, end - 1] + rows.rad[row]
-        low = range_bounds(problem.chain, problem.point, m, row, t_lo, t_hi, problem.c, budget)
+        low = range_bounds(
+            problem.chain, problem.point, m, row, t_lo, t_hi, problem.c, budget, spare
+        )
         low[:, problem.label] = float("inf")
-        ranges += len(row)
+        total.ranges += len(row)
         worst = low.min(1).values
-        done = worst > 0
-        single = rows.t[row, start] == rows.t[row, end - 1]
-        leaf = ~done & single
-        if bool((done | leaf).any()):
-            lower.copy_(torch.minimum(lower, low[done | leaf].amin(0)))
-        split = ~done & ~single
+        done, single = worst > 0, rows.t[row, start] == rows.t[row, end - 1]
+        if bool(done.any()):
+            total.lower = torch.minimum(total.lower, low[done].amin(0))
+        split, leaf = ~done & ~single, ~done & single
         if bool(split.any()):
             r, s, e = row[split], start[split], end[split]
-            mid = (s + e) // 2
-            todo.append((torch.cat([r, r]), torch.cat([s, mid]), torch.cat([mid, e])))
+            todo.append(
+                (torch.cat([r, r]), torch.cat([s, (s + e) // 2]), torch.cat([(s + e) // 2, e]))
+            )
         if bool(leaf.any()):
             order = worst[leaf].argsort()  # the likeliest to break first
-            found = _flips(m, rows, *(v[leaf][order] for v in (row, start, end)), problem)
-            inside += int((end[leaf] - start[leaf]).sum())
-            for part in range(0, len(found), REPLAYS):
-                if time.monotonic() > deadline:
-                    return Outcome("unknown", None, lower, ranges, inside)
-                some = found[part : part + REPLAYS]
-                broken = (problem.replay(some) <= 0).nonzero().flatten()
-                if len(broken):
-                    return Outcome("broken", some[int(broken[0])], lower, ranges, inside)
-    return Outcome("certified", None, lower, ranges, inside)
+            live, dead = _flips(m, rows, *(v[leaf][order] for v in (row, start, end)), problem)
+            out = settle(live, dead, deadline)
+            total.ranges += out.ranges
+            if out.status == "broken":
+                return Outcome("broken", out.flips, total.lower, total.ranges, total.inside)
+            total.inside += out.inside
+            bound = out.lower if out.status == "certified" else low[leaf].amin(0)
+            total.lower = torch.minimum(total.lower, bound)
+    return None
 
 
-def _flips(m: int, rows: Rows, row: Tensor, start: Tensor, end: Tensor, problem: Problem) -> list:
-    """The flips of the given ranges that can change the model's output: a flip whose weight
-    meets an input that is exactly zero (``h_hi == 0``: a zero pixel or a ReLU the rounding box
-    keeps off) changes a product ``w * 0`` from one zero to another, so the model computes the
-    unflipped logits, whose margin is positive here; those are left out."""
+def _flips(
+    m: int, rows: Rows, row: Tensor, start: Tensor, end: Tensor, problem: Problem
+) -> tuple[list[Found], int]:
+    """The flips of the given ranges that can change the model's output, and how many do
+    not: a flip whose weight meets an input that is exactly zero (``h_hi == 0``: a zero pixel
+    or a ReLU the rounding box keeps off) changes a product ``w * 0`` from one zero to
+    another, so the model computes the logits it computes without it."""
     n_bits, live = problem.changes[m].shape[2], problem.point.h_hi[m] > 0
-    out = []
+    out, dead = [], 0
     for r, s, e in zip(row.tolist(), start.tolist(), end.tolist(), strict=True):
         for f in rows.order[r, s:e].tolist():
             if live[f // n_bits]:
                 out.append((m, r, f // n_bits, f % n_bits))
-    return out
+            else:
+                dead += 1
+    return out, dead
