@@ -276,11 +276,12 @@ def test_range_bounds_hold_for_every_single_flip(dtype):
     assert unflipped_violations > 0
 
 
-def worst_pair(q_model, x, y):
-    """Per example, the lowest margin over no flip, every single flip and every pair of flips
-    (every weight, every bit; two bits of one integer too), each run on the unmodified model
-    (``functional_call``) with its integers flipped one after the other and rebuilt by
-    ``dequantize``."""
+def pair_margins(q_model, x, y):
+    """The margin of every example ``(S, B)`` under no flip, every single flip and every pair
+    of flips (every weight, every bit; two bits of one integer too), each run on the
+    unmodified model (``functional_call``) with its integers flipped one after the other and
+    rebuilt by ``dequantize``; and the sets, ``((n, i, b), (n, i, b))`` with ``n`` the
+    weight's place in ``FlipSpace.names`` (-1: no flip)."""
     space = FlipSpace(q_model, ns.Threat(flips=2))
     grid = ns.quantized(q_model)
     every = [
@@ -309,19 +310,61 @@ def worst_pair(q_model, x, y):
 
     with torch.no_grad():
         logits = torch.func.vmap(run)(stacked)  # (sets, B, classes)
-    m = margins(logits.flatten(0, 1), y.repeat(len(sets))).view(len(sets), -1)
-    return m.double().min(0).values
+    return margins(logits.flatten(0, 1), y.repeat(len(sets))).view(len(sets), -1).double(), sets
+
+
+def tiny_network(seed):
+    torch.manual_seed(seed)
+    model = mlp((1, 2, 3), hidden=(3, 3), classes=3)
+    q_model = ns.quantize(model, bits=3, granularity="channel" if seed % 2 else "tensor")
+    x = torch.rand(4, 1, 2, 3, generator=torch.Generator().manual_seed(seed))
+    return q_model, x, q_model(x).argmax(1)
+
+
+def test_range_bounds_with_a_spare_flip_hold_for_every_pair():
+    """A single flip's range bound with one more flip allowed in layer s (s at or after the
+    first flip's layer) is at most the margin of that flip alone and of it with any flip of
+    layer s."""
+    from nonsingular.flips import certify, exact
+
+    checked = 0
+    for seed in range(6):
+        q_model, x, y = tiny_network(seed)
+        truth, sets = pair_margins(q_model, x, y)
+        space, chain, _, _, logits = certify._read(q_model, x, y, ns.Threat(flips=2))
+        budget = certify.arithmetic(2, logits.dtype)
+        index = {}
+        for k, (f1, f2) in enumerate(sets):
+            index.setdefault(f1, []).append((f2[0], k))
+            index.setdefault(f2, []).append((f1[0], k))
+        for i in range(len(y)):
+            problem = certify.single_problem(space, chain, x[i : i + 1], y[i : i + 1], budget)
+            for m, layer in enumerate(chain):
+                rows = exact.sorted_rows(problem.changes[m], problem.point, m, budget)
+                n_out, width = rows.t.shape
+                row = torch.arange(n_out).repeat_interleave(width)
+                t, rad = rows.t.flatten(), rows.rad[row]
+                bits = problem.changes[m].shape[2]
+                for s in range(m, len(chain)):
+                    low = exact.range_bounds(
+                        chain, problem.point, m, row, t - rad, t + rad, problem.c, budget, s
+                    )
+                    low[:, int(y[i])] = float("inf")
+                    low = low.min(1).values
+                    order = rows.order.flatten().tolist()
+                    for n, (r, f) in enumerate(zip(row.tolist(), order, strict=True)):
+                        f1 = (m, r * layer.fan_in + f // bits, f % bits)
+                        ks = [k for other, k in index[f1] if other in (-1, s)]
+                        assert float(low[n]) <= float(truth[ks, i].min()), (seed, i, m, s, f1)
+                        checked += 1
+    assert checked > 1000
 
 
 def test_bab_for_two_flips_matches_exhaustive_pair_enumeration():
     seen = set()
     for seed in range(12):
-        torch.manual_seed(seed)
-        model = mlp((1, 2, 3), hidden=(3, 3), classes=3)
-        q_model = ns.quantize(model, bits=3, granularity="channel" if seed % 2 else "tensor")
-        x = torch.rand(4, 1, 2, 3, generator=torch.Generator().manual_seed(seed))
-        y = q_model(x).argmax(1)
-        truth = worst_pair(q_model, x, y)
+        q_model, x, y = tiny_network(seed)
+        truth = pair_margins(q_model, x, y)[0].min(0).values
         result = ns.bab(q_model, x, y, ns.Threat(flips=2), time_limit=60.0)
         assert "unknown" not in result.status
         for i, status in enumerate(result.status):

@@ -98,8 +98,9 @@ def single_problem(
     space: FlipSpace, chain: list[Dense], x: Tensor, y: Tensor, budget: Arithmetic,
     first: Found | None = None,
 ) -> Problem:  # fmt: skip
-    """The search over single flips of one example ``(1, ...)`` (after the flip ``first``,
-    when given), replayed through ``space`` (the unmodified model)."""
+    """The search over single flips of one example ``(1, ...)``, replayed through ``space``
+    (the unmodified model); after the flip ``first``, when given, over the flips of its layer
+    and later ones only (the pairs with a flip below are searched from that flip)."""
     ints = dict(space.integers)
     weights = {d.name: space.params[d.name] for d in chain if d.flips is not None}
     if first is not None:
@@ -116,9 +117,12 @@ def single_problem(
         return space.replay_margins(x.expand(len(sets), *x.shape[1:]), y.expand(len(sets)), sets)
 
     c = margin_matrix(y, chain[-1].weight.shape[0], torch.float64)[0]
+    lowest = 0 if first is None else first[0]  # a pair's lower flip is its first
     changes = [
-        None if d.flips is None else weight_changes(space, d.name, ints[d.name], weights[d.name])
-        for d in chain
+        None
+        if d.flips is None or m < lowest
+        else weight_changes(space, d.name, ints[d.name], weights[d.name])
+        for m, d in enumerate(chain)
     ]
     return Problem(chain, point_pass(chain, x, budget), changes, c, int(y[0]), replay)
 

@@ -92,32 +92,51 @@ def _relu_affine(a_lo, b_lo, a_hi, b_hi, t_lo, t_hi):
 
 def range_bounds(
     chain: list[Dense], p: Pass, m: int, rows: Tensor, t_lo: Tensor, t_hi: Tensor, c: Tensor,
-    budget: Arithmetic, spare: bool = False,
+    budget: Arithmetic, spare: int | None = None,
 ) -> Tensor:  # fmt: skip
     """``(N, K)`` lower bounds on ``c . z`` (``c`` ``(K, classes)``) with ``z_m[rows[n]]``
-    anywhere in ``[t_lo[n], t_hi[n]]`` and every other value of layer m in its box; ``spare``:
-    and one more flip of any weight of layer m or later (each layer's neurons widened by their
-    row's largest flip effect, ``Dense.flips``, as IBP does)."""
+    anywhere in ``[t_lo[n], t_hi[n]]`` and every other value of layer m in its box; ``spare``
+    (at least m): and one more flip of any weight of that layer (each of its neurons widened
+    by its row's largest flip effect, ``Dense.flips``; in the last layer the flip moves one
+    logit, so a margin loses the larger of its two logits' effects)."""
+    last = len(chain) - 1
     count, at = len(rows), torch.arange(len(rows))
     a = t_lo.new_zeros(count, chain[m].weight.shape[0])
     a[at, rows] = 1.0
     b_lo = (p.z_mid[m] - p.z_rad[m]).expand_as(a).clone()
     b_hi = (p.z_mid[m] + p.z_rad[m]).expand_as(a).clone()
     b_lo[at, rows], b_hi[at, rows] = 0.0, 0.0
-    if spare:
-        more = _spare(chain[m], p.h_hi[m].abs().maximum(p.h_lo[m].abs())[None], budget)
+    h_abs = p.h_hi[m].abs().maximum(p.h_lo[m].abs())[None]
+    if spare == m and m < last:
+        more = _spare(chain[m], h_abs, budget)
         b_lo, b_hi = b_lo - more, b_hi + more
     a_lo, a_hi, t_lo, t_hi = a, a, t_lo[:, None], t_hi[:, None]
-    if m == len(chain) - 1:  # the flipped layer gives the logits
+    if m == last:  # the flipped layer gives the logits
         coef = a_lo @ c.clamp(min=0).T + a_hi @ c.clamp(max=0).T
         const = b_lo @ c.clamp(min=0).T + b_hi @ c.clamp(max=0).T
-        return const + torch.minimum(coef * t_lo, coef * t_hi)
+        low = const + torch.minimum(coef * t_lo, coef * t_hi)
+    else:
+        low, h_abs = _downstream(chain, m, (a_lo, b_lo, a_hi, b_hi), t_lo, t_hi, c, budget, spare)
+    if spare == last:
+        effect = _spare(chain[last], h_abs, budget)  # (N or 1, classes)
+        low = low - (c.abs()[None] * effect[:, None, :]).amax(-1)
+    return low
+
+
+def _downstream(
+    chain: list[Dense], m: int, bounds: tuple, t_lo: Tensor, t_hi: Tensor, c: Tensor,
+    budget: Arithmetic, spare: int | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``range_bounds`` from the affine bounds of ``z_m`` on: the margins' lower bounds
+    (without a spare flip of the last layer) and the last layer's input bound ``|h|``."""
+    a_lo, b_lo, a_hi, b_hi = bounds
+    count = len(a_lo)
     for idx in range(m + 1, len(chain)):
         layer = chain[idx]
         a_lo, b_lo, a_hi, b_hi, h_abs = _relu_affine(a_lo, b_lo, a_hi, b_hi, t_lo, t_hi)
         plain = Dense(layer.name, layer.weight, layer.bias, None)
         err = layer_terms(plain, h_abs, 1, budget.unit, budget.tiny).err
-        if spare:
+        if spare == idx and idx < len(chain) - 1:
             err = err + _spare(layer, h_abs, budget)
         weight, bias = layer.weight, layer.bias
         if idx == len(chain) - 1:
@@ -126,7 +145,7 @@ def range_bounds(
         rad = torch.cat([a_hi - a_lo, b_hi - b_lo]) / 2 @ weight.abs().T
         a_lo, a_hi = mid[:count] - rad[:count], mid[:count] + rad[:count]
         b_lo, b_hi = mid[count:] - rad[count:] + bias - err, mid[count:] + rad[count:] + bias + err
-    return b_lo + torch.minimum(a_lo * t_lo, a_lo * t_hi)
+    return b_lo + torch.minimum(a_lo * t_lo, a_lo * t_hi), h_abs
 
 
 def _spare(layer: Dense, h_abs: Tensor, budget: Arithmetic) -> Tensor:
@@ -187,10 +206,10 @@ def pair_search(
     """Every set of at most two flips: the single flips first (``search``); then every first
     flip f1, the one of a pair in the lower layer (either of two in one layer), by ranges
     bounded with one more flip allowed from f1's layer on; each f1 of a range of one value
-    still open is applied (``flipped(f1)``: the problem of the model it makes) and the
-    single-flip search run on the rest. A first flip meeting an input that is exactly zero
-    changes nothing a later flip could see, so its pairs are the single flips, already
-    certified."""
+    still open is applied (``flipped(f1)``: the problem of the model it makes, with the flips
+    of f1's layer and later ones) and the single-flip search run on the rest. A first flip
+    meeting an input that is exactly zero changes nothing a later flip could see, so its pairs
+    are the single flips, already certified."""
     first = search(problem, budget, deadline)
     if first.status != "certified":
         return first
@@ -268,9 +287,7 @@ def _layer(
             todo.append(tuple(rest))
         t_lo = rows.t[row, start] - rows.rad[row]
         t_hi = rows.t[row, end - 1] + rows.rad[row]
-        low = range_bounds(
-            problem.chain, problem.point, m, row, t_lo, t_hi, problem.c, budget, spare
-        )
+        low = _bounds(problem, m, row, t_lo, t_hi, budget, spare)
         low[:, problem.label] = float("inf")
         total.ranges += len(row)
         worst = low.min(1).values
@@ -294,6 +311,18 @@ def _layer(
             bound = out.lower if out.status == "certified" else low[leaf].amin(0)
             total.lower = torch.minimum(total.lower, bound)
     return None
+
+
+def _bounds(
+    problem: Problem, m: int, row: Tensor, t_lo: Tensor, t_hi: Tensor, budget: Arithmetic,
+    spare: bool,
+) -> Tensor:  # fmt: skip
+    """``range_bounds``; with ``spare``, the worst over the layers the second flip may be in."""
+    args = (problem.chain, problem.point, m, row, t_lo, t_hi, problem.c, budget)
+    layers = [i for i in range(m, len(problem.chain)) if problem.chain[i].flips is not None]
+    if not spare or not layers:
+        return range_bounds(*args)
+    return torch.stack([range_bounds(*args, spare=i) for i in layers]).amin(0)
 
 
 def _flips(
