@@ -321,17 +321,24 @@ def tiny_network(seed):
     return q_model, x, q_model(x).argmax(1)
 
 
-def test_range_bounds_with_a_spare_flip_hold_for_every_pair():
+@pytest.mark.parametrize("direct", [True, False])
+def test_range_bounds_with_a_spare_flip_hold_for_every_pair(direct, monkeypatch):
     """A single flip's range bound with one more flip allowed in layer s (s at or after the
     first flip's layer) is at most the margin of that flip alone and of it with any flip of
-    layer s."""
+    layer s; on inputs of both signs too, and with the spare flip's moves bounded directly or
+    through the unflipped point (``exact.DIRECT``, what large batches use)."""
     from nonsingular.flips import certify, exact
 
+    if not direct:
+        monkeypatch.setattr(exact, "DIRECT", 0)
     checked = 0
     for seed in range(6):
-        q_model, x, y = tiny_network(seed)
+        q_model, x, _ = tiny_network(seed)
+        x = x * 2 - 1 if seed % 2 else x
+        y = q_model(x).argmax(1)
         truth, sets = pair_margins(q_model, x, y)
-        space, chain, _, _, logits = certify._read(q_model, x, y, ns.Threat(flips=2))
+        threat = ns.Threat(flips=2, bounds=None)
+        space, chain, _, _, logits = certify._read(q_model, x, y, threat)
         budget = certify.arithmetic(2, logits.dtype)
         index = {}
         for k, (f1, f2) in enumerate(sets):
@@ -346,8 +353,9 @@ def test_range_bounds_with_a_spare_flip_hold_for_every_pair():
                 t, rad = rows.t.flatten(), rows.rad[row]
                 bits = problem.changes[m].shape[2]
                 for s in range(m, len(chain)):
+                    spare = exact.Spare.of(s, problem.changes[s])
                     low = exact.range_bounds(
-                        chain, problem.point, m, row, t - rad, t + rad, problem.c, budget, s
+                        chain, problem.point, m, row, t - rad, t + rad, problem.c, budget, spare
                     )
                     low[:, int(y[i])] = float("inf")
                     low = low.min(1).values

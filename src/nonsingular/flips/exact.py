@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ from .bounds import Arithmetic, Dense, gamma, layer_terms, relax
 
 BATCH = 2048  # ranges bounded together
 REPLAYS = 256  # flips run on the model between looks at the clock
+DIRECT = 1 << 22  # the largest products a spare flip's moves are taken over directly
 EPS64 = torch.finfo(torch.float64).eps  # covers dw's own rounding for float64 weights
 # A flip as the search names it: (layer index, row, column, index into the allowed bits).
 Found = tuple[int, int, int, int]
@@ -92,13 +93,13 @@ def _relu_affine(a_lo, b_lo, a_hi, b_hi, t_lo, t_hi):
 
 def range_bounds(
     chain: list[Dense], p: Pass, m: int, rows: Tensor, t_lo: Tensor, t_hi: Tensor, c: Tensor,
-    budget: Arithmetic, spare: int | None = None,
+    budget: Arithmetic, spare: Spare | None = None,
 ) -> Tensor:  # fmt: skip
     """``(N, K)`` lower bounds on ``c . z`` (``c`` ``(K, classes)``) with ``z_m[rows[n]]``
-    anywhere in ``[t_lo[n], t_hi[n]]`` and every other value of layer m in its box; ``spare``
-    (at least m): and one more flip of any weight of that layer (each of its neurons widened
-    by its row's largest flip effect, ``Dense.flips``; in the last layer the flip moves one
-    logit, so a margin loses the larger of its two logits' effects)."""
+    anywhere in ``[t_lo[n], t_hi[n]]`` and every other value of layer m in its box; with
+    ``spare`` (a layer at or after m), and one more flip of any weight of that layer: each of
+    its neurons lowered and raised by the most one flip of its row can move it (in the last
+    layer the flip moves one logit, so a margin loses the larger of its two logits' moves)."""
     last = len(chain) - 1
     count, at = len(rows), torch.arange(len(rows))
     a = t_lo.new_zeros(count, chain[m].weight.shape[0])
@@ -106,57 +107,99 @@ def range_bounds(
     b_lo = (p.z_mid[m] - p.z_rad[m]).expand_as(a).clone()
     b_hi = (p.z_mid[m] + p.z_rad[m]).expand_as(a).clone()
     b_lo[at, rows], b_hi[at, rows] = 0.0, 0.0
-    h_abs = p.h_hi[m].abs().maximum(p.h_lo[m].abs())[None]
-    if spare == m and m < last:
-        more = _spare(chain[m], h_abs, budget)
-        b_lo, b_hi = b_lo - more, b_hi + more
+    h_hi, h_lo = p.h_hi[m][None], p.h_lo[m][None]
+    where = None if spare is None else spare.at
+    if where == m and m < last:
+        down, up = _moves(spare, h_hi, h_lo, budget)
+        b_lo, b_hi = b_lo - down, b_hi + up
     a_lo, a_hi, t_lo, t_hi = a, a, t_lo[:, None], t_hi[:, None]
     if m == last:  # the flipped layer gives the logits
         coef = a_lo @ c.clamp(min=0).T + a_hi @ c.clamp(max=0).T
         const = b_lo @ c.clamp(min=0).T + b_hi @ c.clamp(max=0).T
         low = const + torch.minimum(coef * t_lo, coef * t_hi)
     else:
-        low, h_abs = _downstream(chain, m, (a_lo, b_lo, a_hi, b_hi), t_lo, t_hi, c, budget, spare)
-    if spare == last:
-        effect = _spare(chain[last], h_abs, budget)  # (N or 1, classes)
-        low = low - (c.abs()[None] * effect[:, None, :]).amax(-1)
+        low, h_hi = _downstream(
+            chain, p, m, (a_lo, b_lo, a_hi, b_hi), (t_lo, t_hi), c, budget, spare
+        )
+        h_lo = None
+    if where == last:  # (N or 1, classes) each
+        down, up = _moves(spare, h_hi, h_lo, budget, p.h_hi[last])
+        loss = torch.maximum(
+            c.clamp(min=0)[None] * down[:, None], -c.clamp(max=0)[None] * up[:, None]
+        )
+        low = low - loss.amax(-1)
     return low
 
 
 def _downstream(
-    chain: list[Dense], m: int, bounds: tuple, t_lo: Tensor, t_hi: Tensor, c: Tensor,
-    budget: Arithmetic, spare: int | None,
+    chain: list[Dense], p: Pass, m: int, bounds: tuple, t: tuple[Tensor, Tensor], c: Tensor,
+    budget: Arithmetic, spare: Spare | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``range_bounds`` from the affine bounds of ``z_m`` on: the margins' lower bounds
-    (without a spare flip of the last layer) and the last layer's input bound ``|h|``."""
+    (without a spare flip of the last layer) and the last layer's input bound (``h >= 0``)."""
     a_lo, b_lo, a_hi, b_hi = bounds
-    count = len(a_lo)
+    (t_lo, t_hi), count = t, len(a_lo)
     for idx in range(m + 1, len(chain)):
         layer = chain[idx]
         a_lo, b_lo, a_hi, b_hi, h_abs = _relu_affine(a_lo, b_lo, a_hi, b_hi, t_lo, t_hi)
         plain = Dense(layer.name, layer.weight, layer.bias, None)
         err = layer_terms(plain, h_abs, 1, budget.unit, budget.tiny).err
-        if spare == idx and idx < len(chain) - 1:
-            err = err + _spare(layer, h_abs, budget)
+        down = up = 0.0
+        if spare is not None and spare.at == idx and idx < len(chain) - 1:
+            down, up = _moves(spare, h_abs, None, budget, p.h_hi[idx])
         weight, bias = layer.weight, layer.bias
         if idx == len(chain) - 1:
             weight, bias, err = c @ weight, c @ bias, err @ c.abs().T
         mid = torch.cat([a_lo + a_hi, b_lo + b_hi]) / 2 @ weight.T
         rad = torch.cat([a_hi - a_lo, b_hi - b_lo]) / 2 @ weight.abs().T
         a_lo, a_hi = mid[:count] - rad[:count], mid[:count] + rad[:count]
-        b_lo, b_hi = mid[count:] - rad[count:] + bias - err, mid[count:] + rad[count:] + bias + err
+        b_lo = mid[count:] - rad[count:] + bias - err - down
+        b_hi = mid[count:] + rad[count:] + bias + err + up
     return b_lo + torch.minimum(a_lo * t_lo, a_lo * t_hi), h_abs
 
 
-def _spare(layer: Dense, h_abs: Tensor, budget: Arithmetic) -> Tensor:
-    """``(N, n_out)``: the largest change one flip of ``layer`` makes to each neuron for
-    inputs with ``|h| <= h_abs`` ``(N, n_in)``, its rounding included."""
-    if layer.flips is None:
-        return h_abs.new_zeros(len(h_abs), layer.weight.shape[0])
-    largest = layer.flips[..., 0]  # (n_out, n_in)
-    step = max(1, (1 << 22) // largest.numel())
-    out = [(largest[None] * h[:, None]).amax(2) for h in h_abs.split(step)]
-    return torch.cat(out) * (1 + gamma(layer.fan_in + 1, budget.unit))
+@dataclass
+class Spare:
+    """One more flip allowed in layer ``at``: ``up``, ``down`` ``(n_out, n_in)`` the most one
+    flip raises and lowers each weight (from the unflipped integers; flips of distinct bits of
+    one integer add up exactly)."""
+
+    at: int
+    up: Tensor
+    down: Tensor
+
+    @classmethod
+    def of(cls, at: int, changes: Tensor) -> Spare:
+        return cls(at, changes.clamp_min(0).amax(-1), (-changes).clamp_min(0).amax(-1))
+
+
+def _moves(
+    spare: Spare, h_hi: Tensor, h_lo: Tensor | None, budget: Arithmetic,
+    near: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(N, n_out)`` each: at least how far one flip of ``spare``'s layer lowers and raises
+    each neuron for inputs in ``[h_lo, h_hi]`` ``(N, n_in)`` (``h_lo`` None: zero), its
+    rounding included."""
+    grow = 1 + gamma(spare.up.shape[1] + 1, budget.unit)
+    pos = h_hi.clamp_min(0)
+    down, up = _largest(spare.down, pos, near), _largest(spare.up, pos, near)
+    if h_lo is not None and bool((h_lo < 0).any()):
+        neg = (-h_lo).clamp_min(0)
+        down = torch.maximum(down, _largest(spare.up, neg, None))
+        up = torch.maximum(up, _largest(spare.down, neg, None))
+    return down * grow, up * grow
+
+
+def _largest(a: Tensor, h: Tensor, near: Tensor | None) -> Tensor:
+    """``(N, n_out)`` at least ``max_i a_ji h_i`` for ``a`` ``(n_out, n_in)`` and ``h``
+    ``(N, n_in)``, both nonnegative. With ``near`` ``(n_in,)`` and a large batch, through it:
+    ``max_i a_ji near_i + max_i a_ji * max_i (h_i - near_i)+``, linear in N rather than
+    N n_out n_in."""
+    if near is None or len(h) * a.numel() <= DIRECT:
+        step = max(1, DIRECT // a.numel())
+        return torch.cat([(a[None] * part[:, None]).amax(2) for part in h.split(step)])
+    above = (h - near).clamp_min(0).amax(1, keepdim=True)  # (N, 1)
+    return (a * near).amax(1) + a.amax(1) * above
 
 
 @dataclass
@@ -186,6 +229,7 @@ class Problem:
     c: Tensor
     label: int
     replay: Callable[[list[Found]], Tensor]
+    spares: dict[int, Spare] = field(default_factory=dict)
 
 
 Settle = Callable[[list[Found], int, float], Outcome]
@@ -319,10 +363,13 @@ def _bounds(
 ) -> Tensor:  # fmt: skip
     """``range_bounds``; with ``spare``, the worst over the layers the second flip may be in."""
     args = (problem.chain, problem.point, m, row, t_lo, t_hi, problem.c, budget)
-    layers = [i for i in range(m, len(problem.chain)) if problem.chain[i].flips is not None]
+    layers = [i for i in range(m, len(problem.chain)) if problem.changes[i] is not None]
     if not spare or not layers:
         return range_bounds(*args)
-    return torch.stack([range_bounds(*args, spare=i) for i in layers]).amin(0)
+    for i in layers:
+        if i not in problem.spares:
+            problem.spares[i] = Spare.of(i, problem.changes[i])
+    return torch.stack([range_bounds(*args, problem.spares[i]) for i in layers]).amin(0)
 
 
 def _flips(
