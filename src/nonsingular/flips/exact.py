@@ -262,6 +262,8 @@ def pair_search(
         lower = torch.full_like(problem.c[:, 0], float("inf"))
         ranges, inside = 0, 0
         for f1 in live:
+            if time.monotonic() > at:
+                return Outcome("unknown", [], lower, ranges, inside + 1)
             out = search(flipped(f1), budget, at)
             ranges += out.ranges
             if out.status == "broken":
