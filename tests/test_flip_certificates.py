@@ -175,6 +175,40 @@ def test_bab_verdicts_match_exhaustive_enumeration():
     assert seen == {"certified", "broken"}
 
 
+def test_bab_replays_flips_that_meet_a_negative_input():
+    """Only an exactly-zero input makes a flip harmless: here every breaking flip meets the
+    input -1 (the other input is 0), and bab must replay one, not leave the example open."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.5], [0.9, 0.5]]))
+        model[0].bias.zero_()
+    q_model = ns.quantize(model, bits=4, granularity="tensor")
+    x = torch.tensor([[-1.0, 0.0]])
+    y = q_model(x).argmax(1)
+    result = ns.bab(q_model, x, y, ns.Threat(flips=1, bounds=None), time_limit=30.0)
+    assert result.status == ["broken"]
+    assert float(margins(result.attack.replay(q_model, 0), y)[0]) <= 0
+
+
+def test_bab_verdicts_match_exhaustive_enumeration_on_inputs_of_both_signs():
+    """Inputs in [-1, 1]: verdicts as exhaustive enumeration gives them, none unknown."""
+    seen = set()
+    for seed in range(25):
+        q_model, x, _ = network(seed, torch.float32)
+        x = x * 2 - 1
+        y = q_model(x).argmax(1)
+        truth = worst_single_flip(q_model, x, y, 0.0, seed)
+        result = ns.bab(q_model, x, y, ns.Threat(flips=1, bounds=None), time_limit=30.0)
+        assert "unknown" not in result.status, seed
+        for i, status in enumerate(result.status):
+            seen.add(status)
+            assert (status == "certified") == bool(truth[i] > 0), (seed, i)
+            if status == "broken":
+                logits = result.attack.replay(q_model, i)
+                assert float(margins(logits, y[i : i + 1])[0]) <= 0
+    assert {"certified", "broken"} <= seen
+
+
 def test_bab_settles_open_examples_by_ranges_not_flip_by_flip():
     """On a trained 64-64 MLP whose CROWN bound leaves every flip of whole rows open, bab
     settles each example (a breaking flip is replayed as soon as its range is narrowed to it)

@@ -378,10 +378,11 @@ def _flips(
     m: int, rows: Rows, row: Tensor, start: Tensor, end: Tensor, problem: Problem
 ) -> tuple[list[Found], int]:
     """The flips of the given ranges that can change the model's output, and how many do
-    not: a flip whose weight meets an input that is exactly zero (``h_hi == 0``: a zero pixel
-    or a ReLU the rounding box keeps off) changes a product ``w * 0`` from one zero to
+    not: a flip whose weight meets an input that is exactly zero (its box is ``[0, 0]``: a
+    zero pixel or a ReLU the rounding box keeps off) changes a product ``w * 0`` from one zero to
     another, so the model computes the logits it computes without it."""
-    n_bits, live = problem.changes[m].shape[2], problem.point.h_hi[m] > 0
+    point = problem.point
+    n_bits, live = problem.changes[m].shape[2], (point.h_hi[m] != 0) | (point.h_lo[m] != 0)
     out, dead = [], 0
     for r, s, e in zip(row.tolist(), start.tolist(), end.tolist(), strict=True):
         for f in rows.order[r, s:e].tolist():
