@@ -359,7 +359,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--eps-x", type=float, default=0.02)
     parser.add_argument("--eps-w", type=float, default=0.003)
     parser.add_argument("--w-mode", default="relative", choices=["absolute", "relative"])
-    parser.add_argument("--seeds", type=int, default=5, help="seeds of the random start")
+    parser.add_argument(
+        "--seeds", type=int, default=5, help="seeds of the random start (0: timings only)"
+    )
     parser.add_argument("--models", type=int, default=2, help="trained models (seeds 0, 1..)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/conv-joint-attack"))
@@ -393,8 +395,9 @@ def main() -> None:
             f"\nmodel {index} (training seed {index}): clean accuracy {accuracy:.3f} on the "
             f"1,000 test digits; {len(names)} weights moved"
         )
-        for k, v in strength(model, x, y, threat, names, args).items():
-            found[k] += v
+        if args.seeds > 0:
+            for k, v in strength(model, x, y, threat, names, args).items():
+                found[k] += v
         if index == 0 and args.wider:
             every = [n for n, _ in model.named_parameters() if n.endswith("weight")]
             wider = naive_joint_pgd(model, x, y, threat, every, args.steps, 0)
@@ -410,8 +413,9 @@ def main() -> None:
             print("|---|---:|")
             for name, t in kernel_times(len(x), conv_shapes(model, x), args.repeats).items():
                 print(f"| {name} | {1e3 * t:.1f} |")
-    print(f"\nover {args.models} model(s) x {args.seeds} seeds:")
-    paired_summary(found)
+    if args.seeds > 0:
+        print(f"\nover {args.models} model(s) x {args.seeds} seeds:")
+        paired_summary(found)
     print(f"load at the end: {os.getloadavg()[0]:.2f}")
 
 
