@@ -154,6 +154,46 @@ def test_a_selection_that_drops_an_unstable_neuron_is_caught(monkeypatch):
     assert [0, dropped[0]] in missed[max(relu_inputs)]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_tightening_in_passes_of_few_rows_gives_the_boxes_of_one_pass(seed, monkeypatch):
+    """``ROW_ELEMENTS`` splits a node's rows into several backward passes: with passes of a
+    few rows each (batch 3), every box equals the one a single pass gives, and no neuron is
+    left out (``unsettled``)."""
+    model, x, _ = randomized_resnet(seed, (3, 4), 8)
+    threat = Threat(eps_x=0.05, eps_w=0.005, bias=True)
+    monkeypatch.setattr(crown, "ROW_ELEMENTS", 1 << 40)
+    _, _, whole = _bounds_of(model, x, threat)
+    monkeypatch.setattr(crown, "ROW_ELEMENTS", 3 * 5 * 4 * 8 * 8)  # 5 rows a pass
+    graph, _, parts = _bounds_of(model, x, threat)
+    compared = 0
+    for node in graph.nodes:
+        a, b = whole.values[node.index], parts.values[node.index]
+        if node.kind == VARIABLE:
+            torch.testing.assert_close(a.lower, b.lower, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(a.upper, b.upper, rtol=1e-12, atol=1e-12)
+            compared += 1
+    assert compared > 10
+    assert unsettled(model, x, threat) == {}
+
+
+def test_passes_that_lose_their_last_rows_are_caught(monkeypatch):
+    """The check above is not vacuous: a split into passes that drops the last pass's rows
+    leaves neurons without CROWN bounds, and ``unsettled`` finds them."""
+    model, x, _ = randomized_resnet(3, (3, 4), 8)
+    threat = Threat(eps_x=0.05, eps_w=0.005)
+    monkeypatch.setattr(crown, "ROW_ELEMENTS", 3 * 5 * 4 * 8 * 8)
+    backward_pass = crown.backward
+
+    def losing(graph, region, bounds, lam, k, **kwargs):
+        bound = backward_pass(graph, region, bounds, lam, k, **kwargs)
+        if lam.shape[1] < 5:  # the last, short pass of a node: as if never run
+            return torch.full_like(bound, -torch.inf)
+        return bound
+
+    monkeypatch.setattr(crown, "backward", losing)
+    assert unsettled(model, x, threat) != {}
+
+
 @settings(max_examples=15, deadline=None)
 @given(case=residual_networks(), threat=joint_threats())
 def test_crown_is_sound_on_random_residual_networks(case, threat):
