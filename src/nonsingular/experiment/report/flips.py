@@ -79,9 +79,9 @@ def flip_figure(results: Results, summary: list[FlipSummary], folder: Path) -> s
     """A panel per method: the shared search's accuracy against flips (mean over seeds, its
     95% t band; solid), random faults' mean (dashed) and the band from the lowest to the
     highest draw of any seed (hatched)."""
-    counts = results.experiment.flips
+    first = next(m.bit_flips for m in results.models if m.bit_flips is not None)
+    counts, target = first.counts, first.target
     fig = Figure(figsize=(4.2 * 3, 3.4 * -(-len(summary) // 3)))
-    target = next(m.bit_flips.target for m in results.models if m.bit_flips is not None)
     for ax, entry in zip(_panels(fig, len(summary)), summary, strict=True):
         color, marker = style(entry.method)
         seeds = len(entry.seeds)
@@ -158,9 +158,8 @@ def flip_section(results: Results, summary: list[FlipSummary], figure: dict[str,
     """The report's "Bit flips" section (nothing for a run without the family)."""
     if not summary:
         return []
-    exp = results.experiment
     first = next(m.bit_flips for m in results.models if m.bit_flips is not None)
-    counts = exp.flips
+    counts = first.counts
     out = [
         "## Bit flips",
         "",
