@@ -183,19 +183,31 @@ def flip_section(results: Results, summary: list[FlipSummary], figure: dict[str,
             "the run's own.",
             "",
         ]
-    out += [f"![accuracy vs flips]({figure['flips']})", "", f"*{caption(results)}.*", ""]
+    out += [
+        f"![accuracy vs flips]({figure['flips']})",
+        "",
+        f"*{caption(results)}. Solid: the shared bit search (its band: over seeds); dashed: "
+        "random flips' mean, hatched from the lowest to the highest draw of any seed.*",
+        "",
+    ]
     head = ["model", "clean (float)", "clean (int8)", "flips to collapse: median", "range"]
     out += ["Flips to collapse, over seeds:", ""]
     out += [_table([*head, "per seed"], _collapse_rows(summary, first.limit)), ""]
     out += ["Accuracy under the shared bit search (mean ± sd over seeds):", ""]
     rows = [[e.method] + [_spread(e.search, i) for i in range(len(counts))] for e in summary]
-    out += [_table(["model"] + [f"{k} flips" for k in counts], rows), ""]
+    out += [_table(["model"] + [_flips(k) for k in counts], rows), ""]
     out += ["Random flips: mean accuracy over draws (mean over seeds); lowest draw of any seed:"]
     out += [""]
-    rows = [
-        [e.method]
-        + [f"{pct(e.faults.at(i).mean)} (lowest {pct(e.fault_low[i])})" for i in range(len(counts))]
-        for e in summary
-    ]
-    out += [_table(["model"] + [f"{k} flips" for k in counts], rows), ""]
+    rows = [[e.method] + [_fault(e, i, k) for i, k in enumerate(counts)] for e in summary]
+    out += [_table(["model"] + [_flips(k) for k in counts], rows), ""]
     return out
+
+
+def _flips(k: int) -> str:
+    return f"{k} flip" + ("" if k == 1 else "s")
+
+
+def _fault(entry: FlipSummary, i: int, k: int) -> str:
+    """Random flips at the ``i``-th count ``k``: the mean, and the lowest draw (none at 0)."""
+    mean = pct(entry.faults.at(i).mean)
+    return mean if k == 0 else f"{mean} (lowest {pct(entry.fault_low[i])})"

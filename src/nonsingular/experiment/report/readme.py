@@ -156,7 +156,7 @@ def sensitivity(results: Results, claims: list[Verdict]) -> str:
         attacked = [c for c in claims if c.family != FLIPS]  # the family: default recipe only
         moved = sum(a.verdict != c.verdict for a, c in zip(again, attacked, strict=True))
         words.append(
-            f"on the models trained with the {recipe} recipe, {moved} of {len(claims)} differ"
+            f"on the models trained with the {recipe} recipe, {moved} of {len(attacked)} differ"
         )
     if not words:
         return ""
