@@ -3,6 +3,7 @@ run, its numbers those of the library's own attacks, every flip set replayable, 
 checked like an evaluation, read back from ``results.json``, reported, and claim 1 asked of
 bit flips decided over seeds inside the Holm correction."""
 
+import dataclasses
 import json
 import shutil
 import statistics
@@ -13,7 +14,7 @@ from scipy import stats as scipy_stats
 from torch.func import functional_call
 
 import nonsingular as ns
-from nonsingular import ConfigError, Outcomes, checkpoint
+from nonsingular import CheckpointError, ConfigError, Outcomes, checkpoint
 from nonsingular.data import load
 from nonsingular.experiment import (
     BUDGETS,
@@ -21,6 +22,7 @@ from nonsingular.experiment import (
     Experiment,
     Measured,
     Results,
+    addflips,
     flipfamily,
     run_experiment,
 )
@@ -250,6 +252,67 @@ def test_other_attack_code_recomputes_the_family(family_run, tmp_path, monkeypat
     assert len(calls) == len(results.models)
     for model, earlier in zip(again.models, results.models, strict=True):
         assert model.bit_flips.collapse_flips == earlier.bit_flips.collapse_flips
+
+
+def _without_the_family(out, copy) -> Results:
+    """``out`` copied to ``copy`` as a run made without the family would have left it."""
+    shutil.copytree(out, copy)
+    results = Results.from_dict(json.loads((copy / "results.json").read_text()))
+    results.experiment = dataclasses.replace(results.experiment, flips=())
+    for model in results.models:
+        model.bit_flips = None
+    write_report(results, copy, rewrite=True)
+    return results
+
+
+def test_the_family_is_added_to_a_finished_run_from_its_checkpoints(
+    family_run, tmp_path, monkeypatch
+):
+    """``addflips`` measures the family of a run made without it, from the run's checkpoints,
+    through the cache a ``reproduce`` run keeps (here every entry is reused: the same models
+    and settings), and writes the report again, saying when and by what it was added."""
+    out, results, _ = family_run
+    before = _without_the_family(out, tmp_path / "run")
+    assert "## Bit flips" not in (tmp_path / "run" / "report.md").read_text()
+    monkeypatch.setattr(running, "measure_flips", lambda *a, **k: pytest.fail("recomputed"))
+    settings = {name: SMALL[name] for name in ("flips", "flip_draws", "flip_limit")}
+    added = addflips.add_flip_family(
+        tmp_path / "run", settings=settings, command="addflips (test)", say=lambda text: None
+    )
+    for model, earlier, plain in zip(added.models, results.models, before.models, strict=True):
+        assert model.bit_flips == earlier.bit_flips
+        assert model.accuracy == plain.accuracy and model.outcomes == plain.outcomes
+    document = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert Results.from_dict(document) == added and document["run"]["bit_flips"]["command"]
+    assert document["run"]["command"] == results.run["command"]  # the run's own provenance
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Bit flips" in report and "by `addflips (test)`" in report
+
+
+def test_adding_the_family_refuses_a_changed_checkpoint_and_a_missing_run(
+    family_run, tmp_path, capsys
+):
+    out, results, _ = family_run
+    _without_the_family(out, tmp_path / "run")
+    run = tmp_path / "run"
+    standard, other = (run / m.run_dir for m in results.models[:2])
+    written = (run / "results.json").read_text()
+    for name in ("model.safetensors", "model.json"):  # another model, its own sidecar beside
+        shutil.copy(other / name, standard / name)
+    with pytest.raises(ConfigError, match="not the checkpoint the run measured"):
+        addflips.add_flip_family(run, say=lambda text: None)
+    for name in ("model.safetensors", "model.json"):  # its own again, one byte changed
+        shutil.copy(out / results.models[0].run_dir / name, standard / name)
+    data = (standard / "model.safetensors").read_bytes()
+    (standard / "model.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match="changed or damaged"):
+        addflips.add_flip_family(run, say=lambda text: None)
+    assert (run / "results.json").read_text() == written  # nothing rewritten
+    with pytest.raises(ConfigError, match="unknown bit-flip settings: flipz"):
+        addflips.add_flip_family(tmp_path / "run", settings={"flipz": 3})
+    assert addflips.main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no results.json" in err[0]
 
 
 @pytest.mark.parametrize(

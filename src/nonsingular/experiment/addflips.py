@@ -20,6 +20,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ from ..distributed import alone, gather, mine, ranks
 from ..errors import ConfigError, NonsingularError
 from ..files import exclusive
 from ..provenance import provenance
-from .config import Experiment
+from .config import FLIP_FIELDS, Experiment
 from .flipfamily import FlipFamily
 from .results import Measured, Results
 from .run import _flip_family, _Measure
@@ -53,22 +54,29 @@ def _family_of(
 
 
 def add_flip_family(
-    out: str | Path, *, command: str | None = None, say: Callable[[str], None] = print
+    out: str | Path,
+    *,
+    settings: dict[str, Any] | None = None,
+    command: str | None = None,
+    say: Callable[[str], None] = print,
 ) -> Results:
     """Measure the bit-flip family on every default-recipe model of the run in ``out`` and
-    write its report again (``write_report(..., rewrite=True)``); the run's results with it."""
+    write its report again (``write_report(..., rewrite=True)``); the run's results with it.
+    ``settings``: the family's fields (``flips``, ``flip_draws``, ``flip_limit``) where they
+    differ from ``Experiment``'s defaults."""
     out = Path(out)
     path = out / "results.json"
     if not path.is_file():
         raise ConfigError(f"{out} holds no results.json: not a finished reproduce run")
     results = Results.from_dict(json.loads(path.read_text()))
-    defaults = Experiment()
-    exp = dataclasses.replace(
-        results.experiment,
-        flips=defaults.flips,
-        flip_draws=defaults.flip_draws,
-        flip_limit=defaults.flip_limit,
-    )
+    chosen = {name: getattr(Experiment(), name) for name in FLIP_FIELDS}
+    unknown = sorted(set(settings or {}) - set(FLIP_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown bit-flip settings: {', '.join(unknown)}")
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in (settings or {}).items()}
+    exp = dataclasses.replace(results.experiment, **{**chosen, **given})
+    if not exp.flips:
+        raise ConfigError("flips is empty: there is no bit-flip family to add")
     data = load(exp.data, seed=0)
     todo = [m for m in results.models if m.recipe is None]
     lead = ranks().lead
