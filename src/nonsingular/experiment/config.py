@@ -191,10 +191,7 @@ class Experiment:
             choice("recipes", recipe, tuple(RECIPES))
         for method in self.recipe_methods:
             choice("recipe_methods", method, METHODS)
-        if not isinstance(self.certify, tuple) or not self.certify:
-            raise ConfigError(f"certify must be a non-empty list of methods, got {self.certify!r}")
-        for method in self.certify:
-            choice("certify", method, CERTIFY_METHODS)
+        _check_certify(self.certify)
         if self.recipes and "standard" not in self.recipe_methods:
             raise ConfigError("recipe_methods needs standard: every claim compares with it")
         if not isinstance(self.stronger, bool):
@@ -367,6 +364,14 @@ def _check_kinds(exp: Experiment) -> None:
         ):
             what = "method names" if name != "recipes" else "names"
             raise ConfigError(f"{name} must be a list of {what}, got {value!r}")
+
+
+def _check_certify(methods: Any) -> None:
+    """The certificate methods: a non-empty list of known names."""
+    if not isinstance(methods, tuple) or not methods:
+        raise ConfigError(f"certify must be a non-empty list of methods, got {methods!r}")
+    for method in methods:
+        choice("certify", method, CERTIFY_METHODS)
 
 
 def _check_flips(values: object) -> None:
