@@ -1,26 +1,35 @@
-"""Joint attacks on a ResNet-18-style conv net: the library's attack against a naive one (issue 23).
+"""Joint attacks on a trained ResNet-18-style conv net: the library's attack against a naive one
+(issue 23, item 5).
 
 The model is a torchvision-style ResNet-18 (BasicBlocks [2, 2, 2, 2], BatchNorm, a 3x3 stem
-for 32x32 inputs, widths ``w, 2w, 4w, 8w``), written here (no torchvision), with random weights
-and BatchNorm statistics calibrated on random images; the labels are its own clean predictions,
-so every example starts correct and margins compare the attacks' strength directly.
+for 32x32 inputs, widths ``w, 2w, 4w, 8w``), written here (no torchvision), trained
+``--epochs`` epochs on the 4,000 mnist5k training digits (zero-padded to 32x32, one channel),
+one model per ``--models`` training seed, each cached as safetensors in ``--out``. The attacked
+examples are the first ``--batch`` test digits the model classifies correctly.
 
-Three attacks at the same steps, step size (``2.5 / steps`` of each ball's radius), loss
-(cross-entropy), one random start and best-so-far margin over the iterates:
+Attacks at the same steps (gradients), loss (cross-entropy), one random start and best-so-far
+margin over the iterates:
 
-- ``input-only``: ``ns.attack`` with ``eps_w = 0``;
-- ``joint``: ``ns.attack`` under the joint threat (one kernel per example per convolution, the
-  lemma on the final Linear);
+- ``input-only``: ``ns.attack`` (PGD) with ``eps_w = 0``;
+- ``joint``: ``ns.attack`` (PGD) under the joint threat (one kernel per example per
+  convolution, the lemma on the final Linear);
+- ``joint apgd``: ``ns.attack(method="apgd")``, the library's APGD on the same variables
+  (``steps`` gradients too);
 - ``naive``: PGD on the input and on a full weight copy per example of every parameter the
   joint threat moves, run through ``torch.func.functional_call`` under ``vmap``.
 
-A step's time is ``(T(long) - T(short)) / (long - short steps)`` (set-up cancels), timings
-interleaved, median of ``--repeats``. ``--kernels`` also times, for each convolution shape of
-the model, one forward + backward of a per-example convolution in each parametrization
-(grouped convolution, unfold + batched matmul, vmap of ``F.conv2d``).
+PGD's step is ``2.5 / steps`` of each ball's radius in both PGD attacks. Strength is compared
+per example, paired, over ``--seeds`` seeds of the random start (the attacks' only
+randomness): each attack's median margin per seed, the median of its per-example difference
+to the naive attack's margin, and on how many seeds its median is no higher than the naive
+one's. A step's time is ``(T(long) - T(short)) / (long - short steps)`` (set-up cancels),
+timings interleaved, median of ``--repeats``, on the first model. ``--kernels`` also times, for
+each convolution shape of the model, one forward + backward of a per-example convolution in
+each parametrization (grouped convolution, unfold + batched matmul, vmap of ``F.conv2d``).
 
-    python benchmarks/conv_joint_attack.py [--width 16] [--batch 32] [--steps 10] [--kernels]
-        [--eps-x 0.001] [--eps-w 0.0002] [--w-mode relative] [--seeds 1] [--repeats 3]
+    python benchmarks/conv_joint_attack.py [--width 16] [--batch 64] [--steps 10]
+        [--eps-x 0.02] [--eps-w 0.003] [--w-mode relative] [--seeds 5] [--models 2]
+        [--epochs 5] [--out runs/conv-joint-attack] [--repeats 3] [--kernels] [--wider]
 """
 
 from __future__ import annotations
@@ -30,14 +39,18 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 import nonsingular as ns
 from nonsingular.attacks.space import JointSpace, margins
+from nonsingular.data import load
 from nonsingular.model.lemma import radius
 from nonsingular.model.verify import read_batch
 
@@ -66,9 +79,9 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """ResNet-18 for 32x32 inputs (CIFAR stem: 3x3 conv, no max-pool)."""
 
-    def __init__(self, width: int = 16, classes: int = 10) -> None:
+    def __init__(self, width: int = 16, classes: int = 10, channels: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         layers, inputs = [], width
         for i, stride in enumerate((1, 2, 2, 2)):
@@ -84,19 +97,39 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def calibrated(width: int, seed: int) -> nn.Module:
-    """A random ResNet-18 whose BatchNorm statistics are those of random images (so that
-    activations keep their scale through the 20 layers), in eval mode."""
+def digits32(x: Tensor) -> Tensor:
+    """mnist5k digits ``(N, 1, 28, 28)`` zero-padded to ``(N, 1, 32, 32)`` (the 32x32 stem)."""
+    return F.pad(x, (2, 2, 2, 2))
+
+
+def trained(width: int, seed: int, epochs: int, out: Path) -> tuple[nn.Module, float]:
+    """The ResNet-18 trained ``epochs`` epochs on the 4,000 mnist5k training digits (Adam,
+    batch 64, seed ``seed``), and its clean accuracy on the 1,000 test digits; cached as
+    safetensors in ``out`` (weights and buffers; no pickle), so later runs and seeds reuse it."""
+    data = load("mnist5k")
+    x_test, y_test = digits32(data.x_test), data.y_test
+    path = out / f"resnet18-w{width}-seed{seed}-{epochs}ep.safetensors"
     torch.manual_seed(seed)
     model = ResNet18(width)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # cumulative average
-    model.train()
+    if path.exists():
+        model.load_state_dict(load_file(str(path)))
+    else:
+        x, y = digits32(data.x_train), data.y_train
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(seed)
+        model.train()
+        for _ in range(epochs):
+            for batch in torch.randperm(len(x), generator=g).split(64):
+                optimizer.zero_grad()
+                F.cross_entropy(model(x[batch]), y[batch]).backward()
+                optimizer.step()
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(path))
+    model.eval()
     with torch.no_grad():
-        for _ in range(4):
-            model(torch.rand(64, 3, 32, 32))
-    return model.eval()
+        accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
+    return model, accuracy
 
 
 def naive_joint_pgd(model, x, y, threat, names, steps, seed=0):
@@ -140,6 +173,16 @@ def naive_joint_pgd(model, x, y, threat, names, steps, seed=0):
                 for (n, v), gr in zip(deltas.items(), grads[1:], strict=True)
             }
     return best
+
+
+def correct(model: nn.Module, n: int) -> tuple[Tensor, Tensor]:
+    """The first ``n`` mnist5k test digits (padded to 32x32) that ``model`` classifies
+    correctly, and their labels (every example starts correct, so margins compare attacks)."""
+    data = load("mnist5k")
+    x, y = digits32(data.x_test), data.y_test
+    with torch.no_grad():
+        right = model(x).argmax(1) == y
+    return x[right][:n], y[right][:n]
 
 
 def moved(model, x, threat) -> list[str]:
@@ -228,92 +271,152 @@ def conv_shapes(model: nn.Module, x: Tensor):
     return shapes
 
 
-def strength_over_seeds(model, x, y, threat, names, args) -> None:
-    """Median margins of the joint and the naive attack for several seeds (the random start
-    is each attack's only randomness), and how often the joint one ends at or below."""
-    print("| seed | joint median margin | naive median margin | examples joint <= naive |")
-    print("|---:|---:|---:|---:|")
-    for seed in range(args.seed, args.seed + args.seeds):
-        joint = ns.attack(model, x, y, threat, steps=args.steps, restarts=1, loss="ce", seed=seed)
-        naive = naive_joint_pgd(model, x, y, threat, names, args.steps, seed)
-        at_most = float((joint.margins <= naive).float().mean())
+def attacks(model, x, y, threat, names, steps: int) -> dict[str, Callable[[int], Tensor]]:
+    """Each attack at ``steps`` steps as a function of the seed: its best-so-far margins."""
+    common = {"steps": steps, "restarts": 1, "loss": "ce"}
+    input_only = ns.Threat(eps_x=threat.eps_x)
+    return {
+        "input-only": lambda s: ns.attack(model, x, y, input_only, **common, seed=s).margins,
+        "joint": lambda s: ns.attack(model, x, y, threat, **common, seed=s).margins,
+        "joint apgd": lambda s: (
+            ns.attack(model, x, y, threat, method="apgd", **common, seed=s).margins
+        ),
+        "naive": lambda s: naive_joint_pgd(model, x, y, threat, names, steps, s),
+    }
+
+
+def strength(model, x, y, threat, names, args) -> dict[str, list[Tensor]]:
+    """Every attack's margins for each seed of the random start, printed per seed: median
+    margin, robust accuracy and (joint attacks) the median paired difference to naive."""
+    runs = attacks(model, x, y, threat, names, args.steps)
+    found: dict[str, list[Tensor]] = {k: [] for k in runs}
+    print(
+        "| seed | " + " | ".join(f"{k} median (robust acc.)" for k in runs) + " | "
+        "joint - naive, paired median | joint apgd - naive, paired median |"
+    )
+    print("|---:|" + "---:|" * (len(runs) + 2))
+    for seed in range(args.seeds):
+        for k, fn in runs.items():
+            found[k].append(fn(seed))
+        row = [
+            f"{float(m[-1].median()):.4f} ({float((m[-1] > 0).float().mean()):.3f})"
+            for m in found.values()
+        ]
+        naive = found["naive"][-1]
+        diffs = [f"{float((found[k][-1] - naive).median()):+.4f}" for k in ("joint", "joint apgd")]
+        print(f"| {seed} | " + " | ".join(row + diffs) + f" |  (load {os.getloadavg()[0]:.1f})")
+    return found
+
+
+def paired_summary(found: dict[str, list[Tensor]]) -> None:
+    """Over the seeds: how often each joint attack's median margin is no higher than the naive
+    one's, the median of the per-seed paired median differences, and the share of
+    (example, seed) pairs where it ends at or below the naive attack."""
+    naive = found["naive"]
+    for k in ("joint", "joint apgd"):
+        pairs = list(zip(found[k], naive, strict=True))
+        wins = sum(float(a.median()) <= float(b.median()) for a, b in pairs)
+        diffs = [float((a - b).median()) for a, b in pairs]
+        at_most = float(torch.cat([(a <= b).float() for a, b in pairs]).mean())
         print(
-            f"| {seed} | {float(joint.margins.median()):.4f} | {float(naive.median()):.4f} | "
-            f"{at_most:.2f} |"
+            f"{k}: median margin no higher than naive on {wins} of {len(pairs)} seeds; per-seed "
+            f"paired median difference {min(diffs):+.4f} to {max(diffs):+.4f} (median "
+            f"{statistics.median(diffs):+.4f}); at or below naive on {at_most:.2f} of "
+            "(example, seed) pairs"
         )
+
+
+def step_times(model, x, y, threat, names, args) -> dict[str, float]:
+    """Seconds per step of every attack: ``(T(long) - T(short)) / (long - short)``, the
+    attacks interleaved, median of ``--repeats``."""
+    runs = {k: (lambda s, k=k: attacks(model, x, y, threat, names, s)[k](0)) for k in ATTACKS}
+    short, long = max(1, args.steps // 5), args.steps
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            times[name].append((seconds(fn, long) - seconds(fn, short)) / (long - short))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+ATTACKS = ("input-only", "joint", "joint apgd", "naive")
+
+
+def print_times(per_step: dict[str, float]) -> None:
+    print("| attack | ms / step | / input-only | / naive |")
+    print("|---|---:|---:|---:|")
+    for name, t in per_step.items():
+        print(
+            f"| {name} | {1e3 * t:.1f} | {t / per_step['input-only']:.2f} | "
+            f"{t / per_step['naive']:.2f} |"
+        )
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=64, help="attacked test digits")
+    parser.add_argument("--steps", type=int, default=10, help="steps of every attack")
+    parser.add_argument("--eps-x", type=float, default=0.02)
+    parser.add_argument("--eps-w", type=float, default=0.003)
+    parser.add_argument("--w-mode", default="relative", choices=["absolute", "relative"])
+    parser.add_argument(
+        "--seeds", type=int, default=5, help="seeds of the random start (0: timings only)"
+    )
+    parser.add_argument("--models", type=int, default=2, help="trained models (seeds 0, 1..)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("runs/conv-joint-attack"))
+    parser.add_argument("--repeats", type=int, default=3, help="timings (0: none)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    parser.add_argument("--kernels", action="store_true", help="also time conv kernels")
+    parser.add_argument(
+        "--wider", action="store_true", help="also a naive attack moving every *.weight"
+    )
+    return parser.parse_args()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10, help="steps of every attack")
-    parser.add_argument("--eps-x", type=float, default=0.001)
-    parser.add_argument("--eps-w", type=float, default=0.0002)
-    parser.add_argument("--w-mode", default="relative", choices=["absolute", "relative"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
-    parser.add_argument("--kernels", action="store_true", help="also time conv kernels")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=1, help="strength over this many seeds")
-    args = parser.parse_args()
+    args = arguments()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    model = calibrated(args.width, args.seed)
-    x = torch.rand(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed + 1))
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    joint = ns.Threat(eps_x=args.eps_x, eps_w=args.eps_w, w_mode=args.w_mode)
-    input_only = ns.Threat(eps_x=args.eps_x)
-    names = moved(model, x, joint)
-    common = {"steps": args.steps, "restarts": 1, "loss": "ce", "seed": args.seed}
+    threat = ns.Threat(eps_x=args.eps_x, eps_w=args.eps_w, w_mode=args.w_mode)
     print(
         f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, load "
-        f"{os.getloadavg()[0]:.2f}; ResNet-18 width {args.width}, 32x32, batch {args.batch}, "
-        f"{args.steps} steps; eps_x={args.eps_x:.4g} linf, eps_w={args.eps_w:g} {args.w_mode} "
-        f"linf, per-example; {len(names)} weights moved"
+        f"{os.getloadavg()[0]:.2f}; ResNet-18 width {args.width}, mnist5k padded to 32x32, "
+        f"{args.epochs} epochs; {args.batch} correctly classified test digits, {args.steps} "
+        f"steps; {threat.describe()}"
     )
-    strength = {
-        "input-only": ns.attack(model, x, y, input_only, **common).margins,
-        "joint": ns.attack(model, x, y, joint, **common).margins,
-        "naive": naive_joint_pgd(model, x, y, joint, names, args.steps, args.seed),
-    }
-    variants = {
-        "input-only": lambda s: ns.attack(model, x, y, input_only, **{**common, "steps": s}),
-        "joint": lambda s: ns.attack(model, x, y, joint, **{**common, "steps": s}),
-        "naive": lambda s: naive_joint_pgd(model, x, y, joint, names, s, args.seed),
-    }
-    short, long = max(1, args.steps // 5), args.steps
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
-            times[name].append((seconds(fn, long) - seconds(fn, short)) / (long - short))
-    per_step = {k: statistics.median(v) for k, v in times.items()}
-    print("| attack | median margin | robust accuracy | ms/step | / input-only | / naive |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, m in strength.items():
-        t = per_step[name]
+    found: dict[str, list[Tensor]] = {k: [] for k in ATTACKS}
+    for index in range(args.models):
+        model, accuracy = trained(args.width, index, args.epochs, args.out)
+        x, y = correct(model, args.batch)
+        names = moved(model, x, threat)
         print(
-            f"| {name} | {float(m.median()):.4f} | {float((m > 0).float().mean()):.3f} | "
-            f"{1e3 * t:.1f} | {t / per_step['input-only']:.2f} | {t / per_step['naive']:.2f} |"
+            f"\nmodel {index} (training seed {index}): clean accuracy {accuracy:.3f} on the "
+            f"1,000 test digits; {len(names)} weights moved"
         )
-    print(f"load after: {os.getloadavg()[0]:.2f}")
-    every = [n for n, _ in model.named_parameters() if n.endswith("weight")]
-    wider = naive_joint_pgd(model, x, y, joint, every, args.steps, args.seed)
-    print(
-        f"naive attack moving every *.weight ({len(every)}: BatchNorm scales too, a larger "
-        f"threat): median margin {float(wider.median()):.4f}, robust accuracy "
-        f"{float((wider > 0).float().mean()):.3f}"
-    )
-    if args.seeds > 1:
-        strength_over_seeds(model, x, y, joint, names, args)
-    if args.kernels:
-        shapes = conv_shapes(model, x)
-        print("| per-example conv kernel (all convs, fwd + bwd) | ms |")
-        print("|---|---:|")
-        for name, t in kernel_times(args.batch, shapes, args.repeats).items():
-            print(f"| {name} | {1e3 * t:.1f} |")
+        if args.seeds > 0:
+            for k, v in strength(model, x, y, threat, names, args).items():
+                found[k] += v
+        if index == 0 and args.wider:
+            every = [n for n, _ in model.named_parameters() if n.endswith("weight")]
+            wider = naive_joint_pgd(model, x, y, threat, every, args.steps, 0)
+            print(
+                f"naive attack moving every *.weight ({len(every)}: BatchNorm scales too, a "
+                f"larger threat), seed 0: median margin {float(wider.median()):.4f}"
+            )
+        if index == 0 and args.repeats > 0:
+            print_times(step_times(model, x, y, threat, names, args))
+            print(f"load after the timings: {os.getloadavg()[0]:.2f}")
+        if index == 0 and args.kernels:
+            print("| per-example conv kernel (all convs, fwd + bwd) | ms |")
+            print("|---|---:|")
+            for name, t in kernel_times(len(x), conv_shapes(model, x), args.repeats).items():
+                print(f"| {name} | {1e3 * t:.1f} |")
+    if args.seeds > 0:
+        print(f"\nover {args.models} model(s) x {args.seeds} seeds:")
+        paired_summary(found)
+    print(f"load at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ restarts, cross-entropy and margin), and certifies them with ``crown`` and ``int
   for the neurons those leave unstable, the bound nearer zero first.
 
 The two run in turn on chunks of ``--chunk`` examples (so a shared machine's load falls on
-both alike). Prints seconds per example and certified counts; a certified example that the
-attack broke, or an example "before" certifies and "after" does not, stops the script.
+both alike). Prints wall-clock and CPU seconds per example (the process's CPU time: on a
+shared machine the steadier of the two, and with ``--threads 1`` the time one core needs)
+and certified counts; a certified example that the attack broke, or an example "before"
+certifies and "after" does not, stops the script.
 
     python benchmarks/crown_resnet.py [--examples 100] [--epochs 20] [--dtype float64]
-        [--chunk 5] [--before-examples N] [--model-cache resnet.safetensors]
+        [--chunk 5] [--before-examples N] [--threads N] [--model-cache resnet.safetensors]
 """
 
 from __future__ import annotations
@@ -39,13 +41,18 @@ from nonsingular.training import TrainConfig, train
 THREAT = ns.Threat(eps_x=0.005, eps_w=1e-5)  # certify_speed.py's reference joint threat
 
 
-def timed(model, x, y, first_pass: bool, dtype: torch.dtype) -> tuple[ns.CertifyResult, float]:
-    """``crown`` with its own intermediate bounds, with the first pass on or off."""
+def timed(
+    model, x, y, first_pass: bool, dtype: torch.dtype
+) -> tuple[ns.CertifyResult, float, float]:
+    """``crown`` with its own intermediate bounds, with the first pass on or off: the result,
+    its wall-clock and its CPU seconds."""
     saved, crown.FIRST_PASS = crown.FIRST_PASS, first_pass
     try:
-        start = time.perf_counter()
-        cert = ns.certify(model, x, y, THREAT, "crown", intermediate="crown", dtype=dtype)
-        return cert, time.perf_counter() - start
+        start, cpu = time.perf_counter(), time.process_time()
+        cert = ns.certify(
+            model, x, y, THREAT, "crown", intermediate="crown", dtype=dtype, progress=False
+        )
+        return cert, time.perf_counter() - start, time.process_time() - cpu
     finally:
         crown.FIRST_PASS = saved
 
@@ -69,12 +76,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--chunk", type=int, default=5)
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--threads", type=int, default=None, help="default: torch's")
     parser.add_argument(
         "--model-cache",
         default=None,
         help="a .safetensors checkpoint: loaded if it exists, else written after training",
     )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     data = load("mnist5k")
     model = trained(args.epochs, args.model_cache)
@@ -97,24 +107,26 @@ def main() -> None:
     )
     timed(model, x[:1], y[:1], True, dtype)  # warm-up (first-call imports)
     totals = {True: 0.0, False: 0.0}
+    cpus = {True: 0.0, False: 0.0}
     certified = {True: torch.zeros(0, dtype=torch.bool), False: torch.zeros(0, dtype=torch.bool)}
     for i in range(0, n, args.chunk):
         xs, ys = x[i : i + args.chunk], y[i : i + args.chunk]
         for first_pass in (False, True):
             if not first_pass and i >= before_n:
                 continue
-            cert, took = timed(model, xs, ys, first_pass, dtype)
+            cert, took, cpu = timed(model, xs, ys, first_pass, dtype)
             totals[first_pass] += took
+            cpus[first_pass] += cpu
             certified[first_pass] = torch.cat([certified[first_pass], cert.certified])
         done = min(n, i + args.chunk)
         line = (
-            f"  {done:4d} examples: after {totals[True] / done:.2f} s/example, certified "
-            f"{int(certified[True].sum())}"
+            f"  {done:4d} examples: after {totals[True] / done:.2f} s/example "
+            f"({cpus[True] / done:.2f} CPU s), certified {int(certified[True].sum())}"
         )
         if i < before_n:
             line += (
-                f"; before {totals[False] / done:.2f} s/example, certified "
-                f"{int(certified[False].sum())}"
+                f"; before {totals[False] / done:.2f} s/example "
+                f"({cpus[False] / done:.2f} CPU s), certified {int(certified[False].sum())}"
             )
         print(f"{line}; load {os.getloadavg()[0]:.1f}", flush=True)
     for mask in certified.values():
@@ -125,7 +137,8 @@ def main() -> None:
         raise SystemExit(f"after certifies fewer: examples {lost.nonzero().flatten().tolist()}")
     for label, first_pass, count in (("before", False, before_n), ("after", True, n)):
         print(
-            f"{label:6s}: {totals[first_pass] / max(1, count):.2f} s/example over {count}; "
+            f"{label:6s}: {totals[first_pass] / max(1, count):.2f} s/example "
+            f"({cpus[first_pass] / max(1, count):.2f} CPU s) over {count}; "
             f"certified {int(certified[first_pass].sum())}/{count}"
         )
     print(f"load average at the end {os.getloadavg()[0]:.1f}")

@@ -90,6 +90,9 @@ def reproduce(out: Path) -> dict:
         eps_w_shared=(0.0, 0.05),
         joint_eps_x=(0.0, 0.1),
         joint_eps_w=(0.0, 0.01),
+        flips=(0, 2),
+        flip_draws=2,
+        flip_limit=10,
     )
     results = run_experiment(exp, out, say=lambda text: None)
     document = results.to_dict()  # the numbers, and where each model was trained and saved

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
@@ -327,3 +329,37 @@ def test_dropping_broken_examples_changes_no_outcome(method):
     assert 0 < int(full.success.sum()) < len(y)
     assert torch.equal(full.success, early.success)
     assert (early.margins[early.success] <= 0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["linf", "linf elementwise", "l2"]),
+    batch=st.integers(1, 4),
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    first=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_apgd_step_in_place_equals_the_projected_formula(kind, batch, shape, first, seed):
+    """APGD's step computed in place (boxes) gives exactly the numbers of the formula written
+    with the ball's own step and projection, and never writes into the iterate, the previous
+    point or the gradient (the best-so-far tracker keeps iterates without a copy)."""
+    from nonsingular.attacks.apgd import MOMENTUM, _momentum, _toward
+    from nonsingular.balls import make_ball
+
+    g = torch.Generator().manual_seed(seed)
+    radius = torch.rand(shape, generator=g) + 0.1 if kind == "linf elementwise" else 0.3
+    ball = make_ball("l2" if kind == "l2" else "linf", radius, batch_dims=1)
+    like = torch.empty(batch, *shape)
+    v, prev = ball.random(like, g), ball.random(like, g)
+    grad = torch.randn(like.shape, generator=g) * (torch.rand(like.shape, generator=g) > 0.2)
+    eta = (torch.rand(batch, generator=g) * 2).reshape(-1, *[1] * len(shape))
+    a = 1.0 if first else MOMENTUM
+    before = [t.clone() for t in (v, prev, grad)]
+
+    z_ref = ball.project(v + eta * ball.step(torch.zeros_like(v), grad, 1.0))
+    moved_ref = ball.project(v + (a * (z_ref - v) + (1 - a) * (v - prev)))
+    z = _toward(ball, v, grad, eta)
+    assert torch.equal(z, z_ref)
+    moved = _momentum(ball, v, z, prev, a)
+    assert torch.equal(moved, moved_ref)
+    assert all(torch.equal(t, b) for t, b in zip((v, prev, grad), before, strict=True))

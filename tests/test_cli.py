@@ -25,17 +25,23 @@ def run(capsys, *args):
     return code, out, err
 
 
-def test_evaluate_names_the_parameters_the_weight_threat_leaves(capsys, ckpt, standard_mlp):
+def test_evaluate_names_the_parameters_the_weight_threat_leaves(
+    capsys, ckpt, standard_mlp, tmp_path
+):
     common = ["evaluate", "--checkpoint", str(ckpt), "--test-size", "20", "--steps", "2"]
     common += ["--quiet", "--device", "cpu", "--eps-w", "0.002"]
     names = [n for n, _ in standard_mlp.named_parameters()]
     biases = [n for n in names if n.endswith(".bias")]
     assert biases
-    code, out, err = run(capsys, *common)
+    out_path = tmp_path / "r.json"
+    code, out, err = run(capsys, *common, "--out", str(out_path))
     assert code == 0, err
     assert f"moves {len(names) - len(biases)} parameters and leaves {len(biases)}" in out
     for name in biases:
         assert f"  {name}: a bias: moved with bias=True" in out
+    written = json.loads(out_path.read_text())["weights"]  # the JSON says it too
+    assert sorted(written["moved"]) == sorted(set(names) - set(biases))
+    assert written["untouched"] == {name: "a bias: moved with bias=True" for name in biases}
     code, out, err = run(capsys, *common, "--bias")
     assert code == 0, err
     assert f"the weight threat moves every parameter ({len(names)})" in out

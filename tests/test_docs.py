@@ -55,7 +55,13 @@ def test_the_readme_shows_the_verdicts_and_numbers_of_its_results(folder):
     for row, claim in zip(rows, claims, strict=True):
         shown = " ".join(row)
         assert claim["verdict"] in shown, (row, claim["verdict"])
-        if claim["difference"] is not None:
+        if claim["difference"] is not None and claim.get("metric") == "flips to collapse":
+            assert f"{claim['difference']:+.1f} flips" in row, (row, claim["difference"])
+            assert f"{claim['metric_model']:.1f} flips" in row
+            assert f"{claim['metric_standard']:.1f} flips" in row
+            low, high = claim["interval"]
+            assert f"{low:+.1f} to {high:+.1f}" in row, (row, claim["interval"])
+        elif claim["difference"] is not None:
             assert f"{100 * claim['difference']:+.1f}" in row, (row, claim["difference"])
             assert f"{100 * claim['metric_model']:.1f}%" in row
             assert f"{100 * claim['metric_standard']:.1f}%" in row

@@ -154,6 +154,95 @@ def test_a_selection_that_drops_an_unstable_neuron_is_caught(monkeypatch):
     assert [0, dropped[0]] in missed[max(relu_inputs)]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_tightening_in_passes_of_few_rows_gives_the_boxes_of_one_pass(seed, monkeypatch):
+    """``ROW_ELEMENTS`` splits a node's rows into several backward passes: with passes of a
+    few rows each (batch 3), every box equals the one a single pass gives, and no neuron is
+    left out (``unsettled``)."""
+    model, x, _ = randomized_resnet(seed, (3, 4), 8)
+    threat = Threat(eps_x=0.05, eps_w=0.005, bias=True)
+    monkeypatch.setattr(crown, "ROW_ELEMENTS", 1 << 40)
+    _, _, whole = _bounds_of(model, x, threat)
+    monkeypatch.setattr(crown, "ROW_ELEMENTS", 3 * 5 * 4 * 8 * 8)  # 5 rows a pass
+    graph, _, parts = _bounds_of(model, x, threat)
+    compared = 0
+    for node in graph.nodes:
+        a, b = whole.values[node.index], parts.values[node.index]
+        if node.kind == VARIABLE:
+            torch.testing.assert_close(a.lower, b.lower, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(a.upper, b.upper, rtol=1e-12, atol=1e-12)
+            compared += 1
+    assert compared > 10
+    assert unsettled(model, x, threat) == {}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_value_rows_take_the_box_weight_term_at_no_loss(seed, monkeypatch):
+    """The weight term of a convolution that a tightening's rows reach still one neuron each
+    (through batch norm, sums, activations) is the box's, without the joint support: the
+    same boxes as with the joint support everywhere, within rounding."""
+    from nonsingular.certificates import crown_engine
+
+    model, x, _ = randomized_resnet(seed, (3, 4), 8)
+    threat = Threat(eps_x=0.02, eps_w=0.01, bias=True)
+    graph, _, fast = _bounds_of(model, x, threat)
+    seen = []
+    weight_term = crown_engine._weight_term
+
+    def spy(bounds, index, lam, h, into, first, magnitude):
+        seen.append(first and lam.shape[1] > 0)
+        return weight_term(bounds, index, lam, h, into, first, magnitude)
+
+    monkeypatch.setattr(crown_engine, "_weight_term", spy)
+    _bounds_of(model, x, threat)
+    assert any(seen), "some convolution was reached by one-value rows"
+    monkeypatch.setattr(crown_engine, "_PER_VALUE", ())
+    _, _, joint = _bounds_of(model, x, threat)
+    for node in graph.nodes:
+        if node.kind == VARIABLE:
+            a, b = fast.values[node.index], joint.values[node.index]
+            torch.testing.assert_close(a.lower, b.lower, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(a.upper, b.upper, rtol=1e-9, atol=1e-12)
+
+
+def test_the_box_weight_term_on_rows_of_many_values_is_caught(monkeypatch):
+    """The check above is not vacuous: taking the box's weight term wherever a pass may hold
+    one value per row, unchecked, loosens some box."""
+    from nonsingular.certificates import crown_engine
+
+    model, x, _ = randomized_resnet(1, (3, 4), 8)
+    threat = Threat(eps_x=0.02, eps_w=0.01, bias=True)
+    graph, _, right = _bounds_of(model, x, threat)
+    monkeypatch.setattr(crown_engine, "_PER_VALUE", (object,))  # every operator, unchecked
+    monkeypatch.setattr(torch, "count_nonzero", lambda t, dim: torch.zeros_like(t[..., 0]))
+    _, _, loose = _bounds_of(model, x, threat)
+    wider = [
+        n.index
+        for n in graph.nodes
+        if n.kind == VARIABLE
+        and bool((loose.values[n.index].upper > right.values[n.index].upper + 1e-9).any())
+    ]
+    assert wider
+
+
+def test_passes_that_lose_their_last_rows_are_caught(monkeypatch):
+    """The check above is not vacuous: a split into passes that drops the last pass's rows
+    leaves neurons without CROWN bounds, and ``unsettled`` finds them."""
+    model, x, _ = randomized_resnet(3, (3, 4), 8)
+    threat = Threat(eps_x=0.05, eps_w=0.005)
+    monkeypatch.setattr(crown, "ROW_ELEMENTS", 3 * 5 * 4 * 8 * 8)
+    backward_pass = crown.backward
+
+    def losing(graph, region, bounds, lam, k, **kwargs):
+        bound = backward_pass(graph, region, bounds, lam, k, **kwargs)
+        if lam.shape[1] < 5:  # the last, short pass of a node: as if never run
+            return torch.full_like(bound, -torch.inf)
+        return bound
+
+    monkeypatch.setattr(crown, "backward", losing)
+    assert unsettled(model, x, threat) != {}
+
+
 @settings(max_examples=15, deadline=None)
 @given(case=residual_networks(), threat=joint_threats())
 def test_crown_is_sound_on_random_residual_networks(case, threat):

@@ -39,6 +39,9 @@ eps-w-relative = [0.0, 0.05]
 eps-w-shared = [0.0, 1e-2]
 joint-eps-x = [0.0, 0.05]
 joint-eps-w = [0.0, 1e-3]
+flips = [0, 2]
+flip-draws = 2
+flip-limit = 10
 """
 LINK = "symbolic link"  # what every refusal says
 

@@ -39,8 +39,9 @@ TINY = {
     "eps_w_shared": (0.0, 1e-2, 4e-2),
     "joint_eps_x": (0.0, 0.05),
     "joint_eps_w": (0.0, 1e-3),
+    "flips": (),  # no bit-flip family here (tests/test_flip_family.py), so no flip-at either
 }
-# the methods the experiment compares by default (every registered one but bit-flip methods)
+# the methods the experiment compares by default without the bit-flip family
 COMPARED = Experiment.quick(**TINY).methods
 
 
@@ -561,13 +562,51 @@ def test_figures_read_without_colour_vision():
     assert len(set(colors)) == len(colors) and len(set(markers)) == len(markers)
 
 
-def test_bit_flip_methods_are_left_out_of_the_default_comparison_but_can_be_asked_for():
-    """No family of the experiment measures bit flips yet, so a bit-flip training method is
-    not trained by default (it would be judged on threats it was not built for); asked for by
-    name, it is."""
+def test_bit_flip_methods_join_the_default_comparison_only_with_the_bit_flip_family():
+    """A bit-flip training method is compared by default where the experiment measures the
+    bit-flip family (the threat it trains for); without the family (``flips = []``) it is left
+    out (it would be judged only on threats it was not built for), and can still be asked for."""
     from nonsingular.training import METHODS
 
     flips = [m for m, entry in METHODS.items() if entry.flips]
-    assert flips and not set(flips) & set(Experiment().methods)
-    chosen = Experiment(methods=("standard", "pgd-at", "awp", *flips)).methods
+    assert flips and Experiment().flips and set(flips) <= set(Experiment().methods)
+    assert not set(flips) & set(Experiment(flips=()).methods)
+    chosen = Experiment(flips=(), methods=("standard", "pgd-at", "awp", *flips)).methods
     assert set(flips) <= set(chosen)
+
+
+def test_the_cnn_is_certified_by_crown_over_its_own_intermediate_bounds(small_cnn, mnist):
+    """``reproduce --model cnn`` certifies with crown over CROWN's own intermediate bounds: on
+    a small joint grid, as the experiment evaluates it, crown certifies examples at every
+    budget, never one the attack breaks, and at no budget fewer than over interval boxes
+    (strictly more at the joint one)."""
+    from nonsingular import evaluate, grid
+    from nonsingular.certificates import CertifyOptions
+
+    exp = Experiment.quick(model="cnn", joint_eps_x=(0.0, 0.02), joint_eps_w=(0.0, 5e-4))
+    assert exp.intermediate == "crown" and "crown" in exp.certify
+    x, y = mnist.x_test[:16], mnist.y_test[:16]
+    threats = grid(exp.joint_eps_x, exp.joint_eps_w)
+    own = evaluate(
+        small_cnn,
+        (x, y),
+        threats,
+        exp.attack_options(),
+        certify=["crown"],
+        certify_options=exp.certify_options(),
+        progress=False,
+    )
+    boxes = evaluate(
+        small_cnn,
+        (x, y),
+        threats,
+        None,
+        certify=["crown"],
+        certify_options=CertifyOptions(intermediate="ibp", dtype=exp.certify_options().dtype),
+        progress=False,
+    )
+    for row, interval in zip(own.rows, boxes.rows, strict=True):
+        assert 0 < row.certified["crown"] <= row.attacked, row.threat.describe()
+        assert row.certified["crown"] >= interval.certified["crown"], row.threat.describe()
+        assert not any(row.unsound.values())
+    assert own.rows[-1].certified["crown"] > boxes.rows[-1].certified["crown"]

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..balls import Ball, BoxBall
 from .options import APGD_STEP
 from .space import JointSpace, State, finite_gradient
 
@@ -59,6 +60,12 @@ class _Run:
         return t.reshape(()) if self.shared else t.reshape(-1, *[1] * (v.dim() - 1))
 
     def _where(self, mask: Tensor, a: State, b: State) -> State:
+        """``a`` where ``mask``, else ``b``, row by row: ``a`` or ``b`` itself (no copy) when
+        every row or none takes it (iterates are never written into)."""
+        if bool(mask.all()):
+            return dict(a)
+        if not bool(mask.any()):
+            return b
         return {k: torch.where(self.rows(mask, v), a[k], v) for k, v in b.items()}
 
     def update(self, state: State, grads: State, f: Tensor) -> None:
@@ -92,16 +99,49 @@ class _Run:
         """The next iterate: a step of ``eta`` radii along each ball's ascent direction, then
         momentum over the previous move (none on the first step), projected into each ball."""
         a = 1.0 if first else MOMENTUM
-        z, moved = {}, {}
-        for key, v in self.cur.items():
-            ball = self.space.balls[key]
-            direction = ball.step(torch.zeros_like(v), self.grad[key], 1.0)
-            z[key] = ball.project(v + self.rows(self.eta, v) * direction)
+        z = {
+            key: _toward(self.space.balls[key], v, self.grad[key], self.rows(self.eta, v))
+            for key, v in self.cur.items()
+        }
         z = self.space.clamp_input(x, z)
-        for key, v in self.cur.items():
-            move = a * (z[key] - v) + (1 - a) * (v - self.prev[key])
-            moved[key] = self.space.balls[key].project(v + move)
+        moved = {
+            key: _momentum(self.space.balls[key], v, z[key], self.prev[key], a)
+            for key, v in self.cur.items()
+        }
         return self.space.clamp_input(x, moved)
+
+
+def _box(ball: Ball) -> Tensor | float | None:
+    """The radius of a box ball that steps may be computed in place against (a float or a
+    tensor no gradient flows through), else None."""
+    if not isinstance(ball, BoxBall):
+        return None
+    r = ball.radius
+    return r if isinstance(r, float) or not r.requires_grad else None
+
+
+def _toward(ball: Ball, v: Tensor, grad: Tensor, eta: Tensor) -> Tensor:
+    """``project(v + eta * step(0, grad, 1))``, a new tensor: a box's in three passes over
+    one new tensor, the same numbers (its step is ``radius * sign(grad)``)."""
+    r = _box(ball)
+    if r is None:
+        return ball.project(v + eta * ball.step(torch.zeros_like(v), grad, 1.0))
+    z = grad.sign().mul_(r).mul_(eta).add_(v)
+    return z.clamp_(-r, r) if isinstance(r, float) else z.clamp_(min=-r, max=r)
+
+
+def _momentum(ball: Ball, v: Tensor, z: Tensor, prev: Tensor, a: float) -> Tensor:
+    """``project(v + (a (z - v) + (1 - a) (v - prev)))``, computed into ``z`` (the caller's
+    own) where the ball is a box: the same numbers (with ``a = 1`` the second term, zero, is
+    not added)."""
+    r = _box(ball)
+    if r is None:
+        return ball.project(v + (a * (z - v) + (1 - a) * (v - prev)))
+    z = z.sub_(v).mul_(a)
+    if a != 1.0:
+        z.add_((v - prev).mul_(1 - a))
+    z.add_(v)
+    return z.clamp_(-r, r) if isinstance(r, float) else z.clamp_(min=-r, max=r)
 
 
 def _evaluate(

@@ -19,7 +19,9 @@ from torch import Tensor
 from ..model.graph import CONSTANT, SHAPE, Graph, Node
 from ..model.lemma import LayerBudget, OutputSet
 from ..model.operators.base import Box, constant_min, largest_of, tiny_of
-from ..model.operators.elementwise import relu_backward
+from ..model.operators.elementwise import Elementwise, relu_backward
+from ..model.operators.linear import Arithmetic, Identity
+from ..model.operators.normalization import BatchNorm
 from .region import InputRegion
 
 
@@ -183,9 +185,11 @@ def node_box(graph: Graph, budgets: dict[int, LayerBudget], index: int, bounds: 
 
 def box_support(lam: Tensor, radius: Tensor | float, magnitude: Tensor | None = None) -> Tensor:
     """``max over |d| <= radius of lam . d``: ``(B, K)``; ``magnitude``: ``|lam|`` if known."""
-    magnitude = (lam.abs() if magnitude is None else magnitude).flatten(2)
     if not isinstance(radius, Tensor):
-        return magnitude.sum(-1) * radius
+        if magnitude is None:  # one fused pass, no |lam| in memory
+            return torch.linalg.vector_norm(lam.flatten(2), 1, dim=-1) * radius
+        return magnitude.flatten(2).sum(-1) * radius
+    magnitude = (lam.abs() if magnitude is None else magnitude).flatten(2)
     if radius.dim() == lam.dim() - 1 and radius.shape[0] == lam.shape[0]:
         full = radius.expand(lam.shape[0], *lam.shape[2:]).reshape(lam.shape[0], -1, 1)
         return torch.bmm(magnitude, full).squeeze(-1)  # no (B, K, N) product in memory
@@ -198,13 +202,14 @@ def _weight_term(
     """A lower bound ``(B, K)`` on the weight term of a ``linear`` node for ``lam``: the dense
     layer's chord, linear in its input (its part on the input added to ``into``), or, for a
     weight shared across positions, the smaller of the joint support and the box's. Where
-    every row of ``lam`` holds one output value (``first``: checked), both are the same: the
-    box's is taken. ``magnitude``: ``|lam|``."""
+    every row of ``lam`` holds one output value (``first``: may, and then checked), both are
+    the same: the box's is taken (a tightening's rows, up to the first convolution on their
+    way back). ``magnitude``: ``|lam|``."""
     budget, box = bounds.linear[index]
     if budget.linear_in_input(h.lower):
         return budget.weight_terms(lam, h, bounds.unit, into=into)
     separate = box_support(lam, box, magnitude)
-    if first and bool(((lam != 0).flatten(2).sum(-1) <= 1).all()):
+    if first and bool((torch.count_nonzero(lam.flatten(2), dim=-1) <= 1).all()):
         return -separate
     return -torch.minimum(budget.coupled_support(lam, h, bounds.unit, magnitude), separate)
 
@@ -253,6 +258,7 @@ def backward(
     """
     values = bounds.values
     pending: dict[int, Tensor] = {start: lam}
+    single = {start}  # nodes whose rows may hold one value each (``_pass_on``)
     const = lam.new_zeros(lam.shape[:2])
     for node in reversed(graph.nodes[1 : start + 1]):
         lam = pending.pop(node.index, None)
@@ -272,28 +278,51 @@ def backward(
             lams, c = relu_backward(lam, args[0], slopes[node.index])
         else:
             lams, c = node.op.backward(lam, *args, **kwargs)
-        const = const + c - _moved(bounds, node.index, lam, args[0], lams, relax, start)
+        one = node.index in single
+        const = const + c - _moved(bounds, node.index, lam, args[0], lams, relax, one)
         for ref, part in zip(node.box_refs, lams, strict=True):
             if part is not None:
-                pending[ref] = pending[ref] + part if ref in pending else part
+                _pass_on(pending, single, ref, part, one and isinstance(node.op, _PER_VALUE))
     if 0 in pending:
         const = const + region.minimum(pending.pop(0))
     return bounds.trusted(const)
 
 
+# operators whose backward step maps each output value's coefficient to the same position of
+# its input (times a factor): a row holding one value keeps holding one
+_PER_VALUE = (BatchNorm, Elementwise, Identity, Arithmetic)
+
+
+def _pass_on(
+    pending: dict[int, Tensor], single: set[int], ref: int, part: Tensor, one_value: bool
+) -> None:
+    """Add ``part`` to the coefficients reaching node ``ref``. ``single`` holds the nodes whose
+    rows may hold one value each: reached once, from such a node through a ``_PER_VALUE``
+    operator (the tightening's rows start as one neuron each); a second path clears it. Only
+    a hint for ``_weight_term``, which checks it."""
+    if ref in pending:
+        pending[ref] = pending[ref] + part
+        single.discard(ref)
+        return
+    pending[ref] = part
+    if one_value:
+        single.add(ref)
+
+
 def _moved(
-    bounds: Bounds, index: int, lam: Tensor, h: Any, lams: list, relax: bool, start: int
+    bounds: Bounds, index: int, lam: Tensor, h: Any, lams: list, relax: bool, one: bool
 ) -> Tensor | float:
     """What ``backward`` takes off at node ``index`` for what moves its output beyond its
     operator (``Bounds.added``; a ``linear`` node's weight term from the coefficients, part
-    of it added to ``lams[0]``); ``|lam|`` is computed once for all of it."""
+    of it added to ``lams[0]``); ``|lam|`` is computed at most once for all of it. ``one``:
+    the rows of ``lam`` may hold one value each (checked before it is relied on)."""
     added = bounds.added[index] if relax else bounds.everything_added(index)
     weighted = relax and index in bounds.linear
-    magnitude = lam.abs() if weighted or _has_box(added) else None
+    # |lam| in memory only where a radius per value or the weight term reads it
+    magnitude = lam.abs() if weighted or isinstance(added[0], Tensor) else None
     total = added_support(lam, added, magnitude)
     if weighted:
-        first = index == start  # where lam may be one neuron per row (tightening)
-        total = total - _weight_term(bounds, index, lam, h, lams[0], first, magnitude)
+        total = total - _weight_term(bounds, index, lam, h, lams[0], one, magnitude)
     return total
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ def report(
             info = checkpoint.read_info(args.checkpoint)
             made = {"path": str(args.checkpoint), "sha256": info["sha256"]}
         about = provenance(args.argv, data, split_seed=args.seed, checkpoint=made)
-        table.save(args.out, world_size=ranks().world, provenance=about)
+        moved = None if covered is None else asdict(covered)
+        table.save(args.out, world_size=ranks().world, provenance=about, weights=moved)
     print(table)
     if covered is not None:
         print("\n".join(covered.lines()))

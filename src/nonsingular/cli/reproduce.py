@@ -9,6 +9,7 @@ from typing import Any
 from ..certificates import METHODS as CERTIFY_METHODS
 from ..distributed import ranks
 from ..experiment import ARCHITECTURES, Experiment, run_experiment
+from ..experiment.verdicts import FlipVerdict, flips_text
 from ..training import METHODS
 from ..training.config import read_toml
 from . import common
@@ -35,6 +36,12 @@ def run(args: argparse.Namespace) -> int:
     for c in report.claims:
         if c.metric_model is None:  # not run
             numbers = f"{'-':>7}  {'-':>8}  {'-':>6}  {'-':>15}  {'-':>8}"
+        elif isinstance(c, FlipVerdict):  # flips to collapse, not accuracies
+            p = "-" if c.p_holm is None else f"{c.p_holm:.3g}"
+            numbers = (
+                f"{c.metric_model:6.1f}f  {c.metric_standard:7.1f}f  {c.difference:+6.1f}  "
+                f"{flips_text(c.interval):>15}  {p:>8}"
+            )
         else:
             p = "-" if c.p_holm is None else f"{c.p_holm:.3g}"
             interval = (

@@ -13,6 +13,9 @@ the curves show the whole fall and differences between models are visible somewh
 - weights, shared absolute (one fault for the whole test set): a single Delta must hurt every
   example at once, so it needs about ten times the per-example budget.
 - joint: the product of the first four input and weight budgets, where both matter.
+- bit flips (``flips``): counts of flipped bits of the 8-bit per-channel integers of
+  ``ns.quantize(model)``, doubling from 1; a standard MLP on mnist5k collapses to chance after
+  about 100-200 flips of the shared bit search, while random flips barely move it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ..certificates import CertifyOptions
 from ..checks import choice, integer, number, options
 from ..errors import ConfigError
 from ..model.architectures import BUILTIN
-from ..threat import MAX_BUDGET, Threat
+from ..threat import MAX_BUDGET, MAX_FLIPS, Threat
 from ..training import METHODS, TrainConfig
 from ..training.config import read_toml
 
@@ -49,6 +52,14 @@ ARCHITECTURES = tuple(BUILTIN)  # the experiment's architectures: the built-in o
 # a recipe: the training options it changes (the default recipe changes none)
 RECIPES: dict[str, dict[str, Any]] = {"no-augmentation": {"augment": 0}}
 
+
+# the bit-flip family: every model quantized as ``ns.quantize(model, FLIP_BITS,
+# FLIP_GRANULARITY)``, attacked by the shared progressive bit search and by random flips at each
+# count of ``Experiment.flips``, and its flips to collapse (chance + 1 point) counted
+FLIPS = "bit-flips"
+FLIPS_LABEL = "bit flips of the 8-bit per-channel integers (one shared flip set)"
+FLIP_BITS = 8
+FLIP_GRANULARITY = "channel"
 
 JOINT = "joint"  # the joint family: the grid joint_eps_x x joint_eps_w, absolute per-example
 JOINT_LABEL = "joint (eps_x x eps_w, absolute per-example)"
@@ -69,13 +80,13 @@ class Family:
         return [Threat(**{**self.threat, self.axis: b}) for b in self.budgets]
 
 
-def default_methods(model: str) -> tuple[str, ...]:
-    """Every registered method, MLP-only ones for an MLP only, bit-flip ones left out (no family
-    of the experiment measures flips yet)."""
+def default_methods(model: str, flips: bool = True) -> tuple[str, ...]:
+    """Every registered method, MLP-only ones for an MLP only; bit-flip ones only when the
+    experiment measures the bit-flip family (``flips``), the threat they train for."""
     return tuple(
         m
         for m, entry in METHODS.items()
-        if (model == "mlp" or not entry.mlp_only) and not entry.flips
+        if (model == "mlp" or not entry.mlp_only) and (flips or not entry.flips)
     )
 
 
@@ -108,8 +119,15 @@ class Experiment:
     joint_eps_x: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1)
     joint_eps_w: tuple[float, ...] = (0.0, 5e-4, 1e-3, 2e-3)
     certify: tuple[str, ...] = ("ibp", "crown")
-    # crown's pre-activation bounds: "crown" for an MLP; "ibp" for a CNN, whose thousands of
-    # unstable conv neurons make CROWN bounds cost ~30 s per 60 examples per budget (2 cores)
+    # the bit-flip family (empty: not measured): flip counts of the accuracy curve, random
+    # draws per count, and the most flips the flips-to-collapse search may take
+    flips: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64, 128)
+    flip_draws: int = 50
+    flip_limit: int = 1000
+    # crown's pre-activation bounds: "crown" for the MLP and the CNN (on the CNN 3-18 CPU
+    # seconds per 60 examples per joint budget in float32, one thread, load 4-5; over interval
+    # boxes it certifies far fewer: 25 against 50 of 53 at eps_x = 0.02); "ibp" for the ResNet,
+    # whose backward passes cost about a second per example per budget
     intermediate: str | None = None
 
     @classmethod
@@ -127,6 +145,9 @@ class Experiment:
             "eps_w_shared": (0.0, 5e-3, 1e-2, 4e-2),
             "joint_eps_x": (0.0, 0.05, 0.1),
             "joint_eps_w": (0.0, 1e-3, 2e-3),
+            "flips": (0, 1, 4, 16, 64),
+            "flip_draws": 20,
+            "flip_limit": 500,
         }
         return cls(**{**settings, **changes})
 
@@ -151,8 +172,9 @@ class Experiment:
             not isinstance(self.methods, tuple) or not all(isinstance(m, str) for m in self.methods)
         ):
             raise ConfigError(f"methods must be a list of method names, got {self.methods!r}")
+        _check_flips(self.flips)
         if self.methods is None:
-            object.__setattr__(self, "methods", default_methods(self.model))
+            object.__setattr__(self, "methods", default_methods(self.model, bool(self.flips)))
         if self.recipe_methods is None:
             chosen = tuple(m for m in METHODS if METHODS[m].recipes)
             object.__setattr__(self, "recipe_methods", chosen)
@@ -169,16 +191,14 @@ class Experiment:
             choice("recipes", recipe, tuple(RECIPES))
         for method in self.recipe_methods:
             choice("recipe_methods", method, METHODS)
-        if not isinstance(self.certify, tuple) or not self.certify:
-            raise ConfigError(f"certify must be a non-empty list of methods, got {self.certify!r}")
-        for method in self.certify:
-            choice("certify", method, CERTIFY_METHODS)
+        _check_certify(self.certify)
         if self.recipes and "standard" not in self.recipe_methods:
             raise ConfigError("recipe_methods needs standard: every claim compares with it")
         if not isinstance(self.stronger, bool):
             raise ConfigError(f"stronger must be true or false, got {self.stronger!r}")
         if self.intermediate is None:
-            object.__setattr__(self, "intermediate", "crown" if self.model == "mlp" else "ibp")
+            own = self.model in ("mlp", "cnn")
+            object.__setattr__(self, "intermediate", "crown" if own else "ibp")
         self.attack_options(2)  # both attacks' options are checked now, before any training
         self.certify_options()
         mlp_only = [m for m in self.methods if METHODS[m].mlp_only]
@@ -194,6 +214,8 @@ class Experiment:
             ("cert_size", 10_000_000),
             ("attack_steps", 100_000),
             ("attack_restarts", 1_000),
+            ("flip_draws", 100_000),
+            ("flip_limit", MAX_FLIPS),
         ):
             integer(name, getattr(self, name), 1, high)
         if self.model not in ARCHITECTURES:
@@ -243,7 +265,11 @@ class Experiment:
 
     def labels(self) -> dict[str, str]:
         """What each family is called in the report."""
-        return {**{f.name: f.label for f in self.families()}, JOINT: JOINT_LABEL}
+        return {
+            **{f.name: f.label for f in self.families()},
+            JOINT: JOINT_LABEL,
+            FLIPS: FLIPS_LABEL,
+        }
 
     def shared(self, family: str) -> bool:
         """Whether ``family`` is one perturbation for every example (only seeds replicate)."""
@@ -311,7 +337,16 @@ class Experiment:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The fields as JSON values; without the bit-flip family, its fields are left out
+        (so ``results.json`` of runs made before it existed read back and write unchanged)."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if not self.flips:
+            for name in FLIP_FIELDS:
+                del out[name]
+        return out
+
+
+FLIP_FIELDS = ("flips", "flip_draws", "flip_limit")  # the bit-flip family's fields
 
 
 def _check_kinds(exp: Experiment) -> None:
@@ -329,6 +364,30 @@ def _check_kinds(exp: Experiment) -> None:
         ):
             what = "method names" if name != "recipes" else "names"
             raise ConfigError(f"{name} must be a list of {what}, got {value!r}")
+
+
+def _check_certify(methods: Any) -> None:
+    """The certificate methods: a non-empty list of known names."""
+    if not isinstance(methods, tuple) or not methods:
+        raise ConfigError(f"certify must be a non-empty list of methods, got {methods!r}")
+    for method in methods:
+        choice("certify", method, CERTIFY_METHODS)
+
+
+def _check_flips(values: object) -> None:
+    """The flip counts: empty (no bit-flip family), or integers from 0 increasing, one above 0."""
+    ok = values == () or (
+        isinstance(values, tuple)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        and all(0 <= v <= MAX_FLIPS for v in values)
+        and all(a < b for a, b in itertools.pairwise(values))
+        and any(v > 0 for v in values)
+    )
+    if not ok:
+        raise ConfigError(
+            f"flips must be a list of increasing flip counts from 0 up to {MAX_FLIPS} with one "
+            f"above 0, like [0, 1, 4, 16], or [] for no bit-flip family; got {values!r}"
+        )
 
 
 def _check_budgets(name: str, values: object) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..evaluation import Outcomes
-from .config import Experiment
+from .config import FLIP_FIELDS, Experiment
+from .flipfamily import FlipFamily
 
 
 @dataclass(frozen=True)
@@ -61,18 +62,27 @@ class Measured:
     evaluations_computed: int = 0
     evaluations_reused: int = 0
     compute_seconds: float = 0.0  # training and evaluation, whenever they ran
+    # the bit-flip family (the default recipe's models of an experiment that measures it)
+    bit_flips: FlipFamily | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (``bit_flips`` only where it was measured)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["outcomes"] = {k: [o.bits for o in v] for k, v in self.outcomes.items()}
         out["stronger"] = {k: v.to_dict() for k, v in self.stronger.items()}
+        if self.bit_flips is None:
+            del out["bit_flips"]
+        else:
+            out["bit_flips"] = self.bit_flips.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measured:
-        values = {f.name: data[f.name] for f in fields(cls)}
+        values = {f.name: data[f.name] for f in fields(cls) if f.name != "bit_flips"}
         values["outcomes"] = {k: [Outcomes(o) for o in v] for k, v in data["outcomes"].items()}
         values["stronger"] = {k: AtKeyBudget.from_dict(v) for k, v in data["stronger"].items()}
+        found = data.get("bit_flips")
+        values["bit_flips"] = None if found is None else FlipFamily.from_dict(found)
         return cls(**values)
 
 
@@ -177,8 +187,13 @@ class Results:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Results:
+        """Read back ``to_dict()``'s JSON; an experiment recorded without the bit-flip family's
+        fields (made before it existed, or without it) has none."""
+        experiment = data["experiment"]
+        if not set(FLIP_FIELDS) & set(experiment):
+            experiment = {**experiment, "flips": []}
         return cls(
-            experiment=Experiment.from_dict(data["experiment"]),
+            experiment=Experiment.from_dict(experiment),
             data=DataInfo.from_dict(data["data"]),
             models=[Measured.from_dict(m) for m in data["models"]],
             seconds=data["seconds"],

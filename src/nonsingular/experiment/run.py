@@ -34,6 +34,8 @@ from ..revision import PACKAGE, code_digest
 from ..threat import Threat, grid
 from ..training import train
 from .config import JOINT, Experiment
+from .flipfamily import FORMAT as FLIP_FORMAT
+from .flipfamily import FlipFamily, measure_flips, quantized_digest, quantized_model
 from .results import AtKeyBudget, DataInfo, Measured, Results
 
 # the code an attacked number is computed by: the attacks, the model reading under them and
@@ -306,6 +308,7 @@ def _study(
         evaluated = measure.table(list(own.values()), n, exp.attack_options(), "training threats")
         found.matched = {m: r.attacked for m, r in zip(own, evaluated.rows, strict=True)}
         found.stronger = _stronger(exp, measure, n, outcomes) if exp.stronger else {}
+        found.bit_flips = _flip_family(exp, measure, seed) if exp.flips else None
     say(f"  {_name(method, recipe)} (seed {seed}): done")
     found.warnings = warnings + measure.warnings
     found.evaluations_computed = measure.evaluations["computed"]
@@ -361,6 +364,31 @@ def _stronger(
             both = default.both(harder)
         out[family] = AtKeyBudget(default=default, stronger=both)
     return out
+
+
+def _flip_family(exp: Experiment, measure: _Measure, seed: int) -> FlipFamily:
+    """The bit-flip family of the model (``flipfamily``), cached like an evaluation under what
+    was asked, the attack code and the quantized model's digest."""
+    q = quantized_model(measure.model)
+    key = {
+        "kind": "bit-flips",
+        "n": len(measure.y),
+        "flips": list(exp.flips),
+        "draws": exp.flip_draws,
+        "limit": exp.flip_limit,
+        "seed": seed,
+        "weights": measure.weights,
+        "quantized": quantized_digest(q),
+        "attack_code": ATTACK_REVISION,
+        "format": FLIP_FORMAT,
+    }
+
+    def compute() -> dict[str, Any]:
+        return measure_flips(q, measure.x, measure.y, exp, seed).to_dict()
+
+    found = FlipFamily.from_dict(measure.cache.get(key, compute))
+    measure.seconds.append(found.seconds)
+    return found
 
 
 def _unsound(certified: EvaluationTable, attacked: list[Outcomes], method: str) -> list[str]:

@@ -20,6 +20,13 @@ claims are adjusted together by Holm's method. A claim is *supported* when its a
 below ``ALPHA`` and the difference lies in the claimed direction, *contradicted* when below
 ``ALPHA`` the other way; otherwise *no difference shown* when the difference's 95% interval
 lies within +-``effects.EQUIVALENCE``, and *underpowered* when it is wider.
+
+Claim 1 is asked of bit flips too, where the experiment measures the bit-flip family
+(``flipfamily``): the metric is each model's flips to collapse under the shared bit search
+(a count, not an accuracy), the per-seed differences pgd-at - standard are tested by the same
+t-test over seeds, inside the same Holm correction; *no difference shown* there needs the
+interval within +-``FLIP_EQUIVALENCE`` of the standard model's mean flips. It is decided on
+the default recipe's models and the default attack only (the family is measured there).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..evaluation import Outcomes
+from .config import FLIPS
 from .effects import (
     EQUIVALENCE,
     FLOOR_RULE,
@@ -39,6 +47,7 @@ from .effects import (
     effect,
     pairs,
     rates,
+    t_summary,
     within,
 )
 from .results import Measured, Results
@@ -115,6 +124,27 @@ CLAIMS: list[tuple[str, str, str, str, int]] = [
     ),
 ]
 
+# claim 1 asked of bit flips, where the bit-flip family is measured: fewer flips to collapse
+FLIP_CLAIM = (
+    "1",
+    "input-adversarially trained (pgd-at) needs fewer bit flips to collapse than standard",
+    "pgd-at",
+    FLIPS,
+    -1,
+)
+# "no difference shown" for flips to collapse: the interval within +-10% of the standard
+# model's mean count (seeds of one method differ by tens of percent: docs/benchmarks.md)
+FLIP_EQUIVALENCE = 0.10
+FLIP_RULE = (
+    "Claim 1 asked of bit flips: the metric is each model's flips to collapse (the shared bit "
+    "search's flips that bring the quantized model's accuracy to chance + 1 point, counted by "
+    "replay); d is pgd-at's count minus standard's, per seed, tested by the same t-test over "
+    "seeds inside the same Holm correction; no difference shown when the "
+    f"{100 * LEVEL:.0f}% interval lies within ±{100 * FLIP_EQUIVALENCE:g}% of standard's mean "
+    "count. A model that did not collapse within the search's limit has no count: the claim is "
+    "then excluded."
+)
+
 
 @dataclass
 class Verdict:
@@ -153,6 +183,46 @@ class Verdict:
         out["interval"] = None if self.interval is None else list(self.interval)
         return out
 
+    def equivalence(self) -> float:
+        """The margin within which an interval shows no difference."""
+        return EQUIVALENCE
+
+    def interval_words(self) -> str:
+        """Why an undecided verdict is the one it is: its interval against the margin."""
+        interval, margin = self.interval, self.equivalence()
+        where = "within" if within(interval, margin) else "wider than"
+        return (
+            f"{100 * LEVEL:.0f}% interval {interval_text(interval)} points, {where} "
+            f"±{100 * margin:g}"
+        )
+
+
+@dataclass
+class FlipVerdict(Verdict):
+    """Claim 1 asked of bit flips: ``metric_model``, ``metric_standard``, ``difference`` and
+    ``interval`` are flips to collapse (counts, means over seeds), not accuracies."""
+
+    metric: str = "flips to collapse"
+    margin: float | None = None  # flips: FLIP_EQUIVALENCE x standard's mean count
+    per_seed_model: tuple[int | None, ...] = ()
+    per_seed_standard: tuple[int | None, ...] = ()
+    target: float | None = None  # the collapse target (accuracy)
+
+    def equivalence(self) -> float:
+        return 0.0 if self.margin is None else self.margin
+
+    def interval_words(self) -> str:
+        interval, margin = self.interval, self.equivalence()
+        where = "within" if within(interval, margin) else "wider than"
+        return f"{100 * LEVEL:.0f}% interval {flips_text(interval)} flips, {where} ±{margin:.1f}"
+
+
+def flips_text(interval: tuple[float, float] | None) -> str:
+    """An interval of differences in flips: ``-20.3 to +4.1`` (``-`` without one)."""
+    if interval is None:
+        return "-"
+    return f"{interval[0]:+.1f} to {interval[1]:+.1f}"
+
 
 def verdicts(
     results: Results, recipe: str | None = None, attack: str | None = None
@@ -178,8 +248,53 @@ def verdicts(
             _measure(results, v, recipe, attack)
             _exclude_undertrained(results, v, recipe)
         out.append(v)
+    if results.experiment.flips and recipe is None and attack is None:
+        out.append(flip_verdict(results))
     _decide(out)
     return out
+
+
+def flip_verdict(results: Results) -> FlipVerdict:
+    """Claim 1 asked of bit flips, with its numbers and raw p (Holm and the verdict later)."""
+    claim_id, statement, model, family, _ = FLIP_CLAIM
+    v = FlipVerdict(claim_id, statement, model, family, "less robust", "underpowered")
+    found = [
+        (m.bit_flips, s.bit_flips)
+        for m, s in pairs(results, model, None)
+        if m.bit_flips is not None and s.bit_flips is not None
+    ]
+    if not found:
+        v.verdict, v.reason = "not run", f"no {model} and standard models with the bit-flip family"
+        return v
+    v.seeds = len(found)
+    v.per_seed_model = tuple(a.collapse for a, _ in found)
+    v.per_seed_standard = tuple(b.collapse for _, b in found)
+    v.target = found[0][1].target
+    counts = [(a.collapse, b.collapse) for a, b in found]
+    open_ = sum((a is None) + (b is None) for a, b in counts)
+    if open_:
+        v.verdict = "excluded"
+        v.reason = (
+            f"{open_} model(s) did not collapse within {found[0][1].limit} flips: no count to "
+            "compare"
+        )
+        return v
+    diffs = [float(a - b) for a, b in counts]  # type: ignore[operator]
+    v.metric_model = statistics.fmean(float(a) for a, _ in counts)  # type: ignore[arg-type]
+    v.metric_standard = statistics.fmean(float(b) for _, b in counts)  # type: ignore[arg-type]
+    v.per_seed_differences = tuple(diffs)
+    v.difference, v.interval, p = t_summary(diffs)
+    v.margin = FLIP_EQUIVALENCE * v.metric_standard
+    if v.seeds < MIN_SEEDS:
+        v.verdict = "needs seeds"
+        v.reason = (
+            f"a claim about a training method replicates over training seeds: this needs "
+            f"{MIN_SEEDS} seeds, the run has {v.seeds}"
+        )
+    else:
+        v.p = p
+    _exclude_undertrained(results, v, None)
+    return v
 
 
 def _decide(claims: list[Verdict]) -> None:
@@ -191,9 +306,9 @@ def _decide(claims: list[Verdict]) -> None:
         if adjusted < ALPHA:
             v.verdict = "supported" if v.difference * sign > 0 else "contradicted"
         else:
-            v.verdict = UNDECIDED[0] if within(v.interval) else UNDECIDED[1]
+            v.verdict = UNDECIDED[0] if within(v.interval, v.equivalence()) else UNDECIDED[1]
         if v.verdict in UNDECIDED:
-            v.reason = _interval_words(v.interval)
+            v.reason = v.interval_words()
 
 
 def interval_text(interval: tuple[float, float] | None) -> str:
@@ -202,14 +317,6 @@ def interval_text(interval: tuple[float, float] | None) -> str:
         return "-"
     lo, hi = (100 * b for b in interval)
     return f"{lo:+.1f} to {hi:+.1f}"
-
-
-def _interval_words(interval: tuple[float, float] | None) -> str:
-    where = "within" if within(interval) else "wider than"
-    return (
-        f"{100 * LEVEL:.0f}% interval {interval_text(interval)} points, {where} "
-        f"±{100 * EQUIVALENCE:g}"
-    )
 
 
 def _exclude_undertrained(results: Results, v: Verdict, recipe: str | None) -> None:

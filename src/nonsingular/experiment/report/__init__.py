@@ -12,6 +12,7 @@ from ..effects import single_threat
 from ..results import Results
 from ..verdicts import Verdict, verdicts
 from .figures import figures
+from .flips import flip_figure, flip_summary
 from .forest import forest_figures
 from .summary import Summary, style, summarize
 from .text import markdown
@@ -46,11 +47,15 @@ def write_report(
     with exclusive(out):
         figure = figures(results, summary, out / "figures")
         figure.update(forest_figures(results, claims, out / "figures"))
+        flips = flip_summary(results)  # only for runs with the bit-flip family
+        if flips:
+            figure["flips"] = flip_figure(results, flips, out / "figures")
         document = {
             **results.to_dict(),
             "summary": summary.to_dict(),
             "claims": [c.to_dict() for c in claims],
             "single_threat": [e.to_dict() for e in single_threat(results)],
+            **({"bit_flips": [e.to_dict() for e in flips]} if flips else {}),
         }
         write_json(out / "results.json", document)
         path = write_text(out / "report.md", markdown(results, summary, claims, figure))

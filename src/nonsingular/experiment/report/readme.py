@@ -16,8 +16,9 @@ from pathlib import Path
 
 from ...errors import ConfigError
 from ...files import write_text
+from ..config import FLIPS
 from ..results import Results
-from ..verdicts import UNDECIDED, Verdict, interval_text, verdicts
+from ..verdicts import UNDECIDED, FlipVerdict, Verdict, flips_text, interval_text, verdicts
 from .summary import pct
 
 START = "<!-- results: {folder} -->"
@@ -32,6 +33,8 @@ def _kind(family: str) -> str:
 
 def _short(v: Verdict, previous: Verdict | None) -> str:
     """The claim as the table names it: the model, the direction and the kind of threat."""
+    if v.family == FLIPS:
+        return f"({v.claim}) {v.model} needs fewer bit flips to collapse than standard"
     if previous is not None and (previous.claim, previous.model) == (v.claim, v.model):
         return f"({v.claim}) same"
     return (
@@ -56,6 +59,10 @@ def table(claims: list[Verdict], labels: dict[str, str]) -> list[str]:
         name = _short(v, claims[i - 1] if i else None)
         if v.difference is None:
             numbers = ["-"] * 5
+        elif isinstance(v, FlipVerdict):
+            numbers = [f"{v.metric_model:.1f} flips", f"{v.metric_standard:.1f} flips"]
+            numbers += [f"{v.difference:+.1f} flips", flips_text(v.interval)]
+            numbers += ["-" if v.p_holm is None else f"{v.p_holm:.2g}"]
         else:
             numbers = [pct(v.metric_model), pct(v.metric_standard)]  # type: ignore[arg-type]
             numbers += [f"{100 * v.difference:+.1f}", interval_text(v.interval)]
@@ -93,6 +100,8 @@ def paragraph(v: Verdict, labels: dict[str, str]) -> str:
     head = f"- **Claim {v.claim}, {v.model} against standard, {labels[v.family]}: {v.verdict}.**"
     if v.difference is None:
         return f"{head} {v.reason[0].upper() + v.reason[1:]}." if v.reason else head
+    if isinstance(v, FlipVerdict):
+        return flip_paragraph(v, head)
     ahead = sum(d > 0 for d in v.per_seed_differences)
     left = len(v.floor_cells)
     floor = f", {left} floor budget{'s' if left > 1 else ''} left out" if left else ""
@@ -113,6 +122,23 @@ def paragraph(v: Verdict, labels: dict[str, str]) -> str:
     return " ".join(words)
 
 
+def flip_paragraph(v: FlipVerdict, head: str) -> str:
+    """Claim 1 asked of bit flips in words, every number from the verdict."""
+    fewer = sum(d < 0 for d in v.per_seed_differences)
+    tested = "" if v.p is None else f"; p {v.p:.2g} over seeds, {v.p_holm:.2g} after Holm"
+    target = "" if v.target is None else f" (to {pct(v.target)} or below)"
+    seeds = ", ".join(
+        f"{a} vs {b}" for a, b in zip(v.per_seed_model, v.per_seed_standard, strict=True)
+    )
+    return (
+        f"{head} To collapse{target}, the shared bit search needs {v.metric_model:.1f} flips "
+        f"of {v.model} on average and {v.metric_standard:.1f} of standard: "
+        f"{v.difference:+.1f} flips (95% interval {flips_text(v.interval)}), {v.model} needing "
+        f"fewer in {fewer} of {len(v.per_seed_differences)} seeds{tested}. Per seed "
+        f"({v.model} vs standard): {seeds}."
+    )
+
+
 def sensitivity(results: Results, claims: list[Verdict]) -> str:
     """How many verdicts move with a stronger attack and with each other training recipe
     (the report's "Stronger attack" and "Sensitivity to the recipe" sections)."""
@@ -127,9 +153,10 @@ def sensitivity(results: Results, claims: list[Verdict]) -> str:
         )
     for recipe in (r for r in results.experiment.recipes if results.methods(r)):
         again = verdicts(results, recipe=recipe)
-        moved = sum(a.verdict != c.verdict for a, c in zip(again, claims, strict=True))
+        attacked = [c for c in claims if c.family != FLIPS]  # the family: default recipe only
+        moved = sum(a.verdict != c.verdict for a, c in zip(again, attacked, strict=True))
         words.append(
-            f"on the models trained with the {recipe} recipe, {moved} of {len(claims)} differ"
+            f"on the models trained with the {recipe} recipe, {moved} of {len(attacked)} differ"
         )
     if not words:
         return ""

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from ...provenance import provenance
 from ...training import METHODS
-from ..config import RECIPES
+from ..config import FLIPS, RECIPES
 from ..effects import single_class, single_threat
 from ..results import Results, Spread
-from ..verdicts import RULE, Verdict, verdicts
+from ..verdicts import FLIP_RULE, RULE, FlipVerdict, Verdict, verdicts
 from .effects import per_budget_section, points, single_threat_section
+from .flips import flip_section, flip_summary
 from .summary import Summary, _loss, caption, cell, pct
 
 
@@ -36,6 +37,7 @@ def markdown(
         families_section(results, summary, figure),
         joint_section(results, summary, figure),
         certified_section(results, summary, figure),
+        flip_section(results, flip_summary(results), figure),
         matched_section(results),
         checks_section(results, summary),
     ]
@@ -61,10 +63,29 @@ def header(results: Results) -> list[str]:
     ]
 
 
+def _flip_numbers(c: FlipVerdict) -> list[str]:
+    """A bit-flip claim's columns: flips to collapse, not accuracies."""
+    interval = "" if c.interval is None else f" [{c.interval[0]:+.1f}, {c.interval[1]:+.1f}]"
+    return [
+        f"{c.metric_model:.1f} flips",
+        f"{c.metric_standard:.1f} flips",
+        f"{c.difference:+.1f} flips{interval}",
+        "-",
+        "flips to collapse" + ("" if c.target is None else f" (to {pct(c.target)})"),
+        "-" if c.p is None else f"{c.p:.3g}",
+        "-" if c.p_holm is None else f"{c.p_holm:.3g}",
+        "-",
+        f"{c.seeds}",
+        f"**{c.verdict}**" + (f" ({c.reason})" if c.reason else ""),
+    ]
+
+
 def verdict_section(claims: list[Verdict], labels: dict[str, str]) -> list[str]:
     def numbers(c: Verdict) -> list[str]:
         if c.metric_model is None:
             return ["-"] * 9 + [f"**{c.verdict}** ({c.reason})"]
+        if isinstance(c, FlipVerdict):
+            return _flip_numbers(c)
         adjusted = c.difference_clean_adjusted
         floor = f" ({len(c.floor_cells)} floor left out)" if c.floor_cells else ""
         return [
@@ -93,7 +114,8 @@ def verdict_section(claims: list[Verdict], labels: dict[str, str]) -> list[str]:
         f"Rule: {RULE} The clean-adjusted difference divides each model's robust accuracy by "
         "its clean accuracy first (robust among the examples it gets right); it is shown, "
         "not tested. The budgets each verdict averaged are listed under `cells` in "
-        "`results.json`, and shown per budget below.",
+        "`results.json`, and shown per budget below."
+        + (f" {FLIP_RULE}" if any(c.family == FLIPS for c in claims) else ""),
         "",
     ]
 
@@ -346,6 +368,7 @@ def recipe_section(results: Results, claims: list[Verdict], labels: dict[str, st
     recipes = [r for r in results.experiment.recipes if results.methods(r)]
     if not recipes:
         return []
+    claims = [c for c in claims if c.family != FLIPS]  # measured on the default recipe only
     decided = {r: verdicts(results, recipe=r) for r in recipes}
     head = ["claim", "threat family", "default recipe"] + [
         f"{r} ({', '.join(f'{k}={v}' for k, v in RECIPES[r].items())})" for r in recipes

@@ -92,6 +92,12 @@ def relu_backward(
         lower_slopes = (upper > -lower).to(lam.dtype)
     below = active + lower_slopes * unstable  # slope of the lower line
     negative = lam.clamp(max=0)
-    lam_in = torch.where(lam >= 0, lam * below, lam * (active + slope))
+    # lam+ below + lam- (active + slope), in three passes over lam (one of the two terms is 0);
+    # in place where nothing asks for gradients (alpha-CROWN's slopes do)
+    positive = lam.clamp(min=0)
+    if torch.is_grad_enabled() and (lam.requires_grad or below.requires_grad):
+        lam_in = torch.addcmul(positive * below, negative, active + slope)
+    else:
+        lam_in = positive.mul_(below).addcmul_(negative, active + slope)
     offset = (-slope * lower).flatten(2).transpose(1, 2)  # (B, N, 1): the chord's intercept
     return [lam_in], torch.bmm(negative.flatten(2), offset).squeeze(-1)
