@@ -58,10 +58,11 @@ def single_flip_weights(q_model, space, positions=None):
     return out
 
 
-def worst_single_flip(q_model, x, y, eps, seed, positions=None):
-    """Per example, the lowest margin over no flip and every single flip (every weight, every
-    bit) at the sampled inputs, each through the unmodified model (functional_call)."""
-    space = FlipSpace(q_model, ns.Threat(flips=1))
+def worst_single_flip(q_model, x, y, eps, seed, positions=None, layers=None):
+    """Per example, the lowest margin over no flip and every single flip (every weight of
+    ``layers``, default all, every bit) at the sampled inputs, each through the unmodified
+    model (functional_call)."""
+    space = FlipSpace(q_model, ns.Threat(flips=1, layers=layers))
     batch = inputs_in_box(x, eps, seed)
     points = len(batch)
     batch, labels = batch.flatten(0, 1), y.repeat(points)
@@ -418,3 +419,101 @@ def test_bab_for_two_flips_matches_exhaustive_pair_enumeration():
                 logits = result.attack.replay(q_model, i)
                 assert float(margins(logits, y[i : i + 1])[0]) <= 0
     assert seen == {"certified", "broken"}
+
+
+def conv_network(seed: int, dtype: torch.dtype):
+    """A random quantized CNN (1x6x6 input, two Conv2d of 2-3 channels, 3 or 8 bits), four
+    random inputs and its own predictions."""
+    from nonsingular.model.architectures import cnn
+
+    g = torch.Generator().manual_seed(seed)
+    channels = [int(torch.randint(2, 4, (1,), generator=g)) for _ in range(2)]
+    torch.manual_seed(seed)
+    model = cnn((1, 6, 6), channels, hidden=4, classes=3).to(dtype)
+    bits = 3 if seed % 2 else 8
+    granularity = "channel" if seed % 4 < 2 else "tensor"
+    q_model = ns.quantize(model, bits=bits, granularity=granularity)
+    x = torch.rand(4, 1, 6, 6, generator=g, dtype=dtype)
+    return q_model, x, q_model(x).argmax(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [0.0, 0.02])
+def test_conv_ibp_bounds_hold_for_every_single_flip(dtype, eps):
+    certified_count = 0
+    for seed in range(20):
+        q_model, x, y = conv_network(seed, dtype)
+        truth = worst_single_flip(q_model, x, y, eps, seed)
+        threat = ns.Threat(flips=1, eps_x=eps)
+        certified = ns.certify(q_model, x, y, threat, method="ibp").worst
+        assert bool((certified <= truth).all()), (seed, certified, truth)
+        certified_count += int((certified > 0).sum())
+    assert certified_count > 0  # the bounds are not vacuous
+
+
+def test_removing_the_conv_flip_term_breaks_soundness(monkeypatch):
+    from nonsingular.flips.conv import Conv
+
+    row = Conv.flip_row
+    monkeypatch.setattr(Conv, "flip_row", lambda self, h, k: row(self, h, k) * 0)
+    violations = 0
+    for seed in range(20):
+        q_model, x, y = conv_network(seed, torch.float32)
+        truth = worst_single_flip(q_model, x, y, 0.0, seed, layers=["0", "2"])
+        threat = ns.Threat(flips=1, layers=["0", "2"])  # the two convolutions only
+        certified = ns.certify(q_model, x, y, threat, method="ibp").worst
+        violations += int((certified > truth).sum())
+    assert violations > 0
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_conv_ibp_bounds_hold_against_random_flip_sets(k):
+    for seed in range(20):
+        q_model, x, y = conv_network(seed, torch.float32)
+        space = FlipSpace(q_model, ns.Threat(flips=k))
+        certified = ns.certify(q_model, x, y, ns.Threat(flips=k), method="ibp").worst
+        single = ns.certify(q_model, x, y, ns.Threat(flips=1), method="ibp").worst
+        assert bool((certified <= single).all())  # a larger budget never certifies more
+        g = torch.Generator().manual_seed(seed)
+        sets = []
+        for _ in range(100):
+            flips = set()
+            for _ in range(k):
+                name = space.names[int(torch.randint(len(space.names), (1,), generator=g))]
+                size = space.params[name].numel()
+                index = int(torch.randint(size, (1,), generator=g))
+                flips.add((name, index, int(torch.randint(space.bits, (1,), generator=g))))
+            sets += [sorted(flips)] * len(y)
+        replayed = space.replay_margins(x.repeat(100, 1, 1, 1), y.repeat(100), sets)
+        assert bool((certified.repeat(100) <= replayed.double()).all()), seed
+
+
+def test_conv_flip_certificates_refuse_crown_and_bab():
+    q_model, x, y = conv_network(0, torch.float32)
+    with pytest.raises(ns.UnsupportedLayerError, match="ibp' covers Conv2d"):
+        ns.certify(q_model, x, y, ns.Threat(flips=1), method="crown")
+    with pytest.raises(ns.UnsupportedLayerError, match="ibp' covers Conv2d"):
+        ns.bab(q_model, x, y, ns.Threat(flips=1))
+
+
+def test_builtin_cnn_certifies_digits_the_flip_attack_cannot_break():
+    from nonsingular import data
+    from nonsingular.model.architectures import cnn
+
+    d = data.load("digits")
+    torch.manual_seed(0)
+    model = cnn((1, 8, 8))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(40):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(d.x_train), d.y_train).backward()
+        opt.step()
+    q_model, x, y = ns.quantize(model), d.x_test[:40], d.y_test[:40]
+    threat = ns.Threat(flips=1, bits=[0])  # all bits: the sign bit's flip leaves ibp vacuous
+    result = ns.certify(q_model, x, y, threat, method="ibp")
+    assert bool(result.certified.any())
+    truth = worst_single_flip(q_model, x, y, 0.0, 0, positions=0)
+    assert bool((result.worst <= truth).all())
+    found = ns.attack(q_model, x, y, ns.Threat(flips=1, bits=[0], scope="per-example"))
+    assert bool((result.worst <= found.margins.double()).all())
+    assert not bool((result.certified & (found.margins <= 0)).any())

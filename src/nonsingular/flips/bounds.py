@@ -10,17 +10,20 @@ row; CROWN (backward linear bounds) prices every flip by ``|lambda_j| * D * max|
 budget is shared. Every box allows k flips upstream, so both are sound for any set of at most k
 flips, per example (hence for a shared set too). The model's own rounding is a box per neuron
 (``gamma(n + 1) (|W'| |h| + |b|)``, Higham 3.1, with ``|W'|`` allowing the flips), the bound
-computation's covered by adding its unit roundoff.
+computation's covered by adding its unit roundoff. Conv2d layers (IBP only): ``conv.py``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..errors import UnsupportedLayerError
+from .conv import Conv, check_conv, conv_box, conv_terms
 from .grid import bit_changes, dequantize
 from .space import FlipSpace
 
@@ -45,50 +48,107 @@ class Dense:
         return self.weight.shape[1]
 
 
+Layer = Dense | Conv
+
+
 def _modules(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, nn.Sequential):
         return [m for child in model for m in _modules(child)]
     return [model]
 
 
-def read_chain(model: nn.Module, space: FlipSpace, k: int) -> list[Dense]:
-    """``model`` as ``Linear (ReLU Linear)*`` (Flatten, Identity, Dropout pass through), or
-    UnsupportedLayerError: flip certificates cover such MLPs."""
+def read_chain(
+    model: nn.Module, space: FlipSpace, k: int, in_shape: tuple[int, ...] | None = None
+) -> list[Layer]:
+    """``model`` as ``Layer (ReLU Layer)*`` ending in Linear (Flatten, Identity, Dropout pass
+    through), or UnsupportedLayerError. A layer is Linear, or Conv2d when the example shape
+    ``in_shape`` is given (interval bounds only)."""
     names = {id(m): n for n, m in model.named_modules()}
-    chain: list[Dense] = []
+    chain: list[Layer] = []
     relu_next = False
+    shape = None if in_shape is None else tuple(in_shape)
     for module in _modules(model):
+        name = names.get(id(module), "?")
         if isinstance(module, PASSIVE):
+            shape = _passive(module, shape)
             continue
         if isinstance(module, nn.ReLU) and chain and not relu_next:
             relu_next = True
             continue
-        if not isinstance(module, nn.Linear) or (chain and not relu_next):
-            raise UnsupportedLayerError(
-                f"flip certificates cover Linear/ReLU chains (an MLP, Flatten allowed); got "
-                f"{type(module).__name__} at {names.get(id(module), '?')!r}"
-            )
-        chain.append(_dense(module, names[id(module)], space, k))
+        if chain and not relu_next:
+            raise UnsupportedLayerError(_unsupported(module, name, shape is not None))
+        if isinstance(module, nn.Conv2d) and shape is not None and len(shape) == 3:
+            check_conv(module, name)
+            layer = _conv(module, name, space, k, shape)
+            shape = (layer.weight.shape[0], *_out_hw(layer))
+        elif isinstance(module, nn.Linear) and (shape is None or len(shape) == 1):
+            layer = _dense(module, name, space, k)
+            shape = None if shape is None else (layer.weight.shape[0],)
+        else:
+            raise UnsupportedLayerError(_unsupported(module, name, shape is not None))
+        chain.append(layer)
         relu_next = False
-    if not chain or relu_next:
+    if not chain or relu_next or not isinstance(chain[-1], Dense):
         raise UnsupportedLayerError("flip certificates need a model that ends in a Linear layer")
     return chain
+
+
+def _unsupported(module: nn.Module, name: str, conv: bool) -> str:
+    what = type(module).__name__
+    if conv:
+        return (
+            f"ibp flip certificates cover Conv2d/Linear/ReLU chains (Flatten before Linear); "
+            f"got {what} at {name!r}"
+        )
+    return (
+        f"flip certificates cover Linear/ReLU chains (an MLP, Flatten allowed) for crown and "
+        f"bab; method='ibp' covers Conv2d too; got {what} at {name!r}"
+    )
+
+
+def _passive(module: nn.Module, shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    if shape is None or not isinstance(module, nn.Flatten):
+        return shape
+    if module.start_dim != 1 or module.end_dim != -1:
+        raise UnsupportedLayerError("flip certificates cover Flatten() of the whole example")
+    return (math.prod(shape),)
+
+
+def _out_hw(layer: Conv) -> tuple[int, ...]:
+    m, zeros = layer.module, layer.weight.new_zeros(1, *layer.in_shape)
+    return tuple(F.conv2d(zeros, layer.weight, None, m.stride, m.padding, m.dilation).shape[2:])
+
+
+def _flip_sizes(weight: Tensor, name: str, space: FlipSpace, k: int) -> Tensor | None:
+    """``(*weight.shape, kk)`` the kk largest changes a flip makes to each element, or None."""
+    if name not in space.names:
+        return None
+    q = space.integers[name]
+    change = bit_changes(q, space.bits)[..., space.allowed]
+    new = dequantize(q[..., None] + change, space.quantization.scales[name][..., None])
+    d = (new.double() - weight.double()[..., None]).abs()  # exact for float32 weights
+    if weight.dtype == torch.float64:  # one rounding in the subtraction
+        d = d * (1 + 2 * torch.finfo(torch.float64).eps)
+    return d.topk(min(k, d.shape[-1]), dim=-1).values
 
 
 def _dense(module: nn.Linear, prefix: str, space: FlipSpace, k: int) -> Dense:
     name = f"{prefix}.weight" if prefix else "weight"
     w = module.weight.detach()
     bias = module.bias.detach() if module.bias is not None else w.new_zeros(w.shape[0])
-    flips = None
-    if name in space.names:
-        q = space.integers[name]
-        change = bit_changes(q, space.bits)[..., space.allowed]
-        new = dequantize(q[..., None] + change, space.quantization.scales[name][..., None])
-        d = (new.double() - w.double()[..., None]).abs()  # exact for float32 weights
-        if w.dtype == torch.float64:  # one rounding in the subtraction
-            d = d * (1 + 2 * torch.finfo(torch.float64).eps)
-        flips = d.topk(min(k, d.shape[-1]), dim=-1).values
-    return Dense(name, w.double(), bias.double(), flips)
+    return Dense(name, w.double(), bias.double(), _flip_sizes(w, name, space, k))
+
+
+def _conv(module: nn.Conv2d, prefix: str, space: FlipSpace, k: int, shape: tuple) -> Conv:
+    name = f"{prefix}.weight" if prefix else "weight"
+    w = module.weight.detach()
+    bias = module.bias.detach() if module.bias is not None else w.new_zeros(w.shape[0])
+    flips = _flip_sizes(w, name, space, k)
+    if flips is not None:
+        flips = flips.flatten(1, 3)
+    if shape[0] != w.shape[1]:
+        raise UnsupportedLayerError(f"{prefix!r} expects {w.shape[1]} channels, got {shape[0]}")
+    return Conv(name, w.double(), bias.double(), flips, module, shape)
 
 
 def gamma(n: int, unit: float) -> float:
@@ -196,12 +256,20 @@ def bound(
 
 
 def chain_bounds(
-    chain: list[Dense], lo: Tensor, hi: Tensor, crown: bool, budget: Arithmetic
+    chain: list[Layer], lo: Tensor, hi: Tensor, crown: bool, budget: Arithmetic
 ) -> ChainBounds:
     """Boxes of every layer for inputs in ``[lo, hi]`` ``(B, n)`` and at most k flips."""
     bounds = ChainBounds([lo], [hi], [], [])
     for m, layer in enumerate(chain):
         h_abs = torch.maximum(bounds.h_lo[m].abs(), bounds.h_hi[m].abs())
+        if isinstance(layer, Conv):  # interval bounds only (certify refuses crown)
+            terms = conv_terms(layer, h_abs, budget.k, budget.unit, budget.tiny)
+            bounds.terms.append(terms)
+            pre = conv_box(layer, bounds.h_lo[m], bounds.h_hi[m], terms.row, terms.err)
+            bounds.pre.append(pre)
+            bounds.h_lo.append(pre[0].clamp_min(0))
+            bounds.h_hi.append(pre[1].clamp_min(0))
+            continue
         bounds.terms.append(layer_terms(layer, h_abs, budget.k, budget.unit, budget.tiny))
         if m == len(chain) - 1:
             break

@@ -15,6 +15,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..model.verify import read_batch
 from ..threat import Threat
 from .bounds import Arithmetic, ChainBounds, Dense, bound, chain_bounds, margin_matrix, read_chain
+from .conv import Conv
 from .exact import Found, Outcome, Problem, pair_search, point_pass, search
 from .grid import Flip, bit_changes, dequantize
 from .space import FlipSpace
@@ -39,14 +40,16 @@ def input_box(x: Tensor, threat: Threat) -> tuple[Tensor, Tensor]:
     return lo, hi
 
 
-def _read(model: nn.Module, x: Tensor, y: Tensor, threat: Threat) -> tuple:
+def _read(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, conv: bool = False) -> tuple:
+    """The space, chain (Conv2d allowed when ``conv``: ibp), batch and logits, the chain
+    checked to compute the model's logits."""
     graph, x, y, logits = read_batch(model, x, y)
     check_domain(x, threat)
     space = FlipSpace(model, threat)
-    chain = read_chain(model, space, threat.flips)
+    chain = read_chain(model, space, threat.flips, tuple(x.shape[1:]) if conv else None)
     out = x.flatten(1).double()
     for i, layer in enumerate(chain):
-        out = out @ layer.weight.T + layer.bias
+        out = layer.forward(out) if isinstance(layer, Conv) else out @ layer.weight.T + layer.bias
         out = out.clamp_min(0) if i < len(chain) - 1 else out
     scale = 1.0 + float(logits.abs().max()) if len(x) else 1.0
     if len(x) and float((out - logits.double()).abs().max()) > 1e-3 * scale:
@@ -68,12 +71,13 @@ def flip_certify(
     model: nn.Module, x: Tensor, y: Tensor, threat: Threat, method: str
 ) -> CertifyResult:
     """Certified margins of the quantized MLP ``model`` under ``threat.flips`` bit flips (and
-    ``eps_x``), by ``ibp`` or ``crown`` (``bab``: ``flip_bab``)."""
+    ``eps_x``), by ``ibp`` or ``crown`` (``bab``: ``flip_bab``); ``ibp`` also covers Conv2d
+    layers (``conv.py``)."""
     if method not in METHODS:
         raise ConfigError(
             f"for bit flips, method must be one of {', '.join(METHODS)}; got {method!r}"
         )
-    space, chain, x, y, logits = _read(model, x, y, threat)
+    space, chain, x, y, logits = _read(model, x, y, threat, conv=method == "ibp")
     budget = arithmetic(threat.flips, logits.dtype)
     parts = []
     with torch.no_grad():
