@@ -494,6 +494,11 @@ def test_conv_flip_certificates_refuse_crown_and_bab():
         ns.certify(q_model, x, y, ns.Threat(flips=1), method="crown")
     with pytest.raises(ns.UnsupportedLayerError, match="ibp' covers Conv2d"):
         ns.bab(q_model, x, y, ns.Threat(flips=1))
+    pooled = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(8, 3)
+    )
+    with pytest.raises(ns.UnsupportedLayerError, match="MaxPool2d"):
+        ns.certify(ns.quantize(pooled), x, y, ns.Threat(flips=1), method="ibp")
 
 
 def test_builtin_cnn_certifies_digits_the_flip_attack_cannot_break():
