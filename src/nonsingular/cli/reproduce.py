@@ -9,7 +9,7 @@ from typing import Any
 from ..certificates import METHODS as CERTIFY_METHODS
 from ..distributed import ranks
 from ..experiment import ARCHITECTURES, Experiment, run_experiment
-from ..experiment.verdicts import FlipVerdict, flips_text
+from ..experiment.verdicts import FlipVerdict, flips_text, interval_text
 from ..training import METHODS
 from ..training.config import read_toml
 from . import common
@@ -34,24 +34,18 @@ def run(args: argparse.Namespace) -> int:
         f"{'95% interval':>15}  {'p (Holm)':>8}  verdict"
     )
     for c in report.claims:
+        p = "-" if c.p_holm is None else f"{c.p_holm:.3g}"
         if c.metric_model is None:  # not run
             numbers = f"{'-':>7}  {'-':>8}  {'-':>6}  {'-':>15}  {'-':>8}"
         elif isinstance(c, FlipVerdict):  # flips to collapse, not accuracies
-            p = "-" if c.p_holm is None else f"{c.p_holm:.3g}"
             numbers = (
                 f"{c.metric_model:6.1f}f  {c.metric_standard:7.1f}f  {c.difference:+6.1f}  "
                 f"{flips_text(c.interval):>15}  {p:>8}"
             )
         else:
-            p = "-" if c.p_holm is None else f"{c.p_holm:.3g}"
-            interval = (
-                "-"
-                if c.interval is None
-                else "{:+.1f} to {:+.1f}".format(*(100 * b for b in c.interval))
-            )
             numbers = (
                 f"{100 * c.metric_model:6.1f}%  {100 * c.metric_standard:7.1f}%  "
-                f"{100 * c.difference:+6.1f}  {interval:>15}  {p:>8}"
+                f"{100 * c.difference:+6.1f}  {interval_text(c.interval):>15}  {p:>8}"
             )
         reason = f" ({c.reason})" if c.reason else ""
         print(f"{c.claim:5}  {c.family:16}  {numbers}  {c.verdict}{reason}")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..flips import flips_to, quantize, quantized
-from ..flips.attack import _faults  # method="noise"'s draws, without replaying the worst one
+from ..flips.attack import fault_draws  # method="noise"'s draws, without replaying the worst one
 from ..flips.grid import Flip
 from ..flips.search import progressive_search
 from ..flips.space import FlipSpace
@@ -157,7 +157,7 @@ def _faults_at(
             out.append((clean, 0.0, clean, clean))
             continue
         threat = Threat(flips=k, scope="shared", bounds=None)
-        _, acc = _faults(FlipSpace(q, threat), x, y, threat, draws, mix(seed))
+        _, acc = fault_draws(FlipSpace(q, threat), x, y, threat, draws, mix(seed))
         sd = float(acc.std()) if len(acc) > 1 else 0.0
         out.append((float(acc.mean()), sd, float(acc.min()), float(acc.max())))
     return out

@@ -308,7 +308,7 @@ def _study(
         evaluated = measure.table(list(own.values()), n, exp.attack_options(), "training threats")
         found.matched = {m: r.attacked for m, r in zip(own, evaluated.rows, strict=True)}
         found.stronger = _stronger(exp, measure, n, outcomes) if exp.stronger else {}
-        found.bit_flips = _flip_family(exp, measure, seed) if exp.flips else None
+        found.bit_flips = flip_family(exp, measure, seed) if exp.flips else None
     say(f"  {_name(method, recipe)} (seed {seed}): done")
     found.warnings = warnings + measure.warnings
     found.evaluations_computed = measure.evaluations["computed"]
@@ -366,7 +366,7 @@ def _stronger(
     return out
 
 
-def _flip_family(exp: Experiment, measure: _Measure, seed: int) -> FlipFamily:
+def flip_family(exp: Experiment, measure: _Measure, seed: int) -> FlipFamily:
     """The bit-flip family of the model (``flipfamily``), cached like an evaluation under what
     was asked, the attack code and the quantized model's digest."""
     q = quantized_model(measure.model)

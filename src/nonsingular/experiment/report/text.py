@@ -64,7 +64,7 @@ def header(results: Results) -> list[str]:
 
 
 def _flip_numbers(c: FlipVerdict) -> list[str]:
-    """A bit-flip claim's columns: flips to collapse, not accuracies."""
+    """A bit-flip claim's own columns: flips to collapse, not accuracies."""
     interval = "" if c.interval is None else f" [{c.interval[0]:+.1f}, {c.interval[1]:+.1f}]"
     return [
         f"{c.metric_model:.1f} flips",
@@ -72,11 +72,6 @@ def _flip_numbers(c: FlipVerdict) -> list[str]:
         f"{c.difference:+.1f} flips{interval}",
         "-",
         "flips to collapse" + ("" if c.target is None else f" (to {pct(c.target)})"),
-        "-" if c.p is None else f"{c.p:.3g}",
-        "-" if c.p_holm is None else f"{c.p_holm:.3g}",
-        "-",
-        f"{c.seeds}",
-        f"**{c.verdict}**" + (f" ({c.reason})" if c.reason else ""),
     ]
 
 
@@ -85,15 +80,19 @@ def verdict_section(claims: list[Verdict], labels: dict[str, str]) -> list[str]:
         if c.metric_model is None:
             return ["-"] * 9 + [f"**{c.verdict}** ({c.reason})"]
         if isinstance(c, FlipVerdict):
-            return _flip_numbers(c)
-        adjusted = c.difference_clean_adjusted
-        floor = f" ({len(c.floor_cells)} floor left out)" if c.floor_cells else ""
+            own = _flip_numbers(c)
+        else:
+            adjusted = c.difference_clean_adjusted
+            floor = f" ({len(c.floor_cells)} floor left out)" if c.floor_cells else ""
+            own = [
+                pct(c.metric_model),
+                pct(c.metric_standard),
+                points(c.difference, c.interval),
+                "-" if adjusted is None else f"{100 * adjusted:+.1f}",
+                f"{len(c.cells)}{floor}",
+            ]
         return [
-            pct(c.metric_model),
-            pct(c.metric_standard),
-            points(c.difference, c.interval),
-            "-" if adjusted is None else f"{100 * adjusted:+.1f}",
-            f"{len(c.cells)}{floor}",
+            *own,
             "-" if c.p is None else f"{c.p:.3g}",
             "-" if c.p_holm is None else f"{c.p_holm:.3g}",
             "-" if c.p_examples is None else f"{c.p_examples:.3g}",
