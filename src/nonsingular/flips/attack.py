@@ -86,7 +86,7 @@ def _random_flips(space: FlipSpace, k: int, g: torch.Generator) -> list[Flip]:
     return flips
 
 
-def _faults(
+def fault_draws(
     space: FlipSpace, x: Tensor, y: Tensor, threat: Threat, samples: int, seed: int
 ) -> tuple[list[list[Flip]], Tensor]:
     """``samples`` random draws of k flips, each serving the batch: the worst draw for the
@@ -141,7 +141,7 @@ def flip_attack(
     options = {"rounds": rounds, "target": target, "loss": loss, "tries": tries}
     x_adv, trace = x, torch.zeros(0)
     if method == "noise":
-        sets, trace = _faults(space, x, y, threat, samples, mix(seed))
+        sets, trace = fault_draws(space, x, y, threat, samples, mix(seed))
     elif threat.scope == "shared":
         flips, x_adv, accuracy = _search(model, space, x, y, threat, options)
         sets, trace = [flips] * len(y), torch.tensor(accuracy)

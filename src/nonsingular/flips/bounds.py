@@ -119,30 +119,39 @@ def _out_hw(layer: Conv) -> tuple[int, ...]:
     return tuple(F.conv2d(zeros, layer.weight, None, m.stride, m.padding, m.dilation).shape[2:])
 
 
+def weight_changes(space: FlipSpace, name: str, q: Tensor, weight: Tensor) -> Tensor:
+    """``(*weight.shape, n_allowed)`` the change each allowed flip makes to each element of the
+    weight ``name`` (integers ``q``, values ``weight``), exactly: the float64 difference of
+    the two values the model would hold."""
+    change = bit_changes(q, space.bits)[..., space.allowed]
+    new = dequantize(q[..., None] + change, space.quantization.scales[name][..., None])
+    return new.double() - weight.double()[..., None]
+
+
 def _flip_sizes(weight: Tensor, name: str, space: FlipSpace, k: int) -> Tensor | None:
     """``(*weight.shape, kk)`` the kk largest changes a flip makes to each element, or None."""
     if name not in space.names:
         return None
-    q = space.integers[name]
-    change = bit_changes(q, space.bits)[..., space.allowed]
-    new = dequantize(q[..., None] + change, space.quantization.scales[name][..., None])
-    d = (new.double() - weight.double()[..., None]).abs()  # exact for float32 weights
+    d = weight_changes(space, name, space.integers[name], weight).abs()  # exact for float32
     if weight.dtype == torch.float64:  # one rounding in the subtraction
         d = d * (1 + 2 * torch.finfo(torch.float64).eps)
     return d.topk(min(k, d.shape[-1]), dim=-1).values
 
 
-def _dense(module: nn.Linear, prefix: str, space: FlipSpace, k: int) -> Dense:
-    name = f"{prefix}.weight" if prefix else "weight"
+def _parts(module: nn.Linear | nn.Conv2d, prefix: str) -> tuple[str, Tensor, Tensor]:
+    """A layer's weight name, weight and bias (zeros without one), detached."""
     w = module.weight.detach()
     bias = module.bias.detach() if module.bias is not None else w.new_zeros(w.shape[0])
+    return (f"{prefix}.weight" if prefix else "weight"), w, bias
+
+
+def _dense(module: nn.Linear, prefix: str, space: FlipSpace, k: int) -> Dense:
+    name, w, bias = _parts(module, prefix)
     return Dense(name, w.double(), bias.double(), _flip_sizes(w, name, space, k))
 
 
 def _conv(module: nn.Conv2d, prefix: str, space: FlipSpace, k: int, shape: tuple) -> Conv:
-    name = f"{prefix}.weight" if prefix else "weight"
-    w = module.weight.detach()
-    bias = module.bias.detach() if module.bias is not None else w.new_zeros(w.shape[0])
+    name, w, bias = _parts(module, prefix)
     flips = _flip_sizes(w, name, space, k)
     if flips is not None:
         flips = flips.flatten(1, 3)

@@ -14,10 +14,19 @@ from ..certificates import BabResult, CertifyResult
 from ..errors import ConfigError, UnsupportedModelError
 from ..model.verify import read_batch
 from ..threat import Threat
-from .bounds import Arithmetic, ChainBounds, Dense, bound, chain_bounds, margin_matrix, read_chain
+from .bounds import (
+    Arithmetic,
+    ChainBounds,
+    Dense,
+    bound,
+    chain_bounds,
+    margin_matrix,
+    read_chain,
+    weight_changes,
+)
 from .conv import Conv
 from .exact import Found, Outcome, Problem, pair_search, point_pass, search
-from .grid import Flip, bit_changes, dequantize
+from .grid import Flip, dequantize
 from .space import FlipSpace
 
 METHODS = ("ibp", "crown")
@@ -87,15 +96,6 @@ def flip_certify(
             parts.append(low.masked_fill(low.isnan(), float("-inf")))
     lower = torch.cat(parts) if parts else x.new_zeros(0, logits.shape[1], dtype=torch.float64)
     return CertifyResult(lower, method, threat, margins(logits, y))
-
-
-def weight_changes(space: FlipSpace, name: str, q: Tensor, weight: Tensor) -> Tensor:
-    """``(n_out, n_in, n_allowed)`` the change each allowed flip makes to each element of the
-    weight ``name`` (integers ``q``, values ``weight``), exactly: the float64 difference of
-    the two values the model would hold."""
-    change = bit_changes(q, space.bits)[..., space.allowed]
-    new = dequantize(q[..., None] + change, space.quantization.scales[name][..., None])
-    return new.double() - weight.double()[..., None]
 
 
 def single_problem(

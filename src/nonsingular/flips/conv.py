@@ -49,11 +49,8 @@ class Conv:
 
     def forward(self, h: Tensor) -> Tensor:
         """The layer on flat inputs ``(B, C*H*W)``, in float64."""
-        return self._conv(h, self.weight) + self.bias.repeat_interleave(self.per_channel(h))
-
-    def per_channel(self, h: Tensor) -> int:
-        """Output positions per channel."""
-        return self._conv(h[:1], self.weight).shape[1] // self.weight.shape[0]
+        out = self._conv(h, self.weight)
+        return out + self.bias.repeat_interleave(out.shape[1] // self.weight.shape[0])
 
     def flip_row(self, h_abs: Tensor, k: int) -> Tensor:
         """``(B, C_out*L, k)`` the k largest flip effects into each output neuron."""
@@ -61,10 +58,11 @@ class Conv:
         m = self.module
         img = h_abs.view(batch, *self.in_shape)
         kernel = self.weight.shape[2:]
+        if self.flips is None:  # no flips: zeros, one row per output neuron
+            length = self._conv(h_abs[:1], self.weight).shape[1] // c_out
+            return h_abs.new_zeros(batch, c_out * length, k)
         cols = F.unfold(img, kernel, m.dilation, m.padding, m.stride)  # (B, CKK, L)
         length = cols.shape[-1]
-        if self.flips is None:
-            return h_abs.new_zeros(batch, c_out * length, k)
         effects = self.flips[None, :, :, None, :] * cols[:, None, :, :, None]
         effects = effects.permute(0, 1, 3, 2, 4).reshape(batch, c_out * length, -1)
         row = effects.topk(min(k, effects.shape[-1]), dim=-1).values
