@@ -432,7 +432,7 @@ def test_an_experiment_comes_from_a_toml_file_and_flags_override_it(tmp_path):
 
 @pytest.mark.parametrize(
     "budgets",
-    [[0.1, 0.05], [0, -0.1], [0, 0], [], [0, float("nan")], [0, True], "0.1"],
+    [[0.1, 0.05], [0, -0.1], [0, 0], [], [0, float("nan")], [0, True], "0.1", [0, 10**400]],
 )
 def test_budget_lists_are_checked(budgets):
     with pytest.raises(ConfigError, match="increasing non-negative"):

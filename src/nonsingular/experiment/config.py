@@ -21,7 +21,6 @@ the curves show the whole fall and differences between models are visible somewh
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -366,6 +365,17 @@ def _check_kinds(exp: Experiment) -> None:
             raise ConfigError(f"{name} must be a list of {what}, got {value!r}")
 
 
+def _increasing(values: object, kinds: tuple[type, ...], high: float) -> bool:
+    """A tuple of numbers of ``kinds`` from 0 up to ``high``, increasing, one above 0."""
+    return (
+        isinstance(values, tuple)
+        and all(isinstance(v, kinds) and not isinstance(v, bool) for v in values)
+        and all(0 <= v <= high for v in values)  # NaN and inf fail it too
+        and all(a < b for a, b in itertools.pairwise(values))
+        and any(v > 0 for v in values)
+    )
+
+
 def _check_certify(methods: Any) -> None:
     """The certificate methods: a non-empty list of known names."""
     if not isinstance(methods, tuple) or not methods:
@@ -376,14 +386,7 @@ def _check_certify(methods: Any) -> None:
 
 def _check_flips(values: object) -> None:
     """The flip counts: empty (no bit-flip family), or integers from 0 increasing, one above 0."""
-    ok = values == () or (
-        isinstance(values, tuple)
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-        and all(0 <= v <= MAX_FLIPS for v in values)
-        and all(a < b for a, b in itertools.pairwise(values))
-        and any(v > 0 for v in values)
-    )
-    if not ok:
+    if values != () and not _increasing(values, (int,), MAX_FLIPS):
         raise ConfigError(
             f"flips must be a list of increasing flip counts from 0 up to {MAX_FLIPS} with one "
             f"above 0, like [0, 1, 4, 16], or [] for no bit-flip family; got {values!r}"
@@ -392,14 +395,7 @@ def _check_flips(values: object) -> None:
 
 def _check_budgets(name: str, values: object) -> None:
     """A budget list: numbers from 0 up to the threat's limit, increasing, one above 0."""
-    ok = (
-        isinstance(values, tuple)
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        and all(math.isfinite(v) and 0 <= v <= MAX_BUDGET for v in values)
-        and all(a < b for a, b in itertools.pairwise(values))
-        and any(v > 0 for v in values)
-    )
-    if not ok:
+    if not _increasing(values, (int, float), MAX_BUDGET):
         raise ConfigError(
             f"{name} must be a list of increasing non-negative numbers up to {MAX_BUDGET:g} "
             f"with one above 0, like [0, 0.05, 0.1]; got {values!r}"
