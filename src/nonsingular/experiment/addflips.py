@@ -33,7 +33,7 @@ from ..provenance import provenance
 from .config import FLIP_FIELDS, Experiment
 from .flipfamily import FlipFamily
 from .results import Measured, Results
-from .run import _Measure, flip_family
+from .run import Measure, flip_family
 
 
 def _family_of(
@@ -47,7 +47,7 @@ def _family_of(
         )
     net = checkpoint.load(path)[0]
     n = len(model.outcomes["input"][0])  # the run's attacked examples
-    measure = _Measure(exp, out, net, data, n, torch.device("cpu"), model.seed, model.method, say)
+    measure = Measure(exp, out, net, data, n, torch.device("cpu"), model.seed, model.method, say)
     found = flip_family(exp, measure, model.seed)
     say(f"  {model.method} (seed {model.seed}): bit flips done ({found.seconds:.0f} s)")
     return found

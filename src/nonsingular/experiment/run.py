@@ -203,7 +203,7 @@ def _run(
     )
 
 
-class _Measure:
+class Measure:
     """One model's evaluations, each cached under what was asked and the model's weights."""
 
     def __init__(
@@ -286,7 +286,7 @@ def _study(
         warnings.append(text)
 
     name = f"{recipe}/{method}" if recipe else method
-    measure = _Measure(exp, out, trained.model, data, n, device, seed, name, warn)
+    measure = Measure(exp, out, trained.model, data, n, device, seed, name, warn)
     accuracy, joint, outcomes, clean = _attacked(exp, measure, n)
     found = Measured(
         method=method,
@@ -318,7 +318,7 @@ def _study(
 
 
 def _attacked(
-    exp: Experiment, measure: _Measure, n: int
+    exp: Experiment, measure: Measure, n: int
 ) -> tuple[dict[str, list[float]], list[list[float]], dict[str, list[str]], float]:
     """The one-axis families and the joint grid, attacked: accuracies, the joint matrix,
     per-example outcomes and the clean accuracy."""
@@ -336,7 +336,7 @@ def _attacked(
     return accuracy, _shape(exp, [r.attacked for r in evaluated.rows]), outcomes, clean
 
 
-def _certified(exp: Experiment, measure: _Measure, nc: int, found: Measured) -> None:
+def _certified(exp: Experiment, measure: Measure, nc: int, found: Measured) -> None:
     """The certificates on the joint grid (the first ``nc`` examples), beside the attack on
     the same examples; a certified example the attack broke is reported as a soundness bug."""
     table = measure.table(grid(exp.joint_eps_x, exp.joint_eps_w), nc, None, "certified")
@@ -347,7 +347,7 @@ def _certified(exp: Experiment, measure: _Measure, nc: int, found: Measured) -> 
 
 
 def _stronger(
-    exp: Experiment, measure: _Measure, n: int, outcomes: dict[str, list[Outcomes]]
+    exp: Experiment, measure: Measure, n: int, outcomes: dict[str, list[Outcomes]]
 ) -> dict[str, AtKeyBudget]:
     """Each family's key budget attacked again with twice the steps and restarts: per family,
     the outcomes of the default attack there (taken from ``outcomes``) and of both attacks
@@ -366,7 +366,7 @@ def _stronger(
     return out
 
 
-def flip_family(exp: Experiment, measure: _Measure, seed: int) -> FlipFamily:
+def flip_family(exp: Experiment, measure: Measure, seed: int) -> FlipFamily:
     """The bit-flip family of the model (``flipfamily``), cached like an evaluation under what
     was asked, the attack code and the quantized model's digest."""
     q = quantized_model(measure.model)

@@ -152,10 +152,10 @@ def flip_attack(
             sets.append(flips)
             rows.append(xi)
         x_adv = torch.cat(rows) if rows else x
-    return _result(model, space, x, x_adv, y, threat, method, sets, trace)
+    return flip_attack_result(model, space, x, x_adv, y, threat, method, sets, trace)
 
 
-def _result(
+def flip_attack_result(
     model: nn.Module,
     space: FlipSpace,
     x: Tensor,
@@ -166,6 +166,8 @@ def _result(
     sets: list[list[Flip]],
     trace: Tensor,
 ) -> FlipAttackResult:
+    """The result of flipping ``sets`` (one list of flips per example) at inputs ``x_adv``:
+    margins replayed through the model, clean ones at ``x`` with no flip."""
     clean = space.replay_margins(x, y, [[] for _ in y])
     found = space.replay_margins(x_adv, y, sets)
     if trace.numel() == 0:  # per example: the mean negative margin before and after

@@ -189,7 +189,7 @@ def flip_bab(
             status.append(state)
             sets.append(flips)
             seconds[i] = time.monotonic() - start
-    from .attack import _result
+    from .attack import flip_attack_result
 
-    found = _result(model, space, x, x, y, threat, "bab", sets, torch.zeros(0))
+    found = flip_attack_result(model, space, x, x, y, threat, "bab", sets, torch.zeros(0))
     return BabResult(status, lower, domains, seconds, found, threat)

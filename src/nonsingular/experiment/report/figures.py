@@ -68,7 +68,7 @@ def input_figure(results: Results, summary: Summary, folder: Path) -> str:
     _plot_lines(ax, budgets, summary.families["input"], "eps_x (linf)", results.seeds)
     ax.set_title("Input-only attacks")
     ax.legend(fontsize=8)
-    return _save(fig, folder / "accuracy_vs_eps_x.png", caption(results))
+    return save_figure(fig, folder / "accuracy_vs_eps_x.png", caption(results))
 
 
 def weights_figure(results: Results, summary: Summary, folder: Path) -> str:
@@ -81,17 +81,17 @@ def weights_figure(results: Results, summary: Summary, folder: Path) -> str:
         ax.set_title(family.label.replace("weights only, ", ""), fontsize=10)
     axes[0].legend(fontsize=8)
     fig.suptitle("Weight-only attacks in three views")
-    return _save(fig, folder / "accuracy_vs_eps_w.png", caption(results))
+    return save_figure(fig, folder / "accuracy_vs_eps_w.png", caption(results))
 
 
 def heatmap_figure(results: Results, summary: Summary, folder: Path, method: str) -> str:
     """One model's robust accuracy over the joint grid."""
     fig = Figure(figsize=(4.2, 3.6))
     _heatmap(fig.subplots(), results, summary.joint[method].mean, method)
-    return _save(fig, folder / f"heatmap_{method}.png", caption(results, bands=False))
+    return save_figure(fig, folder / f"heatmap_{method}.png", caption(results, bands=False))
 
 
-def _panels(fig: Figure, count: int) -> list[Any]:
+def panels(fig: Figure, count: int) -> list[Any]:
     """``count`` panels, three to a row, the spare ones hidden."""
     cols = 3
     axes = list(fig.subplots(-(-count // cols), cols, squeeze=False).flat)
@@ -105,10 +105,10 @@ def heatmaps_figure(results: Results, summary: Summary, folder: Path) -> str:
     methods = list(summary.joint)
     rows = -(-len(methods) // 3)
     fig = Figure(figsize=(4.2 * 3, 3.6 * rows))
-    for ax, method in zip(_panels(fig, len(methods)), methods, strict=True):
+    for ax, method in zip(panels(fig, len(methods)), methods, strict=True):
         _heatmap(ax, results, summary.joint[method].mean, method)
     fig.suptitle("Joint attacks: robust accuracy (%) over eps_x x eps_w")
-    return _save(fig, folder / "heatmaps.png", caption(results, bands=False))
+    return save_figure(fig, folder / "heatmaps.png", caption(results, bands=False))
 
 
 def certified_figure(results: Results, summary: Summary, folder: Path) -> str:
@@ -119,7 +119,7 @@ def certified_figure(results: Results, summary: Summary, folder: Path) -> str:
     methods = list(summary.joint)
     rows = -(-len(methods) // 3)
     fig = Figure(figsize=(4.2 * 3, 3.4 * rows))
-    axes = _panels(fig, len(methods))
+    axes = panels(fig, len(methods))
     for ax, method in zip(axes, methods, strict=True):
         attacked = summary.certified_attacked[method].mean
         certified = summary.certified[certifier][method].mean
@@ -142,7 +142,7 @@ def certified_figure(results: Results, summary: Summary, folder: Path) -> str:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Attacked (solid, upper bound) vs certified by {certifier} (dashed, lower bound)")
     text = caption(results, certified=True, bands=False)
-    return _save(fig, folder / "attacked_vs_certified.png", text)
+    return save_figure(fig, folder / "attacked_vs_certified.png", text)
 
 
 def _heatmap(ax: Any, results: Results, matrix: list[list[float]], title: str) -> None:
@@ -160,7 +160,7 @@ def _heatmap(ax: Any, results: Results, matrix: list[list[float]], title: str) -
     ax.set_title(title)
 
 
-def _save(fig: Figure, path: Path, text: str) -> str:
+def save_figure(fig: Figure, path: Path, text: str) -> str:
     """Write ``fig`` as a PNG, atomically, with its caption ``text`` along the bottom."""
     fig.text(0.5, 0.005, text, ha="center", va="bottom", fontsize=7, color="#444444")
     fig.tight_layout(rect=(0, 0.04, 1, 1))

@@ -15,7 +15,7 @@ from ..config import FLIP_BITS, FLIP_GRANULARITY
 from ..effects import LEVEL
 from ..results import Results, Spread, spread
 from ..stats import t_half_width
-from .figures import _panels, _save
+from .figures import panels, save_figure
 from .summary import caption, pct, style
 
 
@@ -82,7 +82,7 @@ def flip_figure(results: Results, summary: list[FlipSummary], folder: Path) -> s
     first = next(m.bit_flips for m in results.models if m.bit_flips is not None)
     counts, target = first.counts, first.target
     fig = Figure(figsize=(4.2 * 3, 3.4 * -(-len(summary) // 3)))
-    for ax, entry in zip(_panels(fig, len(summary)), summary, strict=True):
+    for ax, entry in zip(panels(fig, len(summary)), summary, strict=True):
         color, marker = style(entry.method)
         seeds = len(entry.seeds)
         _line(ax, counts, entry.search, seeds, color, marker, "shared bit search")
@@ -110,7 +110,7 @@ def flip_figure(results: Results, summary: list[FlipSummary], folder: Path) -> s
         f"Bit flips in {FLIP_BITS}-bit per-{FLIP_GRANULARITY} weights: the shared bit search and "
         f"random flips (dotted: collapse target {pct(target)})"
     )
-    return _save(fig, folder / "accuracy_vs_flips.png", caption(results))
+    return save_figure(fig, folder / "accuracy_vs_flips.png", caption(results))
 
 
 def _line(

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from ..effects import EQUIVALENCE, LEVEL
 from ..results import Results
 from ..verdicts import Verdict
-from .figures import _save
+from .figures import save_figure
 from .summary import caption, style
 
 FLOOR_COLOR = "#999999"
@@ -69,4 +69,4 @@ def forest_figure(results: Results, claim: Verdict, folder: Path) -> str:
     ax.set_title(f"Claim {claim.claim}: {claim.model} vs standard, {claim.family}", fontsize=10)
     ax.grid(alpha=0.3, axis="x")
     path = folder / f"forest_claim{claim.claim}_{claim.family}.png"
-    return _save(fig, path, caption(results, bands=False))
+    return save_figure(fig, path, caption(results, bands=False))
