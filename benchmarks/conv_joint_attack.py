@@ -13,21 +13,24 @@ margin over the iterates:
 - ``input-only``: ``ns.attack`` (PGD) with ``eps_w = 0``;
 - ``joint``: ``ns.attack`` (PGD) under the joint threat (one kernel per example per
   convolution, the lemma on the final Linear);
+- ``joint linear``: ``ns.attack(schedule="linear")``, PGD whose step decreases linearly from
+  2 radii (the same cost);
 - ``joint apgd``: ``ns.attack(method="apgd")``, the library's APGD on the same variables
   (``steps`` gradients too);
 - ``naive``: PGD on the input and on a full weight copy per example of every parameter the
   joint threat moves, run through ``torch.func.functional_call`` under ``vmap``;
+- ``naive linear``: the naive PGD with the linear schedule (its like-for-like baseline);
 - ``naive apgd``: the library's APGD code (``nonsingular.attacks.apgd.apgd``) on those same
   naive variables (``NaiveSpace``): the like-for-like baseline of ``joint apgd``.
 
-PGD's step is ``2.5 / steps`` of each ball's radius in both PGD attacks. Strength is compared
-per example, paired, over ``--seeds`` seeds of the random start (the attacks' only
-randomness): each attack's median margin per seed and, for each (attack, baseline) of
-``PAIRS``, the median of the per-example difference of their margins and on how many seeds the
-attack's median is no higher than the baseline's. A step's time is
-``(T(long) - T(short)) / (long - short steps)`` (set-up cancels),
-timings interleaved, median of ``--repeats``, on the first model. ``--kernels`` also times, for
-each convolution shape of the model, one forward + backward of a per-example convolution in
+PGD's step is ``2.5 / steps`` of each ball's radius in both constant-step PGD attacks.
+Strength is compared per example, paired, over ``--seeds`` seeds of the random start (the
+attacks' only randomness): each attack's median margin per seed and, for each (attack,
+baseline) of ``PAIRS``, the median of the per-example difference of their margins and on how
+many seeds the attack's median is no higher than the baseline's. A step's time is
+``(T(long) - T(short)) / (long - short steps)`` (set-up cancels), timings interleaved, median
+of ``--repeats``, on the first model. ``--kernels`` also times, for each convolution shape of
+the model, one forward + backward of a per-example convolution in
 each parametrization (grouped convolution, unfold + batched matmul, vmap of ``F.conv2d``).
 
     python benchmarks/conv_joint_attack.py [--width 16] [--batch 64] [--steps 10]
@@ -53,6 +56,7 @@ from torch.func import functional_call, vmap
 
 import nonsingular as ns
 from nonsingular.attacks.apgd import apgd
+from nonsingular.attacks.options import LINEAR_STEP, scheduled
 from nonsingular.attacks.space import JointSpace, margins
 from nonsingular.balls import BoxBall
 from nonsingular.data import load
@@ -137,13 +141,14 @@ def trained(width: int, seed: int, epochs: int, out: Path) -> tuple[nn.Module, f
     return model, accuracy
 
 
-def naive_joint_pgd(model, x, y, threat, names, steps, seed=0):
+def naive_joint_pgd(model, x, y, threat, names, steps, seed=0, schedule="constant"):
     """Per-example joint PGD with a full copy of every moved weight per example (vmap of
-    ``functional_call``), linf balls; the best-so-far margin of each example."""
+    ``functional_call``), linf balls; the best-so-far margin of each example. Its steps are the
+    library's for ``schedule`` (``scheduled``): 2.5 / steps radii, or linear from 2 radii."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = {n: b for n, b in model.named_buffers()}
     radii = {n: radius(threat, params[n]) for n in names}
-    alpha = 2.5 / steps
+    alpha = LINEAR_STEP if schedule == "linear" else 2.5 / steps
     g = torch.Generator().manual_seed(seed)
     d = (2 * torch.rand(x.shape, generator=g) - 1) * threat.eps_x
     d = (x + d).clamp(0, 1) - x
@@ -168,13 +173,12 @@ def naive_joint_pgd(model, x, y, threat, names, steps, seed=0):
             break
         loss = F.cross_entropy(logits, y, reduction="sum")
         grads = torch.autograd.grad(loss, [d, *deltas.values()])
+        a = scheduled(alpha, schedule, it, steps)
         with torch.no_grad():
-            d = (d + alpha * threat.eps_x * grads[0].sign()).clamp(-threat.eps_x, threat.eps_x)
+            d = (d + a * threat.eps_x * grads[0].sign()).clamp(-threat.eps_x, threat.eps_x)
             d = (x + d).clamp(0, 1) - x
             deltas = {
-                n: torch.maximum(
-                    torch.minimum(v + alpha * radii[n] * gr.sign(), radii[n]), -radii[n]
-                )
+                n: torch.maximum(torch.minimum(v + a * radii[n] * gr.sign(), radii[n]), -radii[n])
                 for (n, v), gr in zip(deltas.items(), grads[1:], strict=True)
             }
     return best
@@ -335,10 +339,14 @@ def attacks(model, x, y, threat, names, steps: int) -> dict[str, Callable[[int],
     return {
         "input-only": lambda s: ns.attack(model, x, y, input_only, **common, seed=s).margins,
         "joint": lambda s: ns.attack(model, x, y, threat, **common, seed=s).margins,
+        "joint linear": lambda s: (
+            ns.attack(model, x, y, threat, schedule="linear", **common, seed=s).margins
+        ),
         "joint apgd": lambda s: (
             ns.attack(model, x, y, threat, method="apgd", **common, seed=s).margins
         ),
         "naive": lambda s: naive_joint_pgd(model, x, y, threat, names, steps, s),
+        "naive linear": lambda s: naive_joint_pgd(model, x, y, threat, names, steps, s, "linear"),
         "naive apgd": lambda s: naive_joint_apgd(model, x, y, threat, names, steps, s),
     }
 
@@ -397,9 +405,23 @@ def step_times(model, x, y, threat, names, args) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-ATTACKS = ("input-only", "joint", "joint apgd", "naive", "naive apgd")
+ATTACKS = (
+    "input-only",
+    "joint",
+    "joint linear",
+    "joint apgd",
+    "naive",
+    "naive linear",
+    "naive apgd",
+)
 # (attack, baseline) compared per example over the seeds
-PAIRS = (("joint", "naive"), ("joint apgd", "naive"), ("joint apgd", "naive apgd"))
+PAIRS = (
+    ("joint", "naive"),
+    ("joint linear", "naive"),
+    ("joint linear", "naive linear"),
+    ("joint apgd", "naive"),
+    ("joint apgd", "naive apgd"),
+)
 
 
 def print_times(per_step: dict[str, float]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint
-from ..attacks import LOSSES, METHODS, AttackOptions
+from ..attacks import LOSSES, METHODS, SCHEDULES, AttackOptions
 from ..certificates import CertifyOptions
 from ..certificates.options import BAB_SECONDS
 from ..certificates.options import METHODS as CERTIFY_METHODS
@@ -123,6 +123,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         loss=args.loss,
         targets=args.targets,
         step_size=args.step_size,
+        schedule=args.schedule,
         samples=args.samples,
         seed=args.seed,
     )  # checked before anything is loaded
@@ -175,7 +176,15 @@ def register(sub: Any) -> None:
         "--step-size",
         type=float,
         default=DEFAULT.step_size,
-        help="step as a fraction of each budget (default pgd 2.5/steps; apgd's first step 2)",
+        help="step as a fraction of each budget (default pgd 2.5/steps, its linear schedule's "
+        "first step 2; apgd's first step 2)",
+    )
+    a.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=DEFAULT.schedule,
+        help="pgd's step sizes: constant, or linear from --step-size down to --step-size/steps "
+        f"(default {DEFAULT.schedule})",
     )
     a.add_argument(
         "--samples",
