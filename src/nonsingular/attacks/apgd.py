@@ -105,11 +105,8 @@ class _Run:
             into = {k: torch.empty_like(v) for k, v in self.cur.items()}
         else:
             into = self.spare.pop(0)
-        every = bool(reduce.all())
-        for k, v in into.items():
-            v.copy_(self.best[k] if every else self.cur[k])
-        if not every:
-            self._copy(into, reduce, self.best)
+        self._copy(into, ~reduce, self.cur)  # one pass: each row from one of the two
+        self._copy(into, reduce, self.best)
         self.spare.append(into)
         return dict(into)
 
@@ -170,11 +167,12 @@ def _momentum(
 ) -> Tensor:
     """``project(v + (a (z - v) + (1 - a) (v - prev)))``, computed into ``z`` (the caller's
     own) where the ball is a box (``scratch``: a tensor like ``v`` for the momentum term):
-    the same numbers (with ``a = 1`` the second term, zero, is not added)."""
+    the same numbers (with ``a = 1`` neither the product by 1 nor the second term, zero, is
+    computed)."""
     r = _box(ball)
     if r is None:
         return ball.project(v + (a * (z - v) + (1 - a) * (v - prev)))
-    z = z.sub_(v).mul_(a)
+    z = z.sub_(v) if a == 1.0 else z.sub_(v).mul_(a)
     if a != 1.0:
         term = torch.sub(v, prev) if scratch is None else torch.sub(v, prev, out=scratch)
         z.add_(term.mul_(1 - a))
