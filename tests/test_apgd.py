@@ -365,3 +365,16 @@ def test_apgd_step_in_place_equals_the_projected_formula(kind, batch, shape, fir
     moved = _momentum(ball, v, z, prev, a, torch.empty_like(v))
     assert torch.equal(moved, moved_ref)
     assert all(torch.equal(t, b) for t, b in zip((v, prev, grad), before, strict=True))
+
+
+def test_apgd_owns_each_gradient_it_computes_into():
+    """The run computes its next step into the gradients: one tensor handed to two variables
+    (autograd may), or an expanded one, is copied first, so no step writes into another's."""
+    from nonsingular.attacks.apgd import _owned
+
+    g = torch.randn(3, 4)
+    wide = torch.randn(4).expand(3, 4)
+    owned = _owned({"a": g, "b": g, "c": wide})
+    assert owned["a"] is g  # the first holder keeps it
+    assert owned["b"].data_ptr() != g.data_ptr() and torch.equal(owned["b"], g)
+    assert owned["c"].is_contiguous() and torch.equal(owned["c"], wide)

@@ -172,20 +172,7 @@ def register(sub: Any) -> None:
         help="targeted runs (--loss dlr-targeted, --method strong): the classes other than the "
         f"label with the highest clean logits, one run each (default {DEFAULT.targets})",
     )
-    a.add_argument(
-        "--step-size",
-        type=float,
-        default=DEFAULT.step_size,
-        help="step as a fraction of each budget (default pgd 2.5/steps, its linear schedule's "
-        "first step 2; apgd's first step 2)",
-    )
-    a.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=DEFAULT.schedule,
-        help="pgd's step sizes: constant, or linear from --step-size down to --step-size/steps "
-        f"(default {DEFAULT.schedule})",
-    )
+    add_step_size(a)
     a.add_argument(
         "--samples",
         type=int,
@@ -203,6 +190,24 @@ def register(sub: Any) -> None:
     add_time_limit(a)
     add_save_examples(p)
     p.set_defaults(func=run_evaluate)
+
+
+def add_step_size(group: Any) -> None:
+    """--step-size and --schedule (the attack's steps)."""
+    group.add_argument(
+        "--step-size",
+        type=float,
+        default=DEFAULT.step_size,
+        help="step as a fraction of each budget (default pgd 2.5/steps, its linear schedule's "
+        "first step 2; apgd's first step 2)",
+    )
+    group.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=DEFAULT.schedule,
+        help="pgd's step sizes: constant, or linear from --step-size down to --step-size/steps "
+        f"(default {DEFAULT.schedule})",
+    )
 
 
 def add_save_examples(parser: Any) -> None:
