@@ -13,18 +13,24 @@ margin over the iterates:
 - ``input-only``: ``ns.attack`` (PGD) with ``eps_w = 0``;
 - ``joint``: ``ns.attack`` (PGD) under the joint threat (one kernel per example per
   convolution, the lemma on the final Linear);
+- ``joint linear``: ``ns.attack(schedule="linear")``, PGD whose step decreases linearly from
+  2 radii (the same cost);
 - ``joint apgd``: ``ns.attack(method="apgd")``, the library's APGD on the same variables
   (``steps`` gradients too);
 - ``naive``: PGD on the input and on a full weight copy per example of every parameter the
-  joint threat moves, run through ``torch.func.functional_call`` under ``vmap``.
+  joint threat moves, run through ``torch.func.functional_call`` under ``vmap``;
+- ``naive linear``: the naive PGD with the linear schedule (its like-for-like baseline);
+- ``naive apgd``: the library's APGD code (``nonsingular.attacks.apgd.apgd``) on those same
+  naive variables (``NaiveSpace``): the like-for-like baseline of ``joint apgd``.
 
-PGD's step is ``2.5 / steps`` of each ball's radius in both PGD attacks. Strength is compared
-per example, paired, over ``--seeds`` seeds of the random start (the attacks' only
-randomness): each attack's median margin per seed, the median of its per-example difference
-to the naive attack's margin, and on how many seeds its median is no higher than the naive
-one's. A step's time is ``(T(long) - T(short)) / (long - short steps)`` (set-up cancels),
-timings interleaved, median of ``--repeats``, on the first model. ``--kernels`` also times, for
-each convolution shape of the model, one forward + backward of a per-example convolution in
+PGD's step is ``2.5 / steps`` of each ball's radius in both constant-step PGD attacks.
+Strength is compared per example, paired, over ``--seeds`` seeds of the random start (the
+attacks' only randomness): each attack's median margin per seed and, for each (attack,
+baseline) of ``PAIRS``, the median of the per-example difference of their margins and on how
+many seeds the attack's median is no higher than the baseline's. A step's time is
+``(T(long) - T(short)) / (long - short steps)`` (set-up cancels), timings interleaved, median
+of ``--repeats``, on the first model. ``--kernels`` also times, for each convolution shape of
+the model, one forward + backward of a per-example convolution in
 each parametrization (grouped convolution, unfold + batched matmul, vmap of ``F.conv2d``).
 
     python benchmarks/conv_joint_attack.py [--width 16] [--batch 64] [--steps 10]
@@ -49,7 +55,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 import nonsingular as ns
+from nonsingular.attacks.apgd import apgd
+from nonsingular.attacks.options import LINEAR_STEP, scheduled
 from nonsingular.attacks.space import JointSpace, margins
+from nonsingular.balls import BoxBall
 from nonsingular.data import load
 from nonsingular.model.lemma import radius
 from nonsingular.model.verify import read_batch
@@ -132,13 +141,14 @@ def trained(width: int, seed: int, epochs: int, out: Path) -> tuple[nn.Module, f
     return model, accuracy
 
 
-def naive_joint_pgd(model, x, y, threat, names, steps, seed=0):
+def naive_joint_pgd(model, x, y, threat, names, steps, seed=0, schedule="constant"):
     """Per-example joint PGD with a full copy of every moved weight per example (vmap of
-    ``functional_call``), linf balls; the best-so-far margin of each example."""
+    ``functional_call``), linf balls; the best-so-far margin of each example. Its steps are the
+    library's for ``schedule`` (``scheduled``): 2.5 / steps radii, or linear from 2 radii."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = {n: b for n, b in model.named_buffers()}
     radii = {n: radius(threat, params[n]) for n in names}
-    alpha = 2.5 / steps
+    alpha = LINEAR_STEP if schedule == "linear" else 2.5 / steps
     g = torch.Generator().manual_seed(seed)
     d = (2 * torch.rand(x.shape, generator=g) - 1) * threat.eps_x
     d = (x + d).clamp(0, 1) - x
@@ -163,15 +173,66 @@ def naive_joint_pgd(model, x, y, threat, names, steps, seed=0):
             break
         loss = F.cross_entropy(logits, y, reduction="sum")
         grads = torch.autograd.grad(loss, [d, *deltas.values()])
+        a = scheduled(alpha, schedule, it, steps)
         with torch.no_grad():
-            d = (d + alpha * threat.eps_x * grads[0].sign()).clamp(-threat.eps_x, threat.eps_x)
+            d = (d + a * threat.eps_x * grads[0].sign()).clamp(-threat.eps_x, threat.eps_x)
             d = (x + d).clamp(0, 1) - x
             deltas = {
-                n: torch.maximum(
-                    torch.minimum(v + alpha * radii[n] * gr.sign(), radii[n]), -radii[n]
-                )
+                n: torch.maximum(torch.minimum(v + a * radii[n] * gr.sign(), radii[n]), -radii[n])
                 for (n, v), gr in zip(deltas.items(), grads[1:], strict=True)
             }
+    return best
+
+
+class NaiveSpace:
+    """The naive attack's variables for the library's APGD (``apgd``, the same code as the
+    joint one): the input and a full copy per example of every moved weight, run through
+    ``functional_call`` under ``vmap``; the random start drawn as ``naive_joint_pgd`` draws it."""
+
+    is_shared = False
+
+    def __init__(self, model: nn.Module, threat: ns.Threat, names: list[str]) -> None:
+        self.params = {n: p.detach() for n, p in model.named_parameters()}
+        self.buffers = dict(model.named_buffers())
+        self.threat, self.names = threat, names
+        radii = {n: radius(threat, self.params[n]) for n in names}
+        self.balls = {"x": BoxBall(threat.eps_x), **{n: BoxBall(radii[n], 1) for n in names}}
+
+        def logits_one(delta, xi):
+            perturbed = {**self.params, **{n: self.params[n] + delta[n] for n in delta}}
+            return functional_call(model, (perturbed, self.buffers), (xi[None],))[0]
+
+        self.batched = vmap(logits_one)
+
+    def random(self, x: Tensor, seed: int, positions: Tensor | None = None) -> dict[str, Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        state = {"x": (2 * torch.rand(x.shape, generator=g) - 1) * self.threat.eps_x}
+        for n in self.names:
+            r = self.balls[n].radius
+            state[n] = (2 * torch.rand((len(x), *self.params[n].shape), generator=g) - 1) * r
+        return self.clamp_input(x, state)
+
+    def clamp_input(self, x: Tensor, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        state["x"] = (x + state["x"]).clamp(0, 1) - x
+        return state
+
+    def forward(self, x: Tensor, state: dict[str, Tensor]) -> Tensor:
+        return self.batched({n: state[n] for n in self.names}, x + state["x"])
+
+
+def naive_joint_apgd(model, x, y, threat, names, steps, seed=0):
+    """The library's APGD (``nonsingular.attacks.apgd.apgd``) on the naive attack's variables
+    (``NaiveSpace``); the best-so-far margin of each example."""
+    best = torch.full((len(x),), float("inf"))
+
+    def offer(logits: Tensor, state) -> None:
+        best.copy_(torch.minimum(best, margins(logits, y)))
+
+    def ce(logits: Tensor, labels: Tensor, target: Tensor | None) -> Tensor:
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    space = NaiveSpace(model, threat, names)
+    apgd(space, x, y, steps=steps, loss=ce, seed=seed, on_iterate=offer)  # type: ignore[arg-type]
     return best
 
 
@@ -278,10 +339,15 @@ def attacks(model, x, y, threat, names, steps: int) -> dict[str, Callable[[int],
     return {
         "input-only": lambda s: ns.attack(model, x, y, input_only, **common, seed=s).margins,
         "joint": lambda s: ns.attack(model, x, y, threat, **common, seed=s).margins,
+        "joint linear": lambda s: (
+            ns.attack(model, x, y, threat, schedule="linear", **common, seed=s).margins
+        ),
         "joint apgd": lambda s: (
             ns.attack(model, x, y, threat, method="apgd", **common, seed=s).margins
         ),
         "naive": lambda s: naive_joint_pgd(model, x, y, threat, names, steps, s),
+        "naive linear": lambda s: naive_joint_pgd(model, x, y, threat, names, steps, s, "linear"),
+        "naive apgd": lambda s: naive_joint_apgd(model, x, y, threat, names, steps, s),
     }
 
 
@@ -291,10 +357,13 @@ def strength(model, x, y, threat, names, args) -> dict[str, list[Tensor]]:
     runs = attacks(model, x, y, threat, names, args.steps)
     found: dict[str, list[Tensor]] = {k: [] for k in runs}
     print(
-        "| seed | " + " | ".join(f"{k} median (robust acc.)" for k in runs) + " | "
-        "joint - naive, paired median | joint apgd - naive, paired median |"
+        "| seed | "
+        + " | ".join(f"{k} median (robust acc.)" for k in runs)
+        + " | "
+        + " | ".join(f"{a} - {b}, paired median" for a, b in PAIRS)
+        + " |"
     )
-    print("|---:|" + "---:|" * (len(runs) + 2))
+    print("|---:|" + "---:|" * (len(runs) + len(PAIRS)))
     for seed in range(args.seeds):
         for k, fn in runs.items():
             found[k].append(fn(seed))
@@ -302,26 +371,24 @@ def strength(model, x, y, threat, names, args) -> dict[str, list[Tensor]]:
             f"{float(m[-1].median()):.4f} ({float((m[-1] > 0).float().mean()):.3f})"
             for m in found.values()
         ]
-        naive = found["naive"][-1]
-        diffs = [f"{float((found[k][-1] - naive).median()):+.4f}" for k in ("joint", "joint apgd")]
+        diffs = [f"{float((found[a][-1] - found[b][-1]).median()):+.4f}" for a, b in PAIRS]
         print(f"| {seed} | " + " | ".join(row + diffs) + f" |  (load {os.getloadavg()[0]:.1f})")
     return found
 
 
 def paired_summary(found: dict[str, list[Tensor]]) -> None:
-    """Over the seeds: how often each joint attack's median margin is no higher than the naive
-    one's, the median of the per-seed paired median differences, and the share of
-    (example, seed) pairs where it ends at or below the naive attack."""
-    naive = found["naive"]
-    for k in ("joint", "joint apgd"):
-        pairs = list(zip(found[k], naive, strict=True))
+    """Over the seeds, for each (attack, baseline) of ``PAIRS``: how often the attack's median
+    margin is no higher than the baseline's, the median of the per-seed paired median
+    differences, and the share of (example, seed) pairs where it ends at or below it."""
+    for k, base in PAIRS:
+        pairs = list(zip(found[k], found[base], strict=True))
         wins = sum(float(a.median()) <= float(b.median()) for a, b in pairs)
         diffs = [float((a - b).median()) for a, b in pairs]
         at_most = float(torch.cat([(a <= b).float() for a, b in pairs]).mean())
         print(
-            f"{k}: median margin no higher than naive on {wins} of {len(pairs)} seeds; per-seed "
-            f"paired median difference {min(diffs):+.4f} to {max(diffs):+.4f} (median "
-            f"{statistics.median(diffs):+.4f}); at or below naive on {at_most:.2f} of "
+            f"{k} against {base}: median margin no higher on {wins} of {len(pairs)} seeds; "
+            f"per-seed paired median difference {min(diffs):+.4f} to {max(diffs):+.4f} (median "
+            f"{statistics.median(diffs):+.4f}); at or below on {at_most:.2f} of "
             "(example, seed) pairs"
         )
 
@@ -338,16 +405,32 @@ def step_times(model, x, y, threat, names, args) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-ATTACKS = ("input-only", "joint", "joint apgd", "naive")
+ATTACKS = (
+    "input-only",
+    "joint",
+    "joint linear",
+    "joint apgd",
+    "naive",
+    "naive linear",
+    "naive apgd",
+)
+# (attack, baseline) compared per example over the seeds
+PAIRS = (
+    ("joint", "naive"),
+    ("joint linear", "naive"),
+    ("joint linear", "naive linear"),
+    ("joint apgd", "naive"),
+    ("joint apgd", "naive apgd"),
+)
 
 
 def print_times(per_step: dict[str, float]) -> None:
-    print("| attack | ms / step | / input-only | / naive |")
-    print("|---|---:|---:|---:|")
+    print("| attack | ms / step | / input-only | / naive | / naive apgd |")
+    print("|---|---:|---:|---:|---:|")
     for name, t in per_step.items():
         print(
             f"| {name} | {1e3 * t:.1f} | {t / per_step['input-only']:.2f} | "
-            f"{t / per_step['naive']:.2f} |"
+            f"{t / per_step['naive']:.2f} | {t / per_step['naive apgd']:.2f} |"
         )
 
 

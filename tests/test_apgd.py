@@ -340,10 +340,11 @@ def test_dropping_broken_examples_changes_no_outcome(method):
     seed=st.integers(0, 2**16),
 )
 def test_apgd_step_in_place_equals_the_projected_formula(kind, batch, shape, first, seed):
-    """APGD's step computed in place (boxes) gives exactly the numbers of the formula written
-    with the ball's own step and projection, and never writes into the iterate, the previous
-    point or the gradient (the best-so-far tracker keeps iterates without a copy)."""
-    from nonsingular.attacks.apgd import MOMENTUM, _momentum, _toward
+    """APGD's step, computed into the gradient (the run's own) by the ball's ``ascend`` with
+    a step per row, and its momentum computed in place, gives exactly the numbers of the
+    formula written with the ball's own step and projection, and never writes into the
+    iterate or the previous point (the best-so-far tracker keeps iterates without a copy)."""
+    from nonsingular.attacks.apgd import MOMENTUM, _momentum
     from nonsingular.balls import make_ball
 
     g = torch.Generator().manual_seed(seed)
@@ -358,8 +359,22 @@ def test_apgd_step_in_place_equals_the_projected_formula(kind, batch, shape, fir
 
     z_ref = ball.project(v + eta * ball.step(torch.zeros_like(v), grad, 1.0))
     moved_ref = ball.project(v + (a * (z_ref - v) + (1 - a) * (v - prev)))
-    z = _toward(ball, v, grad, eta)
+    assert torch.equal(ball.ascend(v, grad, eta), z_ref)  # not consumed: a new tensor
+    z = ball.ascend(v, grad.clone(), eta, consume=True)
     assert torch.equal(z, z_ref)
-    moved = _momentum(ball, v, z, prev, a)
+    moved = _momentum(ball, v, z, prev, a, torch.empty_like(v))
     assert torch.equal(moved, moved_ref)
     assert all(torch.equal(t, b) for t, b in zip((v, prev, grad), before, strict=True))
+
+
+def test_apgd_owns_each_gradient_it_computes_into():
+    """The run computes its next step into the gradients: one tensor handed to two variables
+    (autograd may), or an expanded one, is copied first, so no step writes into another's."""
+    from nonsingular.attacks.apgd import _owned
+
+    g = torch.randn(3, 4)
+    wide = torch.randn(4).expand(3, 4)
+    owned = _owned({"a": g, "b": g, "c": wide})
+    assert owned["a"] is g  # the first holder keeps it
+    assert owned["b"].data_ptr() != g.data_ptr() and torch.equal(owned["b"], g)
+    assert owned["c"].is_contiguous() and torch.equal(owned["c"], wide)

@@ -282,6 +282,8 @@ def test_the_model_is_untouched_when_an_attack_raises_midway(standard_mlp, sampl
         ({"method": "cw"}, "method"),
         ({"step_size": -0.1}, "step_size"),
         ({"samples": 0}, "samples"),
+        ({"schedule": "cosine"}, "schedule"),
+        ({"schedule": "linear", "method": "apgd"}, "schedule 'linear' is pgd's"),
     ],
 )
 def test_bad_options_raise_config_errors(standard_mlp, sample, kwargs, message):
@@ -419,3 +421,31 @@ def test_best_so_far_copies_a_kept_iterate_before_a_sub_batch_writes_into_it(sma
         assert torch.equal(v, kept[key])  # the attack's own iterate is untouched
         assert torch.equal(best.state[key][2], later[key][0])
         assert torch.equal(best.state[key][[0, 1, 3]], kept[key][[0, 1, 3]])
+
+
+def test_linear_schedule_steps_down_from_its_first_step(monkeypatch, standard_mlp, sample):
+    # schedule="linear": step i of n is first * (n - i) / n radii (first: 2 by default, or
+    # step_size), and every iterate stays in its ball and replays; constant: step_size always
+    x, y = sample
+    x, y = x[:8], y[:8]
+    sizes = []
+    original = JointSpace.step
+
+    def recording(self, x, state, grads, alpha, **kwargs):
+        sizes.append(alpha)
+        return original(self, x, state, grads, alpha, **kwargs)
+
+    monkeypatch.setattr(JointSpace, "step", recording)
+    threat = Threat(eps_x=0.1, eps_w=0.01)
+    res = ns.attack(standard_mlp, x, y, threat, steps=4, schedule="linear")
+    assert sizes == [2.0, 1.5, 1.0, 0.5]
+    sizes.clear()
+    ns.attack(standard_mlp, x, y, threat, steps=5, schedule="linear", step_size=0.5)
+    assert sizes == [0.5, 0.4, 0.3, 0.2, 0.1]
+    sizes.clear()
+    ns.attack(standard_mlp, x, y, threat, steps=4)
+    assert sizes == [2.5 / 4] * 4
+    for i in range(len(y)):
+        replayed = float(margins(res.replay(standard_mlp, i), y[i : i + 1]))
+        assert replayed == pytest.approx(float(res.margins[i]), abs=1e-4)
+        assert input_ok(threat, x[i : i + 1], res.x_adv[i : i + 1])

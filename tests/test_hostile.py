@@ -228,6 +228,8 @@ EVALUATE_CASES = {  # "{tmp}" stands for a fresh temporary directory
     "samples 0": (["--method", "noise", "--samples", "0"], "samples must be an integer"),
     "step size 0": (["--step-size", "0"], "step_size must be"),
     "step size huge": (["--step-size", "100"], "step_size must be"),
+    "schedule for apgd": (["--method", "apgd", "--schedule", "linear"], "schedule 'linear' is pgd"),
+    "schedule unknown": (["--schedule", "cosine"], "invalid choice"),
     "batch 0": (["--batch-size", "0"], "batch_size must be an integer from 1"),
     "test size 0": (["--test-size", "0"], "test_size must be a positive int"),
     "test size huge": (["--test-size", "1000000"], "test_size must be at most"),

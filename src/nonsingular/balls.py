@@ -56,10 +56,15 @@ class Ball(ABC):
     def contains(self, v: Tensor, rtol: float = 1e-5, atol: float = 1e-7) -> bool:
         """Whether ``v`` lies in the ball up to rounding."""
 
-    def ascend(self, v: Tensor, grad: Tensor, alpha: float, *, consume: bool = False) -> Tensor:
-        """``project(step(v, grad, alpha))``: one projected ascent step (the PGD update).
-        ``consume``: ``grad`` is the caller's own scratch tensor, which the step may compute
-        into (``v`` is never written into)."""
+    def ascend(
+        self, v: Tensor, grad: Tensor, alpha: float | Tensor, *, consume: bool = False
+    ) -> Tensor:
+        """``project(step(v, grad, alpha))``: one projected ascent step (the PGD update); with
+        ``alpha`` a tensor broadcasting against ``v`` (a step per row: APGD's),
+        ``project(v + alpha * step(0, grad, 1))``. ``consume``: ``grad`` is the caller's own
+        scratch tensor, which the step may compute into (``v`` is never written into)."""
+        if isinstance(alpha, Tensor):
+            return self.project(v + alpha * self.step(torch.zeros_like(v), grad, 1.0))
         return self.project(self.step(v, grad, alpha))
 
 
@@ -81,22 +86,21 @@ class BoxBall(Ball):
         r = _as_tensor(self.radius, v)
         return bool((v.abs() <= r * (1 + rtol) + atol).all())
 
-    def ascend(self, v: Tensor, grad: Tensor, alpha: float, *, consume: bool = False) -> Tensor:
-        # the hot path of every PGD step: the same numbers as project(step(...)) in three or
-        # four kernels, and no new tensor when the gradient is the caller's scratch
-        into = consume and _scratch(grad, v)
-        if isinstance(self.radius, float):
-            if into:
-                return (
-                    grad.sign_().mul_(alpha * self.radius).add_(v).clamp_(-self.radius, self.radius)
-                )
-            return v.add(grad.sign(), alpha=alpha * self.radius).clamp_(-self.radius, self.radius)
-        r = _as_tensor(self.radius, v)
-        if r.requires_grad:  # a relative radius carrying its parameter's gradient (training)
-            return super().ascend(v, grad, alpha)
-        if into:  # elementwise radius (relative linf)
-            return grad.sign_().mul_(r * alpha).add_(v).clamp_(min=-r, max=r)
-        return torch.addcmul(v, r * alpha, grad.sign()).clamp_(min=-r, max=r)
+    def ascend(
+        self, v: Tensor, grad: Tensor, alpha: float | Tensor, *, consume: bool = False
+    ) -> Tensor:
+        # the hot path of every PGD and APGD step: the same numbers as the definition in four
+        # or five kernels, and no new tensor when the gradient is the caller's scratch
+        r = self.radius if isinstance(self.radius, float) else _as_tensor(self.radius, v)
+        if isinstance(r, Tensor) and r.requires_grad:  # a relative radius carrying its
+            return super().ascend(v, grad, alpha)  # parameter's gradient (training)
+        s = grad.sign_() if consume and _scratch(grad, v) else grad.sign()
+        if isinstance(alpha, Tensor):  # a step per row: |s| r exactly, then times the row's
+            s.mul_(r).mul_(alpha)
+        else:
+            s.mul_(alpha * r)
+        s.add_(v)
+        return s.clamp_(-r, r) if isinstance(r, float) else s.clamp_(min=-r, max=r)
 
 
 class L2Ball(Ball):

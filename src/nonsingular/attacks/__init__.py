@@ -3,7 +3,7 @@ at once, the strong ensemble (APGD-CE, then targeted APGD-DLR), and the random-n
 baseline, on any model nonsingular can read."""
 
 from .apgd import apgd
-from .options import LOSSES, METHODS, AttackOptions
+from .options import LOSSES, METHODS, SCHEDULES, AttackOptions
 from .pgd import attack, attack_loss, default_step_size, pgd
 from .result import AttackResult
 from .space import JointSpace, State, check_domain, margins
@@ -11,6 +11,7 @@ from .space import JointSpace, State, check_domain, margins
 __all__ = [
     "LOSSES",
     "METHODS",
+    "SCHEDULES",
     "AttackOptions",
     "AttackResult",
     "JointSpace",

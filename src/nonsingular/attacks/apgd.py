@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..balls import Ball, BoxBall
 from .options import APGD_STEP
-from .space import JointSpace, State, finite_gradient
+from .space import JointSpace, State, Variable, copy_rows, finite_gradient
 
 MOMENTUM = 0.75
 RHO = 0.75  # the fraction of steps since the last checkpoint that must raise the loss
@@ -44,37 +44,45 @@ def checkpoints(steps: int) -> set[int]:
 class _Run:
     """The state of one APGD run: per row (an example, or the whole batch when shared) its
     step size, best loss and checkpoint counters; per variable the current, previous and best
-    points and the gradients at the current and the best one."""
+    points and the gradients at the current and the best one.
+
+    The iterates it is given are never written into (the best-so-far tracker keeps them
+    without a copy); the gradients are its own: the next step is computed into them. The best
+    point and its gradients live in buffers of the run's own, updated row by row in place
+    (no new tensor a step: on a large per-example state, fresh memory costs more than
+    the arithmetic)."""
 
     def __init__(self, space: JointSpace, state: State, grads: State, f: Tensor, alpha: float):
         self.space, self.shared = space, space.is_shared
-        self.cur, self.grad, self.prev = state, grads, state
-        self.best, self.grad_best = dict(state), dict(grads)
+        self.cur, self.prev = state, state
+        self.grad = _owned(grads)
+        self.best = {k: v.clone() for k, v in state.items()}
+        self.grad_best = {k: g.clone() for k, g in self.grad.items()}
         self.f_best, self.f_prev, self.f_mark = f, f, f
         self.eta = torch.full_like(f, alpha)
         self.successes = torch.zeros_like(f)
         self.reduced = torch.zeros_like(f, dtype=torch.bool)
+        self.spare: list[State] = []  # buffers a checkpoint sends points back into
+        self.scratch: State = {}  # each box variable's momentum term
 
     def rows(self, t: Tensor, v: Tensor) -> Tensor:
         """``t`` (one value per row) shaped to broadcast against the variable ``v``."""
         return t.reshape(()) if self.shared else t.reshape(-1, *[1] * (v.dim() - 1))
 
-    def _where(self, mask: Tensor, a: State, b: State) -> State:
-        """``a`` where ``mask``, else ``b``, row by row: ``a`` or ``b`` itself (no copy) when
-        every row or none takes it (iterates are never written into)."""
-        if bool(mask.all()):
-            return dict(a)
-        if not bool(mask.any()):
-            return b
-        return {k: torch.where(self.rows(mask, v), a[k], v) for k, v in b.items()}
+    def _copy(self, into: State, mask: Tensor, source: State) -> None:
+        """``into[k][i] = source[k][i]`` for every row ``i`` in ``mask``, in place."""
+        for k, v in into.items():
+            copy_rows(v, source[k], mask, self.shared)
 
     def update(self, state: State, grads: State, f: Tensor) -> None:
-        """Record the iterate ``state`` of loss ``f`` and its gradients."""
+        """Record the iterate ``state`` of loss ``f`` and its gradients ``grads`` (the run's
+        own from now on)."""
         self.successes += (f > self.f_prev).to(f.dtype)
         self.f_prev = f
         better = f > self.f_best
-        self.best = self._where(better, state, self.best)
-        self.grad_best = self._where(better, grads, self.grad_best)
+        grads = _owned(grads)
+        self._copy(self.best, better, state)
+        self._copy(self.grad_best, better, grads)
         self.f_best = torch.where(better, f, self.f_best)
         self.prev, self.cur, self.grad = self.cur, state, grads
 
@@ -83,10 +91,24 @@ class _Run:
         iterations, and send them back to their best point."""
         reduce = (self.successes <= RHO * length) | (~self.reduced & (self.f_mark >= self.f_best))
         self.eta = torch.where(reduce, self.eta / 2, self.eta)
-        self.cur = self._where(reduce, self.best, self.cur)
-        self.grad = self._where(reduce, self.grad_best, self.grad)
+        if bool(reduce.any()):
+            self.cur = self._sent_back(reduce)
+        self._copy(self.grad, reduce, self.grad_best)
         self.reduced, self.f_mark = reduce, self.f_best
         self.successes = torch.zeros_like(self.successes)
+
+    def _sent_back(self, reduce: Tensor) -> State:
+        """The current point with the rows ``reduce`` at their best point, in a buffer of the
+        run's own: two in turn, as the one written last is still the previous point (the best
+        point's buffers change at the next update, before the step that reads it)."""
+        if len(self.spare) < 2:
+            into = {k: torch.empty_like(v) for k, v in self.cur.items()}
+        else:
+            into = self.spare.pop(0)
+        self._copy(into, ~reduce, self.cur)  # one pass: each row from one of the two
+        self._copy(into, reduce, self.best)
+        self.spare.append(into)
+        return dict(into)
 
     def keep(self, mask: Tensor) -> None:
         """Go on with the rows ``mask`` only (per-example runs)."""
@@ -94,21 +116,41 @@ class _Run:
             setattr(self, name, {k: v[mask] for k, v in getattr(self, name).items()})
         for name in ("f_best", "f_prev", "f_mark", "eta", "successes", "reduced"):
             setattr(self, name, getattr(self, name)[mask])
+        self.spare, self.scratch = [], {}
 
     def step(self, x: Tensor, first: bool) -> State:
-        """The next iterate: a step of ``eta`` radii along each ball's ascent direction, then
-        momentum over the previous move (none on the first step), projected into each ball."""
+        """The next iterate, computed into the gradients: a step of ``eta`` radii along each
+        ball's ascent direction, then momentum over the previous move (none on the first
+        step), projected into each ball."""
         a = 1.0 if first else MOMENTUM
+        balls = self.space.balls
         z = {
-            key: _toward(self.space.balls[key], v, self.grad[key], self.rows(self.eta, v))
+            key: balls[key].ascend(v, self.grad[key], self.rows(self.eta, v), consume=True)
             for key, v in self.cur.items()
         }
         z = self.space.clamp_input(x, z)
         moved = {
-            key: _momentum(self.space.balls[key], v, z[key], self.prev[key], a)
+            key: _momentum(balls[key], v, z[key], self.prev[key], a, self._scratch(key, v))
             for key, v in self.cur.items()
         }
         return self.space.clamp_input(x, moved)
+
+    def _scratch(self, key: Variable, v: Tensor) -> Tensor:
+        if key not in self.scratch or self.scratch[key].shape != v.shape:
+            self.scratch[key] = torch.empty_like(v)
+        return self.scratch[key]
+
+
+def _owned(grads: State) -> State:
+    """``grads`` as tensors the run may write into: each its own dense memory (autograd may
+    hand one tensor to two variables, or an expanded one)."""
+    seen: set[int] = set()
+    owned = {}
+    for k, g in grads.items():
+        ptr = g.data_ptr()
+        owned[k] = g.clone() if ptr in seen or not g.is_contiguous() else g
+        seen.add(ptr)
+    return owned
 
 
 def _box(ball: Ball) -> Tensor | float | None:
@@ -120,26 +162,20 @@ def _box(ball: Ball) -> Tensor | float | None:
     return r if isinstance(r, float) or not r.requires_grad else None
 
 
-def _toward(ball: Ball, v: Tensor, grad: Tensor, eta: Tensor) -> Tensor:
-    """``project(v + eta * step(0, grad, 1))``, a new tensor: a box's in three passes over
-    one new tensor, the same numbers (its step is ``radius * sign(grad)``)."""
-    r = _box(ball)
-    if r is None:
-        return ball.project(v + eta * ball.step(torch.zeros_like(v), grad, 1.0))
-    z = grad.sign().mul_(r).mul_(eta).add_(v)
-    return z.clamp_(-r, r) if isinstance(r, float) else z.clamp_(min=-r, max=r)
-
-
-def _momentum(ball: Ball, v: Tensor, z: Tensor, prev: Tensor, a: float) -> Tensor:
+def _momentum(
+    ball: Ball, v: Tensor, z: Tensor, prev: Tensor, a: float, scratch: Tensor | None = None
+) -> Tensor:
     """``project(v + (a (z - v) + (1 - a) (v - prev)))``, computed into ``z`` (the caller's
-    own) where the ball is a box: the same numbers (with ``a = 1`` the second term, zero, is
-    not added)."""
+    own) where the ball is a box (``scratch``: a tensor like ``v`` for the momentum term):
+    the same numbers (with ``a = 1`` neither the product by 1 nor the second term, zero, is
+    computed)."""
     r = _box(ball)
     if r is None:
         return ball.project(v + (a * (z - v) + (1 - a) * (v - prev)))
-    z = z.sub_(v).mul_(a)
+    z = z.sub_(v) if a == 1.0 else z.sub_(v).mul_(a)
     if a != 1.0:
-        z.add_((v - prev).mul_(1 - a))
+        term = torch.sub(v, prev) if scratch is None else torch.sub(v, prev, out=scratch)
+        z.add_(term.mul_(1 - a))
     z.add_(v)
     return z.clamp_(-r, r) if isinstance(r, float) else z.clamp_(min=-r, max=r)
 

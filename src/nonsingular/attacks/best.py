@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .space import JointSpace, State
+from .space import JointSpace, State, copy_rows
 
 
 class BestSoFar:
@@ -19,9 +19,11 @@ class BestSoFar:
         self.margins = clean.clone()
         self.state = space.zeros(x)
         # variables whose best is an attack's iterate itself, held without a copy (attacks
-        # never write into their iterates: each step makes new tensors); copied on a partial
-        # update
+        # never write into their iterates: each step makes new tensors); on a partial update
+        # the best is written into a buffer of the tracker's own (``_own``), in place: on a
+        # large per-example state a new tensor costs more than the copy
         self._borrowed: set[object] = set()
+        self._own = dict(self.state)
         self.x_adv = x.clone()
         self.score = self._score(clean)
         self.classes = classes  # how many the model tells apart (targeted runs' targets)
@@ -48,21 +50,27 @@ class BestSoFar:
         whole = self._whole(index)
         everyone = whole and bool(better.all())
         for key, v in state.items():
-            if not self.space.batched[key]:
+            if not self.space.batched[key] or not (everyone or bool(better.any())):
                 continue
             if everyone:  # every row improved: keep the candidate itself, no copy
                 self.state[key] = v.detach()
                 self._borrowed.add(key)
-            elif whole:  # one pass, into a new tensor: what is kept is never written into
-                mask = better.reshape(-1, *[1] * (v.dim() - 1))
-                self.state[key] = torch.where(mask, v.detach(), self.state[key])
-                self._borrowed.discard(key)
-            elif bool(better.any()):
-                if key in self._borrowed:  # the attack's own tensor: copy before writing
-                    self.state[key] = self.state[key].clone()
-                    self._borrowed.discard(key)
-                self.state[key][rows] = v[better].detach()
+                continue
+            own = self._owned(key)
+            if whole:  # the improved rows, in place
+                copy_rows(own, v.detach(), better)
+            else:
+                own[rows] = v[better].detach()
         return better
+
+    def _owned(self, key: object) -> Tensor:
+        """The tracker's own buffer of ``key``, holding its best point (written into next)."""
+        own = self._own[key]
+        if key in self._borrowed:  # the attack's own tensor: copied, never written into
+            own.copy_(self.state[key])
+            self._borrowed.discard(key)
+        self.state[key] = own
+        return own
 
     def _whole(self, index: Tensor) -> bool:
         """Whether ``index`` is every row in order (0..B-1)."""

@@ -11,12 +11,20 @@ from ..errors import ConfigError
 
 LOSSES = ("ce", "margin", "dlr", "both", "dlr-targeted")
 METHODS = ("pgd", "apgd", "strong", "noise")
+SCHEDULES = ("constant", "linear")
 APGD_STEP = 2.0  # APGD's first step, in radii (Croce & Hein 2020: 2 eps)
+LINEAR_STEP = 2.0  # the first step of PGD's linear schedule, in radii
 
 
 def pgd_step_size(steps: int) -> float:
     """PGD's step as a fraction of each ball's radius: 2.5 radii in all (1 for FGSM)."""
     return 1.0 if steps == 1 else 2.5 / steps
+
+
+def scheduled(alpha: float, schedule: str, step: int, steps: int) -> float:
+    """PGD's step ``step`` (0-based) of ``steps``, in radii: ``alpha`` (``constant``), or
+    ``alpha (steps - step) / steps`` (``linear``: from ``alpha`` down to ``alpha / steps``)."""
+    return alpha if schedule == "constant" else alpha * (steps - step) / steps
 
 
 @dataclass(frozen=True)
@@ -36,8 +44,12 @@ class AttackOptions:
     targets:      targeted runs: the ``targets`` classes other than the label with the highest
                   clean logits, each the target of its own run (at most classes - 1 are used).
     step_size:    step as a fraction of each ball's radius (pgd: default ``2.5 / steps``, 1 for
-                  FGSM; apgd: the first step, default 2, then halved at checkpoints), so the
-                  input and every weight variable move in proportion to their budget.
+                  FGSM; with ``schedule="linear"`` the first step, default 2; apgd: the first
+                  step, default 2, then halved at checkpoints), so the input and every weight
+                  variable move in proportion to their budget.
+    schedule:     pgd's step sizes: ``constant`` (``step_size`` every step) or ``linear``
+                  (from ``step_size`` down to ``step_size / steps`` at the last step, in equal
+                  decrements: larger steps first, at the same cost).
     random_start: start inside the ball at random (default: when ``steps > 1``).
     samples:      draws of ``method="noise"``.
     seed:         seeds every random draw, example by example (with each example's position
@@ -50,6 +62,7 @@ class AttackOptions:
     loss: str = "ce"
     targets: int = 3
     step_size: float | None = None
+    schedule: str = "constant"
     random_start: bool | None = None
     samples: int = 100
     seed: int = 0
@@ -57,6 +70,11 @@ class AttackOptions:
     def __post_init__(self) -> None:
         choice("method", self.method, METHODS)
         choice("loss", self.loss, LOSSES)
+        choice("schedule", self.schedule, SCHEDULES)
+        if self.schedule != "constant" and self.method != "pgd":
+            raise ConfigError(
+                f"schedule {self.schedule!r} is pgd's; method {self.method!r} sets its own steps"
+            )
         integer("steps", self.steps, 1, 100_000)
         integer("restarts", self.restarts, 1, 1_000)
         integer("samples", self.samples, 1, 1_000_000)
@@ -79,12 +97,12 @@ class AttackOptions:
     @property
     def alpha(self) -> float:
         """The step as a fraction of each ball's radius: PGD's 2.5 radii in all (1 for FGSM);
-        APGD's first step (2 radii)."""
+        the first step of PGD's linear schedule (2 radii) or of APGD (2 radii)."""
         if self.step_size is not None:
             return self.step_size
         if self.method in ("apgd", "strong"):
             return APGD_STEP
-        return pgd_step_size(self.steps)
+        return LINEAR_STEP if self.schedule == "linear" else pgd_step_size(self.steps)
 
     @property
     def starts_at_random(self) -> bool:

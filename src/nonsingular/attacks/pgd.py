@@ -28,7 +28,7 @@ from ..threat import Threat
 from .apgd import apgd
 from .best import BestSoFar
 from .noise import noise
-from .options import AttackOptions, pgd_step_size
+from .options import AttackOptions, pgd_step_size, scheduled
 from .result import AttackResult
 from .space import (
     INPUT,
@@ -76,8 +76,10 @@ def pgd(
     reduce: Callable[[Tensor], Tensor] | None = None,
     target: Tensor | None = None,
     start: State | None = None,
+    schedule: str = "constant",
 ) -> tuple[State, Tensor]:
-    """The one PGD loop: ``steps`` projected ascent steps on every variable of ``space``.
+    """The one PGD loop: ``steps`` projected ascent steps on every variable of ``space``, of
+    ``alpha`` radii (``schedule="linear"``: decreasing from ``alpha``, ``scheduled``).
 
     ``seed`` and ``positions`` (each example's place in its data set, default 0..B-1) seed the
     random start example by example (``JointSpace.random``). ``on_iterate(logits, state)``
@@ -114,7 +116,8 @@ def pgd(
             x, y, target = x[keep], y[keep], None if target is None else target[keep]
             detached = {k: v[keep] if space.batched[k] else v for k, v in detached.items()}
             found = {k: g[keep] if space.batched[k] else g for k, g in found.items()}
-        state = space.step(x, detached, found, alpha, consume=True)  # found: its own
+        size = scheduled(alpha, schedule, it, steps)
+        state = space.step(x, detached, found, size, consume=True)  # found: its own
     return {k: v.detach() for k, v in state.items()}, torch.tensor(trace)
 
 
@@ -187,7 +190,16 @@ def _one_run(
     if run.algorithm == "apgd" and run.start is None:
         _, trace = apgd(space, x[index], y[index], loss=loss, **common)  # type: ignore[arg-type]
     else:
-        _, trace = pgd(space, x[index], y[index], loss=loss, start=run.start, **common)  # type: ignore[arg-type]
+        schedule = options.schedule if run.algorithm == "pgd" else "constant"
+        _, trace = pgd(
+            space,
+            x[index],
+            y[index],
+            loss=loss,
+            start=run.start,
+            schedule=schedule,
+            **common,  # type: ignore[arg-type]
+        )
     return trace
 
 

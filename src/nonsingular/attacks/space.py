@@ -22,6 +22,7 @@ Attacks and adversarial training walk its variables; nothing here branches on th
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -80,6 +81,21 @@ def finite_gradient(g: Tensor | None, like: Tensor) -> Tensor:
     if g is None:
         return torch.zeros_like(like)
     return g if bool(torch.isfinite(g.sum())) else g.nan_to_num(0.0, 0.0, 0.0)
+
+
+def copy_rows(into: Tensor, source: Tensor, mask: Tensor, shared: bool = False) -> None:
+    """``into[i] = source[i]`` for every row ``i`` where ``mask``, in place, consecutive rows
+    in one copy (``shared``: one flag for the whole tensor)."""
+    if shared:
+        if bool(mask.all()):
+            into.copy_(source)
+        return
+    start = 0
+    for flag, run in itertools.groupby(mask.tolist()):
+        end = start + len(list(run))
+        if flag:
+            into[start:end].copy_(source[start:end])
+        start = end
 
 
 def check_positions(positions: object, batch: int) -> Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint
-from ..attacks import LOSSES, METHODS, AttackOptions
+from ..attacks import LOSSES, METHODS, SCHEDULES, AttackOptions
 from ..certificates import CertifyOptions
 from ..certificates.options import BAB_SECONDS
 from ..certificates.options import METHODS as CERTIFY_METHODS
@@ -123,6 +123,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         loss=args.loss,
         targets=args.targets,
         step_size=args.step_size,
+        schedule=args.schedule,
         samples=args.samples,
         seed=args.seed,
     )  # checked before anything is loaded
@@ -171,12 +172,7 @@ def register(sub: Any) -> None:
         help="targeted runs (--loss dlr-targeted, --method strong): the classes other than the "
         f"label with the highest clean logits, one run each (default {DEFAULT.targets})",
     )
-    a.add_argument(
-        "--step-size",
-        type=float,
-        default=DEFAULT.step_size,
-        help="step as a fraction of each budget (default pgd 2.5/steps; apgd's first step 2)",
-    )
+    add_step_size(a)
     a.add_argument(
         "--samples",
         type=int,
@@ -194,6 +190,24 @@ def register(sub: Any) -> None:
     add_time_limit(a)
     add_save_examples(p)
     p.set_defaults(func=run_evaluate)
+
+
+def add_step_size(group: Any) -> None:
+    """--step-size and --schedule (the attack's steps)."""
+    group.add_argument(
+        "--step-size",
+        type=float,
+        default=DEFAULT.step_size,
+        help="step as a fraction of each budget (default pgd 2.5/steps, its linear schedule's "
+        "first step 2; apgd's first step 2)",
+    )
+    group.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=DEFAULT.schedule,
+        help="pgd's step sizes: constant, or linear from --step-size down to --step-size/steps "
+        f"(default {DEFAULT.schedule})",
+    )
 
 
 def add_save_examples(parser: Any) -> None:
