@@ -32,10 +32,13 @@ many seeds the attack's median is no higher than the baseline's. A step's time i
 of ``--repeats``, on the first model. ``--kernels`` also times, for each convolution shape of
 the model, one forward + backward of a per-example convolution in
 each parametrization (grouped convolution, unfold + batched matmul, vmap of ``F.conv2d``).
+``--zero-start`` also runs the joint and the naive PGD from the unperturbed point (no
+randomness) and compares their margins example by example.
 
     python benchmarks/conv_joint_attack.py [--width 16] [--batch 64] [--steps 10]
         [--eps-x 0.02] [--eps-w 0.003] [--w-mode relative] [--seeds 5] [--models 2]
         [--epochs 5] [--out runs/conv-joint-attack] [--repeats 3] [--kernels] [--wider]
+        [--zero-start]
 """
 
 from __future__ import annotations
@@ -141,19 +144,24 @@ def trained(width: int, seed: int, epochs: int, out: Path) -> tuple[nn.Module, f
     return model, accuracy
 
 
-def naive_joint_pgd(model, x, y, threat, names, steps, seed=0, schedule="constant"):
+def naive_joint_pgd(
+    model, x, y, threat, names, steps, seed=0, schedule="constant", random_start=True
+):
     """Per-example joint PGD with a full copy of every moved weight per example (vmap of
     ``functional_call``), linf balls; the best-so-far margin of each example. Its steps are the
-    library's for ``schedule`` (``scheduled``): 2.5 / steps radii, or linear from 2 radii."""
+    library's for ``schedule`` (``scheduled``): 2.5 / steps radii, or linear from 2 radii.
+    ``random_start=False``: start at the unperturbed point (no randomness at all)."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = {n: b for n, b in model.named_buffers()}
     radii = {n: radius(threat, params[n]) for n in names}
     alpha = LINEAR_STEP if schedule == "linear" else 2.5 / steps
     g = torch.Generator().manual_seed(seed)
-    d = (2 * torch.rand(x.shape, generator=g) - 1) * threat.eps_x
+    scale = 1.0 if random_start else 0.0
+    d = (2 * torch.rand(x.shape, generator=g) - 1) * threat.eps_x * scale
     d = (x + d).clamp(0, 1) - x
     deltas = {
-        n: (2 * torch.rand((len(x), *params[n].shape), generator=g) - 1) * radii[n] for n in names
+        n: (2 * torch.rand((len(x), *params[n].shape), generator=g) - 1) * radii[n] * scale
+        for n in names
     }
 
     def logits_one(delta, xi):
@@ -376,6 +384,34 @@ def strength(model, x, y, threat, names, args) -> dict[str, list[Tensor]]:
     return found
 
 
+def zero_start(model, x, y, threat, names, steps: int) -> None:
+    """The joint and the naive PGD both started at the unperturbed point (no random start, so
+    no randomness): the same algorithm on the same variables up to the final Linear's lemma
+    vector, so their margins should agree example by example; printed: the largest and the
+    median per-example difference, and on how many examples joint ends at or below naive."""
+    for schedule in ("constant", "linear"):
+        joint = ns.attack(
+            model,
+            x,
+            y,
+            threat,
+            steps=steps,
+            restarts=1,
+            loss="ce",
+            schedule=schedule,
+            random_start=False,
+        ).margins
+        naive = naive_joint_pgd(model, x, y, threat, names, steps, 0, schedule, False)
+        diff = joint - naive
+        print(
+            f"zero start, {schedule} steps: joint median margin {float(joint.median()):.4f}, "
+            f"naive {float(naive.median()):.4f}; joint - naive per example: median "
+            f"{float(diff.median()):+.2e}, largest |.| {float(diff.abs().max()):.2e}; joint at "
+            f"or below naive on {int((diff <= 0).sum())} of {len(diff)}, within 1e-4 above on "
+            f"{int(((diff > 0) & (diff <= 1e-4)).sum())}"
+        )
+
+
 def paired_summary(found: dict[str, list[Tensor]]) -> None:
     """Over the seeds, for each (attack, baseline) of ``PAIRS``: how often the attack's median
     margin is no higher than the baseline's, the median of the per-seed paired median
@@ -452,6 +488,11 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     parser.add_argument("--kernels", action="store_true", help="also time conv kernels")
     parser.add_argument(
+        "--zero-start",
+        action="store_true",
+        help="also joint against naive PGD both from the unperturbed point (no random start)",
+    )
+    parser.add_argument(
         "--wider", action="store_true", help="also a naive attack moving every *.weight"
     )
     return parser.parse_args()
@@ -481,6 +522,8 @@ def main() -> None:
         if args.seeds > 0:
             for k, v in strength(model, x, y, threat, names, args).items():
                 found[k] += v
+        if args.zero_start:
+            zero_start(model, x, y, threat, names, args.steps)
         if index == 0 and args.wider:
             every = [n for n, _ in model.named_parameters() if n.endswith("weight")]
             wider = naive_joint_pgd(model, x, y, threat, every, args.steps, 0)
