@@ -18,15 +18,27 @@ shared machine the steadier of the two, and with ``--threads 1`` the time one co
 and certified counts; a certified example that the attack broke, or an example "before"
 certifies and "after" does not, stops the script.
 
+``--processes N`` then certifies the same digits again ("after") the way a user spreads them
+over ``N`` cores (``OMP_NUM_THREADS=1 torchrun --nproc_per_node N``): ``N`` fresh Python
+processes of one thread each, the digits dealt out chunk by chunk, timed as a whole from
+their launch to the last one's exit (start-up, imports and loading included, no warm-up);
+CPU seconds are theirs in all. Needs ``--model-cache`` (the workers load the model).
+
     python benchmarks/crown_resnet.py [--examples 100] [--epochs 20] [--dtype float64]
-        [--chunk 5] [--before-examples N] [--threads N] [--model-cache resnet.safetensors]
+        [--chunk 5] [--before-examples N] [--threads N] [--processes N]
+        [--model-cache resnet.safetensors]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,6 +81,60 @@ def trained(epochs: int, cache: str | None) -> torch.nn.Module:
     return model
 
 
+def worker(args: argparse.Namespace) -> None:
+    """One of ``--processes`` workers: certify its share of the digits ("after", one thread)
+    and write which it certified to ``--result`` (JSON)."""
+    torch.set_num_threads(1)
+    data = load("mnist5k")
+    model = trained(args.epochs, args.model_cache)
+    chunks = range(args.worker * args.chunk, args.examples, args.processes * args.chunk)
+    found: dict[str, bool] = {}
+    for i in chunks:
+        stop = min(args.examples, i + args.chunk)
+        x, y = data.x_test[i:stop], data.y_test[i:stop]
+        cert = timed(model, x, y, True, getattr(torch, args.dtype))[0]
+        found.update({str(i + j): bool(c) for j, c in enumerate(cert.certified.tolist())})
+    Path(args.result).write_text(json.dumps(found))
+
+
+def spread(args: argparse.Namespace, broken: torch.Tensor) -> None:
+    """The digits certified by ``--processes`` one-thread processes at once: prints the wall
+    and CPU seconds per example of the whole, start-up included, and the certified count."""
+    n, count = args.examples, args.processes
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as folder:
+        results = [Path(folder) / f"worker{i}.json" for i in range(count)]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        workers = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", str(i), "--processes", str(count)]
+                + ["--examples", str(n), "--chunk", str(args.chunk), "--dtype", args.dtype]
+                + ["--epochs", str(args.epochs), "--model-cache", args.model_cache]
+                + ["--result", str(results[i])],
+                env=env,
+            )
+            for i in range(count)
+        ]
+        codes = [w.wait() for w in workers]
+        took = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if any(codes):
+            raise SystemExit(f"a worker failed: exit codes {codes}")
+        found: dict[str, bool] = {}
+        for path in results:
+            found.update(json.loads(path.read_text()))
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    certified = torch.tensor([found[str(i)] for i in range(n)])
+    if bool((certified & broken).any()):
+        raise SystemExit("UNSOUND: an example the attack broke was certified")
+    print(
+        f"{count} processes x 1 thread: {took / n:.2f} s/example wall ({cpu / n:.2f} CPU s), "
+        f"whole command {took:.1f} s, start-up included; certified "
+        f"{int(certified.sum())}/{n}; load {os.getloadavg()[0]:.1f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=100)
@@ -82,7 +148,15 @@ def main() -> None:
         default=None,
         help="a .safetensors checkpoint: loaded if it exists, else written after training",
     )
+    parser.add_argument("--processes", type=int, default=0, help="also spread over N processes")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker is not None:
+        worker(args)
+        return
+    if args.processes and args.model_cache is None:
+        raise SystemExit("--processes needs --model-cache (the workers load the model)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -142,6 +216,8 @@ def main() -> None:
             f"certified {int(certified[first_pass].sum())}/{count}"
         )
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    if args.processes:
+        spread(args, broken)
 
 
 if __name__ == "__main__":

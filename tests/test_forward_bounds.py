@@ -214,7 +214,7 @@ def test_the_box_weight_term_on_rows_of_many_values_is_caught(monkeypatch):
     threat = Threat(eps_x=0.02, eps_w=0.01, bias=True)
     graph, _, right = _bounds_of(model, x, threat)
     monkeypatch.setattr(crown_engine, "_PER_VALUE", (object,))  # every operator, unchecked
-    monkeypatch.setattr(torch, "count_nonzero", lambda t, dim: torch.zeros_like(t[..., 0]))
+    monkeypatch.setattr(crown_engine, "one_value_rows", lambda magnitude: True)
     _, _, loose = _bounds_of(model, x, threat)
     wider = [
         n.index
@@ -269,3 +269,134 @@ def test_the_first_pass_certifies_no_less_than_interval_boxes_alone(seed, monkey
     before = ns.certify(model, x, y, threat, "crown")
     assert bool(before.certified.any())
     assert bool((after.certified | ~before.certified).all())
+
+
+def adjoint_gap(op, weight: torch.Tensor, h: torch.Tensor) -> float:
+    """How far ``op.transpose`` is from the adjoint of ``op.apply`` at ``h`` (float64):
+    the largest of ``|<lam, A h> - <A^T lam, h>|`` over random rows ``lam`` and of its gap
+    to PyTorch's own ``convolution_backward``."""
+    out = op.apply(h, weight)
+    generator = torch.Generator().manual_seed(1)
+    lam = torch.randn(len(h), 4, *out.shape[1:], dtype=h.dtype, generator=generator)
+    back = op.transpose(lam, tuple(h.shape[1:]), weight)
+    left = (lam * out[:, None]).flatten(2).sum(-1)
+    right = (back * h[:, None]).flatten(2).sum(-1)
+    grad = torch.nn.grad.conv2d_input if op.kind == "conv2d" else torch.nn.grad.conv1d_input
+    flat = lam.reshape(-1, *lam.shape[2:])
+    reference = grad((len(flat), *h.shape[1:]), weight, flat, **op.conv)
+    return max(
+        float((left - right).abs().max()),
+        float((back.reshape(reference.shape) - reference).abs().max()),
+    )
+
+
+@st.composite
+def convolutions(draw):
+    """A conv1d or conv2d ``Affine`` with random channels, groups, kernel, stride, padding and
+    dilation, its weight and an input (float64) it reads at least one window of."""
+    from nonsingular.model.operators.affine import Affine
+
+    dims = draw(st.sampled_from([1, 2]))
+    groups = draw(st.sampled_from([1, 2]))
+    c_in, c_out = groups * draw(st.integers(1, 5)), groups * draw(st.integers(1, 3))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(dims))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    size = tuple(
+        max(1, d * (k - 1) + 1 - 2 * p) + draw(st.integers(0, 4))
+        for k, p, d in zip(kernel, padding, dilation, strict=True)
+    )
+    conv = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    op = Affine("conv1d" if dims == 1 else "conv2d", conv=conv)
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    weight = torch.randn(c_out, c_in // groups, *kernel, dtype=torch.float64, generator=generator)
+    h = torch.randn(2, c_in, *size, dtype=torch.float64, generator=generator)
+    return op, weight, h
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=convolutions())
+def test_convolutions_transpose_to_their_adjoint(case):
+    """``Affine.transpose`` (a transposed convolution, or a matrix product and col2im for
+    short weight rows) is the adjoint of the convolution, whatever its stride leaves unread."""
+    op, weight, h = case
+    assert adjoint_gap(op, weight, h) < 1e-10
+
+
+@pytest.mark.parametrize("fan_in", ["short", "long"])
+def test_a_transpose_that_drops_a_term_is_caught(fan_in, monkeypatch):
+    """The check above is not vacuous, on both ways ``Affine._adjoint`` takes: a col2im that
+    loses one column, or a transposed convolution that loses one output channel, is caught."""
+    from nonsingular.model.operators import affine
+
+    channels = 1 if fan_in == "short" else 8  # fan-in 9 (col2im) or 72
+    conv = {"stride": (2, 2), "padding": (1, 1), "dilation": (1, 1), "groups": 1}
+    op = affine.Affine("conv2d", conv=conv)
+    weight = torch.randn(4, channels, 3, 3, dtype=torch.float64)
+    h = torch.randn(2, channels, 8, 8, dtype=torch.float64)
+    assert (op.fan_in(weight) <= affine.FOLD_FAN_IN) == (fan_in == "short")
+    assert adjoint_gap(op, weight, h) < 1e-10
+    fold, transposed = affine.F.fold, dict(affine._CONV_TRANSPOSE)
+
+    def losing_fold(cols, *args, **kwargs):
+        cols = cols.clone()
+        cols[..., -1] = 0.0
+        return fold(cols, *args, **kwargs)
+
+    def losing_transpose(grad, *args):
+        grad = grad.clone()
+        grad[:, 0] = 0.0
+        return transposed["conv2d"](grad, *args)
+
+    monkeypatch.setattr(affine.F, "fold", losing_fold)
+    monkeypatch.setitem(affine._CONV_TRANSPOSE, "conv2d", losing_transpose)
+    assert adjoint_gap(op, weight, h) > 1e-3
+
+
+def test_concretizing_twice_gives_the_same_box_and_leaves_the_bounds_alone():
+    """``forward.concretize`` overwrites only its own temporaries (the magnitudes of ``M - D``
+    and ``M + D``): the bounds it reads are unchanged, a second call gives the same box, and
+    the box is the one the two linear functions give over the input box, computed here by
+    brute force over its corners' coordinates."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 2, 3, dtype=torch.float64, generator=generator)
+    region = InputRegion.from_threat(x, Threat(eps_x=0.1))
+    mid = torch.randn(2, 6, 4, 5, dtype=torch.float64, generator=generator)
+    rad = torch.rand(2, 6, 4, 5, dtype=torch.float64, generator=generator)
+    const = torch.randn(2, 4, 5, dtype=torch.float64, generator=generator)
+    for lin in (
+        forward.Linear(mid, const, rad, const.abs()),
+        forward.Linear(mid, const, None, const.abs()),
+        forward.Linear(None, const, rad, const.abs()),
+    ):
+        saved = [None if t is None else t.clone() for t in (lin.mid, lin.rad)]
+        first = forward.concretize(lin, region)
+        for before, now in zip(saved, (lin.mid, lin.rad), strict=True):
+            assert (before is None and now is None) or torch.equal(before, now)
+        again = forward.concretize(lin, region)
+        assert torch.equal(first.lower, again.lower) and torch.equal(first.upper, again.upper)
+        m = torch.zeros_like(mid) if lin.mid is None else lin.mid
+        d = torch.zeros_like(rad) if lin.rad is None else lin.rad
+        lo, hi = (
+            region.lower.flatten(1)[:, :, None, None],
+            region.upper.flatten(1)[:, :, None, None],
+        )
+        low_c, high_c = m - d, m + d  # each coordinate at the end of its range that is least
+        least = torch.minimum(low_c * lo, low_c * hi).sum(1)
+        most = torch.maximum(high_c * lo, high_c * hi).sum(1)
+        torch.testing.assert_close(first.lower, const - const.abs() + least)
+        torch.testing.assert_close(first.upper, const + const.abs() + most)
+
+
+def test_one_value_rows_are_told_from_rows_of_two():
+    """``crown_engine.one_value_rows``: rows of one nonzero (or none) pass; a row holding two
+    nonzeros, however small the second, fails."""
+    from nonsingular.certificates.crown_engine import one_value_rows
+
+    rows = torch.zeros(2, 3, 4, 5, dtype=torch.float64)
+    rows[0, 0, 1, 2], rows[1, 2, 3, 4] = 0.7, 2.5
+    assert one_value_rows(rows)
+    assert one_value_rows(rows[:, :0])
+    rows[1, 1, 0, 0], rows[1, 1, 2, 2] = 1.0, 1e-12
+    assert not one_value_rows(rows)

@@ -158,6 +158,8 @@ def crown_bounds(
     first = ForwardPass(graph, region) if intermediate == "crown" and FIRST_PASS else None
     if first is not None and not uses_forward(graph):
         first = None
+    # the last node CROWN may tighten: the first pass has nothing to give after it
+    last = max((i for i in readers if i not in exact), default=-1)
 
     def narrowed(index: int, box: Box) -> Box:
         if index in within:
@@ -174,7 +176,7 @@ def crown_bounds(
         box = narrowed(node.index, node_box(graph, budgets, node.index, bounds))
         bounds.set(node.index, box)
         relaxed = node.index in readers and node.index not in exact
-        if first is not None:  # the cheap first pass: CROWN only where it leaves work
+        if first is not None and node.index <= last:  # CROWN only where it leaves work
             found = first.step(bounds, node.index, relaxed)
             if found is not None:
                 box = narrowed(node.index, intersect(box, found))

@@ -209,9 +209,20 @@ def _weight_term(
     if budget.linear_in_input(h.lower):
         return budget.weight_terms(lam, h, bounds.unit, into=into)
     separate = box_support(lam, box, magnitude)
-    if first and bool((torch.count_nonzero(lam.flatten(2), dim=-1) <= 1).all()):
+    if first and one_value_rows(magnitude):
         return -separate
     return -torch.minimum(budget.coupled_support(lam, h, bounds.unit, magnitude), separate)
+
+
+def one_value_rows(magnitude: Tensor) -> bool:
+    """Whether every row of ``magnitude (B, K, ...)`` (a ``|lam|``) holds at most one value
+    that counts: its sum equals its largest entry (exactly so where one is nonzero; a second
+    one only passes where rounding absorbs it). Two cheap reductions, where counting the
+    nonzeros took 20 times as long."""
+    flat = magnitude.flatten(2)
+    if flat.shape[-1] == 0:
+        return True
+    return bool((flat.sum(-1) <= flat.amax(-1)).all())
 
 
 def added_support(

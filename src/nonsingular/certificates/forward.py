@@ -57,38 +57,44 @@ class Linear:
 
 
 def _combine(a: Tensor | None, b: Tensor | None, sign: float) -> Tensor | None:
-    """``a + sign b`` where None is zero."""
+    """``a + sign b`` where None is zero; ``sign`` is 1 or -1 (no product formed)."""
     if b is None:
         return a
     if a is None:
-        return b * sign
-    return a + b * sign if sign > 0 else a - b
+        return b if sign > 0 else -b
+    return a + b if sign > 0 else a - b
 
 
 def concretize(lin: Linear, region: InputRegion) -> Box:
     """The box the bounds give over the input region (``-inf``/``inf`` where not finite)."""
     (low_c, low), (high_c, high) = lin.lower_upper()
-    lower = low + _least(low_c, region, low.shape)
-    upper = high - _least(None if high_c is None else -high_c, region, low.shape)
+    fresh = lin.mid is not None and lin.rad is not None  # both new tensors of lower_upper
+    lower = low + _extreme(low_c, region, low.shape, -1.0, fresh)
+    upper = high + _extreme(high_c, region, low.shape, 1.0, fresh)
     lower = torch.where(torch.isnan(lower), -torch.inf, lower)
     upper = torch.where(torch.isnan(upper), torch.inf, upper)
     return Box(lower, upper)
 
 
-def _least(coeff: Tensor | None, region: InputRegion, shape: torch.Size) -> Tensor:
-    """``min over the region of coeff . x`` for every output, shaped ``shape`` (``(B, *out)``);
-    as two batched products over the box's centre and radius (the coefficients stay
-    ``(B, n_x, N)``)."""
+def _extreme(
+    coeff: Tensor | None, region: InputRegion, shape: torch.Size, sign: float, fresh: bool
+) -> Tensor:
+    """``min`` (``sign`` -1) or ``max`` (1) over the region of ``coeff . x`` for every output,
+    shaped ``shape`` (``(B, *out)``); over a box as two batched products with its centre and
+    radius, ``c . coeff + sign r . |coeff|`` (the coefficients stay ``(B, n_x, N)``).
+    ``fresh``: ``coeff`` is a temporary, overwritten by its magnitude."""
     if coeff is None:
         return region.lower.new_zeros(())
     batch, n = coeff.shape[:2]
     flat = coeff.reshape(batch, n, -1)
     if region.l2_radius is not None:  # the ball too: the general form
-        lam = flat.transpose(1, 2).reshape(batch, -1, *region.lower.shape[1:])
-        return region.minimum(lam).reshape(shape)
+        lam = (flat * -sign).transpose(1, 2).reshape(batch, -1, *region.lower.shape[1:])
+        return (region.minimum(lam) * -sign).reshape(shape)
     center = ((region.upper + region.lower) / 2).reshape(batch, 1, n)
     radius = ((region.upper - region.lower) / 2).reshape(batch, 1, n)
-    return (torch.bmm(center, flat) - torch.bmm(radius, flat.abs())).reshape(shape)
+    moved = torch.bmm(center, flat)
+    magnitude = flat.abs_() if fresh else flat.abs()
+    return torch.baddbmm(moved, radius, magnitude, alpha=sign).reshape(shape)
 
 
 def start(region: InputRegion) -> Linear:
@@ -167,7 +173,7 @@ def _arithmetic_step(node: Node, lins: list[Linear], args: tuple) -> Linear | No
     if len({tuple(lin.mid_const.shape) for lin, _ in boxed}) != 1:
         return None  # broadcasting between two values: restart from the box
     const = sum((term * scale for term, scale in terms if not isinstance(term, Box)), 0.0)
-    parts = [_scale_step(lin, scale, 0.0) for lin, scale in boxed]
+    parts = [lin if scale == 1.0 else _scale_step(lin, scale, 0.0) for lin, scale in boxed]
     total = parts[0]
     for part in parts[1:]:
         total = Linear(

@@ -196,7 +196,7 @@ class LayerBudget:
             else:
                 total = (fixed.abs() * self.op.weight_rows(r.expand_as(self.weight))).flatten(2)
                 total = total.sum(-1)
-            total = total + (sizes * through[:, None]).flatten(2).sum(-1)
+            total = total + _through_sum(sizes, through)
         else:
             moved = torch.einsum("bkgop,bgjp->bkgoj", sizes, spread)  # |L| r^T
             total = self.weight_radius * (
@@ -282,6 +282,15 @@ class LayerBudget:
         if self.bias_radius is not None:
             balls[self.op.bias_name] = make_ball(self.norm, self.bias_radius, batch_dims)
         return balls  # type: ignore[return-value]
+
+
+def _through_sum(sizes: Tensor, through: Tensor) -> Tensor:
+    """``(sizes * through).sum`` over everything but ``(B, k)``, for ``sizes (B, k, g, O, P)``
+    and ``through (B, g, O or 1, P)``: one batched product, no product tensor the size of
+    ``sizes`` in memory."""
+    batch, _, groups, outs, positions = sizes.shape
+    full = through.expand(batch, groups, outs, positions).reshape(batch, -1, 1)
+    return torch.bmm(sizes.reshape(batch, sizes.shape[1], -1), full).squeeze(-1)
 
 
 def _chord(h: Box, unit: float) -> tuple[Tensor, Tensor]:

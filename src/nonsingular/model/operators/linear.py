@@ -211,8 +211,8 @@ class Arithmetic(Operator):
         if self.kind in ("add", "sub"):
             lams: list[Tensor | None] = []
             for term, scale in ((a, 1.0), (b, self._coefficient())):
-                if isinstance(term, Box):
-                    lams.append(reduce_to(lam * scale, term.shape))
+                if isinstance(term, Box):  # a sum passes ``lam`` itself on (no product by 1)
+                    lams.append(reduce_to(lam if scale == 1.0 else lam * scale, term.shape))
                 else:
                     const = const + _dot_constant(lam, term * scale)
             return lams, const
