@@ -139,6 +139,27 @@ def test_evaluate_with_certified_columns_and_the_certify_command(capsys, ckpt, t
     assert "attacked" not in out and "certified (recursive) accuracy" in out
 
 
+def test_bound_dtype_reaches_the_certificates(capsys, ckpt, monkeypatch):
+    import nonsingular.cli.evaluate as cli_evaluate
+
+    seen = []
+    real = cli_evaluate.evaluate
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["certify_options"].dtype)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli_evaluate, "evaluate", recording)
+    common = ["--checkpoint", str(ckpt), "--test-size", "10", "--eps-x", "0.005"]
+    common += ["--eps-w", "1e-5", "--quiet", "--device", "cpu"]
+    for command, extra in (("certify", []), ("evaluate", ["--steps", "2", "--certify", "crown"])):
+        for flag, dtype in (([], torch.float64), (["--bound-dtype", "float32"], torch.float32)):
+            code, out, err = run(capsys, command, *common, *extra, *flag)
+            assert code == 0, err
+            assert seen.pop() == dtype, (command, flag)
+            assert "cert:crown" in out or "certified (crown)" in out
+
+
 def test_train_quick_then_evaluate(capsys):
     code, out, err = run(
         capsys,
@@ -194,6 +215,7 @@ def bad_cases(tmp_path):
         ),
         "bad device": (["--checkpoint", ok, "--device", "tpu9"], "device"),
         "unknown certificate": (["--checkpoint", ok, "--certify", "lp"], "unknown certificate"),
+        "bad bound dtype": (["--checkpoint", ok, "--bound-dtype", "float16"], "'float16'"),
     }
 
 

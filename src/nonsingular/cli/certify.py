@@ -9,15 +9,13 @@ from ..certificates import CertifyOptions
 from ..certificates.crown import INTERMEDIATE
 from ..certificates.options import METHODS
 from . import common
-from .evaluate import add_time_limit, evaluate_and_report, memory_bytes
+from .evaluate import add_certify_options, certify_options, evaluate_and_report
 
 DEFAULT = CertifyOptions()  # the flags' defaults: the options' own
 
 
 def run_certify(args: argparse.Namespace) -> int:
-    options = CertifyOptions(
-        intermediate=args.intermediate, time_limit=args.time_limit, memory_limit=memory_bytes(args)
-    )
+    options = certify_options(args, intermediate=args.intermediate)
     return evaluate_and_report(args, None, args.method, options)
 
 
@@ -46,5 +44,5 @@ def register(sub: Any) -> None:
         help=f"how crown bounds pre-activations (default {DEFAULT.intermediate})",
     )
     b.add_argument("--batch-size", type=int, default=1000, help="examples per batch")
-    add_time_limit(b)
+    add_certify_options(b)
     c.set_defaults(func=run_certify)

@@ -7,11 +7,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import checkpoint
 from ..attacks import LOSSES, METHODS, SCHEDULES, AttackOptions
 from ..certificates import CertifyOptions
 from ..certificates.options import BAB_SECONDS
 from ..certificates.options import METHODS as CERTIFY_METHODS
+from ..certificates.rounding import BOUND_DTYPES
 from ..checks import number
 from ..data import Dataset, load
 from ..distributed import ranks
@@ -127,7 +130,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         samples=args.samples,
         seed=args.seed,
     )  # checked before anything is loaded
-    certify = CertifyOptions(time_limit=args.time_limit, memory_limit=memory_bytes(args))
+    certify = certify_options(args)
     saver = example_saver(args)
     return evaluate_and_report(args, options, args.certify or [], certify, saver)
 
@@ -187,7 +190,7 @@ def register(sub: Any) -> None:
         metavar="METHODS",
         help=f"also certify, e.g. ibp,crown (from {', '.join(CERTIFY_METHODS)})",
     )
-    add_time_limit(a)
+    add_certify_options(a)
     add_save_examples(p)
     p.set_defaults(func=run_evaluate)
 
@@ -236,8 +239,28 @@ def memory_bytes(args: argparse.Namespace) -> int | None:
     return None if gb is None else int(number("--memory-limit", gb, 0.0, 1e6, positive=True) * 1e9)
 
 
-def add_time_limit(group: Any) -> None:
-    """--time-limit and --memory-limit: the certificates' limits (certify and evaluate)."""
+def certify_options(args: argparse.Namespace, **extra: Any) -> CertifyOptions:
+    """The certificates' options from --time-limit, --memory-limit and --bound-dtype (and
+    ``extra``), checked."""
+    return CertifyOptions(
+        time_limit=args.time_limit,
+        memory_limit=memory_bytes(args),
+        dtype=getattr(torch, args.bound_dtype),
+        **extra,
+    )
+
+
+def add_certify_options(group: Any) -> None:
+    """--time-limit, --memory-limit and --bound-dtype: the certificates' options (certify
+    and evaluate)."""
+    names = [str(d).removeprefix("torch.") for d in BOUND_DTYPES]
+    group.add_argument(
+        "--bound-dtype",
+        choices=names,
+        default=str(CertifyOptions().dtype).removeprefix("torch."),
+        help="precision the bounds are computed in, its rounding accounted for either way "
+        "(default %(default)s; float32 is faster, chiefly on convolutions)",
+    )
     group.add_argument(
         "--memory-limit",
         type=float,
