@@ -290,3 +290,35 @@ def test_adversarial_training_attacks_a_module_run_as_it_is_in_eval_mode(digits_
     train(config, digits_tiny, model=DIGIT_MODELS["transformer-encoder"](), progress=False)
     assert ("attack", False) in modes and ("loss", True) in modes
     assert ("attack", True) not in modes and ("loss", False) not in modes
+
+
+@pytest.mark.parametrize("method", ["weight-at", "joint-at"])
+def test_weight_attacks_inside_training_move_every_einsum_weight(digits_tiny, monkeypatch, method):
+    """The inner attack of weight-at and joint-at moves the raw einsum/matmul parameters W1
+    and W2 (not only layers the lemma reads), each to the edge of its ball somewhere."""
+    from nonsingular.attacks.space import Variable
+    from nonsingular.training import methods
+
+    seen: list[tuple[dict, object]] = []
+    real = methods._attack_state
+
+    def recording(*args, **kwargs):
+        state, space = real(*args, **kwargs)
+        seen.append((state, space))
+        return state, space
+
+    monkeypatch.setattr(methods, "_attack_state", recording)
+    model = DIGIT_MODELS["einsum-matmul"]()
+    config = TrainConfig(
+        method=method, epochs=1, batch_size=32, eval_size=8, attack_steps=3, eps_w=0.01
+    )
+    train(config, digits_tiny, model=model, progress=False)
+    attacked = [(state, space) for state, space in seen if space.balls]  # past the ramp's 0
+    assert attacked
+    for state, space in attacked:
+        for name in ("W1", "W2"):
+            key = Variable("weight", name)
+            assert key in state, (name, sorted(str(k) for k in state))
+            delta, radius = state[key], space.balls[key].radius
+            assert float(delta.abs().max()) > 0.99 * float(torch.as_tensor(radius).max())
+            assert float(delta.abs().max()) <= float(torch.as_tensor(radius).max()) * (1 + 1e-5)
