@@ -79,6 +79,30 @@ def worst_single_flip(q_model, x, y, eps, seed, positions=None, layers=None):
     return worst.view(points, -1).min(0).values
 
 
+def random_flips(space: FlipSpace, k: int, g: torch.Generator) -> list[tuple[str, int, int]]:
+    """``k`` random (weight, index, bit) flips of ``space``, drawn from ``g``; a flip drawn twice
+    counts once (fewer flips are inside the budget too)."""
+    flips = set()
+    for _ in range(k):
+        name = space.names[int(torch.randint(len(space.names), (1,), generator=g))]
+        index = int(torch.randint(space.params[name].numel(), (1,), generator=g))
+        flips.add((name, index, int(torch.randint(space.bits, (1,), generator=g))))
+    return sorted(flips)
+
+
+def violations(build, method: str, layers: list[str] | None = None) -> int:
+    """Examples, over 20 random float32 networks from ``build``, where ``method``'s one-flip
+    certificate (on ``layers``) lies above the worst single flip."""
+    count = 0
+    for seed in range(20):
+        q_model, x, y = build(seed, torch.float32)
+        truth = worst_single_flip(q_model, x, y, 0.0, seed, layers=layers)
+        threat = ns.Threat(flips=1, layers=layers)
+        certified = ns.certify(q_model, x, y, threat, method=method).worst
+        count += int((certified > truth).sum())
+    return count
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("eps", [0.0, 0.05])
 def test_single_flip_bounds_hold_against_exhaustive_enumeration(dtype, eps):
@@ -121,13 +145,7 @@ def test_single_flip_bounds_hold_on_a_trained_network():
 
 def test_removing_the_flip_term_breaks_soundness(monkeypatch):
     monkeypatch.setattr(bounds, "largest", lambda flips, k: flips[0].new_zeros(flips[0].shape[:2]))
-    violations = 0
-    for seed in range(20):
-        q_model, x, y = network(seed, torch.float32)
-        truth = worst_single_flip(q_model, x, y, 0.0, seed)
-        certified = ns.certify(q_model, x, y, ns.Threat(flips=1), method="crown").worst
-        violations += int((certified > truth).sum())
-    assert violations > 0
+    assert violations(network, "crown") > 0
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -141,19 +159,7 @@ def test_k_flip_bounds_hold_against_random_flip_sets(k):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for _ in range(100):
-                flips = []
-                for _ in range(k):
-                    name = space.names[int(torch.randint(len(space.names), (1,), generator=g))]
-                    size = space.params[name].numel()
-                    flips.append(
-                        (
-                            name,
-                            int(torch.randint(size, (1,), generator=g)),
-                            int(torch.randint(space.bits, (1,), generator=g)),
-                        )
-                    )
-                if len(set(flips)) < k:
-                    continue
+                flips = random_flips(space, k, g)
                 m = margins(functional_call(q_model, space.weights(flips), (x,)), y).double()
                 assert bool((certified <= m).all()), (seed, flips)
 
@@ -456,14 +462,7 @@ def test_removing_the_conv_flip_term_breaks_soundness(monkeypatch):
 
     row = Conv.flip_row
     monkeypatch.setattr(Conv, "flip_row", lambda self, h, k: row(self, h, k) * 0)
-    violations = 0
-    for seed in range(20):
-        q_model, x, y = conv_network(seed, torch.float32)
-        truth = worst_single_flip(q_model, x, y, 0.0, seed, layers=["0", "2"])
-        threat = ns.Threat(flips=1, layers=["0", "2"])  # the two convolutions only
-        certified = ns.certify(q_model, x, y, threat, method="ibp").worst
-        violations += int((certified > truth).sum())
-    assert violations > 0
+    assert violations(conv_network, "ibp", layers=["0", "2"]) > 0  # the two convolutions only
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -477,13 +476,7 @@ def test_conv_ibp_bounds_hold_against_random_flip_sets(k):
         g = torch.Generator().manual_seed(seed)
         sets = []
         for _ in range(100):
-            flips = set()
-            for _ in range(k):
-                name = space.names[int(torch.randint(len(space.names), (1,), generator=g))]
-                size = space.params[name].numel()
-                index = int(torch.randint(size, (1,), generator=g))
-                flips.add((name, index, int(torch.randint(space.bits, (1,), generator=g))))
-            sets += [sorted(flips)] * len(y)
+            sets += [random_flips(space, k, g)] * len(y)
         replayed = space.replay_margins(x.repeat(100, 1, 1, 1), y.repeat(100), sets)
         assert bool((certified.repeat(100) <= replayed.double()).all()), seed
 
