@@ -281,6 +281,8 @@ def adjoint_gap(op, weight: torch.Tensor, h: torch.Tensor) -> float:
     back = op.transpose(lam, tuple(h.shape[1:]), weight)
     left = (lam * out[:, None]).flatten(2).sum(-1)
     right = (back * h[:, None]).flatten(2).sum(-1)
+    if op.pad is not None:  # the explicit padding's adjoint too: no reference to compare with
+        return float((left - right).abs().max())
     grad = torch.nn.grad.conv2d_input if op.kind == "conv2d" else torch.nn.grad.conv1d_input
     flat = lam.reshape(-1, *lam.shape[2:])
     reference = grad((len(flat), *h.shape[1:]), weight, flat, **op.conv)
@@ -292,8 +294,9 @@ def adjoint_gap(op, weight: torch.Tensor, h: torch.Tensor) -> float:
 
 @st.composite
 def convolutions(draw):
-    """A conv1d or conv2d ``Affine`` with random channels, groups, kernel, stride, padding and
-    dilation, its weight and an input (float64) it reads at least one window of."""
+    """A conv1d or conv2d ``Affine`` with random channels, groups, kernel, stride, padding,
+    dilation and (sometimes) an explicit ``F.pad`` of any mode before it, its weight and an
+    input (float64) it reads at least one window of."""
     from nonsingular.model.operators.affine import Affine
 
     dims = draw(st.sampled_from([1, 2]))
@@ -303,12 +306,15 @@ def convolutions(draw):
     stride = tuple(draw(st.integers(1, 3)) for _ in range(dims))
     padding = tuple(draw(st.integers(0, 2)) for _ in range(dims))
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
-    size = tuple(
-        max(1, d * (k - 1) + 1 - 2 * p) + draw(st.integers(0, 4))
+    mode = draw(st.sampled_from([None, "constant", "reflect", "replicate", "circular"]))
+    size = tuple(  # reflect pads less than the size
+        max(1 if mode is None else 2, d * (k - 1) + 1 - 2 * p) + draw(st.integers(0, 4))
         for k, p, d in zip(kernel, padding, dilation, strict=True)
     )
     conv = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
-    op = Affine("conv1d" if dims == 1 else "conv2d", conv=conv)
+    pad = None if mode is None else tuple(draw(st.integers(0, 1)) for _ in range(2 * dims))
+    kind = "conv1d" if dims == 1 else "conv2d"
+    op = Affine(kind, conv=conv, pad=pad, pad_mode=mode or "constant")
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     weight = torch.randn(c_out, c_in // groups, *kernel, dtype=torch.float64, generator=generator)
     h = torch.randn(2, c_in, *size, dtype=torch.float64, generator=generator)

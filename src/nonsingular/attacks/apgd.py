@@ -162,9 +162,7 @@ def _box(ball: Ball) -> Tensor | float | None:
     return r if isinstance(r, float) or not r.requires_grad else None
 
 
-def _momentum(
-    ball: Ball, v: Tensor, z: Tensor, prev: Tensor, a: float, scratch: Tensor | None = None
-) -> Tensor:
+def _momentum(ball: Ball, v: Tensor, z: Tensor, prev: Tensor, a: float, scratch: Tensor) -> Tensor:
     """``project(v + (a (z - v) + (1 - a) (v - prev)))``, computed into ``z`` (the caller's
     own) where the ball is a box (``scratch``: a tensor like ``v`` for the momentum term):
     the same numbers (with ``a = 1`` neither the product by 1 nor the second term, zero, is
@@ -174,8 +172,7 @@ def _momentum(
         return ball.project(v + (a * (z - v) + (1 - a) * (v - prev)))
     z = z.sub_(v) if a == 1.0 else z.sub_(v).mul_(a)
     if a != 1.0:
-        term = torch.sub(v, prev) if scratch is None else torch.sub(v, prev, out=scratch)
-        z.add_(term.mul_(1 - a))
+        z.add_(torch.sub(v, prev, out=scratch).mul_(1 - a))
     z.add_(v)
     return z.clamp_(-r, r) if isinstance(r, float) else z.clamp_(min=-r, max=r)
 

@@ -49,8 +49,10 @@ class BestSoFar:
         self.x_adv[rows] = x_adv[better].detach()
         whole = self._whole(index)
         everyone = whole and bool(better.all())
+        if not (everyone or bool(better.any())):
+            return better
         for key, v in state.items():
-            if not self.space.batched[key] or not (everyone or bool(better.any())):
+            if not self.space.batched[key]:
                 continue
             if everyone:  # every row improved: keep the candidate itself, no copy
                 self.state[key] = v.detach()

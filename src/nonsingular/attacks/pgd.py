@@ -190,14 +190,13 @@ def _one_run(
     if run.algorithm == "apgd" and run.start is None:
         _, trace = apgd(space, x[index], y[index], loss=loss, **common)  # type: ignore[arg-type]
     else:
-        schedule = options.schedule if run.algorithm == "pgd" else "constant"
         _, trace = pgd(
             space,
             x[index],
             y[index],
             loss=loss,
             start=run.start,
-            schedule=schedule,
+            schedule=options.schedule,  # "constant" for every method but pgd (checked)
             **common,  # type: ignore[arg-type]
         )
     return trace

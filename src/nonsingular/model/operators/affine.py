@@ -17,7 +17,6 @@ from torch import Tensor
 from .base import Box, Operator, dot, dot_gamma, guarded, tiny_of
 
 _CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d}
-_CONV_INPUT = {"conv1d": torch.nn.grad.conv1d_input, "conv2d": torch.nn.grad.conv2d_input}
 _CONV_TRANSPOSE = {"conv1d": F.conv_transpose1d, "conv2d": F.conv_transpose2d}
 # a conv2d whose weight rows hold at most this many values is transposed by a matrix product
 # and col2im (``Affine._adjoint``): measured 3x faster than a transposed convolution on the
@@ -154,7 +153,7 @@ class Affine(Operator):
         with torch.enable_grad():  # the adjoint of the explicit padding, by autograd
             probe = flat.new_zeros((b * k, *in_shape), requires_grad=True)
             padded = self._padded(probe)
-            grad = _CONV_INPUT[self.kind](tuple(padded.shape), weight, flat, **self.conv)
+            grad = self._adjoint(flat, tuple(padded.shape[1:]), weight)
             (back,) = torch.autograd.grad(padded, probe, grad)
         return back.reshape(b, k, *in_shape)
 
