@@ -112,11 +112,9 @@ def table(rows, threats, steps: int, repeats: int) -> tuple[int, int, int]:
         for label, threat in threats.items():
             r = measure(model, x, y, threat, steps, repeats)
             pgd, linear = r["PGD"][0], r["PGD linear"][0]
-            lower, equal, higher = (
-                lower + (linear < pgd),
-                equal + (linear == pgd),
-                higher + (linear > pgd),
-            )
+            lower += linear < pgd
+            equal += linear == pgd
+            higher += linear > pgd
             print(
                 f"| {name} | {label} | "
                 + " | ".join(f"{r[n][0]:.3f}" for n in names)

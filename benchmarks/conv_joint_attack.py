@@ -148,47 +148,35 @@ def naive_joint_pgd(
     model, x, y, threat, names, steps, seed=0, schedule="constant", random_start=True
 ):
     """Per-example joint PGD with a full copy of every moved weight per example (vmap of
-    ``functional_call``), linf balls; the best-so-far margin of each example. Its steps are the
-    library's for ``schedule`` (``scheduled``): 2.5 / steps radii, or linear from 2 radii.
-    ``random_start=False``: start at the unperturbed point (no randomness at all)."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = {n: b for n, b in model.named_buffers()}
-    radii = {n: radius(threat, params[n]) for n in names}
+    ``functional_call``, ``NaiveSpace``), linf balls, its step written as a user would write it;
+    the best-so-far margin of each example. Its steps are the library's for ``schedule``
+    (``scheduled``): 2.5 / steps radii, or linear from 2 radii. ``random_start=False``: start
+    at the unperturbed point (no randomness at all)."""
+    space = NaiveSpace(model, threat, names)
     alpha = LINEAR_STEP if schedule == "linear" else 2.5 / steps
-    g = torch.Generator().manual_seed(seed)
-    scale = 1.0 if random_start else 0.0
-    d = (2 * torch.rand(x.shape, generator=g) - 1) * threat.eps_x * scale
-    d = (x + d).clamp(0, 1) - x
-    deltas = {
-        n: (2 * torch.rand((len(x), *params[n].shape), generator=g) - 1) * radii[n] * scale
-        for n in names
-    }
-
-    def logits_one(delta, xi):
-        perturbed = {**params, **{n: params[n] + delta[n] for n in delta}}
-        return functional_call(model, (perturbed, buffers), (xi[None],))[0]
-
-    batched = vmap(logits_one)
+    state = space.random(x, seed)
+    if not random_start:
+        state = space.clamp_input(x, {k: torch.zeros_like(v) for k, v in state.items()})
+    eps, radii = threat.eps_x, {n: space.balls[n].radius for n in names}
     best = torch.full((len(x),), float("inf"))
     for it in range(steps + 1):
         last = it == steps
-        deltas = {n: v.requires_grad_(not last) for n, v in deltas.items()}
-        d.requires_grad_(not last)
+        state = {k: v.requires_grad_(not last) for k, v in state.items()}
         with torch.set_grad_enabled(not last):
-            logits = batched(deltas, x + d)
+            logits = space.forward(x, state)
         best = torch.minimum(best, margins(logits.detach(), y))
         if last:
             break
         loss = F.cross_entropy(logits, y, reduction="sum")
-        grads = torch.autograd.grad(loss, [d, *deltas.values()])
+        grads = dict(zip(state, torch.autograd.grad(loss, list(state.values())), strict=True))
         a = scheduled(alpha, schedule, it, steps)
         with torch.no_grad():
-            d = (d + a * threat.eps_x * grads[0].sign()).clamp(-threat.eps_x, threat.eps_x)
-            d = (x + d).clamp(0, 1) - x
-            deltas = {
-                n: torch.maximum(torch.minimum(v + a * radii[n] * gr.sign(), radii[n]), -radii[n])
-                for (n, v), gr in zip(deltas.items(), grads[1:], strict=True)
-            }
+            d = (state["x"] + a * eps * grads["x"].sign()).clamp(-eps, eps)
+            moved = {"x": (x + d).clamp(0, 1) - x}
+            for n in names:
+                step = state[n] + a * radii[n] * grads[n].sign()
+                moved[n] = torch.maximum(torch.minimum(step, radii[n]), -radii[n])
+            state = moved
     return best
 
 
