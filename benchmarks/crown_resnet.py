@@ -24,9 +24,12 @@ processes of one thread each, the digits dealt out chunk by chunk, timed as a wh
 their launch to the last one's exit (start-up, imports and loading included, no warm-up);
 CPU seconds are theirs in all. Needs ``--model-cache`` (the workers load the model).
 
+``--device cuda`` trains, attacks and certifies on a GPU (its times are wall-clock, taken
+after the GPU finished; ``--processes`` stays on the CPU).
+
     python benchmarks/crown_resnet.py [--examples 100] [--epochs 20] [--dtype float64]
         [--chunk 5] [--before-examples N] [--threads N] [--processes N]
-        [--model-cache resnet.safetensors]
+        [--model-cache resnet.safetensors] [--device cuda]
 """
 
 from __future__ import annotations
@@ -64,18 +67,22 @@ def timed(
         cert = ns.certify(
             model, x, y, THREAT, "crown", intermediate="crown", dtype=dtype, progress=False
         )
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
         return cert, time.perf_counter() - start, time.process_time() - cpu
     finally:
         crown.FIRST_PASS = saved
 
 
-def trained(epochs: int, cache: str | None) -> torch.nn.Module:
-    """The ResNet trained for ``epochs`` on mnist5k (seed 0), or the one ``cache`` holds."""
+def trained(epochs: int, cache: str | None, device: str = "cpu") -> torch.nn.Module:
+    """The ResNet trained for ``epochs`` on mnist5k (seed 0) on ``device``, or the one
+    ``cache`` holds."""
     if cache is not None and Path(cache).exists():
-        return ns.checkpoint.load(cache, model=resnet())[0]
+        return ns.checkpoint.load(cache, model=resnet())[0].to(device)
     torch.manual_seed(0)
     config = TrainConfig(model="resnet", epochs=epochs, seed=0)
-    model = train(config, load("mnist5k"), progress=False).model.eval()
+    data = load("mnist5k")
+    model = train(config, data, progress=False, device=torch.device(device)).model.eval()
     if cache is not None:
         ns.checkpoint.save(model, cache)
     return model
@@ -149,6 +156,7 @@ def main() -> None:
         help="a .safetensors checkpoint: loaded if it exists, else written after training",
     )
     parser.add_argument("--processes", type=int, default=0, help="also spread over N processes")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -161,14 +169,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     data = load("mnist5k")
-    model = trained(args.epochs, args.model_cache)
+    device = torch.device(args.device)
+    model = trained(args.epochs, args.model_cache, args.device)
     n = args.examples
     before_n = n if args.before_examples is None else min(n, args.before_examples)
-    x, y = data.x_test[:n], data.y_test[:n]
+    x, y = data.x_test[:n].to(device), data.y_test[:n].to(device)
     attacked = ns.attack(model, x, y, THREAT, steps=50, restarts=2, loss="both")
-    broken = attacked.success
+    broken = attacked.success.cpu()
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+        f"machine: {platform.machine()}, {os.cpu_count()} cpus{gpu}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}"
     )
     print(
@@ -191,7 +201,7 @@ def main() -> None:
             cert, took, cpu = timed(model, xs, ys, first_pass, dtype)
             totals[first_pass] += took
             cpus[first_pass] += cpu
-            certified[first_pass] = torch.cat([certified[first_pass], cert.certified])
+            certified[first_pass] = torch.cat([certified[first_pass], cert.certified.cpu()])
         done = min(n, i + args.chunk)
         line = (
             f"  {done:4d} examples: after {totals[True] / done:.2f} s/example "

@@ -308,7 +308,7 @@ def test_bad_batches_raise_input_errors(standard_mlp, sample):
     assert res.x_adv.shape == x.shape
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("scope", ["per-example", "shared"])
 def test_attacks_run_on_cuda_and_replay_there(scope):
     """Every attack path on a GPU (restarts, both losses, stopping on broken examples, the

@@ -392,7 +392,7 @@ def test_crown_is_sound_for_any_relu_lower_slopes(case, threat, seed):
     assert (lower[None] - samples).max() <= TOL
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("tf32", [False, True])
 @given(case=networks(), threat=threats(modes=DENSE_MODES))
 def test_certificates_are_sound_on_cuda_as_the_model_runs_there(tf32, case, threat):
@@ -414,7 +414,7 @@ def test_certificates_are_sound_on_cuda_as_the_model_runs_there(tf32, case, thre
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @settings(max_examples=6, deadline=None)
 @given(case=networks(), threat=threats(modes=DENSE_MODES))
 def test_bab_is_sound_on_cuda_as_the_model_runs_there(case, threat):
@@ -677,7 +677,7 @@ def test_dot_products_in_tf32_stay_within_the_bound_the_certificates_use(seed, n
     assert dot_gamma(n, 2.0**-24) == gamma(n, 2.0**-24)  # no TF32: float32's bound
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_default_cuda_settings_cost_a_dense_model_no_certificates():
     """PyTorch's defaults allow TF32 in convolutions, not in matrix products: a dense model
     on a GPU is certified as on the CPU (its rounding is float32's there too)."""
@@ -911,7 +911,7 @@ def test_a_weight_split_whose_constraint_is_dropped_is_caught(monkeypatch, flatt
         _check_split_leaves(model, x, y, threat, 6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @settings(max_examples=6, deadline=None)
 @given(case=signed_networks(), threat=threats(modes=DENSE_MODES, input_norms=("linf",)))
 def test_weight_split_bab_is_sound_on_cuda_as_the_model_runs_there(case, threat):

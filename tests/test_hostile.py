@@ -103,7 +103,10 @@ TRAIN_CASES = {
     "batch huge": (["--batch-size", "100000000"], "batch_size must be an integer"),
     "device mps": (["--device", "mps"], "MPS is not available"),
     "device unknown": (["--device", "tpu9"], "unknown device"),
-    "device cuda:7": (["--device", "cuda:7"], "CUDA is not available"),
+    "device cuda:99": (
+        ["--device", "cuda:99"],
+        "GPU(s)" if torch.cuda.device_count() else "CUDA is not available",  # no GPU 99 either way
+    ),
     "device xla": (["--device", "xla"], "not supported"),
     "method": (["--method", "bogus"], "invalid choice: 'bogus'"),
     "model module missing": (["--model", "nosuchpackage.models:net"], "cannot import"),

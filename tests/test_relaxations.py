@@ -505,7 +505,7 @@ def test_inputs_that_require_grad(act: Activation) -> None:
     assert l.grad is not None and torch.isfinite(l.grad).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu() -> None:
     l, u = random_intervals(200, seed=5)
     for act in ACTIVATIONS:
