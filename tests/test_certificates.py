@@ -883,6 +883,37 @@ def test_weight_split_domains_bound_the_points_inside_them(case, threat, rounds)
     _check_split_leaves(model, x, y, Threat(**{**threat.__dict__, "bounds": (-1.0, 1.0)}), rounds)
 
 
+class _ConcatHead(nn.Module):
+    """A leaky ReLU layer whose outputs (of both signs) reach the head through a concatenation:
+    the head's weight term is split on the concatenation's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act, self.head = nn.Linear(3, 6), nn.LeakyReLU(0.2), nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.a(x))
+        return self.head(torch.cat([h, h], 1))
+
+
+@pytest.mark.parametrize("seed", [1, 5])
+def test_weight_splits_after_a_concatenation_are_optimized_and_sound(seed):
+    """A split multiplier on a concatenation's values reaches the bound only through the
+    concatenation's backward step: bab optimizes it there (it used to stop with a
+    RuntimeError: nothing to differentiate) and its bounds hold."""
+    torch.manual_seed(seed)
+    model = _ConcatHead().eval()
+    x = torch.rand(16, 3)
+    y = model(x).argmax(1)
+    threat = Threat(eps_x=0.05, eps_w=0.02)
+    found = ns.bab(model, x, y, threat, time_limit=0.3)
+    assert int(found.domains.sum()) > 0  # some example was split
+    samples = random_margins(model, x, y, threat)
+    lower = found.lower.float().nan_to_num(posinf=float("-inf"))
+    assert float((lower[None] - samples).max()) <= TOL
+    assert found.certified.tolist() == (found.lower.min(1).values > 0).tolist()
+
+
 @pytest.mark.parametrize("flatten", [True, False])
 def test_a_weight_split_whose_constraint_is_dropped_is_caught(monkeypatch, flatten):
     """The same check on the weight-term model without ``h_3`` (margin ``5 - 0.1 |x|`` for

@@ -375,3 +375,52 @@ def test_cli_train_errors_are_one_line(tmp_path, capsys):
     assert "run directory" in out
     saved = TrainConfig.from_toml(tmp_path / "r" / "config.toml")
     assert saved.epochs == 1 and saved.hidden == (8,)
+
+
+class _ConcatTail(torch.nn.Module):
+    """An affine tail with linear maps between its layers: a concatenation, flips, and a flip
+    of the logits (so the interval margins take the generic backward step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 6)
+        self.b = torch.nn.Linear(6, 6)
+        self.c = torch.nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.b(torch.relu(self.a(x)))
+        return self.c(torch.cat([z, z.flip(1)], 1)).flip(1)
+
+
+def test_the_interval_loss_is_differentiated_through_concatenations_and_flips():
+    """IBP training's robust loss reads the margins' lower bound as a function of the weights:
+    its gradient for the last layer, whose coefficients pass a concatenation and flips on
+    their way to the ReLU's box, equals central differences of the bound (float64)."""
+    from nonsingular.certificates.ibp import ibp_margins, interval_bounds
+    from nonsingular.certificates.region import InputRegion
+    from nonsingular.model import perturbed_layers
+
+    torch.manual_seed(0)
+    model = _ConcatTail().double().eval()
+    x = torch.rand(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    threat = Threat(eps_x=0.05, eps_w=0.01)
+    graph = read_model(model, x, detach=False)
+
+    def bound() -> torch.Tensor:
+        budgets = {b.index: b for b in perturbed_layers(graph, threat)}
+        region = InputRegion.from_threat(x, threat)
+        bounds = interval_bounds(graph, budgets, region, unit=0.0)
+        lower = ibp_margins(graph, budgets, region, y, 3, bounds)
+        return lower.masked_fill(torch.isinf(lower), 0.0).sum()
+
+    (grad,) = torch.autograd.grad(bound(), model.c.weight)
+    step = 1e-6
+    for i, j in [(0, 0), (1, 5), (2, 7), (0, 11)]:
+        with torch.no_grad():
+            model.c.weight[i, j] += step
+            up = float(bound())
+            model.c.weight[i, j] -= 2 * step
+            down = float(bound())
+            model.c.weight[i, j] += step
+        assert abs(float(grad[i, j]) - (up - down) / (2 * step)) <= 1e-5, (i, j)

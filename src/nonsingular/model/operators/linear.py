@@ -92,7 +92,8 @@ class LinearMap(Operator):
             lams = torch.func.vmap(pullback, in_dims=1, out_dims=1)(lam)
         if self.offset:
             const = dot(lam, self._map(args, kwargs, [b.lower * 0 for b in boxes]).unsqueeze(1))
-        return [t.detach() for t in lams], const
+        # not detached: the slopes', multipliers' and training's gradients pass through
+        return list(lams), const
 
     def rounding(self, unit: float, *args: Any, **kwargs: Any) -> Tensor | float:
         """Copies are exact; a pooling or reduction of ``k`` values rounds like a sum of ``k``
