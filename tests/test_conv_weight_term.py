@@ -15,7 +15,11 @@ from torch import nn
 import nonsingular as ns
 from nonsingular import Threat
 from nonsingular.certificates import crown_engine as engine
-from nonsingular.model import lemma
+from nonsingular.certificates.crown import crown_bounds
+from nonsingular.certificates.crown_engine import backward, margin_matrix
+from nonsingular.certificates.region import InputRegion
+from nonsingular.certificates.rounding import certificate_unit
+from nonsingular.model import lemma, perturbed_layers, read_model
 
 from .test_certificates import ALL_MODES, check_sound
 
@@ -268,11 +272,20 @@ def joint_threats(draw):
 @settings(max_examples=12)
 @given(case=shared_weight_networks(), threat=joint_threats())
 def test_the_joint_term_is_sound_and_never_looser_than_the_box(case, threat):
+    """Sound, and over the same intermediate boxes never looser than the box (each pass takes
+    the smaller of the two terms). The whole bound is not compared: tighter boxes can flip
+    CROWN's adaptive slope of a neuron, which fresh seeds found to cost a margin now and then."""
     model, x, y = case
     check_sound(model, x, y, threat, ["crown", "alpha-crown"])
-    joint = ns.certify(model, x, y, threat, "crown").lower
+    graph = read_model(model, x).cast(torch.float64)
+    budgets = {b.index: b for b in perturbed_layers(graph, threat)}
+    region = InputRegion.from_threat(x.double(), threat)
+    unit = certificate_unit(torch.float32, x.device, torch.float64)
+    bounds = crown_bounds(graph, budgets, region, "crown", unit)
+    c = margin_matrix(y, 3, torch.float64)
+    joint = backward(graph, region, bounds, c, graph.output)
     with uncoupled():
-        box = ns.certify(model, x, y, threat, "crown").lower
+        box = backward(graph, region, bounds, c, graph.output)
     wrong = torch.isfinite(box)  # +inf at the label
     assert bool((joint[wrong] >= box[wrong] - 1e-9 * (1 + box[wrong].abs())).all())
 
