@@ -36,7 +36,9 @@ print("gpu", torch.cuda.get_device_name(0), "cpus", __import__("os").cpu_count()
 EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 status=0
-python3 -m pytest -q -p no:cacheprovider -m cuda -rs --durations 10 tests 2>&1 \
+workers=""  # four test processes share the GPU where pytest-xdist is there (the device image has it)
+python3 -c "import xdist" 2>/dev/null && workers="-n 4"
+python3 -m pytest -q -p no:cacheprovider -m cuda -rs --durations 10 $workers tests 2>&1 \
     | tee "$out/cuda-tests.txt" || status=1
 python3 benchmarks/certify_gap.py --device cuda 2>&1 | tee "$out/certify-gap-cuda.txt" \
     || status=1
