@@ -914,6 +914,42 @@ def test_weight_splits_after_a_concatenation_are_optimized_and_sound(seed):
     assert found.certified.tolist() == (found.lower.min(1).values > 0).tolist()
 
 
+class _ShapeRead(nn.Module):
+    """A ReLU layer, and a dense layer on inputs of both signs, whose outputs are read only
+    for their shapes: no coefficient of a backward pass reaches them. The logits come from a
+    ReLU (``relu_head``) or a tanh layer beside them."""
+
+    def __init__(self, relu_head: bool) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(3, 6), nn.Linear(6, 5)
+        self.b, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.act = torch.relu if relu_head else torch.tanh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        g = self.c(torch.tanh(self.a(x)))
+        return self.head(self.act(self.b(x))) * (h.shape[1] * g.shape[1] / 30)
+
+
+@pytest.mark.parametrize("relu_head", [True, False])
+def test_layers_read_only_for_their_shape_are_neither_split_nor_optimized(relu_head):
+    """alpha-crown optimized the slopes of a ReLU read only for its shape (a RuntimeError when
+    it was the only ReLU: nothing to differentiate), and bab scored such a ReLU or dense
+    layer for a split (a KeyError: no coefficients recorded): both run, and hold."""
+    torch.manual_seed(2)
+    model = _ShapeRead(relu_head).eval()
+    x = torch.rand(16, 3)
+    y = model(x).argmax(1)
+    threat = Threat(eps_x=0.1, eps_w=0.05)
+    found = ns.bab(model, x, y, threat, time_limit=0.3)
+    assert int(found.domains.sum()) > 0 or not relu_head  # the ReLU head is split
+    alpha = ns.certify(model, x, y, threat, "alpha-crown")
+    samples = random_margins(model, x, y, threat)
+    for lower in (found.lower, alpha.lower):
+        lower = lower.float().nan_to_num(posinf=float("-inf"))
+        assert float((lower[None] - samples).max()) <= TOL
+
+
 @pytest.mark.parametrize("flatten", [True, False])
 def test_a_weight_split_whose_constraint_is_dropped_is_caught(monkeypatch, flatten):
     """The same check on the weight-term model without ``h_3`` (margin ``5 - 0.1 |x|`` for

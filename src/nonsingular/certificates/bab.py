@@ -76,8 +76,13 @@ class BabResult:
 
 
 def _relu_inputs(graph: Graph) -> dict[int, int]:
-    """Every ReLU node, with the node it reads: where domains are split."""
-    return {node.index: node.box_refs[0] for node in graph.nodes if is_relu(node)}
+    """Every ReLU node whose value reaches the output, with the node it reads: where domains
+    are split (a ReLU read only for its shape costs the bound nothing)."""
+    return {
+        node.index: node.box_refs[0]
+        for node in graph.nodes
+        if is_relu(node) and node.index in graph.valued
+    }
 
 
 @dataclass
@@ -215,6 +220,8 @@ def _weight_inputs(
     signed = threat.bounds is None or threat.bounds[0] < 0
     nonnegative = nonnegative_nodes(graph, not signed)
     for layer in root.linear:
+        if layer not in graph.valued:  # read only for its shape: its weight term costs nothing
+            continue
         budget = budgets[layer]
         (k, *_) = graph.nodes[layer].box_refs
         box = root.values[k]

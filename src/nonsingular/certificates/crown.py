@@ -256,7 +256,7 @@ def relu_slopes(graph: Graph, bounds: Bounds, k: int, start: int) -> dict[int, T
     before ``start`` with an unstable neuron."""
     slopes = {}
     for node in graph.nodes[1 : start + 1]:
-        if not is_relu(node):
+        if not is_relu(node) or node.index not in graph.valued:
             continue
         (ref,) = node.box_refs
         box: Box = bounds.values[ref]

@@ -190,6 +190,20 @@ class Graph:
     def affine_nodes(self) -> list[Node]:
         return [n for n in self.nodes if n.kind == VARIABLE and isinstance(n.op, Affine)]
 
+    @property
+    def valued(self) -> frozenset[int]:
+        """The nodes whose values reach the output through values (not only through a shape
+        read, ``h.shape[1]``): the only ones a backward pass sends coefficients to."""
+        if "valued" not in self.cache:
+            found, todo = {self.output}, [self.output]
+            while todo:
+                for ref in self.nodes[todo.pop()].box_refs:
+                    if ref not in found:
+                        found.add(ref)
+                        todo.append(ref)
+            self.cache["valued"] = frozenset(found)
+        return self.cache["valued"]
+
     def uses(self) -> dict[str, list[Node]]:
         """Every node that reads each tensor (a tied parameter is read by several)."""
         found: dict[str, list[Node]] = {}
