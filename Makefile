@@ -39,6 +39,7 @@ SOUNDNESS = \
 	tests/test_any_model.py::test_ibp_and_crown_are_sound_on_random_graphs \
 	tests/test_any_model.py::test_certificates_are_sound_on_random_graphs_with_aliasing_and_switch_points \
 	tests/test_any_model.py::test_certificates_are_sound_on_random_graphs_at_the_edges_of_float32 \
+	tests/test_any_model.py::test_certificates_are_sound_on_random_graphs_with_linear_maps \
 	tests/test_certificates.py::test_every_method_is_sound_on_random_mlps \
 	tests/test_certificates.py::test_ibp_and_crown_are_sound_on_random_dense_and_conv_networks \
 	tests/test_certificates.py::test_crown_is_sound_for_any_relu_lower_slopes \

@@ -421,12 +421,22 @@ def switch_points(act: nn.Module) -> list[float]:
     return []
 
 
+MAPS = {  # linear maps of one value (width kept), with the parameter the strategy draws
+    "flip": lambda h, _: h.flip(1),
+    "permute": lambda h, order: h[:, order],
+    "shift": lambda h, _: F.pad(h[:, 1:], (0, 1)),
+    "centre": lambda h, _: h - h.mean(1, keepdim=True),
+    "scale": lambda h, factor: h * factor,
+}
+
+
 class RandomGraph(nn.Module):
     """A plan of steps over earlier values: dense layers with activations, skips, concatenations
     and layer norms after an optional convolutional stem (dilated or not, zero, reflect or
     circular padding, max or average pooling, a residual convolution); in-place steps that
     write into a value other steps also read (``relu_`` on its own line, an ``inplace=True``
-    ReLU kept beside its input, ``+=``)."""
+    ReLU kept beside its input, ``+=``); linear maps of a value (``MAPS``: flips, a fixed
+    permutation, a shift with zero padding, centring, scaling)."""
 
     def __init__(self, plan, stem, width, classes):
         super().__init__()
@@ -479,6 +489,8 @@ class RandomGraph(nn.Module):
                 h = values[a]
                 h += 0.5 * values[step[2]]
                 values.append(h)
+            elif kind in MAPS:
+                values.append(MAPS[kind](values[a], step[2]))
             else:
                 if tune is not None and kind == "dense" and step[4] is not None:
                     linear = layer[0]
@@ -527,11 +539,11 @@ EDGES = [
 
 
 @st.composite
-def random_graphs(draw, inplace=False, magnitudes=False):
+def random_graphs(draw, inplace=False, magnitudes=False, maps=False):
     """A random graph, an input batch and labels. ``inplace``: in-place steps may be drawn, and
     dense steps may put a neuron on its activation's switch point at the first example, in a
     float32 or a float64 model; ``magnitudes``: the values around the head are scaled to an
-    edge of float32 (``EDGES``)."""
+    edge of float32 (``EDGES``); ``maps``: linear maps of a value may be drawn (``MAPS``)."""
     seed = draw(st.integers(0, 2**16))
     torch.manual_seed(seed)
     image = draw(st.booleans())
@@ -551,6 +563,8 @@ def random_graphs(draw, inplace=False, magnitudes=False):
     kinds = ["dense", "dense", "add", "cat", "layernorm"]
     if inplace:
         kinds += ["relu_", "skip-relu", "iadd"] * 2
+    if maps:
+        kinds += list(MAPS)
     for _ in range(draw(st.integers(1, 5 if inplace else 4))):
         kind = draw(st.sampled_from(kinds))
         # in-place steps write into a value a step made, never into the model's input
@@ -578,6 +592,13 @@ def random_graphs(draw, inplace=False, magnitudes=False):
             b = draw(st.integers(0, len(widths) - 1))
             plan.append(("cat", a, b))
             widths.append(widths[a] + widths[b])
+        elif kind in MAPS:
+            if kind == "permute":
+                parameter = draw(st.permutations(range(widths[a])))
+            else:
+                parameter = draw(st.sampled_from([-1.5, 0.5, 3.0])) if kind == "scale" else None
+            plan.append((kind, a, parameter))
+            widths.append(widths[a])
         else:  # layernorm, relu_, skip-relu
             plan.append((kind, a))
             widths.append(widths[a])
@@ -656,6 +677,15 @@ def check_sound_as_it_runs(model, x, y, threat, methods):
 @settings(max_examples=30)
 @given(case=random_graphs(inplace=True), threat=graph_threats((0.0, 0.0, 0.02), (0.0, 0.01)))
 def test_certificates_are_sound_on_random_graphs_with_aliasing_and_switch_points(case, threat):
+    model, x, y = case
+    check_sound_as_it_runs(model, x, y, threat, ["ibp", "crown", "alpha-crown", "bab"])
+
+
+@settings(max_examples=30)
+@given(case=random_graphs(maps=True), threat=graph_threats((0.0, 0.0, 0.02), (0.0, 0.01)))
+def test_certificates_are_sound_on_random_graphs_with_linear_maps(case, threat):
+    """Flips, permutations, shifts with zero padding, centring and scaling between the layers:
+    their backward steps carry the coefficients (and the multipliers' gradients) exactly."""
     model, x, y = case
     check_sound_as_it_runs(model, x, y, threat, ["ibp", "crown", "alpha-crown", "bab"])
 
