@@ -994,3 +994,22 @@ def test_weight_split_bab_is_sound_on_cuda_as_the_model_runs_there(case, threat)
     x1, y1 = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
     result = ns.bab(one, x1.cuda(), y1.cuda(), WEIGHT_TERM_THREAT, time_limit=60.0, steps=20)
     assert result.status == ["certified"], result.lower
+
+
+def test_a_chord_is_made_once_per_box_and_again_for_another():
+    """The passes over the same bounds take a dense node's chord again; a box made again (a
+    domain's, after a split) gets its own, never the stale one."""
+    from nonsingular.certificates.crown_engine import Bounds
+    from nonsingular.model.lemma import chord
+    from nonsingular.model.operators.base import Box
+
+    bounds = Bounds([None], [None], [(0.0, None)], unit=2.0**-24)
+    first = Box(torch.tensor([[-1.0, 0.5, -2.0]]), torch.tensor([[1.0, 2.0, -1.0]]))
+    line = bounds.chord(3, first)
+    assert bounds.chord(3, first) is line
+    other = Box(torch.tensor([[-0.5, 0.0, -2.0]]), torch.tensor([[2.0, 2.0, 1.0]]))
+    for got, want in zip(bounds.chord(3, other), chord(other, 2.0**-24), strict=True):
+        assert torch.equal(got, want)
+    assert not torch.equal(bounds.chord(3, other)[0], line[0])
+    live = Box(first.lower.clone().requires_grad_(True), first.upper)
+    assert bounds.chord(3, live) is not bounds.chord(3, live)  # a box with gradients: no cache

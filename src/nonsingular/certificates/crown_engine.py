@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..model.graph import CONSTANT, SHAPE, Graph, Node
-from ..model.lemma import LayerBudget, OutputSet
+from ..model.lemma import LayerBudget, OutputSet, chord
 from ..model.operators.base import Box, constant_min, largest_of, tiny_of
 from ..model.operators.elementwise import Elementwise, relu_backward
 from ..model.operators.linear import Arithmetic, Identity
@@ -47,6 +47,9 @@ class Bounds:
     overflow: (B,) bool, the examples where some value the model computes may overflow (its
               bound reaches ``largest_of(unit)``, or is not a number): their bounds are
               ``-inf`` (``trusted``); None: nothing is watched.
+    chords:   per ``linear`` dense node, the line above ``|h|`` over its input's box and the
+              Box it was made for (``chord``): the passes over the same bounds (alpha-crown's
+              and bab's steps) take it again instead of making it again.
     """
 
     values: list[Any]
@@ -55,6 +58,7 @@ class Bounds:
     unit: float
     linear: dict[int, tuple[LayerBudget, Tensor]] = field(default_factory=dict)
     overflow: Tensor | None = None
+    chords: dict[int, tuple[Box, tuple[Tensor, Tensor]]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, graph: Graph, region: InputRegion, unit: float) -> Bounds:
@@ -71,6 +75,18 @@ class Bounds:
             return
         beyond = ~(box.magnitude() < limit)
         self.overflow |= beyond.reshape(beyond.shape[0], -1).any(1).expand_as(self.overflow)
+
+    def chord(self, index: int, h: Box) -> tuple[Tensor, Tensor]:
+        """Slope and offset of the line above ``|h|`` on ``h`` (``lemma.chord``), for the input
+        box ``h`` of the dense node ``index``: made once per Box (a box made again, or one
+        that carries gradients, gets its own)."""
+        known = self.chords.get(index)
+        if known is not None and known[0] is h:
+            return known[1]
+        line = chord(h, self.unit)
+        if not (h.lower.requires_grad or h.upper.requires_grad):
+            self.chords[index] = (h, line)
+        return line
 
     def trusted(self, lower: Tensor) -> Tensor:
         """``lower (B, K)``, or ``-inf`` where it is not a finite number or its example may
@@ -207,7 +223,7 @@ def _weight_term(
     way back). ``magnitude``: ``|lam|``."""
     budget, box = bounds.linear[index]
     if budget.linear_in_input(h.lower):
-        return budget.weight_terms(lam, h, bounds.unit, into=into)
+        return budget.weight_terms(lam, bounds.chord(index, h), into=into)
     separate = box_support(lam, box, magnitude)
     if first and one_value_rows(magnitude):
         return -separate

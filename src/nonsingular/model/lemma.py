@@ -219,18 +219,18 @@ class LayerBudget:
             return 0.0
         return self._add_bias(self.bias_radius.new_zeros(()))
 
-    def weight_terms(self, lam: Tensor, h: Box, unit: float, into: Tensor) -> Tensor:
+    def weight_terms(self, lam: Tensor, line: tuple[Tensor, Tensor], into: Tensor) -> Tensor:
         """A linear lower bound on the weight term of a backward pass, over the input box.
 
         For ``lam: (B, K, n_out)``, the least ``lam . (Delta_W h)`` over the budget is exactly
         ``-g . |h|`` with ``g = |lam| R`` (the lemma, by coordinate). ``|h|`` is convex, so on
         ``[l, u]`` it lies under its chord ``s h + t`` (exact where ``h`` keeps a sign): the
         term is at least ``-(g s) . h - g . t``, which goes on back through the input instead
-        of being priced at ``max|h|``. Adds ``-(g s)`` to ``into`` (the coefficients on ``h``,
-        ``(B, K, n_in)``) in place and returns ``-g . t``, ``(B, K)``. ``unit`` pads ``t`` for
-        the rounding of computing the chord.
+        of being priced at ``max|h|``. ``line``: ``(s, t)``, ``chord(h, unit)``. Adds
+        ``-(g s)`` to ``into`` (the coefficients on ``h``, ``(B, K, n_in)``) in place and
+        returns ``-g . t``, ``(B, K)``.
         """
-        slope, offset = _chord(h, unit)
+        slope, offset = line
         radius = self.weight_radius
         if radius.dim() == 0:  # g is the same for every input: (B, K, 1)
             g = radius * torch.linalg.vector_norm(lam, 1, dim=-1, keepdim=True)
@@ -293,7 +293,7 @@ def _through_sum(sizes: Tensor, through: Tensor) -> Tensor:
     return torch.bmm(sizes.reshape(batch, sizes.shape[1], -1), full).squeeze(-1)
 
 
-def _chord(h: Box, unit: float) -> tuple[Tensor, Tensor]:
+def chord(h: Box, unit: float) -> tuple[Tensor, Tensor]:
     """Slope and offset ``(B, n)`` of a line above ``|h|`` on the box: its chord (``|h|`` itself
     where the box keeps a sign), the offset padded by ``unit`` for its own rounding (and its
     absolute part near zero, ``tiny_of``)."""
