@@ -1,6 +1,7 @@
 """Any model, read as it runs: the reading equals the model, attacks materialize and replay
 exactly, certificates are sound, on each kind of model users bring and on random graphs."""
 
+import copy
 import math
 from pathlib import Path
 
@@ -87,14 +88,17 @@ def test_attacks_materialize_in_the_ball_and_replay_exactly(kind, threat):
         assert bool((res.margins < res.clean_margins - 1e-6).any())  # the attack moved something
 
 
+KIND_THREATS = (  # what every kind of the zoo is certified under
+    Threat(eps_x=0.02, eps_w=0.005),
+    Threat(eps_x=0.1, x_norm="l2", eps_w=0.02, w_mode="relative"),
+)
+
+
 @pytest.mark.parametrize("kind", list(ZOO))
 def test_certificates_are_sound_on_every_kind(kind):
     model, x = ZOO[kind]()
     y = labels(model, x)
-    for threat in (
-        Threat(eps_x=0.02, eps_w=0.005),
-        Threat(eps_x=0.1, x_norm="l2", eps_w=0.02, w_mode="relative"),
-    ):
+    for threat in KIND_THREATS:
         check_sound(model, x, y, threat, ["ibp", "crown", "alpha-crown"])
 
 
@@ -650,25 +654,30 @@ def test_ibp_and_crown_are_sound_on_random_graphs(case, threat):
     check_sound(model, x, y, threat, ["ibp", "crown", "alpha-crown"])
 
 
-def check_sound_as_it_runs(model, x, y, threat, methods):
+def check_sound_as_it_runs(model, x, y, threat, methods, device="cpu"):
     """No certificate where the model, run as it is on a materialized perturbation (random ones,
     the corners, the attack's), ranks a wrong class at or above the label, and no bound above
     any margin it computes. Non-finite logits count as misclassified (inf against inf is a
-    tie that ``argmax`` breaks by position)."""
-    samples = random_margins(model, x, y, threat, n=100).double().nan_to_num(nan=float("-inf"))
-    res = ns.attack(model, x, y, threat, steps=20, restarts=1, loss="both", seed=1)
+    tie that ``argmax`` breaks by position). ``device``: the model runs, is attacked and is
+    bounded there (a copy: the user's model stays where it is)."""
+    runs = model if device == "cpu" else copy.deepcopy(model).to(device)
+    xs, ys = x.to(device), y.to(device)
+    samples = random_margins(model, x, y, threat, n=100, device=device)
+    samples = samples.double().nan_to_num(nan=float("-inf"))
+    res = ns.attack(runs, xs, ys, threat, steps=20, restarts=1, loss="both", seed=1)
     for i in range(len(x)):
-        logits = res.replay(model, i)[0].double()
+        logits = res.replay(runs, i)[0].double().cpu()
         margin = (logits[y[i]] - logits).nan_to_num(nan=float("-inf"))
         samples = torch.cat([samples, margin[None, None].expand(1, len(x), -1).clone()])
         samples[-1, [j for j in range(len(x)) if j != i]] = float("inf")
     worst = samples.scatter(2, y[None, :, None].expand(len(samples), -1, 1), float("inf"))
     worst = worst.min(2).values.min(0).values  # (B,) the lowest margin the model computed
     for method in methods:
-        cert = ns.certify(model, x, y, threat, method, time_limit=0.3)
-        broken = cert.certified & (worst <= 0)
+        cert = ns.certify(runs, xs, ys, threat, method, time_limit=0.3)
+        assert cert.lower.device.type == torch.device(device).type, method
+        broken = cert.certified.cpu() & (worst <= 0)
         assert not bool(broken.any()), f"{method} certifies examples {broken.nonzero()}"
-        lower = cert.lower.double()
+        lower = cert.lower.double().cpu()
         finite = torch.isfinite(lower)[None] & torch.isfinite(samples)
         gap = torch.where(finite, lower[None] - samples - TOL * (1 + samples.abs()), -1.0)
         assert float(gap.max()) <= 0, f"{method}: a perturbation went {gap.max()} below"
