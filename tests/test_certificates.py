@@ -131,6 +131,13 @@ def random_margins(model, x, y, threat, n=200, seed=0, device="cpu"):
     return torch.stack(out, dim=1)
 
 
+def violation(lower, samples):
+    """How far ``lower`` (B, K; ``+inf`` at the label, skipped) rises above the sampled
+    margins ``(n, B, K)``: a bound holds where this is at most ``TOL``."""
+    lower = lower.cpu().float().nan_to_num(posinf=float("-inf"))
+    return float((lower[None] - samples).max())
+
+
 def attacked_margins(model, x, y, threat):
     """The strongest attack's margins, replayed through the unmodified model."""
     res = ns.attack(model, x, y, threat, steps=30, restarts=2, loss="both", seed=1)
@@ -407,9 +414,8 @@ def test_certificates_are_sound_on_cuda_as_the_model_runs_there(tf32, case, thre
         for method in ("ibp", "crown", "alpha-crown"):
             for dtype in (torch.float32, torch.float64):
                 cert = ns.certify(on_gpu, x.cuda(), y.cuda(), threat, method, dtype=dtype)
-                lower = cert.lower.cpu().float().nan_to_num(posinf=float("-inf"))
-                violation = (lower[None] - samples).max()
-                assert violation <= TOL, (method, dtype, float(violation))
+                gap = violation(cert.lower, samples)
+                assert gap <= TOL, (method, dtype, gap)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
@@ -423,8 +429,7 @@ def test_bab_is_sound_on_cuda_as_the_model_runs_there(case, threat):
     model, x, y = case
     samples = random_margins(model, x, y, threat, device="cuda")
     found = ns.bab(copy.deepcopy(model).cuda(), x.cuda(), y.cuda(), threat, time_limit=0.5)
-    lower = found.lower.cpu().float().nan_to_num(posinf=float("-inf"))
-    assert float((lower[None] - samples).max()) <= TOL
+    assert violation(found.lower, samples) <= TOL
     assert found.certified.tolist() == (found.lower.min(1).values > 0).cpu().tolist()
 
 
@@ -908,9 +913,7 @@ def test_weight_splits_after_a_concatenation_are_optimized_and_sound(seed):
     threat = Threat(eps_x=0.05, eps_w=0.02)
     found = ns.bab(model, x, y, threat, time_limit=0.3)
     assert int(found.domains.sum()) > 0  # some example was split
-    samples = random_margins(model, x, y, threat)
-    lower = found.lower.float().nan_to_num(posinf=float("-inf"))
-    assert float((lower[None] - samples).max()) <= TOL
+    assert violation(found.lower, random_margins(model, x, y, threat)) <= TOL
     assert found.certified.tolist() == (found.lower.min(1).values > 0).tolist()
 
 
@@ -945,9 +948,8 @@ def test_layers_read_only_for_their_shape_are_neither_split_nor_optimized(relu_h
     assert int(found.domains.sum()) > 0 or not relu_head  # the ReLU head is split
     alpha = ns.certify(model, x, y, threat, "alpha-crown")
     samples = random_margins(model, x, y, threat)
-    for lower in (found.lower, alpha.lower):
-        lower = lower.float().nan_to_num(posinf=float("-inf"))
-        assert float((lower[None] - samples).max()) <= TOL
+    assert violation(found.lower, samples) <= TOL
+    assert violation(alpha.lower, samples) <= TOL
 
 
 @pytest.mark.parametrize("flatten", [True, False])
@@ -988,8 +990,7 @@ def test_weight_split_bab_is_sound_on_cuda_as_the_model_runs_there(case, threat)
     threat = Threat(**{**threat.__dict__, "bounds": (-1.0, 1.0)})
     samples = random_margins(model, x, y, threat, device="cuda")
     found = ns.bab(copy.deepcopy(model).cuda(), x.cuda(), y.cuda(), threat, time_limit=0.5)
-    lower = found.lower.cpu().float().nan_to_num(posinf=float("-inf"))
-    assert float((lower[None] - samples).max()) <= TOL
+    assert violation(found.lower, samples) <= TOL
     one = _weight_term_model().cuda()
     x1, y1 = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
     result = ns.bab(one, x1.cuda(), y1.cuda(), WEIGHT_TERM_THREAT, time_limit=60.0, steps=20)

@@ -15,13 +15,12 @@ from torch import nn
 import nonsingular as ns
 from nonsingular import Threat
 from nonsingular.certificates import crown_engine as engine
-from nonsingular.certificates.crown import crown_bounds
 from nonsingular.certificates.crown_engine import backward, margin_matrix
-from nonsingular.certificates.region import InputRegion
 from nonsingular.certificates.rounding import certificate_unit
-from nonsingular.model import lemma, perturbed_layers, read_model
+from nonsingular.model import lemma
 
 from .test_certificates import ALL_MODES, check_sound
+from .test_forward_bounds import crown_bounds_of
 
 MODES = [("absolute", "linf"), ("relative", "linf"), ("layer", "linf"), *ALL_MODES[3:]]
 
@@ -277,11 +276,8 @@ def test_the_joint_term_is_sound_and_never_looser_than_the_box(case, threat):
     CROWN's adaptive slope of a neuron, which fresh seeds found to cost a margin now and then."""
     model, x, y = case
     check_sound(model, x, y, threat, ["crown", "alpha-crown"])
-    graph = read_model(model, x).cast(torch.float64)
-    budgets = {b.index: b for b in perturbed_layers(graph, threat)}
-    region = InputRegion.from_threat(x.double(), threat)
     unit = certificate_unit(torch.float32, x.device, torch.float64)
-    bounds = crown_bounds(graph, budgets, region, "crown", unit)
+    graph, region, bounds = crown_bounds_of(model, x, threat, unit)
     c = margin_matrix(y, 3, torch.float64)
     joint = backward(graph, region, bounds, c, graph.output)
     with uncoupled():

@@ -56,7 +56,8 @@ def joint_threats(draw):
     )
 
 
-def _bounds_of(model, x, threat, unit=0.0):
+def crown_bounds_of(model, x, threat, unit=0.0):
+    """The graph (float64), input region and CROWN's bounds over its own intermediate ones."""
     graph = read_model(model, x).cast(torch.float64)
     budgets = {b.index: b for b in perturbed_layers(graph, threat)}
     region = InputRegion.from_threat(x.double(), threat)
@@ -80,7 +81,7 @@ def test_forward_boxes_hold_every_value_the_model_computes(case, threat):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(forward.ForwardPass, "step", spy)
-        _bounds_of(model, x, threat)
+        crown_bounds_of(model, x, threat)
     assert found, "the first pass ran on a network with convolutions"
     generator = torch.Generator().manual_seed(0)
     inputs = sample_inputs(x, threat, 20, generator)
@@ -100,7 +101,7 @@ def unsettled(model, x, threat):
     """Per node CROWN tightened, the neurons its final box leaves unstable whose bounds are
     looser than a backward pass over the same earlier bounds gives: a neuron the selection
     left out. Empty when every neuron CROWN could help was tightened."""
-    graph, region, bounds = _bounds_of(model, x, threat)
+    graph, region, bounds = crown_bounds_of(model, x, threat)
     missed = {}
     for node in graph.nodes:
         if node.kind != VARIABLE or not crown.is_relu(node):
@@ -162,9 +163,9 @@ def test_tightening_in_passes_of_few_rows_gives_the_boxes_of_one_pass(seed, monk
     model, x, _ = randomized_resnet(seed, (3, 4), 8)
     threat = Threat(eps_x=0.05, eps_w=0.005, bias=True)
     monkeypatch.setattr(crown, "ROW_ELEMENTS", 1 << 40)
-    _, _, whole = _bounds_of(model, x, threat)
+    _, _, whole = crown_bounds_of(model, x, threat)
     monkeypatch.setattr(crown, "ROW_ELEMENTS", 3 * 5 * 4 * 8 * 8)  # 5 rows a pass
-    graph, _, parts = _bounds_of(model, x, threat)
+    graph, _, parts = crown_bounds_of(model, x, threat)
     compared = 0
     for node in graph.nodes:
         a, b = whole.values[node.index], parts.values[node.index]
@@ -185,7 +186,7 @@ def test_one_value_rows_take_the_box_weight_term_at_no_loss(seed, monkeypatch):
 
     model, x, _ = randomized_resnet(seed, (3, 4), 8)
     threat = Threat(eps_x=0.02, eps_w=0.01, bias=True)
-    graph, _, fast = _bounds_of(model, x, threat)
+    graph, _, fast = crown_bounds_of(model, x, threat)
     seen = []
     weight_term = crown_engine._weight_term
 
@@ -194,10 +195,10 @@ def test_one_value_rows_take_the_box_weight_term_at_no_loss(seed, monkeypatch):
         return weight_term(bounds, index, lam, h, into, first, magnitude)
 
     monkeypatch.setattr(crown_engine, "_weight_term", spy)
-    _bounds_of(model, x, threat)
+    crown_bounds_of(model, x, threat)
     assert any(seen), "some convolution was reached by one-value rows"
     monkeypatch.setattr(crown_engine, "_PER_VALUE", ())
-    _, _, joint = _bounds_of(model, x, threat)
+    _, _, joint = crown_bounds_of(model, x, threat)
     for node in graph.nodes:
         if node.kind == VARIABLE:
             a, b = fast.values[node.index], joint.values[node.index]
@@ -212,10 +213,10 @@ def test_the_box_weight_term_on_rows_of_many_values_is_caught(monkeypatch):
 
     model, x, _ = randomized_resnet(1, (3, 4), 8)
     threat = Threat(eps_x=0.02, eps_w=0.01, bias=True)
-    graph, _, right = _bounds_of(model, x, threat)
+    graph, _, right = crown_bounds_of(model, x, threat)
     monkeypatch.setattr(crown_engine, "_PER_VALUE", (object,))  # every operator, unchecked
     monkeypatch.setattr(crown_engine, "one_value_rows", lambda magnitude: True)
-    _, _, loose = _bounds_of(model, x, threat)
+    _, _, loose = crown_bounds_of(model, x, threat)
     wider = [
         n.index
         for n in graph.nodes
